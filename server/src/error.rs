@@ -1,0 +1,93 @@
+//! The one error type of HTTP handlers. Each variant knows its status; the body is always
+//! `{code, message}` and never carries internal details (those are logged).
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use wadi_protocol::{ErrorCode, api::ApiError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The request is malformed or breaks a rule; nothing was written.
+    #[error("{message}")]
+    Invalid { code: ErrorCode, message: String },
+    /// No valid access token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Missing, or not the caller's: the two answer identically.
+    #[error("not found")]
+    NotFound,
+    /// The request conflicts with current state (e.g. a run is already streaming).
+    #[error("{message}")]
+    Conflict { code: ErrorCode, message: String },
+    /// The body or a field is over its size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("too many requests; slow down")]
+    RateLimited,
+    /// A dependency (database, model) is not available right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything unexpected. The message goes to the log only.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn invalid(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        Self::Internal(error.to_string())
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Invalid { code, .. } | Self::Conflict { code, .. } => *code,
+            Self::Unauthorized(_) => ErrorCode::InvalidToken,
+            Self::NotFound => ErrorCode::NotFound,
+            Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::RateLimited => ErrorCode::RateLimited,
+            Self::Unavailable(_) | Self::Internal(_) => ErrorCode::InternalError,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let message = if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+            match self {
+                Self::Unavailable(_) => "the service is temporarily unavailable".to_owned(),
+                _ => "internal server error".to_owned(),
+            }
+        } else {
+            self.to_string()
+        };
+        let body = ApiError {
+            code: self.code(),
+            message,
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,231 @@
+//! WebSocket frames of protocol v1. `docs/protocol.md` is the prose reference for these types.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{DecodeError, ErrorCode};
+
+/// A frame the browser (or any client) sends to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ClientMessage {
+    /// First frame after `connected`. Sent again on the open socket with a refreshed token for the
+    /// same user to extend the connection's lifetime without reconnecting.
+    Auth { token: String },
+    /// A user message on a chat socket; starts a run. A `clientMessageId` makes a resend after a
+    /// reconnect idempotent: the server answers with the run it already started.
+    Message {
+        content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_message_id: Option<String>,
+    },
+    /// Stops the conversation's active run (chat socket) or this socket's run (run socket).
+    Stop {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_id: Option<Uuid>,
+    },
+    /// Chat socket only: replay the run's chunks after `afterSeq`, then follow it live. Sent after
+    /// a reconnect when `authenticated.activeRun` names a run the client was watching.
+    Resume {
+        run_id: Uuid,
+        #[serde(default)]
+        after_seq: u64,
+    },
+    /// Application-level liveness check; answered by `pong`.
+    Ping,
+}
+
+impl ClientMessage {
+    /// Every `type` a client may send, in the order of the enum.
+    pub const TYPES: [&'static str; 5] = ["auth", "message", "stop", "resume", "ping"];
+
+    /// Decodes one text frame. Each way a frame can be wrong maps to its own [`DecodeError`], so
+    /// the server can answer with a precise `error` frame instead of closing the socket.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let object = value.as_object().ok_or(DecodeError::NotAnObject)?;
+        let kind = match object.get("type") {
+            None => return Err(DecodeError::MissingType),
+            Some(serde_json::Value::String(kind)) => kind.clone(),
+            Some(_) => return Err(DecodeError::InvalidType),
+        };
+        if !Self::TYPES.contains(&kind.as_str()) {
+            return Err(DecodeError::UnknownType(kind));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            let detail = e.to_string();
+            match missing_field_name(&detail) {
+                Some(field) => DecodeError::MissingField { kind, field },
+                None => DecodeError::InvalidField { kind, detail },
+            }
+        })
+    }
+
+    /// The JSON text of this frame.
+    pub fn encode(&self) -> String {
+        encode(self)
+    }
+}
+
+/// serde reports a missing field as "missing field `name`"; anything else is a type error.
+fn missing_field_name(detail: &str) -> Option<String> {
+    let rest = detail.strip_prefix("missing field `")?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_owned())
+}
+
+/// A frame the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ServerMessage {
+    /// First frame on every socket. The client must answer with `auth` before the auth deadline.
+    Connected {
+        client_id: Uuid,
+        protocol_version: u32,
+    },
+    /// The token was accepted (first `auth`, or an in-band refresh). `expiresAt` is the token's
+    /// `exp` in Unix seconds: the server closes the socket then unless a fresher token arrives.
+    Authenticated {
+        user_id: Uuid,
+        expires_at: i64,
+        /// Chat socket: the conversation's run that is still streaming, if any, so a client that
+        /// reconnects can `resume` it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        active_run: Option<ActiveRun>,
+    },
+    /// A run began; sent to every socket watching the conversation.
+    Start {
+        run_id: Uuid,
+        conversation_id: Uuid,
+        /// The user message that started the run.
+        message_id: Uuid,
+    },
+    /// A delta of the answer. `seq` is 1-based and contiguous per run; the same seq carries the
+    /// same text for every watcher.
+    Chunk {
+        run_id: Uuid,
+        seq: u64,
+        content: String,
+    },
+    /// The run ended. `fullOutput` is exactly the concatenation of every chunk's `content`.
+    Complete {
+        run_id: Uuid,
+        full_output: String,
+        status: RunStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
+    },
+    /// Something went wrong; `code` is machine-readable, `message` is for people.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_id: Option<Uuid>,
+    },
+    /// Answer to `ping`.
+    Pong,
+}
+
+impl ServerMessage {
+    /// Shorthand for an `error` frame.
+    pub fn error(code: ErrorCode, message: impl Into<String>, run_id: Option<Uuid>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+            run_id,
+        }
+    }
+
+    /// The JSON text of this frame.
+    pub fn encode(&self) -> String {
+        encode(self)
+    }
+
+    /// Parses a frame received from the server.
+    pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+fn encode<T: Serialize>(frame: &T) -> String {
+    // Serializing these types cannot fail: every field is a string, number, bool, UUID or enum,
+    // and no map has non-string keys. An empty object is a safe fallback all the same.
+    serde_json::to_string(frame).unwrap_or_else(|_| String::from("{}"))
+}
+
+/// The run a chat socket can resume after reconnecting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveRun {
+    pub run_id: Uuid,
+    pub message_id: Uuid,
+    /// The highest seq the run had produced when the socket authenticated.
+    pub last_seq: u64,
+}
+
+/// The lifecycle of a run. `running` is the only non-final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Stopped,
+    Failed,
+    /// The server stopped (crash or restart) while the run was streaming; the output flushed
+    /// before that is kept.
+    Interrupted,
+}
+
+impl RunStatus {
+    /// The lowercase name used on the wire and in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+
+    /// Parses the stored name back.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Completed,
+            Self::Stopped,
+            Self::Failed,
+            Self::Interrupted,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == name)
+    }
+
+    /// True once the run can no longer change.
+    pub fn is_final(self) -> bool {
+        self != Self::Running
+    }
+}
+
+/// Token usage reported by the model for one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<DecodeError> for ServerMessage {
+    fn from(error: DecodeError) -> Self {
+        Self::error(error.code(), error.to_string(), None)
+    }
+}
+
+impl ErrorCode {
+    /// An `error` frame with this code.
+    pub fn frame(self, message: impl Into<String>) -> ServerMessage {
+        ServerMessage::error(self, message, None)
+    }
+}

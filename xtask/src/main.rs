@@ -1,0 +1,198 @@
+//! `cargo xtask <command>`: everything a developer or CI runs, with every install step in code so
+//! a fresh machine needs nothing but Rust.
+//!
+//! - `setup`: installs the wasm32 target, trunk 0.21 and the wasm-bindgen-cli matching Cargo.lock.
+//! - `run`:   setup, builds the web app, starts the server on embedded defaults.
+//! - `test`:  setup, then fmt, clippy (native and wasm32), all tests, the release web build.
+//! - `dist`:  a release build of web and server into `target/dist/`.
+
+mod tools;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Instant,
+};
+
+use tools::{Step, cmd, workspace_root};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((command, rest)) => (command.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "setup" => tools::setup(),
+        "run" => run(rest),
+        "test" => test(),
+        "dist" => dist().map(|path| println!("built {}", path.display())),
+        "help" | "--help" | "-h" => {
+            println!("{}", HELP);
+            Ok(())
+        }
+        other => Err(format!("unknown command {other:?}\n\n{HELP}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const HELP: &str = "usage: cargo xtask <command>
+
+  run [ARGS]  build the web app and start the server (ARGS go to `wadi`)
+  test        everything CI checks: fmt, clippy, tests, wasm build
+  dist        release build of the web app and the server into target/dist/
+  setup       install the wasm target, trunk and wasm-bindgen-cli";
+
+/// Builds the web app, then runs the server in release mode until Ctrl-C.
+fn run(server_args: &[String]) -> Result<(), String> {
+    tools::setup()?;
+    build_web()?;
+    let root = workspace_root();
+    let mut server = cmd("cargo", &["run", "--release", "-p", "wadi-server", "--bin", "wadi", "--"]);
+    server.args(server_args).current_dir(&root);
+    if std::env::var_os("WADI_WEB_DIR").is_none() {
+        server.env("WADI_WEB_DIR", root.join("dist"));
+    }
+    println!("xtask: starting the server; it prints its URL when it is ready (Ctrl-C stops it)");
+    tools::status(&mut server)
+}
+
+/// Everything CI runs. Each step is timed; the first failure stops the run.
+fn test() -> Result<(), String> {
+    let started = Instant::now();
+    let mut steps = Vec::new();
+    let root = workspace_root();
+    let mut step = |name: &str, run: &mut dyn FnMut() -> Result<(), String>| {
+        let step = Step::start(name);
+        let result = run();
+        steps.push(step.finish(result.is_ok()));
+        result
+    };
+
+    step("setup", &mut tools::setup)?;
+    step("fmt", &mut || {
+        tools::status(cmd("cargo", &["fmt", "--all", "--", "--check"]).current_dir(&root))
+    })?;
+    step("clippy", &mut || {
+        tools::status(
+            cmd(
+                "cargo",
+                &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            )
+            .current_dir(&root),
+        )
+    })?;
+    step("clippy wasm32", &mut || {
+        tools::status(
+            cmd(
+                "cargo",
+                &[
+                    "clippy",
+                    "-p",
+                    "wadi-protocol",
+                    "-p",
+                    "wadi-web",
+                    "--target",
+                    "wasm32-unknown-unknown",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+            .current_dir(&root),
+        )
+    })?;
+    step("protocol crate stays wasm-clean", &mut check_protocol_tree)?;
+    step("tests", &mut || {
+        let mut nextest = cmd(
+            "cargo",
+            &["nextest", "run", "--workspace", "--no-fail-fast"],
+        );
+        nextest.current_dir(&root);
+        tools::status(&mut nextest)
+    })?;
+    step("doc tests", &mut || {
+        tools::status(cmd("cargo", &["test", "--workspace", "--doc"]).current_dir(&root))
+    })?;
+    step("web release build", &mut build_web)?;
+
+    println!("\nxtask test: all steps passed in {:.0?}", started.elapsed());
+    for line in steps {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// The protocol crate is compiled into the browser: its wasm32 dependency tree must not pull in
+/// server-side crates.
+fn check_protocol_tree() -> Result<(), String> {
+    let tree = tools::output(
+        cmd(
+            "cargo",
+            &[
+                "tree",
+                "-p",
+                "wadi-protocol",
+                "--target",
+                "wasm32-unknown-unknown",
+                "-e",
+                "normal",
+                "--prefix",
+                "none",
+            ],
+        )
+        .current_dir(workspace_root()),
+    )?;
+    let forbidden = ["tokio ", "axum ", "sqlx ", "reqwest ", "hyper ", "mio "];
+    let found: Vec<&str> = tree
+        .lines()
+        .filter(|line| forbidden.iter().any(|name| line.starts_with(name)))
+        .collect();
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "wadi-protocol pulls server crates into wasm32: {}",
+            found.join(", ")
+        ))
+    }
+}
+
+/// `trunk build --release --offline` into `dist/`.
+fn build_web() -> Result<(), String> {
+    let root = workspace_root();
+    tools::status(
+        cmd("trunk", &["build", "--release", "--offline"])
+            .current_dir(&root)
+            .env("PATH", tools::path_with_tools()),
+    )
+}
+
+/// A release build of the web app and the server; returns the binary's path.
+fn dist() -> Result<PathBuf, String> {
+    tools::setup()?;
+    build_web()?;
+    let root = workspace_root();
+    tools::status(
+        cmd("cargo", &["build", "--release", "-p", "wadi-server", "--bin", "wadi"])
+            .current_dir(&root),
+    )?;
+    let out_dir = root.join("target").join("dist");
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {out_dir:?}: {e}"))?;
+    let built = root.join("target").join("release").join("wadi");
+    let target = out_dir.join("wadi");
+    copy(&built, &target)?;
+    Ok(target)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))
+}

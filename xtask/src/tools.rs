@@ -1,0 +1,182 @@
+//! Running commands and installing the tools the build needs. Every install is idempotent: a tool
+//! already present at the right version is left alone.
+
+use std::{
+    ffi::OsString,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+/// trunk 0.22 needs a newer rustc than this project's; stay on 0.21.
+const TRUNK_VERSION: &str = "~0.21";
+const TRUNK_MINOR: &str = "trunk 0.21.";
+
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// A command with arguments; run it with [`status`] or [`output`].
+pub fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
+    command.args(args);
+    command
+}
+
+fn describe(command: &Command) -> String {
+    let mut text = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+/// Runs a command with inherited output; an error if it cannot start or exits non-zero.
+pub fn status(command: &mut Command) -> Result<(), String> {
+    let text = describe(command);
+    println!("$ {text}");
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run `{text}`: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{text}` failed ({status})"))
+    }
+}
+
+/// Runs a command and returns its stdout; an error if it fails.
+pub fn output(command: &mut Command) -> Result<String, String> {
+    let text = describe(command);
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run `{text}`: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!("`{text}` failed ({})", output.status))
+    }
+}
+
+/// The first line a tool prints for `--version`, or `None` if it is not installed.
+fn version_of(program: &str) -> Option<String> {
+    let output = Command::new(program)
+        .arg("--version")
+        .env("PATH", path_with_tools())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines().next().map(|line| line.trim().to_owned())
+}
+
+/// `PATH` with cargo's bin directory first, so tools installed by `cargo install` are found even
+/// in a shell that has not sourced cargo's env.
+pub fn path_with_tools() -> OsString {
+    let mut dirs = vec![cargo_bin_dir()];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    std::env::join_paths(dirs).unwrap_or_default()
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        return PathBuf::from(home).join("bin");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_default();
+    PathBuf::from(home).join(".cargo").join("bin")
+}
+
+/// The version of `package` recorded in Cargo.lock.
+fn locked_version(package: &str) -> Result<String, String> {
+    let lock_path = workspace_root().join("Cargo.lock");
+    let lock = std::fs::read_to_string(&lock_path)
+        .map_err(|e| format!("cannot read {}: {e}", lock_path.display()))?;
+    let name_line = format!("name = \"{package}\"");
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == name_line {
+            if let Some(version) = lines
+                .next()
+                .and_then(|next| next.trim().strip_prefix("version = \""))
+                .and_then(|rest| rest.strip_suffix('"'))
+            {
+                return Ok(version.to_owned());
+            }
+        }
+    }
+    Err(format!("{package} is not in Cargo.lock"))
+}
+
+/// Installs what the build needs, skipping what is already there at the right version.
+pub fn setup() -> Result<(), String> {
+    let root = workspace_root();
+    if !root.join("Cargo.lock").exists() {
+        status(cmd("cargo", &["generate-lockfile"]).current_dir(&root))?;
+    }
+
+    let targets = output(&mut cmd("rustup", &["target", "list", "--installed"]))?;
+    if !targets.lines().any(|t| t.trim() == "wasm32-unknown-unknown") {
+        status(&mut cmd("rustup", &["target", "add", "wasm32-unknown-unknown"]))?;
+    }
+
+    match version_of("trunk") {
+        Some(version) if version.starts_with(TRUNK_MINOR) => {}
+        _ => status(&mut cmd(
+            "cargo",
+            &["install", "trunk", "--version", TRUNK_VERSION, "--locked"],
+        ))?,
+    }
+
+    // The CLI must match the wasm-bindgen library exactly, or the generated JS glue is wrong.
+    // Not `--locked`: the registry mirror can lag the newest versions of its dependencies.
+    let bindgen = locked_version("wasm-bindgen")?;
+    if version_of("wasm-bindgen") != Some(format!("wasm-bindgen {bindgen}")) {
+        status(&mut cmd(
+            "cargo",
+            &["install", "wasm-bindgen-cli", "--version", &bindgen, "--force"],
+        ))?;
+    }
+
+    if version_of("cargo-nextest").is_none()
+        && output(&mut cmd("cargo", &["nextest", "--version"])).is_err()
+    {
+        status(&mut cmd("cargo", &["install", "cargo-nextest", "--locked"]))?;
+    }
+    Ok(())
+}
+
+/// A timed step of `cargo xtask test`.
+pub struct Step {
+    name: String,
+    started: Instant,
+}
+
+impl Step {
+    pub fn start(name: &str) -> Self {
+        println!("\n==> {name}");
+        Self {
+            name: name.to_owned(),
+            started: Instant::now(),
+        }
+    }
+
+    /// One summary line: the step, its outcome and how long it took.
+    pub fn finish(self, ok: bool) -> String {
+        let line = format!(
+            "{:<34} {} {:>7.1}s",
+            self.name,
+            if ok { "ok  " } else { "FAIL" },
+            self.started.elapsed().as_secs_f64()
+        );
+        println!("<== {line}");
+        line
+    }
+}
