@@ -6,7 +6,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Parser)]
-#[command(name = "wadi", version, about = "WADI: a self-hosted real-time AI chat server")]
+#[command(
+    name = "wadi",
+    version,
+    about = "WADI: a self-hosted real-time AI chat server"
+)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "WADI_ADDR", default_value = "127.0.0.1:8080")]
@@ -79,7 +83,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            ));
+        }
     };
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("{text:?} is not a valid duration"));

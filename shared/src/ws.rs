@@ -7,7 +7,11 @@ use crate::{DecodeError, ErrorCode};
 
 /// A frame the browser (or any client) sends to the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum ClientMessage {
     /// First frame after `connected`. Sent again on the open socket with a refreshed token for the
     /// same user to extend the connection's lifetime without reconnecting.
@@ -77,7 +81,11 @@ fn missing_field_name(detail: &str) -> Option<String> {
 
 /// A frame the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum ServerMessage {
     /// First frame on every socket. The client must answer with `auth` before the auth deadline.
     Connected {

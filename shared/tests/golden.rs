@@ -40,10 +40,7 @@ fn client_frames_have_pinned_json() {
             },
             r#"{"type":"message","content":"hi","clientMessageId":"c-1"}"#,
         ),
-        (
-            ClientMessage::Stop { run_id: None },
-            r#"{"type":"stop"}"#,
-        ),
+        (ClientMessage::Stop { run_id: None }, r#"{"type":"stop"}"#),
         (
             ClientMessage::Stop { run_id: Some(RUN) },
             r#"{"type":"stop","runId":"01900000-0000-7000-8000-000000000001"}"#,
@@ -85,16 +82,20 @@ fn the_original_clients_frames_parse() {
 #[test]
 fn unknown_and_null_optional_fields_are_ignored() {
     assert_eq!(
-        ClientMessage::decode(r#"{"type":"message","content":"hi","extra":[1,2],"clientMessageId":null}"#)
-            .unwrap(),
+        ClientMessage::decode(
+            r#"{"type":"message","content":"hi","extra":[1,2],"clientMessageId":null}"#
+        )
+        .unwrap(),
         ClientMessage::Message {
             content: "hi".into(),
             client_message_id: None
         }
     );
     assert_eq!(
-        ClientMessage::decode(r#"{"type":"resume","runId":"01900000-0000-7000-8000-000000000001"}"#)
-            .unwrap(),
+        ClientMessage::decode(
+            r#"{"type":"resume","runId":"01900000-0000-7000-8000-000000000001"}"#
+        )
+        .unwrap(),
         ClientMessage::Resume {
             run_id: RUN,
             after_seq: 0
@@ -210,12 +211,33 @@ fn chunk_and_complete_keep_the_original_fields() {
 
 #[test]
 fn each_kind_of_bad_frame_is_a_distinct_error() {
-    let cases: [(&str, fn(&DecodeError) -> bool, ErrorCode); 9] = [
-        ("{not json", |e| matches!(e, DecodeError::Malformed(_)), ErrorCode::InvalidJson),
-        ("", |e| matches!(e, DecodeError::Malformed(_)), ErrorCode::InvalidJson),
-        ("[1,2]", |e| *e == DecodeError::NotAnObject, ErrorCode::InvalidFrame),
-        (r#"{"content":"hi"}"#, |e| *e == DecodeError::MissingType, ErrorCode::InvalidFrame),
-        (r#"{"type":5}"#, |e| *e == DecodeError::InvalidType, ErrorCode::InvalidFrame),
+    type IsExpected = fn(&DecodeError) -> bool;
+    let cases: [(&str, IsExpected, ErrorCode); 9] = [
+        (
+            "{not json",
+            |e| matches!(e, DecodeError::Malformed(_)),
+            ErrorCode::InvalidJson,
+        ),
+        (
+            "",
+            |e| matches!(e, DecodeError::Malformed(_)),
+            ErrorCode::InvalidJson,
+        ),
+        (
+            "[1,2]",
+            |e| *e == DecodeError::NotAnObject,
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            r#"{"content":"hi"}"#,
+            |e| *e == DecodeError::MissingType,
+            ErrorCode::InvalidFrame,
+        ),
+        (
+            r#"{"type":5}"#,
+            |e| *e == DecodeError::InvalidType,
+            ErrorCode::InvalidFrame,
+        ),
         (
             r#"{"type":"subscribe"}"#,
             |e| *e == DecodeError::UnknownType("subscribe".into()),
@@ -282,7 +304,10 @@ fn error_code_names_match_their_json() {
         RunStatus::Failed,
         RunStatus::Interrupted,
     ] {
-        assert_eq!(serde_json::to_value(status).unwrap(), json!(status.as_str()));
+        assert_eq!(
+            serde_json::to_value(status).unwrap(),
+            json!(status.as_str())
+        );
         assert_eq!(RunStatus::parse(status.as_str()), Some(status));
     }
 }
@@ -291,12 +316,21 @@ fn error_code_names_match_their_json() {
 fn every_code_and_close_code_is_documented() {
     let doc = include_str!("../../docs/protocol.md");
     for code in ErrorCode::ALL {
-        assert!(doc.contains(&format!("`{}`", code.as_str())), "{code} undocumented");
+        assert!(
+            doc.contains(&format!("`{}`", code.as_str())),
+            "{code} undocumented"
+        );
     }
     for (code, name) in close::ALL {
-        assert!(doc.contains(&format!("`{code}`")), "close {code} ({name}) undocumented");
+        assert!(
+            doc.contains(&format!("`{code}`")),
+            "close {code} ({name}) undocumented"
+        );
     }
     for kind in ClientMessage::TYPES {
-        assert!(doc.contains(&format!("`{kind}`")), "client frame {kind} undocumented");
+        assert!(
+            doc.contains(&format!("`{kind}`")),
+            "client frame {kind} undocumented"
+        );
     }
 }

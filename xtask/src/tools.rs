@@ -11,6 +11,8 @@ use std::{
 /// trunk 0.22 needs a newer rustc than this project's; stay on 0.21.
 const TRUNK_VERSION: &str = "~0.21";
 const TRUNK_MINOR: &str = "trunk 0.21.";
+/// wasm-opt from npm's `binaryen` (Debian's is too old); trunk finds it on `PATH`.
+const BINARYEN_VERSION: &str = "132.0.0";
 
 pub fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -79,11 +81,19 @@ fn version_of(program: &str) -> Option<String> {
 /// `PATH` with cargo's bin directory first, so tools installed by `cargo install` are found even
 /// in a shell that has not sourced cargo's env.
 pub fn path_with_tools() -> OsString {
-    let mut dirs = vec![cargo_bin_dir()];
+    let mut dirs = vec![
+        cargo_bin_dir(),
+        node_tools_dir().join("node_modules").join(".bin"),
+    ];
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
     std::env::join_paths(dirs).unwrap_or_default()
+}
+
+/// Where npm-installed build tools live: inside `target/`, so `cargo clean` removes them too.
+fn node_tools_dir() -> PathBuf {
+    workspace_root().join("target").join("tools")
 }
 
 fn cargo_bin_dir() -> PathBuf {
@@ -102,14 +112,13 @@ fn locked_version(package: &str) -> Result<String, String> {
     let name_line = format!("name = \"{package}\"");
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
-        if line.trim() == name_line {
-            if let Some(version) = lines
+        if line.trim() == name_line
+            && let Some(version) = lines
                 .next()
                 .and_then(|next| next.trim().strip_prefix("version = \""))
                 .and_then(|rest| rest.strip_suffix('"'))
-            {
-                return Ok(version.to_owned());
-            }
+        {
+            return Ok(version.to_owned());
         }
     }
     Err(format!("{package} is not in Cargo.lock"))
@@ -123,8 +132,14 @@ pub fn setup() -> Result<(), String> {
     }
 
     let targets = output(&mut cmd("rustup", &["target", "list", "--installed"]))?;
-    if !targets.lines().any(|t| t.trim() == "wasm32-unknown-unknown") {
-        status(&mut cmd("rustup", &["target", "add", "wasm32-unknown-unknown"]))?;
+    if !targets
+        .lines()
+        .any(|t| t.trim() == "wasm32-unknown-unknown")
+    {
+        status(&mut cmd(
+            "rustup",
+            &["target", "add", "wasm32-unknown-unknown"],
+        ))?;
     }
 
     match version_of("trunk") {
@@ -141,7 +156,34 @@ pub fn setup() -> Result<(), String> {
     if version_of("wasm-bindgen") != Some(format!("wasm-bindgen {bindgen}")) {
         status(&mut cmd(
             "cargo",
-            &["install", "wasm-bindgen-cli", "--version", &bindgen, "--force"],
+            &[
+                "install",
+                "wasm-bindgen-cli",
+                "--version",
+                &bindgen,
+                "--force",
+            ],
+        ))?;
+    }
+
+    let binaryen_major = BINARYEN_VERSION.split('.').next().unwrap_or_default();
+    let wasm_opt_ok =
+        version_of("wasm-opt").is_some_and(|v| v.contains(&format!("version {binaryen_major}")));
+    if !wasm_opt_ok {
+        let dir = node_tools_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+        let package = format!("binaryen@{BINARYEN_VERSION}");
+        let prefix = dir.to_string_lossy().into_owned();
+        status(&mut cmd(
+            "npm",
+            &[
+                "install",
+                "--prefix",
+                &prefix,
+                "--no-audit",
+                "--no-fund",
+                &package,
+            ],
         ))?;
     }
 

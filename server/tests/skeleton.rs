@@ -1,0 +1,111 @@
+//! The server skeleton: health, the web app with client-side route fallback, JSON 404s for the
+//! API, and graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::TestServer;
+use reqwest::StatusCode;
+use wadi_server::Config;
+
+#[tokio::test]
+async fn healthz_answers_ok() {
+    let server = TestServer::start().await;
+    let response = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.unwrap(), "ok");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn serves_the_web_app_with_a_fallback_for_client_routes() {
+    let data = tempfile::tempdir().unwrap();
+    let web = tempfile::tempdir().unwrap();
+    std::fs::write(
+        web.path().join("index.html"),
+        "<!doctype html><title>app</title>",
+    )
+    .unwrap();
+    std::fs::write(web.path().join("app-1234.js"), "console.log(1)").unwrap();
+    let mut config = Config::for_tests(data.path().to_path_buf());
+    config.web_dir = Some(web.path().to_path_buf());
+    let server = TestServer::start_with(config).await;
+
+    let index = server.http.get(server.url("/")).send().await.unwrap();
+    assert_eq!(index.status(), StatusCode::OK);
+    assert!(index.text().await.unwrap().contains("<title>app</title>"));
+
+    let script = server
+        .http
+        .get(server.url("/app-1234.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.status(), StatusCode::OK);
+    let content_type = script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/javascript"),
+        "{content_type}"
+    );
+    assert_eq!(script.text().await.unwrap(), "console.log(1)");
+
+    let route = server
+        .http
+        .get(server.url("/c/0190-abc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(route.status(), StatusCode::OK);
+    assert!(route.text().await.unwrap().contains("<title>app</title>"));
+
+    let traversal = server
+        .http
+        .get(server.url("/../Cargo.toml"))
+        .send()
+        .await
+        .unwrap();
+    assert!(!traversal.text().await.unwrap().contains("[package]"));
+
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_api_paths_are_json_404s() {
+    let server = TestServer::start().await;
+    let response = server
+        .http
+        .get(server.url("/api/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "not_found");
+    assert!(body["message"].is_string());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_built_app_the_root_explains_how_to_build_it() {
+    let server = TestServer::start().await;
+    let response = server.http.get(server.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.unwrap().contains("cargo xtask run"));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_returns() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    server.shutdown().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
