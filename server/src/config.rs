@@ -32,6 +32,67 @@ pub struct Config {
     /// How long shutdown waits for active runs to save before exiting anyway.
     #[arg(long, env = "WADI_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+
+    /// `postgres://…` to store everything in Postgres (several instances can share it), or
+    /// `sqlite:…`. Default: `wadi.db` in the data directory.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// The URL users reach this server at (e.g. `https://chat.example.com`). Used as the
+    /// embedded auth service's token issuer (`{public_url}/auth/v1`).
+    #[arg(long, env = "WADI_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// A Supabase project URL. When set, WADI accepts that project's users (verifying their
+    /// tokens with the project's JWKS) instead of running its embedded auth service.
+    #[arg(long, env = "SUPABASE_URL")]
+    pub supabase_url: Option<String>,
+
+    /// The project's legacy JWT secret, to accept HS256 access tokens.
+    #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
+    pub supabase_jwt_secret: Option<String>,
+
+    /// The project's anon (publishable) key, handed to the browser for its auth calls.
+    #[arg(long, env = "SUPABASE_ANON_KEY", hide_env_values = true)]
+    pub supabase_anon_key: Option<String>,
+
+    /// Required `iss` of access tokens. Default: `{SUPABASE_URL}/auth/v1` with Supabase, the
+    /// embedded service's own issuer otherwise.
+    #[arg(long, env = "WADI_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew tolerated when checking a token's `exp`.
+    #[arg(long, env = "WADI_JWT_LEEWAY", value_parser = parse_duration, default_value = "10s")]
+    pub jwt_leeway: Duration,
+
+    /// Shortest time between two JWKS fetches triggered by an unknown `kid`.
+    #[arg(long, env = "WADI_JWKS_REFETCH_INTERVAL", value_parser = parse_duration, default_value = "60s")]
+    pub jwks_refetch_interval: Duration,
+
+    /// Lifetime of access tokens issued by the embedded auth service.
+    #[arg(long, env = "WADI_ACCESS_TOKEN_TTL", value_parser = parse_duration, default_value = "3600s")]
+    pub access_token_ttl: Duration,
+
+    /// How long after a refresh the previous refresh token may still be used (concurrent tabs).
+    #[arg(long, env = "WADI_REFRESH_REUSE_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    pub refresh_reuse_interval: Duration,
+
+    /// Shortest password the embedded auth service accepts (Supabase's default is 6).
+    #[arg(long, env = "WADI_PASSWORD_MIN_LENGTH", default_value_t = 6)]
+    pub password_min_length: usize,
+
+    /// Signups and password logins a client address may make in a burst.
+    #[arg(long, env = "WADI_AUTH_RATE_BURST", default_value_t = 30)]
+    pub auth_rate_burst: u32,
+
+    /// Signups and password logins a client address regains per minute after a burst.
+    #[arg(long, env = "WADI_AUTH_RATE_PER_MINUTE", default_value_t = 6.0)]
+    pub auth_rate_per_minute: f64,
+
+    /// Take the client address from the first `X-Forwarded-For` entry (only behind a proxy you
+    /// trust to set it).
+    #[arg(long, env = "WADI_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -43,6 +104,29 @@ impl std::fmt::Debug for Config {
             .field("web_dir", &self.web_dir)
             .field("log_format", &self.log_format)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("public_url", &self.public_url)
+            .field("supabase_url", &self.supabase_url)
+            .field(
+                "supabase_jwt_secret",
+                &self.supabase_jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "supabase_anon_key",
+                &self.supabase_anon_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_leeway", &self.jwt_leeway)
+            .field("jwks_refetch_interval", &self.jwks_refetch_interval)
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("refresh_reuse_interval", &self.refresh_reuse_interval)
+            .field("password_min_length", &self.password_min_length)
+            .field("auth_rate_burst", &self.auth_rate_burst)
+            .field("auth_rate_per_minute", &self.auth_rate_per_minute)
+            .field("trust_forwarded_for", &self.trust_forwarded_for)
             .finish()
     }
 }
@@ -56,7 +140,48 @@ impl Config {
             web_dir: None,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(5),
+            database_url: None,
+            public_url: None,
+            supabase_url: None,
+            supabase_jwt_secret: None,
+            supabase_anon_key: None,
+            jwt_issuer: None,
+            jwt_leeway: Duration::from_secs(10),
+            jwks_refetch_interval: Duration::from_secs(60),
+            access_token_ttl: Duration::from_secs(3600),
+            refresh_reuse_interval: Duration::from_secs(10),
+            password_min_length: 6,
+            auth_rate_burst: 30,
+            auth_rate_per_minute: 6.0,
+            trust_forwarded_for: false,
         }
+    }
+
+    /// The issuer the embedded auth service writes into its tokens.
+    pub fn embedded_issuer(&self) -> String {
+        match &self.public_url {
+            Some(url) => format!("{}/auth/v1", url.trim_end_matches('/')),
+            None => "wadi".to_owned(),
+        }
+    }
+}
+
+/// Hides the password in a database URL: `postgres://user:secret@host` → `postgres://user:***@host`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -108,6 +233,17 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let mut config = Config::for_tests("data".into());
+        config.supabase_jwt_secret = Some("super-secret-value".into());
+        config.database_url = Some("postgres://wadi:hunter2@db:5432/wadi".into());
+        let text = format!("{config:?}");
+        assert!(!text.contains("super-secret-value"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("postgres://wadi:***@db:5432/wadi"), "{text}");
     }
 
     #[test]

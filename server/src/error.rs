@@ -14,8 +14,8 @@ pub enum AppError {
     #[error("{message}")]
     Invalid { code: ErrorCode, message: String },
     /// No valid access token.
-    #[error("{0}")]
-    Unauthorized(String),
+    #[error("{message}")]
+    Unauthorized { code: ErrorCode, message: String },
     /// Missing, or not the caller's: the two answer identically.
     #[error("not found")]
     NotFound,
@@ -50,7 +50,7 @@ impl AppError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             Self::Invalid { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -62,8 +62,9 @@ impl AppError {
 
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Invalid { code, .. } | Self::Conflict { code, .. } => *code,
-            Self::Unauthorized(_) => ErrorCode::InvalidToken,
+            Self::Invalid { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Unauthorized { code, .. } => *code,
             Self::NotFound => ErrorCode::NotFound,
             Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::RateLimited => ErrorCode::RateLimited,

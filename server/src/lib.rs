@@ -1,9 +1,12 @@
 //! WADI's server. [`run`] is the whole server; `main.rs` only parses configuration and binds.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod state;
+pub mod store;
 
 use std::future::Future;
 
@@ -19,8 +22,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState::new(config)?;
-    let app = http::router(state.clone());
+    let state = AppState::new(config).await?;
+    let app =
+        http::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let stopping = state.shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -109,3 +109,26 @@ async fn shutdown_stops_accepting_and_returns() {
     server.shutdown().await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn unknown_auth_and_socket_paths_and_non_get_methods_are_404s() {
+    let server = TestServer::start().await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/auth/v1/nope"),
+        (reqwest::Method::POST, "/auth/v2/signup"),
+        (reqwest::Method::GET, "/ws/nope"),
+        (reqwest::Method::POST, "/"),
+        (reqwest::Method::DELETE, "/some/route"),
+    ] {
+        let response = server
+            .http
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "not_found");
+    }
+    server.shutdown().await.unwrap();
+}

@@ -153,3 +153,15 @@ pub struct ClientConfig {
     pub max_content_bytes: usize,
     pub protocol_version: u32,
 }
+
+/// `GET /api/me`: who the access token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Me {
+    pub id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub role: String,
+    /// The token's `exp`, Unix seconds.
+    pub expires_at: i64,
+}

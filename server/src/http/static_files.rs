@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use axum::{
     body::Body,
     extract::{Request, State},
-    http::{StatusCode, header},
+    http::{Method, StatusCode, header},
     response::{Html, IntoResponse, Response},
 };
 use tower::ServiceExt;
 use tower_http::services::{ServeDir, ServeFile};
 
-use crate::state::AppState;
+use crate::{error::AppError, state::AppState};
 
 /// Where the web app's files come from.
 #[derive(Debug, Clone)]
@@ -42,6 +42,9 @@ impl WebAssets {
 }
 
 pub async fn serve(State(state): State<AppState>, request: Request) -> Response {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return AppError::NotFound.into_response();
+    }
     match state.assets.as_ref() {
         WebAssets::Dir(dir) => {
             let index = ServeFile::new(dir.join("index.html"));

@@ -1,29 +1,69 @@
-//! A real server on 127.0.0.1:0 for integration tests, and helpers to talk to it.
+//! A real server on 127.0.0.1:0 for integration tests, on SQLite or Postgres, and helpers to
+//! talk to it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod db;
 
 use std::{net::SocketAddr, time::Duration};
 
+pub use db::{Engine, TestDb};
+use serde_json::{Value, json};
 use tokio::{sync::oneshot, task::JoinHandle};
 use wadi_server::Config;
 
 /// How long any single awaited event may take before a test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Runs a test body once on SQLite and once on Postgres (when `WADI_TEST_POSTGRES_URL` is set;
+/// `cargo xtask test` sets it). Usage: `on_both_engines!(name);` next to `async fn name(engine:
+/// Engine)`.
+#[macro_export]
+macro_rules! on_both_engines {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::common::Engine::Sqlite).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    if let Some(engine) = $crate::common::Engine::postgres_if_configured() {
+                        super::$name(engine).await;
+                    }
+                }
+            }
+        )+
+    };
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
-    _data: Option<tempfile::TempDir>,
+    db: Option<TestDb>,
 }
 
 impl TestServer {
-    /// Starts a server with every default and a fresh data directory.
+    /// Starts a server with every default on SQLite.
     pub async fn start() -> Self {
-        let data = tempfile::tempdir().unwrap();
-        let config = Config::for_tests(data.path().to_path_buf());
+        Self::on(Engine::Sqlite).await
+    }
+
+    /// Starts a server with every default on `engine`, with a fresh database.
+    pub async fn on(engine: Engine) -> Self {
+        Self::configured(engine, |_| {}).await
+    }
+
+    /// A fresh database on `engine`, a configuration adjusted by `adjust`, and a server.
+    pub async fn configured(engine: Engine, adjust: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDb::create(engine).await;
+        let mut config = db.config();
+        adjust(&mut config);
         let mut server = Self::start_with(config).await;
-        server._data = Some(data);
+        server.db = Some(db);
         server
     }
 
@@ -40,7 +80,7 @@ impl TestServer {
             http: reqwest::Client::new(),
             stop: Some(stop),
             task: Some(task),
-            _data: None,
+            db: None,
         }
     }
 
@@ -48,8 +88,8 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Signals shutdown and waits for `run` to return.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    /// Signals shutdown and waits for `run` to return; keeps the database.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -58,5 +98,55 @@ impl TestServer {
             .await
             .expect("server did not stop in time")
             .unwrap()
+    }
+
+    /// Stops the server and drops its database.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let result = self.stop().await;
+        if let Some(db) = self.db.take() {
+            db.drop_database().await;
+        }
+        result
+    }
+
+    /// Takes the database out, to start another server on it after this one stops.
+    pub fn take_db(&mut self) -> TestDb {
+        self.db.take().unwrap()
+    }
+
+    /// Signs up a fresh user; returns the session JSON.
+    pub async fn sign_up(&self) -> Session {
+        let email = format!("user-{}@example.com", uuid::Uuid::new_v4());
+        self.sign_up_as(&email, "correct horse battery").await
+    }
+
+    pub async fn sign_up_as(&self, email: &str, password: &str) -> Session {
+        let response = self
+            .http
+            .post(self.url("/auth/v1/signup"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "signup failed");
+        Session(response.json().await.unwrap())
+    }
+}
+
+/// A session as the embedded auth service returns it.
+#[derive(Debug, Clone)]
+pub struct Session(pub Value);
+
+impl Session {
+    pub fn access_token(&self) -> &str {
+        self.0["access_token"].as_str().unwrap()
+    }
+
+    pub fn refresh_token(&self) -> &str {
+        self.0["refresh_token"].as_str().unwrap()
+    }
+
+    pub fn user_id(&self) -> uuid::Uuid {
+        self.0["user"]["id"].as_str().unwrap().parse().unwrap()
     }
 }

@@ -1,0 +1,479 @@
+//! The embedded auth service's logic, without HTTP: accounts, passwords, sessions, access
+//! tokens and rotating refresh tokens with reuse detection.
+
+use std::{sync::Arc, time::Duration};
+
+use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier, password_hash::SaltString};
+use axum::http::StatusCode;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, Header};
+use rand_core::RngCore;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{
+    keys::SigningKeys,
+    wire::{AuthApiError, session_json},
+};
+use crate::store::{RefreshTokenRecord, SessionRecord, Store, StoreError, UserRecord};
+
+/// Passwords longer than this are refused, as Supabase does (bcrypt's limit, kept for
+/// compatibility even though we hash with argon2id).
+pub const MAX_PASSWORD_BYTES: usize = 72;
+const MAX_EMAIL_BYTES: usize = 255;
+
+pub struct EmbeddedAuth {
+    store: Arc<dyn Store>,
+    keys: SigningKeys,
+    issuer: String,
+    access_ttl: Duration,
+    reuse_interval: Duration,
+    password_min_length: usize,
+    /// Verified against when an email is unknown, so that a wrong email costs the same time as
+    /// a wrong password.
+    dummy_hash: String,
+}
+
+pub struct Settings {
+    pub issuer: String,
+    pub access_ttl: Duration,
+    pub reuse_interval: Duration,
+    pub password_min_length: usize,
+}
+
+/// What a successful signup, login or refresh returns.
+pub struct IssuedSession {
+    pub json: Value,
+}
+
+pub fn now_millis() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn store_error(error: StoreError) -> AuthApiError {
+    AuthApiError::unexpected(error)
+}
+
+impl EmbeddedAuth {
+    pub async fn new(store: Arc<dyn Store>, settings: Settings) -> Result<Self, StoreError> {
+        let keys = SigningKeys::load_or_create(store.as_ref(), now_millis()).await?;
+        let dummy_hash = hash_password("wadi-dummy-password".to_owned())
+            .await
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Self {
+            store,
+            keys,
+            issuer: settings.issuer,
+            access_ttl: settings.access_ttl,
+            reuse_interval: settings.reuse_interval,
+            password_min_length: settings.password_min_length,
+            dummy_hash,
+        })
+    }
+
+    pub fn keys(&self) -> &SigningKeys {
+        &self.keys
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// `POST /signup`: creates a confirmed user and signs them in.
+    pub async fn sign_up(
+        &self,
+        email: &str,
+        password: &str,
+        metadata: Value,
+    ) -> Result<IssuedSession, AuthApiError> {
+        let email = normalize_email(email)?;
+        self.check_password(password)?;
+        let now = now_millis();
+        let user = UserRecord {
+            id: Uuid::new_v4(),
+            email,
+            password_hash: hash_password(password.to_owned())
+                .await
+                .map_err(AuthApiError::unexpected)?,
+            user_metadata: metadata.to_string(),
+            created_at: now,
+            updated_at: now,
+            last_sign_in_at: Some(now),
+        };
+        match self.store.create_user(&user).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                return Err(AuthApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "user_already_exists",
+                    "User already registered",
+                ));
+            }
+            Err(error) => return Err(store_error(error)),
+        }
+        tracing::info!(user_id = %user.id, "user signed up");
+        self.start_session(&user, now).await
+    }
+
+    /// `POST /token?grant_type=password`. Unknown email and wrong password are answered
+    /// identically, after the same amount of work.
+    pub async fn sign_in(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<IssuedSession, AuthApiError> {
+        let email = email.trim().to_lowercase();
+        let user = self
+            .store
+            .user_by_email(&email)
+            .await
+            .map_err(store_error)?;
+        let hash = user.as_ref().map_or_else(
+            || self.dummy_hash.clone(),
+            |user| user.password_hash.clone(),
+        );
+        let matches = verify_password(password.to_owned(), hash)
+            .await
+            .map_err(AuthApiError::unexpected)?;
+        let Some(mut user) = user.filter(|_| matches) else {
+            return Err(AuthApiError::invalid_credentials());
+        };
+        let now = now_millis();
+        self.store
+            .record_sign_in(user.id, now)
+            .await
+            .map_err(store_error)?;
+        user.last_sign_in_at = Some(now);
+        user.updated_at = now;
+        self.start_session(&user, now).await
+    }
+
+    async fn start_session(
+        &self,
+        user: &UserRecord,
+        now: i64,
+    ) -> Result<IssuedSession, AuthApiError> {
+        let session = SessionRecord {
+            id: Uuid::new_v4(),
+            user_id: user.id,
+            amr_method: "password".to_owned(),
+            amr_at: now,
+            created_at: now,
+            updated_at: now,
+        };
+        let (refresh_token, record) = new_refresh_token(session.id, None, now);
+        self.store
+            .create_session(&session, &record)
+            .await
+            .map_err(store_error)?;
+        self.issue(user, &session, &refresh_token, now)
+    }
+
+    /// `POST /token?grant_type=refresh_token`: rotates the refresh token.
+    ///
+    /// A token used for the first time is revoked and replaced by a child. A revoked token is
+    /// still honoured (with a new child) within the reuse interval of its revocation, or while
+    /// it is the parent of an active token (a client that never saved the last response). Any
+    /// other reuse means the token leaked: the whole session is revoked.
+    pub async fn refresh(&self, token: &str) -> Result<IssuedSession, AuthApiError> {
+        if token.is_empty() {
+            return Err(AuthApiError::validation("Refresh token is not valid"));
+        }
+        let record = self
+            .store
+            .refresh_token_by_hash(&hash_token(token))
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                AuthApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "refresh_token_not_found",
+                    "Invalid Refresh Token: Refresh Token Not Found",
+                )
+            })?;
+        let session = self
+            .store
+            .session_by_id(record.session_id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(session_not_found)?;
+        let user = self
+            .store
+            .user_by_id(session.user_id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(session_not_found)?;
+        let now = now_millis();
+
+        let first_use = !record.revoked
+            && self
+                .store
+                .revoke_refresh_token(record.id, now)
+                .await
+                .map_err(store_error)?;
+        if !first_use {
+            // Either it was revoked before, or a concurrent refresh revoked it just now (then
+            // its `updated_at` is recent and the reuse window applies).
+            let current = self
+                .store
+                .refresh_token_by_hash(&record.token_hash)
+                .await
+                .map_err(store_error)?
+                .unwrap_or(record.clone());
+            let reuse_window = i64::try_from(self.reuse_interval.as_millis()).unwrap_or(i64::MAX);
+            let within_window = now.saturating_sub(current.updated_at) < reuse_window;
+            let parent_of_active = self
+                .store
+                .has_active_child(record.id)
+                .await
+                .map_err(store_error)?;
+            if !within_window && !parent_of_active {
+                self.store
+                    .delete_session(session.id)
+                    .await
+                    .map_err(store_error)?;
+                tracing::warn!(
+                    session_id = %session.id,
+                    user_id = %user.id,
+                    "refresh token reused outside the reuse window: session revoked"
+                );
+                return Err(AuthApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "refresh_token_already_used",
+                    "Invalid Refresh Token: Already Used",
+                ));
+            }
+        }
+        let (refresh_token, child) = new_refresh_token(session.id, Some(record.id), now);
+        self.store
+            .insert_refresh_token(&child)
+            .await
+            .map_err(|error| match error {
+                // The session was deleted between our read and this insert (a logout).
+                StoreError::MissingParent => session_not_found(),
+                other => store_error(other),
+            })?;
+        self.issue(&user, &session, &refresh_token, now)
+    }
+
+    fn issue(
+        &self,
+        user: &UserRecord,
+        session: &SessionRecord,
+        refresh_token: &str,
+        now_ms: i64,
+    ) -> Result<IssuedSession, AuthApiError> {
+        let now = now_ms / 1000;
+        let ttl = i64::try_from(self.access_ttl.as_secs()).unwrap_or(3600);
+        let expires_at = now + ttl;
+        let metadata: Value =
+            serde_json::from_str(&user.user_metadata).unwrap_or_else(|_| json!({}));
+        let claims = json!({
+            "iss": self.issuer,
+            "sub": user.id.to_string(),
+            "aud": "authenticated",
+            "exp": expires_at,
+            "iat": now,
+            "email": user.email,
+            "phone": "",
+            "app_metadata": { "provider": "email", "providers": ["email"] },
+            "user_metadata": metadata,
+            "role": "authenticated",
+            "aal": "aal1",
+            "amr": [{ "method": session.amr_method, "timestamp": session.amr_at / 1000 }],
+            "session_id": session.id.to_string(),
+            "is_anonymous": false,
+        });
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.keys.kid.clone());
+        let access_token = jsonwebtoken::encode(&header, &claims, &self.keys.encoding)
+            .map_err(AuthApiError::unexpected)?;
+        Ok(IssuedSession {
+            json: session_json(&access_token, expires_at, now, refresh_token, user),
+        })
+    }
+
+    fn check_password(&self, password: &str) -> Result<(), AuthApiError> {
+        if password.is_empty() {
+            return Err(AuthApiError::validation("Signup requires a valid password"));
+        }
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(AuthApiError::validation(format!(
+                "Password cannot be longer than {MAX_PASSWORD_BYTES} characters"
+            )));
+        }
+        if password.chars().count() < self.password_min_length {
+            let mut error = AuthApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "weak_password",
+                format!(
+                    "Password should be at least {} characters.",
+                    self.password_min_length
+                ),
+            );
+            error.weak_reasons = Some(vec!["length"]);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    pub async fn user(&self, id: Uuid) -> Result<Option<UserRecord>, AuthApiError> {
+        self.store.user_by_id(id).await.map_err(store_error)
+    }
+
+    pub async fn session_exists(&self, id: Uuid) -> Result<bool, AuthApiError> {
+        Ok(self
+            .store
+            .session_by_id(id)
+            .await
+            .map_err(store_error)?
+            .is_some())
+    }
+
+    /// `POST /logout`: `global` ends every session of the user, `local` this one, `others` all
+    /// but this one.
+    pub async fn log_out(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        scope: &str,
+    ) -> Result<(), AuthApiError> {
+        match scope {
+            "global" => self.store.delete_user_sessions(user_id, None).await,
+            "local" => self.store.delete_session(session_id).await.map(u64::from),
+            "others" => {
+                self.store
+                    .delete_user_sessions(user_id, Some(session_id))
+                    .await
+            }
+            other => {
+                return Err(AuthApiError::validation(format!(
+                    "Unsupported logout scope {other:?}"
+                )));
+            }
+        }
+        .map_err(store_error)?;
+        Ok(())
+    }
+}
+
+fn session_not_found() -> AuthApiError {
+    AuthApiError::new(
+        StatusCode::BAD_REQUEST,
+        "session_not_found",
+        "Invalid Refresh Token: No Valid Session Found",
+    )
+}
+
+/// Lowercases and checks an email address.
+fn normalize_email(email: &str) -> Result<String, AuthApiError> {
+    let email = email.trim().to_lowercase();
+    if email.is_empty() {
+        return Err(AuthApiError::validation("An email address is required"));
+    }
+    let valid = email.len() <= MAX_EMAIL_BYTES
+        && !email.chars().any(char::is_whitespace)
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+        });
+    if valid {
+        Ok(email)
+    } else {
+        Err(AuthApiError::validation(
+            "Unable to validate email address: invalid format",
+        ))
+    }
+}
+
+/// A fresh opaque refresh token (128 random bits) and the record that stores its hash.
+fn new_refresh_token(
+    session_id: Uuid,
+    parent_id: Option<Uuid>,
+    now: i64,
+) -> (String, RefreshTokenRecord) {
+    let mut bytes = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    let token = URL_SAFE_NO_PAD.encode(bytes);
+    let record = RefreshTokenRecord {
+        id: Uuid::now_v7(),
+        token_hash: hash_token(&token),
+        session_id,
+        parent_id,
+        revoked: false,
+        created_at: now,
+        updated_at: now,
+    };
+    (token, record)
+}
+
+fn hash_token(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// argon2id with the crate's default (OWASP) parameters, off the async executor.
+async fn hash_password(password: String) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || {
+        let mut salt = [0u8; 16];
+        rand_core::OsRng.fill_bytes(&mut salt);
+        let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn verify_password(password: String, hash: String) -> Result<bool, String> {
+    tokio::task::spawn_blocking(move || {
+        let parsed = PasswordHash::new(&hash).map_err(|e| e.to_string())?;
+        Ok(Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_checked_and_lowercased() {
+        assert_eq!(
+            normalize_email(" Alice@Example.COM ").unwrap(),
+            "alice@example.com"
+        );
+        for bad in [
+            "",
+            "alice",
+            "alice@",
+            "@example.com",
+            "a b@example.com",
+            "a@b",
+            "a@b@c.d",
+        ] {
+            assert!(normalize_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refresh_tokens_are_random_and_stored_hashed() {
+        let session = Uuid::new_v4();
+        let (a, record_a) = new_refresh_token(session, None, 1);
+        let (b, _) = new_refresh_token(session, None, 1);
+        assert_ne!(a, b);
+        assert!(a.len() >= 22, "at least 128 bits");
+        assert_ne!(record_a.token_hash, a);
+        assert_eq!(record_a.token_hash, hash_token(&a));
+    }
+}

@@ -1,0 +1,368 @@
+//! The one access-token verifier behind every HTTP route and the WebSocket.
+//!
+//! Accepts ES256/RS256 tokens whose `kid` names a key from a JWKS (Supabase's, fetched and
+//! cached, or the embedded service's own keys), and HS256 tokens only when a shared secret is
+//! configured. It never takes the algorithm from the token without a key bound to it.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation,
+    errors::ErrorKind,
+    jwk::{AlgorithmParameters, Jwk, JwkSet},
+};
+use serde::Deserialize;
+use tokio::sync::RwLock;
+use uuid::Uuid;
+
+/// The verified identity of a request or connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub email: Option<String>,
+    pub role: String,
+    /// The auth session the token belongs to (Supabase's `session_id` claim).
+    pub session_id: Option<Uuid>,
+    /// The token's `exp`, Unix seconds.
+    pub expires_at: i64,
+}
+
+/// Why a token was refused. Each variant is logged with its own reason and counted separately.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("token is not a well-formed JWT")]
+    Malformed,
+    #[error("unsigned tokens (alg none) are refused")]
+    AlgNone,
+    #[error("algorithm {0} is not accepted")]
+    AlgorithmNotAllowed(String),
+    #[error("token has no kid")]
+    MissingKid,
+    #[error("no key with kid {0:?}")]
+    UnknownKid(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    #[error("token issuer is not accepted")]
+    WrongIssuer,
+    #[error("token claims are invalid: {0}")]
+    InvalidClaims(String),
+    #[error("signing keys are unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+impl VerifyError {
+    /// A short, stable label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::AlgNone => "alg_none",
+            Self::AlgorithmNotAllowed(_) => "algorithm_not_allowed",
+            Self::MissingKid => "missing_kid",
+            Self::UnknownKid(_) => "unknown_kid",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::WrongAudience => "wrong_audience",
+            Self::WrongIssuer => "wrong_issuer",
+            Self::InvalidClaims(_) => "invalid_claims",
+            Self::KeysUnavailable(_) => "keys_unavailable",
+        }
+    }
+}
+
+/// A public key bound to the one algorithm it may verify.
+#[derive(Clone)]
+pub struct VerifyKey {
+    pub algorithm: Algorithm,
+    pub key: DecodingKey,
+}
+
+impl VerifyKey {
+    /// The key of a JWK, if it is an ES256 or RS256 signing key.
+    pub fn from_jwk(jwk: &Jwk) -> Option<Self> {
+        let algorithm = match &jwk.algorithm {
+            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            _ => return None,
+        };
+        // A JWK that names another algorithm (ES384, RS512, …) is not one we accept.
+        if let Some(declared) = jwk.common.key_algorithm {
+            let declared = format!("{declared:?}");
+            if declared != format!("{algorithm:?}") {
+                return None;
+            }
+        }
+        let key = DecodingKey::from_jwk(jwk).ok()?;
+        Some(Self { algorithm, key })
+    }
+}
+
+/// Where asymmetric keys come from.
+pub enum KeySource {
+    /// Known at startup (the embedded auth service's own keys).
+    Static(HashMap<String, VerifyKey>),
+    /// A remote JWKS (Supabase), cached by `kid`.
+    Remote(JwksCache),
+}
+
+/// The claims we read. Unknown claims are ignored; `aud`, `exp` and `iss` are checked by
+/// `jsonwebtoken`'s validation before these are looked at.
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+pub struct Verifier {
+    hmac: Option<DecodingKey>,
+    keys: KeySource,
+    audience: String,
+    issuer: Option<String>,
+    leeway: Duration,
+}
+
+impl Verifier {
+    pub fn new(
+        hmac_secret: Option<&str>,
+        keys: KeySource,
+        issuer: Option<String>,
+        leeway: Duration,
+    ) -> Self {
+        Self {
+            hmac: hmac_secret.map(|secret| DecodingKey::from_secret(secret.as_bytes())),
+            keys,
+            audience: "authenticated".to_owned(),
+            issuer,
+            leeway,
+        }
+    }
+
+    /// Verifies signature and claims and returns who the token is for.
+    pub async fn verify(&self, token: &str) -> Result<AuthUser, VerifyError> {
+        let header = RawHeader::parse(token)?;
+        let (algorithm, key) = match header.alg.as_str() {
+            "HS256" => {
+                let key = self
+                    .hmac
+                    .clone()
+                    .ok_or_else(|| VerifyError::AlgorithmNotAllowed(header.alg.clone()))?;
+                (Algorithm::HS256, key)
+            }
+            "ES256" | "RS256" => {
+                let kid = header.kid.ok_or(VerifyError::MissingKid)?;
+                let bound = self.key(&kid).await?;
+                // The key decides the algorithm: an RS256 header on an EC key is refused.
+                if format!("{:?}", bound.algorithm) != header.alg {
+                    return Err(VerifyError::AlgorithmNotAllowed(header.alg));
+                }
+                (bound.algorithm, bound.key)
+            }
+            other if other.eq_ignore_ascii_case("none") => return Err(VerifyError::AlgNone),
+            other => return Err(VerifyError::AlgorithmNotAllowed(other.to_owned())),
+        };
+
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.leeway.as_secs();
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::InvalidSignature => VerifyError::BadSignature,
+            ErrorKind::ExpiredSignature => VerifyError::Expired,
+            ErrorKind::InvalidAudience => VerifyError::WrongAudience,
+            ErrorKind::InvalidIssuer => VerifyError::WrongIssuer,
+            ErrorKind::InvalidAlgorithm => VerifyError::AlgorithmNotAllowed(header.alg.clone()),
+            ErrorKind::MissingRequiredClaim(claim) => {
+                VerifyError::InvalidClaims(format!("missing {claim}"))
+            }
+            ErrorKind::ImmatureSignature => VerifyError::InvalidClaims("not yet valid".into()),
+            ErrorKind::Json(_) => VerifyError::InvalidClaims("claims are not valid JSON".into()),
+            _ => VerifyError::Malformed,
+        })?;
+        let claims = data.claims;
+        let id = Uuid::parse_str(&claims.sub)
+            .map_err(|_| VerifyError::InvalidClaims("sub is not a UUID".into()))?;
+        let role = claims
+            .role
+            .ok_or_else(|| VerifyError::InvalidClaims("missing role".into()))?;
+        if role != "authenticated" {
+            return Err(VerifyError::InvalidClaims(format!(
+                "role {role:?} is not a user"
+            )));
+        }
+        let session_id = match claims.session_id {
+            Some(id) => Some(
+                Uuid::parse_str(&id)
+                    .map_err(|_| VerifyError::InvalidClaims("session_id is not a UUID".into()))?,
+            ),
+            None => None,
+        };
+        Ok(AuthUser {
+            id,
+            email: claims.email.filter(|email| !email.is_empty()),
+            role,
+            session_id,
+            expires_at: claims.exp,
+        })
+    }
+
+    async fn key(&self, kid: &str) -> Result<VerifyKey, VerifyError> {
+        match &self.keys {
+            KeySource::Static(keys) => keys
+                .get(kid)
+                .cloned()
+                .ok_or_else(|| VerifyError::UnknownKid(kid.to_owned())),
+            KeySource::Remote(cache) => cache.key(kid).await,
+        }
+    }
+}
+
+/// The JOSE header, read by hand so that `alg: none` and unknown algorithms get their own
+/// reasons instead of a generic parse error.
+struct RawHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+impl RawHeader {
+    fn parse(token: &str) -> Result<Self, VerifyError> {
+        let mut parts = token.split('.');
+        let (Some(header), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(VerifyError::Malformed);
+        };
+        let bytes = URL_SAFE_NO_PAD
+            .decode(header.trim_end_matches('='))
+            .map_err(|_| VerifyError::Malformed)?;
+        #[derive(Deserialize)]
+        struct Header {
+            alg: String,
+            #[serde(default)]
+            kid: Option<String>,
+        }
+        let header: Header = serde_json::from_slice(&bytes).map_err(|_| VerifyError::Malformed)?;
+        Ok(Self {
+            alg: header.alg,
+            kid: header.kid,
+        })
+    }
+}
+
+/// A remote JWKS, cached by `kid`. An unknown `kid` triggers a refetch at most once per
+/// `refetch_interval`; the whole set is refreshed when older than [`JWKS_TTL`] (Supabase's own
+/// clients cache for the same time), keeping the old keys if the refresh fails.
+pub struct JwksCache {
+    url: String,
+    http: reqwest::Client,
+    refetch_interval: Duration,
+    state: RwLock<JwksState>,
+}
+
+/// Supabase's edge and clients cache the JWKS for 10 minutes; so do we.
+const JWKS_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct JwksState {
+    keys: HashMap<String, VerifyKey>,
+    fetched_at: Option<Instant>,
+    last_attempt: Option<Instant>,
+}
+
+impl JwksCache {
+    pub fn new(url: String, http: reqwest::Client, refetch_interval: Duration) -> Self {
+        Self {
+            url,
+            http,
+            refetch_interval,
+            state: RwLock::new(JwksState::default()),
+        }
+    }
+
+    async fn key(&self, kid: &str) -> Result<VerifyKey, VerifyError> {
+        {
+            let state = self.state.read().await;
+            let fresh = state.fetched_at.is_some_and(|at| at.elapsed() < JWKS_TTL);
+            if let Some(key) = state.keys.get(kid)
+                && fresh
+            {
+                return Ok(key.clone());
+            }
+        }
+        let mut state = self.state.write().await;
+        let stale = state.fetched_at.is_none_or(|at| at.elapsed() >= JWKS_TTL);
+        let may_refetch = state
+            .last_attempt
+            .is_none_or(|at| at.elapsed() >= self.refetch_interval);
+        // Another task may have refetched while this one waited for the lock.
+        let unknown = !state.keys.contains_key(kid);
+        if (stale || unknown) && may_refetch {
+            state.last_attempt = Some(Instant::now());
+            match self.fetch().await {
+                Ok(keys) => {
+                    tracing::info!(url = %self.url, keys = keys.len(), "fetched JWKS");
+                    state.keys = keys;
+                    state.fetched_at = Some(Instant::now());
+                }
+                Err(error) => {
+                    tracing::warn!(url = %self.url, %error, "cannot fetch JWKS");
+                    if state.keys.is_empty() {
+                        return Err(VerifyError::KeysUnavailable(error));
+                    }
+                }
+            }
+        }
+        state
+            .keys
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| VerifyError::UnknownKid(kid.to_owned()))
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, VerifyKey>, String> {
+        let response = self
+            .http
+            .get(&self.url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let set: JwkSet = response.json().await.map_err(|e| e.to_string())?;
+        Ok(keys_of(&set))
+    }
+}
+
+/// The usable keys of a JWKS, by `kid`. Keys without a `kid` or of other types are skipped.
+pub fn keys_of(set: &JwkSet) -> HashMap<String, VerifyKey> {
+    set.keys
+        .iter()
+        .filter_map(|jwk| {
+            let kid = jwk.common.key_id.clone()?;
+            Some((kid, VerifyKey::from_jwk(jwk)?))
+        })
+        .collect()
+}
+
+/// Shared handle to the verifier.
+pub type SharedVerifier = Arc<Verifier>;

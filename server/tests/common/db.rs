@@ -1,0 +1,108 @@
+//! A database of its own for each test: a SQLite file in a temporary directory, or a Postgres
+//! database created on the server named by `WADI_TEST_POSTGRES_URL` and dropped afterwards.
+
+use sqlx::{Connection, Executor, PgConnection};
+use wadi_server::Config;
+
+#[derive(Debug, Clone)]
+pub enum Engine {
+    Sqlite,
+    /// The admin URL of a Postgres server (a database there to connect to, e.g. `postgres`).
+    Postgres(String),
+}
+
+impl Engine {
+    pub fn postgres_if_configured() -> Option<Self> {
+        std::env::var("WADI_TEST_POSTGRES_URL")
+            .ok()
+            .map(Self::Postgres)
+    }
+}
+
+/// Databases older than this are leftovers of crashed test runs and are dropped.
+const STALE_AFTER_SECS: u64 = 3600;
+
+pub struct TestDb {
+    pub data_dir: tempfile::TempDir,
+    /// Postgres only: the admin URL and the database's name.
+    postgres: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn create(engine: Engine) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let postgres = match engine {
+            Engine::Sqlite => None,
+            Engine::Postgres(admin_url) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let name = format!("wadi_t_{now}_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+                drop_stale(&mut admin, now).await;
+                admin
+                    .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+                    .await
+                    .unwrap();
+                Some((admin_url, name))
+            }
+        };
+        Self { data_dir, postgres }
+    }
+
+    /// A test configuration using this database.
+    pub fn config(&self) -> Config {
+        let mut config = Config::for_tests(self.data_dir.path().to_path_buf());
+        if let Some((admin_url, name)) = &self.postgres {
+            config.database_url = Some(database_url(admin_url, name));
+        }
+        config
+    }
+
+    pub async fn drop_database(self) {
+        if let Some((admin_url, name)) = self.postgres {
+            let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+            admin
+                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// `postgres://user@host:port/admin_db?opts` with the database replaced by `name`.
+fn database_url(admin_url: &str, name: &str) -> String {
+    let (base, query) = match admin_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (admin_url, None),
+    };
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+async fn drop_stale(admin: &mut PgConnection, now: u64) {
+    let names: Vec<(String,)> =
+        sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'wadi\\_t\\_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for (name,) in names {
+        let created = name
+            .split('_')
+            .nth(2)
+            .and_then(|secs| secs.parse::<u64>().ok());
+        if created.is_some_and(|created| now.saturating_sub(created) > STALE_AFTER_SECS) {
+            let _ = admin
+                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                .await;
+        }
+    }
+}
