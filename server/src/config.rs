@@ -93,6 +93,10 @@ pub struct Config {
     /// trust to set it).
     #[arg(long, env = "WADI_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
+
+    /// Largest message content accepted, in bytes (REST and WebSocket).
+    #[arg(long, env = "WADI_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
+    pub max_content_bytes: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -127,6 +131,7 @@ impl std::fmt::Debug for Config {
             .field("auth_rate_burst", &self.auth_rate_burst)
             .field("auth_rate_per_minute", &self.auth_rate_per_minute)
             .field("trust_forwarded_for", &self.trust_forwarded_for)
+            .field("max_content_bytes", &self.max_content_bytes)
             .finish()
     }
 }
@@ -154,6 +159,7 @@ impl Config {
             auth_rate_burst: 30,
             auth_rate_per_minute: 6.0,
             trust_forwarded_for: false,
+            max_content_bytes: 32 * 1024,
         }
     }
 

@@ -92,3 +92,19 @@ impl IntoResponse for AppError {
         (status, Json(body)).into_response()
     }
 }
+
+impl From<crate::store::StoreError> for AppError {
+    fn from(error: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match error {
+            StoreError::Conflict => Self::Conflict {
+                code: ErrorCode::InvalidRequest,
+                message: "that already exists".into(),
+            },
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+                Self::Unavailable(error.to_string())
+            }
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

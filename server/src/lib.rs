@@ -5,8 +5,10 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod runs;
 pub mod state;
 pub mod store;
+pub mod util;
 
 use std::future::Future;
 

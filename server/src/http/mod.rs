@@ -1,5 +1,8 @@
 //! The HTTP surface: one router per resource, merged here, with the web app as the fallback.
 
+pub mod conversations;
+pub mod dto;
+pub mod extract;
 pub mod static_files;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,6 +21,7 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/api/me", get(me))
+        .merge(conversations::router())
         // Unknown API, auth and socket paths answer JSON 404s, not the web app's index page.
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .route("/auth/{*rest}", axum::routing::any(api_not_found))
@@ -26,9 +30,12 @@ pub fn router(state: AppState) -> Router {
         router = router.nest("/auth/v1", crate::auth::embedded::router(embedded));
     }
     let trust = TrustForwardedFor(state.config.trust_forwarded_for);
+    // Room for the largest content even if every character is JSON-escaped, plus the envelope.
+    let body_limit = state.config.max_content_bytes.saturating_mul(6) + 16 * 1024;
     router
         .fallback(static_files::serve)
         .layer(axum::Extension(trust))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 

@@ -88,6 +88,67 @@ pub trait Store: Send + Sync + 'static {
     /// an active token).
     async fn has_active_child(&self, parent: Uuid) -> StoreResult<bool>;
 
+    // ---- Conversations ----
+
+    async fn create_conversation(&self, conversation: &ConversationRecord) -> StoreResult<()>;
+    /// The conversation if it exists and belongs to `owner`.
+    async fn conversation(&self, id: Uuid, owner: Uuid) -> StoreResult<Option<ConversationRecord>>;
+    /// The owner's conversations, most recently updated first, after `cursor`.
+    async fn list_conversations(
+        &self,
+        owner: Uuid,
+        cursor: Option<ConversationCursor>,
+        limit: u32,
+    ) -> StoreResult<Vec<ConversationRecord>>;
+    /// Sets the title; false if there is no such conversation of `owner`.
+    async fn rename_conversation(
+        &self,
+        id: Uuid,
+        owner: Uuid,
+        title: &str,
+        now: i64,
+    ) -> StoreResult<bool>;
+    /// Deletes the conversation with its messages and runs; false if there was none.
+    async fn delete_conversation(&self, id: Uuid, owner: Uuid) -> StoreResult<bool>;
+
+    // ---- Messages ----
+
+    /// Commits a user message, and the run it starts if `run` is given, in one transaction.
+    /// With a `client_message_id` the conversation already has, nothing is written and the
+    /// existing message is returned with `false`. A new message titles an untitled
+    /// conversation with `title_if_untitled` and bumps its `updated_at`. If the run cannot be
+    /// created because the conversation already has one running, nothing is written and the
+    /// answer is [`StoreError::Conflict`].
+    async fn insert_user_message(
+        &self,
+        message: &MessageRecord,
+        title_if_untitled: &str,
+        run: Option<&RunRecord>,
+    ) -> StoreResult<(MessageRecord, bool)>;
+    /// Messages oldest first, after the message `after`.
+    async fn list_messages(
+        &self,
+        conversation_id: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRow>>;
+
+    // ---- Runs ----
+
+    /// The run if it exists and belongs to `owner`.
+    async fn run(&self, id: Uuid, owner: Uuid) -> StoreResult<Option<RunRecord>>;
+    /// The conversation's `running` run, if any.
+    async fn active_run(&self, conversation_id: Uuid) -> StoreResult<Option<RunRecord>>;
+    /// The run started by a user message, if any.
+    async fn run_for_message(&self, message_id: Uuid) -> StoreResult<Option<RunRecord>>;
+    /// Saves the output streamed so far of a run that is still `running`.
+    async fn save_run_progress(&self, id: Uuid, output: &str, last_seq: i64) -> StoreResult<()>;
+    /// Ends a `running` run and stores its answer as an assistant message, atomically. False if
+    /// the run was not running (already finished, or its conversation was deleted).
+    async fn finish_run(&self, id: Uuid, outcome: &RunOutcome) -> StoreResult<bool>;
+    /// Every run still marked `running` (used at startup: those were cut off by a crash).
+    async fn running_runs(&self) -> StoreResult<Vec<RunRecord>>;
+
     /// Every signing key, oldest first.
     async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
     async fn insert_signing_key(&self, key: &SigningKeyRecord) -> StoreResult<()>;

@@ -49,3 +49,73 @@ pub struct SigningKeyRecord {
     pub private_key_pem: String,
     pub created_at: i64,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ConversationRecord {
+    pub id: Uuid,
+    pub owner_id: Uuid,
+    /// `None` until set, or until the first message names the conversation.
+    pub title: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MessageRecord {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    /// `user`, `assistant` or `system`.
+    pub role: String,
+    pub content: String,
+    pub run_id: Option<Uuid>,
+    pub client_message_id: Option<String>,
+    pub created_at: i64,
+}
+
+/// A message as listed: with the status of the run that produced it (assistant messages).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MessageRow {
+    #[sqlx(flatten)]
+    pub message: MessageRecord,
+    pub run_status: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RunRecord {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub owner_id: Uuid,
+    /// The user message that started the run.
+    pub message_id: Uuid,
+    /// `running`, `completed`, `stopped`, `failed` or `interrupted`.
+    pub status: String,
+    pub model: String,
+    pub output: String,
+    pub error: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub last_seq: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// How a run ended, written in one transaction with the assistant message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub status: String,
+    pub output: String,
+    pub error: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub last_seq: i64,
+    pub finished_at: i64,
+    /// The id of the assistant message holding the output.
+    pub message_id: Uuid,
+}
+
+/// Where a page of conversations continues: after this `(updated_at, id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationCursor {
+    pub updated_at: i64,
+    pub id: Uuid,
+}

@@ -60,6 +60,36 @@ impl TestDb {
         config
     }
 
+    /// Runs a `SELECT COUNT(*) …` with one UUID parameter directly against the database.
+    pub async fn count(&self, sql: &str, id: uuid::Uuid) -> i64 {
+        match &self.postgres {
+            Some((admin_url, name)) => {
+                let mut conn = PgConnection::connect(&database_url(admin_url, name))
+                    .await
+                    .unwrap();
+                let (n,): (i64,) = sqlx::query_as(sql)
+                    .bind(id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                n
+            }
+            None => {
+                let path = self.data_dir.path().join("wadi.db");
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                let (n,): (i64,) = sqlx::query_as(sql)
+                    .bind(id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                n
+            }
+        }
+    }
+
     pub async fn drop_database(self) {
         if let Some((admin_url, name)) = self.postgres {
             let mut admin = PgConnection::connect(&admin_url).await.unwrap();

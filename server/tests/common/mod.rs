@@ -109,6 +109,11 @@ impl TestServer {
         result
     }
 
+    /// The test's database (to inspect what was written).
+    pub fn db(&self) -> &TestDb {
+        self.db.as_ref().unwrap()
+    }
+
     /// Takes the database out, to start another server on it after this one stops.
     pub fn take_db(&mut self) -> TestDb {
         self.db.take().unwrap()
@@ -130,6 +135,78 @@ impl TestServer {
             .unwrap();
         assert_eq!(response.status(), 200, "signup failed");
         Session(response.json().await.unwrap())
+    }
+}
+
+/// A REST client for one signed-in user.
+pub struct Api<'a> {
+    pub server: &'a TestServer,
+    pub token: Option<String>,
+}
+
+impl TestServer {
+    /// Signs up a fresh user and returns a client acting as them.
+    pub async fn user(&self) -> Api<'_> {
+        let session = self.sign_up().await;
+        Api {
+            server: self,
+            token: Some(session.access_token().to_owned()),
+        }
+    }
+
+    /// A client without a token.
+    pub fn anonymous(&self) -> Api<'_> {
+        Api {
+            server: self,
+            token: None,
+        }
+    }
+}
+
+impl Api<'_> {
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.server.http.request(method, self.server.url(path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends and returns the status and the JSON body (`Null` when there is none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (reqwest::StatusCode, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str) -> (reqwest::StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (reqwest::StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Creates a conversation and returns its id.
+    pub async fn new_conversation(&self) -> String {
+        let (status, body) = self.post("/api/conversations", json!({})).await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
     }
 }
 

@@ -16,7 +16,10 @@ use super::{
     keys::SigningKeys,
     wire::{AuthApiError, session_json},
 };
-use crate::store::{RefreshTokenRecord, SessionRecord, Store, StoreError, UserRecord};
+use crate::{
+    store::{RefreshTokenRecord, SessionRecord, Store, StoreError, UserRecord},
+    util::now_millis,
+};
 
 /// Passwords longer than this are refused, as Supabase does (bcrypt's limit, kept for
 /// compatibility even though we hash with argon2id).
@@ -45,11 +48,6 @@ pub struct Settings {
 /// What a successful signup, login or refresh returns.
 pub struct IssuedSession {
     pub json: Value,
-}
-
-pub fn now_millis() -> i64 {
-    let now = time::OffsetDateTime::now_utc();
-    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 fn store_error(error: StoreError) -> AuthApiError {

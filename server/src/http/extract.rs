@@ -1,0 +1,115 @@
+//! Extractors that turn every kind of bad input into a JSON `{code, message}` error instead of
+//! axum's plain-text rejections.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Path, Query, Request},
+    http::{StatusCode, request::Parts},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use serde::{Deserialize, de::DeserializeOwned};
+use uuid::Uuid;
+use wadi_protocol::ErrorCode;
+
+use crate::error::AppError;
+
+/// A JSON body: `invalid_json` for bad syntax, `invalid_message` for a missing or mistyped
+/// field, `too_large` (413) past the body limit. Unknown fields are ignored.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::TooLarge("the request body is too large".into())
+                } else {
+                    AppError::invalid(ErrorCode::InvalidJson, rejection.body_text())
+                }
+            })?;
+        serde_json::from_slice(&bytes).map(Self).map_err(|error| {
+            use serde_json::error::Category;
+            let code = match error.classify() {
+                Category::Data => ErrorCode::InvalidMessage,
+                Category::Syntax | Category::Eof | Category::Io => ErrorCode::InvalidJson,
+            };
+            AppError::invalid(code, format!("invalid request body: {error}"))
+        })
+    }
+}
+
+/// A UUID path segment (`{id}`): `invalid_request` if it is not one.
+pub struct IdPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "missing id"))?;
+        Uuid::parse_str(&raw).map(Self).map_err(|_| {
+            AppError::invalid(ErrorCode::InvalidRequest, format!("{raw:?} is not an id"))
+        })
+    }
+}
+
+/// `?cursor=…&limit=…` of a paginated list.
+pub struct PageQuery {
+    pub cursor: Option<String>,
+    pub limit: u32,
+}
+
+pub const DEFAULT_PAGE: u32 = 50;
+pub const MAX_PAGE: u32 = 100;
+
+impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            cursor: Option<String>,
+            limit: Option<String>,
+        }
+        let Query(raw) = Query::<Raw>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| AppError::invalid(ErrorCode::InvalidRequest, e.body_text()))?;
+        let limit = match raw.limit {
+            None => DEFAULT_PAGE,
+            Some(text) => match text.parse::<u32>() {
+                Ok(limit @ 1..=MAX_PAGE) => limit,
+                _ => {
+                    return Err(AppError::invalid(
+                        ErrorCode::InvalidRequest,
+                        format!("limit must be a number from 1 to {MAX_PAGE}"),
+                    ));
+                }
+            },
+        };
+        Ok(Self {
+            cursor: raw.cursor.filter(|cursor| !cursor.is_empty()),
+            limit,
+        })
+    }
+}
+
+/// Opaque cursors: base64url of `kind:fields`, so a cursor from one list is refused by another.
+pub fn encode_cursor(kind: &str, fields: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{kind}:{fields}"))
+}
+
+/// The fields of a cursor of `kind`, or `invalid_request`.
+pub fn decode_cursor(kind: &str, cursor: &str) -> Result<String, AppError> {
+    let bad = || AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor");
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let fields = text
+        .strip_prefix(kind)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .ok_or_else(bad)?;
+    Ok(fields.to_owned())
+}

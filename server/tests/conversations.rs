@@ -1,0 +1,400 @@
+//! The conversations REST API over real HTTP, on SQLite and on Postgres.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Engine, TestServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+on_both_engines!(
+    crud_round_trip,
+    untitled_conversations_take_the_first_message_as_title,
+    conversation_pages_miss_and_repeat_nothing,
+    message_pages_miss_and_repeat_nothing,
+    sending_with_a_client_message_id_is_idempotent,
+    deleting_a_conversation_deletes_its_messages,
+    another_users_conversation_is_a_404_on_every_route,
+    bad_input_gets_a_json_4xx_and_writes_nothing,
+);
+
+async fn crud_round_trip(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let api = server.user().await;
+    let (status, created) = api
+        .post("/api/conversations", json!({"title": "  Trip planning  "}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["title"], "Trip planning");
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(Uuid::parse_str(id).unwrap().get_version_num(), 7);
+
+    let (status, fetched) = api.get(&format!("/api/conversations/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fetched, created);
+
+    let (status, renamed) = api
+        .call(
+            Method::PATCH,
+            &format!("/api/conversations/{id}"),
+            Some(json!({"title": "Trip to Lisbon"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(renamed["title"], "Trip to Lisbon");
+
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{id}/messages"),
+            json!({"content": "Where should we eat?"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(sent["message"]["role"], "user");
+    assert_eq!(sent["message"]["content"], "Where should we eat?");
+
+    let (_, list) = api.get("/api/conversations").await;
+    assert_eq!(list["items"][0]["id"], id);
+    assert_eq!(
+        list["items"][0]["title"], "Trip to Lisbon",
+        "a set title is kept"
+    );
+    assert!(list.get("nextCursor").is_none());
+
+    let (status, messages) = api.get(&format!("/api/conversations/{id}/messages")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(messages["items"].as_array().unwrap().len(), 1);
+    assert_eq!(messages["items"][0]["id"], sent["message"]["id"]);
+
+    let (status, _) = api
+        .call(Method::DELETE, &format!("/api/conversations/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = api.get(&format!("/api/conversations/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "not_found");
+    let (status, _) = api
+        .call(Method::DELETE, &format!("/api/conversations/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.shutdown().await.unwrap();
+}
+
+async fn untitled_conversations_take_the_first_message_as_title(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let api = server.user().await;
+    let id = api.new_conversation().await;
+    let (_, fetched) = api.get(&format!("/api/conversations/{id}")).await;
+    assert_eq!(fetched["title"], "New conversation");
+    for content in ["\n  How do WebSockets work?\nAnd why?", "A second message"] {
+        let (status, _) = api
+            .post(
+                &format!("/api/conversations/{id}/messages"),
+                json!({"content": content}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (_, fetched) = api.get(&format!("/api/conversations/{id}")).await;
+    assert_eq!(fetched["title"], "How do WebSockets work?");
+    server.shutdown().await.unwrap();
+}
+
+/// Follows `nextCursor` through every page, collecting item ids.
+async fn collect_pages(api: &common::Api<'_>, path: &str, limit: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(cursor) => format!("{path}?limit={limit}&cursor={cursor}"),
+            None => format!("{path}?limit={limit}"),
+        };
+        let (status, page) = api.get(&url).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= limit as usize);
+        ids.extend(
+            items
+                .iter()
+                .map(|item| item["id"].as_str().unwrap().to_owned()),
+        );
+        match page.get("nextCursor").and_then(Value::as_str) {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    ids
+}
+
+async fn conversation_pages_miss_and_repeat_nothing(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let api = server.user().await;
+    let other = server.user().await;
+    other.new_conversation().await;
+    let mut created = Vec::new();
+    for _ in 0..7 {
+        created.push(api.new_conversation().await);
+    }
+    // Touch the oldest: it becomes the most recent.
+    api.post(
+        &format!("/api/conversations/{}/messages", created[0]),
+        json!({"content": "bump"}),
+    )
+    .await;
+    let ids = collect_pages(&api, "/api/conversations", 3).await;
+    assert_eq!(ids.len(), 7);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 7, "no repeats");
+    assert_eq!(ids[0], created[0], "most recently updated first");
+    let mut expected: Vec<String> = created[1..].iter().rev().cloned().collect();
+    expected.insert(0, created[0].clone());
+    assert_eq!(ids, expected);
+    server.shutdown().await.unwrap();
+}
+
+async fn message_pages_miss_and_repeat_nothing(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let api = server.user().await;
+    let id = api.new_conversation().await;
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        let (_, body) = api
+            .post(
+                &format!("/api/conversations/{id}/messages"),
+                json!({"content": format!("m{i}")}),
+            )
+            .await;
+        sent.push(body["message"]["id"].as_str().unwrap().to_owned());
+    }
+    let ids = collect_pages(&api, &format!("/api/conversations/{id}/messages"), 3).await;
+    assert_eq!(ids, sent, "oldest first, each once");
+    server.shutdown().await.unwrap();
+}
+
+async fn sending_with_a_client_message_id_is_idempotent(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let api = server.user().await;
+    let id = api.new_conversation().await;
+    let path = format!("/api/conversations/{id}/messages");
+    let body = json!({"content": "only once", "clientMessageId": "c-1"});
+    let (first_status, first) = api.post(&path, body.clone()).await;
+    let (second_status, second) = api.post(&path, body).await;
+    assert_eq!(first_status, StatusCode::CREATED);
+    assert_eq!(second_status, StatusCode::OK);
+    assert_eq!(first["message"], second["message"]);
+    assert_eq!(first["message"]["clientMessageId"], "c-1");
+    // The same client id in another conversation is another message.
+    let other = api.new_conversation().await;
+    let (status, _) = api
+        .post(
+            &format!("/api/conversations/{other}/messages"),
+            json!({"content": "only once", "clientMessageId": "c-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, list) = api.get(&path).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    server.shutdown().await.unwrap();
+}
+
+async fn deleting_a_conversation_deletes_its_messages(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let api = server.user().await;
+    let id = api.new_conversation().await;
+    for i in 0..3 {
+        api.post(
+            &format!("/api/conversations/{id}/messages"),
+            json!({"content": format!("{i}")}),
+        )
+        .await;
+    }
+    let uuid = Uuid::parse_str(&id).unwrap();
+    let count = "SELECT COUNT(*) FROM messages WHERE conversation_id = $1";
+    assert_eq!(server.db().count(count, uuid).await, 3);
+    let (status, _) = api
+        .call(Method::DELETE, &format!("/api/conversations/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(server.db().count(count, uuid).await, 0);
+    let runs = "SELECT COUNT(*) FROM runs WHERE conversation_id = $1";
+    assert_eq!(server.db().count(runs, uuid).await, 0);
+    server.shutdown().await.unwrap();
+}
+
+async fn another_users_conversation_is_a_404_on_every_route(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let owner = server.user().await;
+    let intruder = server.user().await;
+    let id = owner.new_conversation().await;
+    let missing = Uuid::now_v7().to_string();
+    let routes = |id: &str| {
+        vec![
+            (Method::GET, format!("/api/conversations/{id}"), None),
+            (
+                Method::PATCH,
+                format!("/api/conversations/{id}"),
+                Some(json!({"title": "mine now"})),
+            ),
+            (
+                Method::GET,
+                format!("/api/conversations/{id}/messages"),
+                None,
+            ),
+            (
+                Method::POST,
+                format!("/api/conversations/{id}/messages"),
+                Some(json!({"content": "hello"})),
+            ),
+            (Method::DELETE, format!("/api/conversations/{id}"), None),
+        ]
+    };
+    for ((method, path, body), (_, missing_path, _)) in
+        routes(&id).into_iter().zip(routes(&missing))
+    {
+        let (status, answer) = intruder.call(method.clone(), &path, body.clone()).await;
+        let (missing_status, missing_answer) =
+            intruder.call(method.clone(), &missing_path, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+        assert_eq!(
+            (status, &answer),
+            (missing_status, &missing_answer),
+            "no existence leak"
+        );
+    }
+    // Nothing the intruder did touched the conversation.
+    let (status, fetched) = owner.get(&format!("/api/conversations/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fetched["title"], "New conversation");
+    let uuid = Uuid::parse_str(&id).unwrap();
+    assert_eq!(
+        server
+            .db()
+            .count(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = $1",
+                uuid
+            )
+            .await,
+        0
+    );
+    let (_, listed) = intruder.get("/api/conversations").await;
+    assert_eq!(listed["items"], json!([]));
+    // Without a token: 401 on every route.
+    for (method, path, body) in routes(&id) {
+        let (status, answer) = server.anonymous().call(method, &path, body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(answer["code"], "invalid_token");
+    }
+    server.shutdown().await.unwrap();
+}
+
+async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
+    let server = TestServer::configured(engine, |config| config.max_content_bytes = 1000).await;
+    let api = server.user().await;
+    let id = api.new_conversation().await;
+    let messages = format!("/api/conversations/{id}/messages");
+    let raw = |method: Method, path: &str, body: &'static str| {
+        api.request(method, path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let expect =
+        |status: StatusCode, body: &Value, want_status: u16, want_code: &str, what: &str| {
+            assert_eq!(status.as_u16(), want_status, "{what}: {body}");
+            assert_eq!(body["code"], want_code, "{what}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{what}"
+            );
+        };
+    async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    let (s, b) = json_of(raw(Method::POST, &messages, "{not json").await.unwrap()).await;
+    expect(s, &b, 400, "invalid_json", "malformed JSON");
+    let (s, b) = json_of(raw(Method::POST, &messages, "").await.unwrap()).await;
+    expect(s, &b, 400, "invalid_json", "empty body");
+    let (s, b) = api.post(&messages, json!({"clientMessageId": "x"})).await;
+    expect(s, &b, 400, "invalid_message", "missing content");
+    let (s, b) = api.post(&messages, json!({"content": 5})).await;
+    expect(s, &b, 400, "invalid_message", "content of the wrong type");
+    let (s, b) = api.post(&messages, json!({"content": "  \n "})).await;
+    expect(s, &b, 400, "empty_content", "blank content");
+    let (s, b) = api
+        .post(&messages, json!({"content": "x".repeat(1001)}))
+        .await;
+    expect(s, &b, 413, "too_large", "content over the limit");
+    let (s, b) = api
+        .post(&messages, json!({"content": "x".repeat(100_000)}))
+        .await;
+    expect(s, &b, 413, "too_large", "body over the limit");
+    let (s, b) = api
+        .post(
+            &messages,
+            json!({"content": "ok", "clientMessageId": "c".repeat(129)}),
+        )
+        .await;
+    expect(s, &b, 400, "invalid_message", "client id too long");
+    let (s, b) = api
+        .post(
+            "/api/conversations/not-a-uuid/messages",
+            json!({"content": "hi"}),
+        )
+        .await;
+    expect(s, &b, 400, "invalid_request", "invalid id");
+    let (s, b) = api.get("/api/conversations/123").await;
+    expect(s, &b, 400, "invalid_request", "invalid id");
+    let (s, b) = api.get("/api/conversations?cursor=garbage").await;
+    expect(s, &b, 400, "invalid_request", "bad cursor");
+    let message_cursor = base64_url(&format!("m:{}", Uuid::now_v7()));
+    let (s, b) = api
+        .get(&format!("/api/conversations?cursor={message_cursor}"))
+        .await;
+    expect(s, &b, 400, "invalid_request", "cursor of another list");
+    let (s, b) = api.get(&format!("{messages}?cursor=bm90LWEtdXVpZA")).await;
+    expect(s, &b, 400, "invalid_request", "bad message cursor");
+    for limit in ["0", "101", "ten"] {
+        let (s, b) = api.get(&format!("/api/conversations?limit={limit}")).await;
+        expect(s, &b, 400, "invalid_request", "bad limit");
+    }
+    let (s, b) = api.post("/api/conversations", json!({"title": ""})).await;
+    expect(s, &b, 400, "invalid_message", "empty title");
+    let (s, b) = api
+        .post("/api/conversations", json!({"title": "t".repeat(201)}))
+        .await;
+    expect(s, &b, 413, "too_large", "long title");
+    let (s, b) = api
+        .call(
+            Method::PATCH,
+            &format!("/api/conversations/{id}"),
+            Some(json!({})),
+        )
+        .await;
+    expect(s, &b, 400, "invalid_message", "rename without title");
+
+    // Nothing was written by any of it.
+    let uuid = Uuid::parse_str(&id).unwrap();
+    assert_eq!(
+        server
+            .db()
+            .count(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = $1",
+                uuid
+            )
+            .await,
+        0
+    );
+    let (_, list) = api.get("/api/conversations").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["title"], "New conversation");
+    server.shutdown().await.unwrap();
+}
+
+fn base64_url(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
