@@ -97,6 +97,100 @@ pub struct Config {
     /// Largest message content accepted, in bytes (REST and WebSocket).
     #[arg(long, env = "WADI_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
     pub max_content_bytes: usize,
+
+    // ---- Model ----
+    /// API key of an OpenAI-compatible provider. With neither this nor a base URL, the demo
+    /// model answers.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+
+    /// Base URL of an OpenAI-compatible API (e.g. `http://localhost:11434/v1` for Ollama).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+
+    /// The model to ask.
+    #[arg(long, env = "WADI_MODEL", default_value = "gpt-4o-mini")]
+    pub model: String,
+
+    /// A system prompt sent before the conversation.
+    #[arg(long, env = "WADI_SYSTEM_PROMPT")]
+    pub system_prompt: Option<String>,
+
+    /// Sampling temperature (0–2); the provider's default when unset.
+    #[arg(long, env = "WADI_TEMPERATURE")]
+    pub temperature: Option<f32>,
+
+    /// How many of the conversation's latest messages are sent to the model.
+    #[arg(long, env = "WADI_HISTORY_MESSAGES", default_value_t = 20)]
+    pub history_messages: u32,
+
+    /// Time allowed to connect to the model provider.
+    #[arg(long, env = "WADI_MODEL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub model_connect_timeout: Duration,
+
+    /// A run fails if the provider sends nothing for this long (including before the first token).
+    #[arg(long, env = "WADI_MODEL_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub model_idle_timeout: Duration,
+
+    /// Pause between the demo model's words.
+    #[arg(long, env = "WADI_DEMO_PACE", value_parser = parse_duration, default_value = "40ms")]
+    pub demo_pace: Duration,
+
+    // ---- Streaming ----
+    /// Extra time to gather deltas into one chunk for very fast models (0: only deltas already
+    /// waiting are merged, adding no delay).
+    #[arg(long, env = "WADI_COALESCE_WINDOW", value_parser = parse_duration, default_value = "0s")]
+    pub coalesce_window: Duration,
+
+    /// How often a streaming run's output is saved (it is always saved when the run ends).
+    #[arg(long, env = "WADI_FLUSH_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub flush_interval: Duration,
+
+    /// How long a finished run's chunks stay in memory for exact replay (`afterSeq`).
+    #[arg(long, env = "WADI_RUN_RETENTION", value_parser = parse_duration, default_value = "10m")]
+    pub run_retention: Duration,
+
+    // ---- WebSocket limits ----
+    /// A socket must authenticate within this time.
+    #[arg(long, env = "WADI_AUTH_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub auth_timeout: Duration,
+
+    /// Largest WebSocket frame accepted, in bytes.
+    #[arg(long, env = "WADI_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Frames a socket may send per second, sustained…
+    #[arg(long, env = "WADI_WS_RATE_PER_SECOND", default_value_t = 10.0)]
+    pub ws_rate_per_second: f64,
+
+    /// …and in a burst.
+    #[arg(long, env = "WADI_WS_RATE_BURST", default_value_t = 20)]
+    pub ws_rate_burst: u32,
+
+    /// Open sockets allowed per user.
+    #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
+
+    /// Open sockets allowed in total.
+    #[arg(long, env = "WADI_MAX_CONNECTIONS", default_value_t = 19_000)]
+    pub max_connections: usize,
+
+    /// Frames queued per socket before the client counts as slow.
+    #[arg(long, env = "WADI_SEND_QUEUE", default_value_t = 256)]
+    pub send_queue: usize,
+
+    /// A socket whose queue stays full, or whose writes stall, this long is closed.
+    #[arg(long, env = "WADI_SLOW_CLIENT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub slow_client_timeout: Duration,
+
+    /// Interval of server pings; a socket silent for two intervals is closed.
+    #[arg(long, env = "WADI_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub heartbeat_interval: Duration,
+
+    /// Browser origins allowed to open sockets, comma-separated (`*` for any). The server's own
+    /// origin is always allowed; clients that send no `Origin` (non-browsers) are too.
+    #[arg(long, env = "WADI_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -132,6 +226,31 @@ impl std::fmt::Debug for Config {
             .field("auth_rate_per_minute", &self.auth_rate_per_minute)
             .field("trust_forwarded_for", &self.trust_forwarded_for)
             .field("max_content_bytes", &self.max_content_bytes)
+            .field(
+                "openai_api_key",
+                &self.openai_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("openai_base_url", &self.openai_base_url)
+            .field("model", &self.model)
+            .field("system_prompt", &self.system_prompt)
+            .field("temperature", &self.temperature)
+            .field("history_messages", &self.history_messages)
+            .field("model_connect_timeout", &self.model_connect_timeout)
+            .field("model_idle_timeout", &self.model_idle_timeout)
+            .field("demo_pace", &self.demo_pace)
+            .field("coalesce_window", &self.coalesce_window)
+            .field("flush_interval", &self.flush_interval)
+            .field("run_retention", &self.run_retention)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("ws_rate_per_second", &self.ws_rate_per_second)
+            .field("ws_rate_burst", &self.ws_rate_burst)
+            .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("max_connections", &self.max_connections)
+            .field("send_queue", &self.send_queue)
+            .field("slow_client_timeout", &self.slow_client_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
 }
@@ -160,6 +279,28 @@ impl Config {
             auth_rate_per_minute: 6.0,
             trust_forwarded_for: false,
             max_content_bytes: 32 * 1024,
+            openai_api_key: None,
+            openai_base_url: None,
+            model: "gpt-4o-mini".to_owned(),
+            system_prompt: None,
+            temperature: None,
+            history_messages: 20,
+            model_connect_timeout: Duration::from_secs(10),
+            model_idle_timeout: Duration::from_secs(60),
+            demo_pace: Duration::from_millis(1),
+            coalesce_window: Duration::ZERO,
+            flush_interval: Duration::from_secs(1),
+            run_retention: Duration::from_secs(600),
+            auth_timeout: Duration::from_secs(10),
+            max_frame_bytes: 64 * 1024,
+            ws_rate_per_second: 10.0,
+            ws_rate_burst: 20,
+            max_connections_per_user: 100,
+            max_connections: 19_000,
+            send_queue: 256,
+            slow_client_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            allowed_origins: Vec::new(),
         }
     }
 
@@ -245,9 +386,11 @@ mod tests {
     fn debug_output_redacts_secrets() {
         let mut config = Config::for_tests("data".into());
         config.supabase_jwt_secret = Some("super-secret-value".into());
+        config.openai_api_key = Some("sk-secret-key".into());
         config.database_url = Some("postgres://wadi:hunter2@db:5432/wadi".into());
         let text = format!("{config:?}");
         assert!(!text.contains("super-secret-value"), "{text}");
+        assert!(!text.contains("sk-secret-key"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("postgres://wadi:***@db:5432/wadi"), "{text}");
     }

@@ -5,33 +5,58 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod metrics;
+pub mod model;
 pub mod runs;
 pub mod state;
 pub mod store;
 pub mod util;
+pub mod ws;
 
-use std::future::Future;
+use std::{future::Future, net::SocketAddr};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use state::AppState;
 
-/// Serves WADI on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
-/// requests finish and returns.
+/// Kernel send buffer per socket. Linux autotunes it up to 4 MiB, which a client that stopped
+/// reading can pin in kernel memory; 256 KiB is plenty for streaming text.
+const SOCKET_SEND_BUFFER: usize = 256 * 1024;
+
+/// Serves WADI on `listener` until `shutdown` resolves. Then: active runs are stopped and saved
+/// as `interrupted` (up to the shutdown grace period), sockets are closed with 1001, in-flight
+/// requests finish, and it returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = AppState::new(config).await?;
-    let app =
-        http::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let stopping = state.shutdown.clone();
+    let recovered = runs::recover_interrupted(&state).await?;
+    if recovered > 0 {
+        tracing::warn!(
+            runs = recovered,
+            "marked runs cut off by the last stop as interrupted"
+        );
+    }
+    let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let listener = listener.tap_io(|tcp| {
+        // Tokens are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+        let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(SOCKET_SEND_BUFFER);
+    });
+    let stopping = state.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
-            stopping.cancel();
+            tracing::info!("shutting down: stopping active runs");
+            let grace = stopping.config.shutdown_grace;
+            if !stopping.hub.interrupt_all(grace).await {
+                tracing::warn!("some runs did not save within the grace period");
+            }
+            stopping.shutdown.cancel();
         })
         .await?;
     tracing::info!("server stopped");

@@ -454,15 +454,9 @@ async fn signup_errors_match_supabase(engine: Engine) {
         error_code(malformed).await,
         (StatusCode::BAD_REQUEST, "bad_json".into())
     );
-    let oversized = server
-        .http
-        .post(server.url("/auth/v1/signup"))
-        .header("content-type", "application/json")
-        .body(format!("{{\"email\":\"{}\"}}", "a".repeat(2 << 20)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, body) = common::declared_oversized_post(&server, None, "/auth/v1/signup").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["code"], "request_entity_too_large");
     let unsupported = server
         .http
         .post(server.url("/auth/v1/token?grant_type=magic"))

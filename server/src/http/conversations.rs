@@ -260,7 +260,7 @@ async fn send_message(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(sent.response)).into_response())
+    Ok((status, Json(sent.response()?)).into_response())
 }
 
 #[cfg(test)]

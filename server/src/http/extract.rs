@@ -113,3 +113,29 @@ pub fn decode_cursor(kind: &str, cursor: &str) -> Result<String, AppError> {
         .ok_or_else(bad)?;
     Ok(fields.to_owned())
 }
+
+/// The `Content-Length` a request declares, if any.
+pub fn declared_length(request: &Request) -> Option<usize> {
+    request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Middleware: a request whose declared `Content-Length` is over `limit` is answered `413
+/// too_large` at once, before its body is read. (Bodies without a length are cut off at the limit
+/// by the body extractors.)
+pub async fn reject_declared_oversized(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if declared_length(&request).is_some_and(|length| length > limit) {
+        return AppError::TooLarge("the request body is too large".into()).into_response();
+    }
+    next.run(request).await
+}

@@ -3,45 +3,103 @@
 pub mod conversations;
 pub mod dto;
 pub mod extract;
+pub mod runs;
 pub mod static_files;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, FromRequestParts},
-    http::request::Parts,
+    extract::{ConnectInfo, FromRequestParts, State},
+    http::{header, request::Parts},
+    response::IntoResponse,
     routing::get,
 };
-use wadi_protocol::api::Me;
+use wadi_protocol::api::{ClientConfig, Me};
 
 use crate::{auth::AuthUser, error::AppError, state::AppState};
 
 pub fn router(state: AppState) -> Router {
+    // Room for the largest content even if every character is JSON-escaped, plus the envelope.
+    let body_limit = state.config.max_content_bytes.saturating_mul(6) + 16 * 1024;
+    let api = Router::new()
+        .route("/api/me", get(me))
+        .route("/api/config", get(client_config))
+        .merge(conversations::router())
+        .merge(runs::router())
+        // Unknown API paths answer JSON 404s, not the web app's index page.
+        .route("/api/{*rest}", axum::routing::any(api_not_found))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            extract::reject_declared_oversized,
+        ));
     let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/api/me", get(me))
-        .merge(conversations::router())
-        // Unknown API, auth and socket paths answer JSON 404s, not the web app's index page.
-        .route("/api/{*rest}", axum::routing::any(api_not_found))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .merge(crate::ws::router())
         .route("/auth/{*rest}", axum::routing::any(api_not_found))
         .route("/ws/{*rest}", axum::routing::any(api_not_found));
     if let Some(embedded) = state.auth.embedded.clone() {
         router = router.nest("/auth/v1", crate::auth::embedded::router(embedded));
     }
     let trust = TrustForwardedFor(state.config.trust_forwarded_for);
-    // Room for the largest content even if every character is JSON-escaped, plus the envelope.
-    let body_limit = state.config.max_content_bytes.saturating_mul(6) + 16 * 1024;
     router
         .fallback(static_files::serve)
         .layer(axum::Extension(trust))
-        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
 /// Liveness: the process is up and serving HTTP.
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Readiness: the store answers. A load balancer stops sending traffic while this fails.
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, AppError> {
+    if state.shutdown.is_cancelled() {
+        return Err(AppError::Unavailable("shutting down".into()));
+    }
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|e| AppError::Unavailable(format!("store unavailable: {e}")))?;
+    Ok("ready")
+}
+
+/// Prometheus metrics in the text exposition format.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// `GET /api/config`: what the browser needs before sign-in (public, no secrets).
+async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
+    let config = &state.config;
+    let (auth_url, anon_key) = match &config.supabase_url {
+        Some(url) => (
+            format!("{}/auth/v1", url.trim_end_matches('/')),
+            config.supabase_anon_key.clone().unwrap_or_default(),
+        ),
+        None => ("/auth/v1".to_owned(), String::new()),
+    };
+    Json(ClientConfig {
+        auth_url,
+        auth_mode: state.auth.mode.as_str().to_owned(),
+        anon_key,
+        model: state.model.name().to_owned(),
+        demo_model: state.model.is_demo(),
+        max_content_bytes: config.max_content_bytes,
+        protocol_version: wadi_protocol::PROTOCOL_VERSION,
+    })
 }
 
 async fn api_not_found() -> AppError {

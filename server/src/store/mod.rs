@@ -133,6 +133,13 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<MessageRow>>;
 
+    /// The conversation's latest `limit` messages, oldest first (the model's context).
+    async fn recent_messages(
+        &self,
+        conversation_id: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>>;
+
     // ---- Runs ----
 
     /// The run if it exists and belongs to `owner`.

@@ -388,6 +388,22 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn recent_messages(
+                &self,
+                conversation_id: uuid::Uuid,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRecord>> {
+                let mut rows = sqlx::query_as::<$db, $crate::store::MessageRecord>(
+                    "SELECT * FROM messages WHERE conversation_id = $1 ORDER BY id DESC LIMIT $2",
+                )
+                .bind(conversation_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.reverse();
+                Ok(rows)
+            }
+
             async fn run(
                 &self,
                 id: uuid::Uuid,

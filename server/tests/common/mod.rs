@@ -202,6 +202,32 @@ impl Api<'_> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Sends a message over REST and waits (through the run's SSE stream) until its run has
+    /// ended and been saved. Returns the send's answer.
+    pub async fn send_and_finish(&self, conversation: &str, content: &str) -> Value {
+        let (status, sent) = self
+            .post(
+                &format!("/api/conversations/{conversation}/messages"),
+                json!({"content": content}),
+            )
+            .await;
+        assert_eq!(status, 201, "{sent}");
+        let run = sent["run"]["id"].as_str().unwrap();
+        let events = tokio::time::timeout(
+            TIMEOUT,
+            self.request(reqwest::Method::GET, &format!("/api/runs/{run}/events"))
+                .send()
+                .await
+                .unwrap()
+                .text(),
+        )
+        .await
+        .expect("run did not finish in time")
+        .unwrap();
+        assert!(events.contains("event: complete"), "{events}");
+        sent
+    }
+
     /// Creates a conversation and returns its id.
     pub async fn new_conversation(&self) -> String {
         let (status, body) = self.post("/api/conversations", json!({})).await;
@@ -226,4 +252,36 @@ impl Session {
     pub fn user_id(&self) -> uuid::Uuid {
         self.0["user"]["id"].as_str().unwrap().parse().unwrap()
     }
+}
+
+/// POSTs headers announcing a 1 MB JSON body, without sending it, and reads the answer.
+pub async fn declared_oversized_post(
+    server: &TestServer,
+    token: Option<&str>,
+    path: &str,
+) -> (reqwest::StatusCode, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body = body
+        .rsplit('\n')
+        .find(|line| line.starts_with('{'))
+        .unwrap_or(body);
+    (
+        reqwest::StatusCode::from_u16(status).unwrap(),
+        serde_json::from_str(body.trim()).unwrap_or(Value::Null),
+    )
 }

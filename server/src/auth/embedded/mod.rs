@@ -71,6 +71,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: EmbeddedState) -> Router<
         .route("/logout", post(logout))
         .route("/.well-known/jwks.json", get(jwks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(reject_declared_oversized))
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static(API_VERSION_HEADER),
             HeaderValue::from_static(API_VERSION),
@@ -79,15 +80,30 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: EmbeddedState) -> Router<
         .with_state(state)
 }
 
+/// Answers `413 request_entity_too_large` from the declared length, before reading the body.
+async fn reject_declared_oversized(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if crate::http::extract::declared_length(&request).is_some_and(|n| n > MAX_BODY_BYTES) {
+        return too_large().into_response();
+    }
+    next.run(request).await
+}
+
+fn too_large() -> AuthApiError {
+    AuthApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_entity_too_large",
+        "Request body too large",
+    )
+}
+
 /// Parses a JSON body the way GoTrue does: unknown fields and `null`s are ignored.
 fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, AuthApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            AuthApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_entity_too_large",
-                "Request body too large",
-            )
+            too_large()
         } else {
             AuthApiError::new(StatusCode::BAD_REQUEST, "bad_json", rejection.body_text())
         }

@@ -1,0 +1,148 @@
+//! Prometheus metrics, served at `/metrics`. One registry per server (no globals), so tests
+//! running several servers in one process see their own numbers.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<EndpointLabel, Gauge>,
+    pub active_runs: Gauge,
+    pub chunks_sent: Counter,
+    pub bytes_sent: Counter,
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub closes: Family<CodeLabel, Counter>,
+    pub slow_client_closes: Counter,
+    pub runs_finished: Family<StatusLabel, Counter>,
+    pub time_to_first_token: Histogram,
+    pub run_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wadi");
+        let connections = Family::<EndpointLabel, Gauge>::default();
+        registry.register(
+            "ws_connections",
+            "Open WebSocket connections by endpoint (chat, run)",
+            connections.clone(),
+        );
+        let active_runs = Gauge::default();
+        registry.register("active_runs", "Runs streaming now", active_runs.clone());
+        let chunks_sent = Counter::default();
+        registry.register(
+            "chunks_sent",
+            "Chunk frames handed to sockets and SSE streams",
+            chunks_sent.clone(),
+        );
+        let bytes_sent = Counter::default();
+        registry.register(
+            "bytes_sent",
+            "Bytes of frames handed to sockets and SSE streams",
+            bytes_sent.clone(),
+        );
+        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Refused tokens by reason",
+            auth_failures.clone(),
+        );
+        let closes = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "ws_closes",
+            "WebSocket closes initiated by the server, by close code",
+            closes.clone(),
+        );
+        let slow_client_closes = Counter::default();
+        registry.register(
+            "slow_client_closes",
+            "Sockets closed because the client did not read fast enough",
+            slow_client_closes.clone(),
+        );
+        let runs_finished = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "runs_finished",
+            "Runs ended, by status",
+            runs_finished.clone(),
+        );
+        // 5 ms … ~20 s.
+        let time_to_first_token = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 13),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From run start to the first chunk",
+            time_to_first_token.clone(),
+        );
+        // 50 ms … ~27 min.
+        let run_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.05, 2.0, 16),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "From run start to its end, whatever the status",
+            run_duration.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            active_runs,
+            chunks_sent,
+            bytes_sent,
+            auth_failures,
+            closes,
+            slow_client_closes,
+            runs_finished,
+            time_to_first_token,
+            run_duration,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = encode(&mut text, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        text
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn close(&self, code: u16) {
+        self.closes.get_or_create(&CodeLabel { code }).inc();
+    }
+}

@@ -1,0 +1,122 @@
+//! Any OpenAI-compatible chat completions endpoint, through async-openai.
+//!
+//! async-openai retries 429 and 5xx answers with exponential backoff (100 ms doubling, at most
+//! 3 retries, honouring `Retry-After`) before the response starts, i.e. before the first token.
+//! After that a failure ends the run. Dropping the stream drops the HTTP response, which closes
+//! the connection: the provider stops generating.
+
+use std::time::Duration;
+
+use async_openai::{
+    Client,
+    config::OpenAIConfig,
+    types::chat::{
+        ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+        ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+        ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    },
+};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use wadi_protocol::{Usage, api::Role};
+
+use super::{ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream};
+
+pub struct OpenAiModel {
+    client: Client<OpenAIConfig>,
+    model: String,
+    temperature: Option<f32>,
+}
+
+pub struct OpenAiSettings {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub model: String,
+    pub temperature: Option<f32>,
+    pub connect_timeout: Duration,
+}
+
+impl OpenAiModel {
+    pub fn new(settings: OpenAiSettings) -> Result<Self, ModelError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ModelError::Provider(e.to_string()))?;
+        let mut config = OpenAIConfig::new().with_api_base(settings.base_url.trim_end_matches('/'));
+        if let Some(key) = settings.api_key {
+            config = config.with_api_key(key);
+        }
+        Ok(Self {
+            client: Client::with_config(config).with_http_client(http),
+            model: settings.model,
+            temperature: settings.temperature,
+        })
+    }
+}
+
+fn request_message(message: ChatMessage) -> ChatCompletionRequestMessage {
+    match message.role {
+        Role::System => ChatCompletionRequestMessage::System(
+            ChatCompletionRequestSystemMessage::from(message.content),
+        ),
+        Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(
+            message.content,
+        )),
+        Role::Assistant => ChatCompletionRequestMessage::Assistant(
+            ChatCompletionRequestAssistantMessage::from(message.content),
+        ),
+    }
+}
+
+#[async_trait]
+impl ChatModel for OpenAiModel {
+    fn name(&self) -> &str {
+        &self.model
+    }
+
+    async fn stream(&self, history: Vec<ChatMessage>) -> Result<ModelStream, ModelError> {
+        let request = CreateChatCompletionRequest {
+            model: self.model.clone(),
+            messages: history.into_iter().map(request_message).collect(),
+            temperature: self.temperature,
+            stream: Some(true),
+            stream_options: Some(ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stream = self
+            .client
+            .chat()
+            .create_stream(request)
+            .await
+            .map_err(|e| ModelError::Provider(e.to_string()))?;
+        let events = stream.flat_map(|item| {
+            let events: Vec<Result<ModelEvent, ModelError>> = match item {
+                Err(error) => vec![Err(ModelError::Provider(error.to_string()))],
+                Ok(chunk) => {
+                    let mut events: Vec<_> = chunk
+                        .choices
+                        .into_iter()
+                        .filter(|choice| choice.index == 0)
+                        .filter_map(|choice| choice.delta.content)
+                        .filter(|content| !content.is_empty())
+                        .map(|content| Ok(ModelEvent::Delta(content)))
+                        .collect();
+                    if let Some(usage) = chunk.usage {
+                        events.push(Ok(ModelEvent::Usage(Usage {
+                            prompt_tokens: usage.prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                            total_tokens: usage.total_tokens,
+                        })));
+                    }
+                    events
+                }
+            };
+            futures_util::stream::iter(events)
+        });
+        Ok(Box::pin(events))
+    }
+}

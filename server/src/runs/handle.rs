@@ -1,0 +1,376 @@
+//! One run in memory: its output, where each chunk ends, how it ended, and a way for any number
+//! of watchers to follow it from any `seq` without the run ever waiting for them.
+//!
+//! The replay buffer is the output itself plus one offset per chunk, so replaying from any seq
+//! costs no extra copy of the text. The run appends and bumps a version number; each watcher
+//! reads what it has not seen under a short lock and then waits for the next bump. A slow watcher
+//! only falls behind; it never slows the run or the others.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use futures_util::Stream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use wadi_protocol::{RunStatus, ServerMessage, Usage};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub status: RunStatus,
+    pub usage: Option<Usage>,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Log {
+    output: String,
+    /// `ends[i]` is the byte offset where chunk `i + 1` ends.
+    ends: Vec<usize>,
+    ending: Option<Ending>,
+}
+
+pub struct RunHandle {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub owner_id: Uuid,
+    /// The user message that started the run.
+    pub message_id: Uuid,
+    log: Mutex<Log>,
+    /// Bumped on every change; watchers wait on it.
+    version: watch::Sender<u64>,
+    /// Cancelled to stop the run; `stop_status` says why.
+    cancel: CancellationToken,
+    stop_status: Mutex<Option<RunStatus>>,
+}
+
+/// What a watcher reads in one go: `(seq, content)` chunks, and the ending with the full output
+/// once nothing is left to read.
+type Batch = (Vec<(u64, String)>, Option<(Ending, String)>);
+
+/// Chunks read in one go by a watcher, to keep the lock short.
+const READ_BATCH: usize = 256;
+
+impl RunHandle {
+    pub fn new(id: Uuid, conversation_id: Uuid, owner_id: Uuid, message_id: Uuid) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            conversation_id,
+            owner_id,
+            message_id,
+            log: Mutex::new(Log::default()),
+            version: watch::Sender::new(0),
+            cancel: CancellationToken::new(),
+            stop_status: Mutex::new(None),
+        })
+    }
+
+    fn log(&self) -> MutexGuard<'_, Log> {
+        // A panic while holding this lock cannot leave the log half-written (every update is
+        // a push), so a poisoned lock is still safe to use.
+        match self.log.lock() {
+            Ok(log) => log,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Appends a chunk and returns its seq.
+    pub fn push(&self, delta: &str) -> u64 {
+        let seq = {
+            let mut log = self.log();
+            log.output.push_str(delta);
+            let end = log.output.len();
+            log.ends.push(end);
+            log.ends.len() as u64
+        };
+        self.version.send_modify(|v| *v += 1);
+        seq
+    }
+
+    /// Marks the run ended; watchers send `complete` once they have sent every chunk.
+    pub fn finish(&self, ending: Ending) {
+        self.log().ending = Some(ending);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The output so far and the last seq.
+    pub fn snapshot(&self) -> (String, u64) {
+        let log = self.log();
+        (log.output.clone(), log.ends.len() as u64)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.log().ends.len() as u64
+    }
+
+    pub fn ending(&self) -> Option<Ending> {
+        self.log().ending.clone()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.log().ending.is_some()
+    }
+
+    /// Asks the run to stop; `status` is what it will be saved as (`stopped` when a user asked,
+    /// `interrupted` at shutdown). The first request wins.
+    pub fn stop(&self, status: RunStatus) {
+        {
+            let mut stop = match self.stop_status.lock() {
+                Ok(stop) => stop,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            stop.get_or_insert(status);
+        }
+        self.cancel.cancel();
+    }
+
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Why the run was stopped, if it was.
+    pub fn stop_status(&self) -> Option<RunStatus> {
+        match self.stop_status.lock() {
+            Ok(stop) => *stop,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Resolves once the run has ended.
+    pub async fn finished(&self) {
+        let mut version = self.version.subscribe();
+        while !self.is_finished() {
+            if version.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Chunks with `seq > after` (at most a batch), and, when none are left after those, how the
+    /// run ended with its full output.
+    fn read_after(&self, after: u64) -> Batch {
+        let log = self.log();
+        let last = log.ends.len() as u64;
+        let from = after.min(last);
+        let to = (from + READ_BATCH as u64).min(last);
+        let mut chunks = Vec::with_capacity((to - from) as usize);
+        for seq in from + 1..=to {
+            let index = (seq - 1) as usize;
+            let start = if index == 0 { 0 } else { log.ends[index - 1] };
+            let end = log.ends[index];
+            chunks.push((seq, log.output[start..end].to_owned()));
+        }
+        let ending = match &log.ending {
+            Some(ending) if to == last => Some((ending.clone(), log.output.clone())),
+            _ => None,
+        };
+        (chunks, ending)
+    }
+
+    /// The frames a watcher receives, from the chunk after `after_seq` to `complete`: replay,
+    /// then live. With `with_start`, a `start` frame comes first.
+    pub fn follow(
+        self: Arc<Self>,
+        after_seq: u64,
+        with_start: bool,
+    ) -> impl Stream<Item = ServerMessage> + Send + 'static {
+        let mut pending = VecDeque::new();
+        if with_start {
+            pending.push_back(ServerMessage::Start {
+                run_id: self.id,
+                conversation_id: self.conversation_id,
+                message_id: self.message_id,
+            });
+        }
+        let version = self.version.subscribe();
+        let state = Follow {
+            handle: self,
+            cursor: after_seq,
+            version,
+            pending,
+            done: false,
+        };
+        futures_util::stream::unfold(state, |mut state| async move {
+            let frame = state.next().await?;
+            Some((frame, state))
+        })
+    }
+}
+
+struct Follow {
+    handle: Arc<RunHandle>,
+    cursor: u64,
+    version: watch::Receiver<u64>,
+    pending: VecDeque<ServerMessage>,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<ServerMessage> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Some(frame);
+            }
+            if self.done {
+                return None;
+            }
+            // Mark the current version seen before reading, so a push that lands after the
+            // read wakes us up.
+            self.version.borrow_and_update();
+            let (chunks, ending) = self.handle.read_after(self.cursor);
+            for (seq, content) in chunks {
+                self.cursor = seq;
+                self.pending.push_back(ServerMessage::Chunk {
+                    run_id: self.handle.id,
+                    seq,
+                    content,
+                });
+            }
+            if let Some((ending, full_output)) = ending {
+                // A failure is reported after the chunks it cut short, before `complete`.
+                if let Some(error) = ending.error.filter(|_| ending.status == RunStatus::Failed) {
+                    self.pending.push_back(ServerMessage::error(
+                        wadi_protocol::ErrorCode::ModelError,
+                        error,
+                        Some(self.handle.id),
+                    ));
+                }
+                self.pending.push_back(ServerMessage::Complete {
+                    run_id: self.handle.id,
+                    full_output,
+                    status: ending.status,
+                    usage: ending.usage,
+                });
+                self.done = true;
+                continue;
+            }
+            if self.pending.is_empty() && self.version.changed().await.is_err() {
+                // The handle is gone without an ending (cannot happen while we hold it).
+                return None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn handle() -> Arc<RunHandle> {
+        RunHandle::new(
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        )
+    }
+
+    fn chunk_seqs(frames: &[ServerMessage]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerMessage::Chunk { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replay_then_live_then_complete_with_every_seq_once() {
+        let run = handle();
+        run.push("Hel");
+        run.push("lo");
+        let follower = tokio::spawn(run.clone().follow(1, false).collect::<Vec<_>>());
+        tokio::task::yield_now().await;
+        run.push(", ");
+        run.push("world");
+        run.finish(Ending {
+            status: RunStatus::Completed,
+            usage: None,
+            error: None,
+        });
+        let frames = follower.await.unwrap();
+        assert_eq!(chunk_seqs(&frames), vec![2, 3, 4]);
+        let text: String = frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerMessage::Chunk { content, .. } => Some(content.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "lo, world");
+        assert!(matches!(
+            frames.last(),
+            Some(ServerMessage::Complete { full_output, status: RunStatus::Completed, .. })
+                if full_output == "Hello, world"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_finished_run_replays_from_any_seq() {
+        let run = handle();
+        for word in ["a", "b", "c"] {
+            run.push(word);
+        }
+        run.finish(Ending {
+            status: RunStatus::Stopped,
+            usage: None,
+            error: None,
+        });
+        let frames: Vec<_> = run.clone().follow(0, true).collect().await;
+        assert!(matches!(frames[0], ServerMessage::Start { .. }));
+        assert_eq!(chunk_seqs(&frames), vec![1, 2, 3]);
+        let frames: Vec<_> = run.clone().follow(3, false).collect().await;
+        assert_eq!(frames.len(), 1, "only complete");
+        let frames: Vec<_> = run.follow(99, false).collect().await;
+        assert!(matches!(frames[..], [ServerMessage::Complete { .. }]));
+    }
+
+    #[tokio::test]
+    async fn a_failed_run_sends_the_error_after_its_chunks_and_before_complete() {
+        let run = handle();
+        run.push("partial");
+        run.finish(Ending {
+            status: RunStatus::Failed,
+            usage: None,
+            error: Some("upstream broke".into()),
+        });
+        let frames: Vec<_> = run.follow(0, false).collect().await;
+        assert!(matches!(frames[0], ServerMessage::Chunk { seq: 1, .. }));
+        assert!(matches!(
+            &frames[1],
+            ServerMessage::Error {
+                code: wadi_protocol::ErrorCode::ModelError,
+                ..
+            }
+        ));
+        assert!(matches!(
+            frames[2],
+            ServerMessage::Complete {
+                status: RunStatus::Failed,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn more_than_a_batch_is_replayed_in_order() {
+        let run = handle();
+        for i in 0..(READ_BATCH * 2 + 7) {
+            run.push(&i.to_string());
+        }
+        run.finish(Ending {
+            status: RunStatus::Completed,
+            usage: None,
+            error: None,
+        });
+        let frames: Vec<_> = run.follow(0, false).collect().await;
+        let seqs = chunk_seqs(&frames);
+        assert_eq!(seqs, (1..=(READ_BATCH * 2 + 7) as u64).collect::<Vec<_>>());
+    }
+}

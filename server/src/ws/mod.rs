@@ -1,0 +1,185 @@
+//! The WebSocket endpoints: `/ws/chat/{conversationId}` and `/ws/runs/{runId}/stream`.
+//! `docs/protocol.md` is the reference for everything said on them.
+
+pub mod connection;
+pub mod registry;
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use uuid::Uuid;
+use wadi_protocol::{ErrorCode, api::ApiError};
+
+pub use registry::{Control, Endpoint, Registry};
+
+use crate::{error::AppError, state::AppState};
+
+/// tungstenite's 128 KiB default read buffer would make an idle socket cost ~136 KB; browsers
+/// send small frames, and larger ones are assembled across reads.
+const READ_BUFFER: usize = 4 * 1024;
+/// Frames are written out once this much is buffered (a flush writes everything anyway).
+const WRITE_BUFFER: usize = 8 * 1024;
+/// Past this much unwritable data the write fails instead of buffering without bound.
+const MAX_WRITE_BUFFER: usize = 512 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ws/chat/{conversation_id}", get(chat))
+        .route("/ws/runs/{run_id}/stream", get(run_stream))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    #[serde(default, rename = "afterSeq")]
+    after_seq: Option<String>,
+}
+
+async fn chat(
+    State(state): State<AppState>,
+    Path(conversation_id): Path<String>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Ok(conversation_id) = Uuid::parse_str(&conversation_id) else {
+        return AppError::invalid(ErrorCode::InvalidRequest, "not a conversation id")
+            .into_response();
+    };
+    accept(state, &headers, upgrade, Endpoint::Chat { conversation_id })
+}
+
+async fn run_stream(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+    Query(query): Query<StreamQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Ok(run_id) = Uuid::parse_str(&run_id) else {
+        return AppError::invalid(ErrorCode::InvalidRequest, "not a run id").into_response();
+    };
+    let after_seq = match query.after_seq.as_deref().map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(seq)) => seq,
+        Some(Err(_)) => {
+            return AppError::invalid(ErrorCode::InvalidRequest, "afterSeq must be a number")
+                .into_response();
+        }
+    };
+    accept(
+        state,
+        &headers,
+        upgrade,
+        Endpoint::Run { run_id, after_seq },
+    )
+}
+
+/// Checks the origin and the connection cap, then upgrades with lean buffers.
+fn accept(
+    state: AppState,
+    headers: &HeaderMap,
+    upgrade: WebSocketUpgrade,
+    endpoint: Endpoint,
+) -> Response {
+    if !origin_allowed(headers, &state.config.allowed_origins) {
+        tracing::info!(origin = ?headers.get(header::ORIGIN), "socket refused: origin not allowed");
+        return (
+            StatusCode::FORBIDDEN,
+            Json(ApiError {
+                code: ErrorCode::InvalidRequest,
+                message: "this origin may not open sockets here".into(),
+            }),
+        )
+            .into_response();
+    }
+    if state.clients.len() >= state.config.max_connections {
+        state.metrics.close(wadi_protocol::close::TRY_AGAIN_LATER);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(ApiError {
+                code: ErrorCode::TooManyConnections,
+                message: "the server has too many open connections; try again shortly".into(),
+            }),
+        )
+            .into_response();
+    }
+    let max_frame = state.config.max_frame_bytes;
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_frame_size(max_frame)
+        .max_message_size(max_frame)
+        .on_upgrade(move |socket| connection::serve(socket, state, endpoint))
+}
+
+/// Cross-site WebSocket hijacking defence: a browser always sends `Origin`; it must be this
+/// server's own origin (same host as `Host`) or on the allow-list. Non-browser clients send no
+/// `Origin` and are allowed (they authenticate like everyone else).
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return headers.get(header::ORIGIN).is_none();
+    };
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let origin_host = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .trim_end_matches('/');
+    headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .is_some_and(|host| host.eq_ignore_ascii_case(origin_host))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        if let Some(origin) = origin {
+            headers.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn origins_are_checked_against_the_host_and_the_allow_list() {
+        let none: Vec<String> = Vec::new();
+        assert!(origin_allowed(&headers(None, "chat.example.com"), &none));
+        assert!(origin_allowed(
+            &headers(Some("https://chat.example.com"), "chat.example.com"),
+            &none
+        ));
+        assert!(origin_allowed(
+            &headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("https://evil.example"), "chat.example.com"),
+            &none
+        ));
+        let list = vec!["http://localhost:8081".to_owned()];
+        assert!(origin_allowed(
+            &headers(Some("http://localhost:8081"), "127.0.0.1:8080"),
+            &list
+        ));
+        assert!(origin_allowed(
+            &headers(Some("https://any.where"), "x"),
+            &["*".to_owned()]
+        ));
+    }
+}
