@@ -36,6 +36,9 @@ pub struct RunSettings {
     pub retention: Duration,
 }
 
+/// Coalescing stops at this size: one chunk is at most about this big (plus one delta).
+const MAX_CHUNK_BYTES: usize = 16 * 1024;
+
 /// Attempts at saving a run's outcome before giving up (the run then stays `running` in the
 /// store with its last flushed output, and becomes `interrupted` at the next start).
 const SAVE_ATTEMPTS: u32 = 5;
@@ -160,7 +163,9 @@ async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -
         };
         // Coalesce: deltas that are already waiting join this chunk, at no extra delay.
         let mut after = None;
-        while let Some(next) = stream.next().now_or_never() {
+        while text.len() < MAX_CHUNK_BYTES
+            && let Some(next) = stream.next().now_or_never()
+        {
             match Tail::of(next) {
                 Ok(more) => text.push_str(&more),
                 Err(tail) => {
@@ -171,7 +176,7 @@ async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -
         }
         if after.is_none() && !settings.coalesce_window.is_zero() {
             let deadline = Instant::now() + settings.coalesce_window;
-            loop {
+            while text.len() < MAX_CHUNK_BYTES {
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => break,
                     next = stream.next() => match Tail::of(next) {

@@ -100,7 +100,12 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
 
     let (sink, mut stream) = socket.split();
     let (out, out_rx) = mpsc::channel(state.config.send_queue.max(1));
-    let writer = tokio::spawn(write_loop(sink, out_rx, state.config.slow_client_timeout));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        out_rx,
+        state.config.slow_client_timeout,
+        control.clone(),
+    ));
     let rate = TokenBucket::new(state.config.ws_rate_burst, state.config.ws_rate_per_second);
     let mut connection = Connection {
         id,
@@ -117,6 +122,18 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
         tracing::Instrument::instrument(connection.run(&mut stream, &mut control_rx), span.clone())
             .await;
 
+    if matches!(
+        exit,
+        Exit::Close {
+            code: close::GOING_AWAY,
+            ..
+        }
+    ) {
+        // Shutdown: runs were stopped and saved first; let watchers hand over their `complete`
+        // frames before the close frame.
+        let drain = futures_util::future::join_all(connection.watchers.values_mut());
+        let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+    }
     for watcher in connection.watchers.values() {
         watcher.abort();
     }
@@ -171,6 +188,7 @@ async fn write_loop(
     mut sink: impl Sink<Message, Error = axum::Error> + Unpin,
     mut queue: mpsc::Receiver<Outbound>,
     stall: Duration,
+    control: mpsc::Sender<Control>,
 ) {
     let mut batch = Vec::new();
     while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
@@ -193,7 +211,12 @@ async fn write_loop(
         }
         match tokio::time::timeout(stall, sink.flush()).await {
             Ok(Ok(())) => {}
-            _ => return,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                // Tell the reader before the queue closes, so it counts a slow client.
+                let _ = control.try_send(Control::SlowConsumer);
+                return;
+            }
         }
         if let Some(frame) = closing {
             let _ = tokio::time::timeout(stall, sink.send(Message::Close(Some(frame)))).await;

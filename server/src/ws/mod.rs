@@ -24,8 +24,9 @@ use crate::{error::AppError, state::AppState};
 const READ_BUFFER: usize = 4 * 1024;
 /// Frames are written out once this much is buffered (a flush writes everything anyway).
 const WRITE_BUFFER: usize = 8 * 1024;
-/// Past this much unwritable data the write fails instead of buffering without bound.
-const MAX_WRITE_BUFFER: usize = 512 * 1024;
+/// Past this much unwritable data the write fails instead of buffering without bound. It must
+/// hold the largest frame we send: a `complete` carries the whole answer.
+const MAX_WRITE_BUFFER: usize = 16 * 1024 * 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new()

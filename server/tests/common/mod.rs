@@ -3,6 +3,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod db;
+pub mod upstream;
+pub mod ws;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -75,11 +77,30 @@ impl TestServer {
         let task = tokio::spawn(wadi_server::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        Self {
+        let server = Self {
             addr,
             http: reqwest::Client::new(),
             stop: Some(stop),
             task: Some(task),
+            db: None,
+        };
+        // The listener is bound already, so this waits (in the accept backlog) exactly until the
+        // server has finished starting: migrations, key loading, recovery.
+        let health = tokio::time::timeout(TIMEOUT, server.http.get(server.url("/healthz")).send())
+            .await
+            .expect("the server did not start in time")
+            .expect("the server did not start");
+        assert_eq!(health.status(), 200);
+        server
+    }
+
+    /// A handle on a server running elsewhere (another process) at `addr`.
+    pub fn external(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            stop: None,
+            task: None,
             db: None,
         }
     }

@@ -1,0 +1,1242 @@
+//! The realtime heart of WADI against the real server: WebSocket and SSE clients, and a fake
+//! OpenAI-compatible upstream streaming SSE at the pace each test sets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{
+    Api, Engine, TIMEOUT, TestServer,
+    upstream::{FakeUpstream, Script, Step},
+    ws::{WsClient, chunks, text},
+};
+use serde_json::{Value, json};
+
+/// A server using `upstream`, adjusted by `adjust`, and a signed-in user with a conversation.
+async fn setup(
+    engine: Engine,
+    upstream: &FakeUpstream,
+    adjust: impl FnOnce(&mut wadi_server::Config),
+) -> TestServer {
+    TestServer::configured(engine, |config| {
+        upstream.configure(config);
+        adjust(config);
+    })
+    .await
+}
+
+fn token(api: &Api<'_>) -> String {
+    api.token.clone().unwrap()
+}
+
+fn tokens(words: &[&str]) -> Script {
+    Script::Tokens {
+        tokens: words.iter().map(|w| (*w).to_owned()).collect(),
+        pace: Duration::from_millis(5),
+    }
+}
+
+/// Seqs among frames must be `from..=to` exactly, in order.
+fn assert_seqs(frames: &[Value], expected: std::ops::RangeInclusive<u64>) {
+    let seqs: Vec<u64> = chunks(frames).into_iter().map(|(seq, _)| seq).collect();
+    assert_eq!(seqs, expected.collect::<Vec<_>>());
+}
+
+/// Reads chunk frames until their text is `expected`; returns the frames.
+async fn read_text(ws: &mut WsClient, expected: &str) -> Vec<Value> {
+    let mut frames = Vec::new();
+    while text(&frames) != expected {
+        let frame = ws.next().await;
+        assert!(
+            expected.starts_with(&text(&frames)),
+            "unexpected text {:?} waiting for {expected:?}",
+            text(&frames)
+        );
+        frames.push(frame);
+    }
+    frames
+}
+
+on_both_engines!(
+    the_full_flow_streams_saves_and_matches,
+    stop_before_the_first_token_cancels_upstream,
+    stop_mid_stream_keeps_exactly_what_was_sent,
+    a_run_survives_disconnect_and_resumes_on_a_run_socket,
+    resume_over_sse_with_last_event_id,
+    a_reconnecting_chat_socket_learns_of_and_resumes_the_active_run,
+    two_tabs_see_the_same_run_and_a_second_message_is_refused,
+    upstream_failure_mid_stream_fails_the_run_and_keeps_the_output,
+    a_resend_with_the_same_client_message_id_starts_nothing_new,
+    shutdown_interrupts_and_saves_active_runs,
+);
+
+async fn the_full_flow_streams_saves_and_matches(engine: Engine) {
+    let upstream = FakeUpstream::start(tokens(&["Hel", "lo", ", ", "world", "!"])).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, authenticated) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    assert!(authenticated["userId"].is_string());
+    assert!(authenticated["expiresAt"].as_i64().unwrap() > 0);
+    assert!(authenticated.get("activeRun").is_none());
+
+    ws.send(json!({"type": "message", "content": "Say hello", "clientMessageId": "c-1"}))
+        .await;
+    let frames = ws.until("complete").await;
+    let start = &frames[0];
+    assert_eq!(start["type"], "start");
+    assert_eq!(start["conversationId"], conversation.as_str());
+    let run_id = start["runId"].as_str().unwrap().to_owned();
+    let streamed = text(&frames);
+    assert_eq!(streamed, "Hello, world!");
+    let last = chunks(&frames).len() as u64;
+    assert_seqs(&frames, 1..=last);
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["runId"], run_id.as_str());
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], streamed.as_str());
+    assert_eq!(complete["usage"]["completionTokens"], 5);
+
+    // What the model was asked.
+    let request = upstream.next_request().await;
+    assert_eq!(request.body["model"], "fake-model");
+    assert_eq!(request.body["stream"], true);
+    assert_eq!(
+        request.messages().last().unwrap(),
+        &("user".to_owned(), "Say hello".to_owned())
+    );
+
+    // What was saved equals what was streamed.
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    let items = messages["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["role"], "user");
+    assert_eq!(items[0]["id"], start["messageId"]);
+    assert_eq!(items[0]["clientMessageId"], "c-1");
+    assert_eq!(items[1]["role"], "assistant");
+    assert_eq!(items[1]["content"], streamed.as_str());
+    assert_eq!(items[1]["runStatus"], "completed");
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "completed");
+    assert_eq!(run["output"], streamed.as_str());
+    assert_eq!(run["lastSeq"], last);
+    assert_eq!(run["usage"]["totalTokens"], 12);
+    server.shutdown().await.unwrap();
+}
+
+async fn stop_before_the_first_token_cancels_upstream(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "think hard"}))
+        .await;
+    let start = ws.next().await;
+    assert_eq!(start["type"], "start");
+    let request = upstream.next_request().await;
+    ws.send(json!({"type": "stop"})).await;
+    let complete = ws.next().await;
+    assert_eq!(complete["type"], "complete", "{complete}");
+    assert_eq!(complete["status"], "stopped");
+    assert_eq!(complete["fullOutput"], "");
+    request.cancelled().await;
+    // A token the upstream might still send goes nowhere.
+    request.token("too late");
+    let run_id = start["runId"].as_str().unwrap();
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "stopped");
+    assert_eq!(run["output"], "");
+    server.shutdown().await.unwrap();
+}
+
+async fn stop_mid_stream_keeps_exactly_what_was_sent(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+
+    // Over the socket.
+    ws.send(json!({"type": "message", "content": "count"}))
+        .await;
+    let start = ws.next().await;
+    let run_id = start["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    for word in ["one ", "two ", "three "] {
+        request.token(word);
+    }
+    let frames = read_text(&mut ws, "one two three ").await;
+    ws.send(json!({"type": "stop", "runId": run_id})).await;
+    let complete = ws.until("complete").await.pop().unwrap();
+    assert_eq!(complete["status"], "stopped");
+    assert_eq!(complete["fullOutput"], text(&frames).as_str());
+    request.cancelled().await;
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "stopped");
+    assert_eq!(run["output"], "one two three ");
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    assert_eq!(messages["items"][1]["content"], "one two three ");
+    assert_eq!(messages["items"][1]["runStatus"], "stopped");
+
+    // Over REST.
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "again"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let run_id = sent["run"]["id"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("partial");
+    read_text(&mut ws, "partial").await;
+    let (status, stopped) = api
+        .post(&format!("/api/runs/{run_id}/stop"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(stopped["status"], "stopped");
+    assert_eq!(stopped["output"], "partial");
+    request.cancelled().await;
+    let (status, again) = api
+        .post(&format!("/api/runs/{run_id}/stop"), json!({}))
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(again["code"], "no_active_run");
+    // Stopping with nothing running says so.
+    ws.until("complete").await;
+    ws.send(json!({"type": "stop"})).await;
+    assert_eq!(ws.next().await["code"], "no_active_run");
+    server.shutdown().await.unwrap();
+}
+
+async fn a_run_survives_disconnect_and_resumes_on_a_run_socket(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "long answer please"}))
+        .await;
+    let start = ws.next().await;
+    let run_id = start["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    for word in ["a1 ", "a2 ", "a3 "] {
+        request.token(word);
+    }
+    let before = read_text(&mut ws, "a1 a2 a3 ").await;
+    let seen = chunks(&before).last().unwrap().0;
+    ws.close().await;
+
+    // Nobody is watching: the run goes on.
+    for word in ["b1 ", "b2 "] {
+        request.token(word);
+    }
+    let (mut run_socket, authenticated) = WsClient::authed(
+        &server,
+        &format!("/ws/runs/{run_id}/stream?afterSeq={seen}"),
+        &token(&api),
+    )
+    .await;
+    assert!(authenticated.get("activeRun").is_none());
+    request.token("c1 ");
+    request.send(Step::Finish);
+    let (after, code) = run_socket.until_closed().await;
+    assert_eq!(code, 1000, "a run socket closes normally after complete");
+    let complete = after.last().unwrap();
+    assert_eq!(complete["type"], "complete");
+    assert_eq!(complete["status"], "completed");
+    let full = "a1 a2 a3 b1 b2 c1 ";
+    assert_eq!(complete["fullOutput"], full);
+    // Every seq exactly once, in order, across both sockets.
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    assert_seqs(&all, 1..=chunks(&all).len() as u64);
+    assert_eq!(text(&all), full);
+
+    // A run socket on a finished run replays from the retained log, then closes.
+    let (mut late, _) = WsClient::authed(
+        &server,
+        &format!("/ws/runs/{run_id}/stream?afterSeq={seen}"),
+        &token(&api),
+    )
+    .await;
+    let (replay, code) = late.until_closed().await;
+    assert_eq!(code, 1000);
+    assert_eq!(chunks(&replay), chunks(&after));
+    assert_eq!(replay.last().unwrap()["fullOutput"], full);
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["output"], full);
+    server.shutdown().await.unwrap();
+}
+
+/// Parses an SSE body into (event, id, data JSON).
+fn sse_events(body: &str) -> Vec<(String, Option<u64>, Value)> {
+    body.split("\n\n")
+        .filter(|block| block.contains("data:"))
+        .map(|block| {
+            let mut event = String::new();
+            let mut id = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    event = value.trim().to_owned();
+                } else if let Some(value) = line.strip_prefix("id:") {
+                    id = value.trim().parse().ok();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push_str(value.trim_start());
+                }
+            }
+            (event, id, serde_json::from_str(&data).unwrap())
+        })
+        .collect()
+}
+
+async fn resume_over_sse_with_last_event_id(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "stream it over SSE"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let run_id = sent["run"]["id"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("x1 ");
+    request.token("x2 ");
+    // First SSE connection: read until the first chunk, then drop it.
+    let response = api
+        .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut first = String::new();
+    while !first.contains("\n\n") {
+        use futures_util::StreamExt;
+        let bytes = tokio::time::timeout(TIMEOUT, body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        first.push_str(std::str::from_utf8(&bytes).unwrap());
+    }
+    drop(body);
+    let first_events: Vec<_> = sse_events(&first)
+        .into_iter()
+        .filter(|(event, ..)| event == "chunk")
+        .collect();
+    let last_id = first_events.last().unwrap().1.unwrap();
+
+    request.token("x3 ");
+    request.send(Step::Finish);
+    let rest = api
+        .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
+        .header("Last-Event-ID", last_id.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rest = sse_events(&rest);
+    let (complete_event, _, complete) = rest.last().unwrap();
+    assert_eq!(complete_event, "complete");
+    assert_eq!(complete["status"], "completed");
+    let mut frames: Vec<Value> = first_events
+        .iter()
+        .map(|(_, _, data)| data.clone())
+        .collect();
+    for (event, id, data) in &rest {
+        if event == "chunk" {
+            assert_eq!(Some(data["seq"].as_u64().unwrap()), *id, "id: is the seq");
+            frames.push(data.clone());
+        }
+    }
+    assert_seqs(&frames, 1..=chunks(&frames).len() as u64);
+    assert_eq!(text(&frames), "x1 x2 x3 ");
+    assert_eq!(complete["fullOutput"], "x1 x2 x3 ");
+    let (status, bad) = api
+        .get(&format!("/api/runs/{run_id}/events?afterSeq=soon"))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(bad["code"], "invalid_request");
+    server.shutdown().await.unwrap();
+}
+
+async fn a_reconnecting_chat_socket_learns_of_and_resumes_the_active_run(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let (mut ws, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "go"})).await;
+    let start = ws.next().await;
+    let request = upstream.next_request().await;
+    request.token("p1 ");
+    request.token("p2 ");
+    let before = read_text(&mut ws, "p1 p2 ").await;
+    let seen = chunks(&before).last().unwrap().0;
+    ws.close().await;
+    request.token("p3 ");
+
+    let (mut again, authenticated) = WsClient::authed(&server, &path, &token(&api)).await;
+    let active = &authenticated["activeRun"];
+    assert_eq!(active["runId"], start["runId"]);
+    assert_eq!(active["messageId"], start["messageId"]);
+    assert!(active["lastSeq"].as_u64().unwrap() >= seen);
+    again
+        .send(json!({"type": "resume", "runId": start["runId"], "afterSeq": seen}))
+        .await;
+    request.token("p4");
+    request.send(Step::Finish);
+    let after = again.until("complete").await;
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    assert_seqs(&all, 1..=chunks(&all).len() as u64);
+    assert_eq!(text(&all), "p1 p2 p3 p4");
+    assert_eq!(after.last().unwrap()["fullOutput"], "p1 p2 p3 p4");
+    // Resuming an unknown run says so.
+    again
+        .send(json!({"type": "resume", "runId": uuid::Uuid::now_v7(), "afterSeq": 0}))
+        .await;
+    assert_eq!(again.next().await["code"], "not_found");
+    server.shutdown().await.unwrap();
+}
+
+async fn two_tabs_see_the_same_run_and_a_second_message_is_refused(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let (mut tab1, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let (mut tab2, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    tab1.send(json!({"type": "message", "content": "hello from tab 1"}))
+        .await;
+    let start1 = tab1.next().await;
+    let start2 = tab2.next().await;
+    assert_eq!(start1, start2);
+    let request = upstream.next_request().await;
+
+    tab2.send(json!({"type": "message", "content": "me too"}))
+        .await;
+    let refused = tab2.next().await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["code"], "run_in_progress");
+    let (status, body) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "rest"}),
+        )
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(body["code"], "run_in_progress");
+
+    for word in ["same ", "for ", "both"] {
+        request.token(word);
+    }
+    request.send(Step::Finish);
+    let frames1 = tab1.until("complete").await;
+    let frames2 = tab2.until("complete").await;
+    assert_eq!(chunks(&frames1), chunks(&frames2), "same seqs, same text");
+    assert_eq!(text(&frames1), "same for both");
+    // Nothing of the refused messages was stored.
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    assert_eq!(messages["items"].as_array().unwrap().len(), 2);
+    // Once complete, the other tab may send.
+    tab2.send(json!({"type": "message", "content": "my turn"}))
+        .await;
+    assert_eq!(tab2.next().await["type"], "start");
+    assert_eq!(tab1.next().await["type"], "start");
+    server.shutdown().await.unwrap();
+}
+
+async fn upstream_failure_mid_stream_fails_the_run_and_keeps_the_output(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "fail please"}))
+        .await;
+    let start = ws.next().await;
+    let request = upstream.next_request().await;
+    request.token("par");
+    request.token("tial");
+    read_text(&mut ws, "partial").await;
+    request.send(Step::Fail);
+    let frames = ws.until("complete").await;
+    let error = frames.iter().find(|f| f["type"] == "error").unwrap();
+    assert_eq!(error["code"], "model_error");
+    assert_eq!(error["runId"], start["runId"]);
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "failed");
+    assert_eq!(complete["fullOutput"], "partial");
+    let run_id = start["runId"].as_str().unwrap();
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["output"], "partial");
+    assert!(run["error"].as_str().is_some_and(|e| !e.is_empty()));
+
+    // A provider that keeps answering 500 is retried with backoff before the first token, then
+    // the run fails.
+    upstream.set_script(Script::Status(500));
+    ws.send(json!({"type": "message", "content": "again"}))
+        .await;
+    let frames = ws.until("complete").await;
+    assert_eq!(frames.last().unwrap()["status"], "failed");
+    assert_eq!(frames.last().unwrap()["fullOutput"], "");
+    assert!(frames.iter().any(|f| f["code"] == "model_error"));
+    assert_eq!(
+        upstream.statuses_served(),
+        vec![500, 500, 500, 500],
+        "1 try + 3 retries"
+    );
+    server.shutdown().await.unwrap();
+}
+
+async fn a_resend_with_the_same_client_message_id_starts_nothing_new(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let (mut ws, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let message = json!({"type": "message", "content": "once", "clientMessageId": "same-id"});
+    ws.send(message.clone()).await;
+    let start = ws.next().await;
+    let request = upstream.next_request().await;
+    request.token("one ");
+    read_text(&mut ws, "one ").await;
+    ws.close().await;
+    // After a reconnect the client resends: the same run comes back, nothing new is stored.
+    let (mut again, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    again.send(message.clone()).await;
+    let replayed_start = again.next().await;
+    assert_eq!(replayed_start, start);
+    request.token("answer");
+    request.send(Step::Finish);
+    let frames = again.until("complete").await;
+    assert_eq!(text(&frames), "one answer", "replayed from seq 1");
+    // Once finished, a resend answers with the outcome.
+    again.send(message).await;
+    let frames = again.until("complete").await;
+    assert_eq!(frames[0], start);
+    assert_eq!(frames.last().unwrap()["fullOutput"], "one answer");
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    assert_eq!(messages["items"].as_array().unwrap().len(), 2);
+    server.shutdown().await.unwrap();
+}
+
+async fn shutdown_interrupts_and_saves_active_runs(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let mut server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let token = token(&api);
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) = WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token).await;
+    ws.send(json!({"type": "message", "content": "long"})).await;
+    let start = ws.next().await;
+    let request = upstream.next_request().await;
+    request.token("kept");
+    read_text(&mut ws, "kept").await;
+    let stopping = tokio::spawn(async move {
+        server.stop().await.unwrap();
+        server
+    });
+    let (frames, code) = ws.until_closed().await;
+    assert_eq!(code, 1001);
+    let complete = frames.iter().find(|f| f["type"] == "complete").unwrap();
+    assert_eq!(complete["status"], "interrupted");
+    assert_eq!(complete["fullOutput"], "kept");
+    assert!(frames.iter().any(|f| f["code"] == "shutting_down"));
+    request.cancelled().await;
+    let mut server = stopping.await.unwrap();
+    let db = server.take_db();
+    let uuid = uuid::Uuid::parse_str(start["runId"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM runs WHERE id = $1 AND status = 'interrupted' AND output = 'kept'", uuid)
+            .await,
+        1
+    );
+    db.drop_database().await;
+}
+
+// ---- Authentication on sockets ----
+
+on_both_engines!(
+    auth_deadline_bad_tokens_and_frames_before_auth,
+    another_users_conversation_and_run_close_with_1008,
+);
+
+async fn auth_deadline_bad_tokens_and_frames_before_auth(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |config| {
+        config.auth_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+
+    let mut silent = WsClient::connect(&server, &path).await;
+    let (frames, code) = silent.until_closed().await;
+    assert_eq!(frames[0]["code"], "auth_timeout");
+    assert_eq!(code, 1008);
+
+    let mut bad = WsClient::connect(&server, &path).await;
+    bad.send(json!({"type": "auth", "token": "not-a-jwt"}))
+        .await;
+    let (frames, code) = bad.until_closed().await;
+    assert_eq!(frames[0]["code"], "invalid_token");
+    assert_eq!(code, 1008);
+
+    let mut early = WsClient::connect(&server, &path).await;
+    early
+        .send(json!({"type": "message", "content": "hi"}))
+        .await;
+    assert_eq!(early.next().await["code"], "not_authenticated");
+    early.send(json!({"type": "stop"})).await;
+    assert_eq!(early.next().await["code"], "not_authenticated");
+    early.send(json!({"type": "ping"})).await;
+    assert_eq!(early.next().await["type"], "pong");
+    early
+        .send(json!({"type": "auth", "token": token(&api)}))
+        .await;
+    assert_eq!(early.next().await["type"], "authenticated");
+    server.shutdown().await.unwrap();
+}
+
+async fn another_users_conversation_and_run_close_with_1008(engine: Engine) {
+    let upstream = FakeUpstream::start(tokens(&["private"])).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let owner = server.user().await;
+    let intruder = server.user().await;
+    let conversation = owner.new_conversation().await;
+    let sent = owner.send_and_finish(&conversation, "secret").await;
+    let run_id = sent["run"]["id"].as_str().unwrap().to_owned();
+    let missing = uuid::Uuid::now_v7();
+    for path in [
+        format!("/ws/chat/{conversation}"),
+        format!("/ws/chat/{missing}"),
+        format!("/ws/runs/{run_id}/stream"),
+        format!("/ws/runs/{missing}/stream"),
+    ] {
+        let mut ws = WsClient::connect(&server, &path).await;
+        ws.send(json!({"type": "auth", "token": token(&intruder)}))
+            .await;
+        let (frames, code) = ws.until_closed().await;
+        assert_eq!(code, 1008, "{path}");
+        assert_eq!(frames.len(), 1, "{path}: nothing but the refusal");
+        assert_eq!(frames[0]["code"], "not_found", "{path}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+const SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
+
+fn mint(user: uuid::Uuid, exp: i64) -> String {
+    let claims = json!({
+        "iss": "wadi", "sub": user.to_string(), "aud": "authenticated", "exp": exp,
+        "iat": now(), "role": "authenticated", "email": "", "session_id": uuid::Uuid::new_v4(),
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A server accepting HS256 tokens the test mints, with no leeway, and a conversation of `user`.
+async fn minting_server(user: uuid::Uuid) -> (TestServer, FakeUpstream, String) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.supabase_jwt_secret = Some(SECRET.into());
+        config.jwt_leeway = Duration::ZERO;
+    })
+    .await;
+    let api = Api {
+        server: &server,
+        token: Some(mint(user, now() + 600)),
+    };
+    let conversation = api.new_conversation().await;
+    (server, upstream, conversation)
+}
+
+#[tokio::test]
+async fn an_expired_token_closes_the_socket_with_4001() {
+    let user = uuid::Uuid::new_v4();
+    let (server, _upstream, conversation) = minting_server(user).await;
+    let exp = now() + 1;
+    let (mut ws, authenticated) = WsClient::authed(
+        &server,
+        &format!("/ws/chat/{conversation}"),
+        &mint(user, exp),
+    )
+    .await;
+    assert_eq!(authenticated["expiresAt"], exp);
+    let (frames, code) = ws.until_closed().await;
+    assert_eq!(frames[0]["code"], "token_expired");
+    assert_eq!(code, 4001);
+    // An already expired token is refused at auth.
+    let mut late = WsClient::connect(&server, &format!("/ws/chat/{conversation}")).await;
+    late.send(json!({"type": "auth", "token": mint(user, now() - 5)}))
+        .await;
+    let (frames, code) = late.until_closed().await;
+    assert_eq!(frames[0]["code"], "token_expired");
+    assert_eq!(code, 1008);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_in_band_refresh_extends_the_socket_without_interrupting_the_stream() {
+    let user = uuid::Uuid::new_v4();
+    let (server, upstream, conversation) = minting_server(user).await;
+    let expires = now() + 2;
+    let (mut ws, _) = WsClient::authed(
+        &server,
+        &format!("/ws/chat/{conversation}"),
+        &mint(user, expires),
+    )
+    .await;
+    ws.send(json!({"type": "message", "content": "stream across the refresh"}))
+        .await;
+    assert_eq!(ws.next().await["type"], "start");
+    let request = upstream.next_request().await;
+    request.token("before ");
+    read_text(&mut ws, "before ").await;
+
+    // Another user's token is refused and changes nothing.
+    ws.send(json!({"type": "auth", "token": mint(uuid::Uuid::new_v4(), now() + 600)}))
+        .await;
+    assert_eq!(ws.next().await["code"], "user_mismatch");
+    // A garbage refresh is refused and changes nothing.
+    ws.send(json!({"type": "auth", "token": "garbage"})).await;
+    assert_eq!(ws.next().await["code"], "invalid_token");
+    // The same user's fresh token extends the connection.
+    ws.send(json!({"type": "auth", "token": mint(user, now() + 600)}))
+        .await;
+    let refreshed = ws.next().await;
+    assert_eq!(refreshed["type"], "authenticated");
+    assert!(refreshed["expiresAt"].as_i64().unwrap() > expires + 500);
+    assert!(refreshed["activeRun"].is_object());
+
+    // Past the first token's expiry nothing closes the socket…
+    let quiet = tokio::time::timeout(Duration::from_millis(3200), ws.incoming()).await;
+    assert!(
+        quiet.is_err(),
+        "the socket must stay silent and open: {quiet:?}"
+    );
+    assert!(now() > expires);
+    // …and the stream carries on to the end.
+    request.token("after");
+    request.send(Step::Finish);
+    let frames = ws.until("complete").await;
+    assert_eq!(frames.last().unwrap()["fullOutput"], "before after");
+    server.shutdown().await.unwrap();
+}
+
+// ---- Bad input and limits ----
+
+#[tokio::test]
+async fn each_bad_frame_gets_a_typed_error_and_the_socket_stays_usable() {
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.max_content_bytes = 100;
+        config.ws_rate_burst = 100;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    let cases: Vec<(Message, &str)> = vec![
+        (
+            Message::Binary(vec![1, 2, 3].into()),
+            "binary_not_supported",
+        ),
+        (Message::Text("{not json".into()), "invalid_json"),
+        (Message::Text("[1,2]".into()), "invalid_frame"),
+        (
+            Message::Text(r#"{"content":"no type"}"#.into()),
+            "invalid_frame",
+        ),
+        (
+            Message::Text(r#"{"type":"subscribe"}"#.into()),
+            "unknown_type",
+        ),
+        (
+            Message::Text(r#"{"type":"message"}"#.into()),
+            "invalid_message",
+        ),
+        (
+            Message::Text(r#"{"type":"message","content":7}"#.into()),
+            "invalid_message",
+        ),
+        (
+            Message::Text(r#"{"type":"message","content":"   "}"#.into()),
+            "empty_content",
+        ),
+        (
+            Message::Text(
+                json!({"type": "message", "content": "x".repeat(101)})
+                    .to_string()
+                    .into(),
+            ),
+            "too_large",
+        ),
+        (
+            Message::Text(r#"{"type":"resume"}"#.into()),
+            "invalid_message",
+        ),
+    ];
+    for (message, code) in cases {
+        ws.send_raw(message.clone()).await;
+        let answer = ws.next().await;
+        assert_eq!(answer["type"], "error", "{message:?}");
+        assert_eq!(answer["code"], code, "{message:?}");
+        ws.send(json!({"type": "ping"})).await;
+        assert_eq!(ws.next().await["type"], "pong", "usable after {message:?}");
+    }
+    // Frames valid in general but not on a run socket.
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "hi"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let run_id = sent["run"]["id"].as_str().unwrap();
+    let (mut run_socket, _) =
+        WsClient::authed(&server, &format!("/ws/runs/{run_id}/stream"), &token(&api)).await;
+    for frame in [
+        json!({"type": "message", "content": "here?"}),
+        json!({"type": "resume", "runId": run_id, "afterSeq": 0}),
+        json!({"type": "stop", "runId": uuid::Uuid::now_v7()}),
+    ] {
+        run_socket.send(frame.clone()).await;
+        assert_eq!(
+            run_socket.next().await["code"],
+            "invalid_request",
+            "{frame}"
+        );
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_frames_and_invalid_utf8_close_with_their_codes() {
+    use tokio_tungstenite::tungstenite::{
+        Message,
+        protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        },
+    };
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.max_frame_bytes = 1024;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+
+    let (mut big, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    big.send(json!({"type": "message", "content": "y".repeat(2000)}))
+        .await;
+    let (frames, code) = big.until_closed().await;
+    assert_eq!(code, 1009);
+    assert_eq!(frames[0]["code"], "too_large");
+
+    let (mut garbled, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    garbled.send_raw(Message::Frame(frame)).await;
+    let (frames, code) = garbled.until_closed().await;
+    assert_eq!(code, 1007);
+    assert_eq!(frames[0]["code"], "invalid_utf8");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_rate_limit_drops_frames_and_keeps_the_socket() {
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.ws_rate_burst = 5;
+        config.ws_rate_per_second = 0.01;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let mut ws = WsClient::connect(&server, &format!("/ws/chat/{conversation}")).await;
+    for _ in 0..5 {
+        ws.send(json!({"type": "ping"})).await;
+        assert_eq!(ws.next().await["type"], "pong");
+    }
+    ws.send(json!({"type": "ping"})).await;
+    assert_eq!(ws.next().await["code"], "rate_limited");
+    // Still connected: protocol pings are answered.
+    ws.send_raw(Message::Ping(b"alive?".to_vec().into())).await;
+    let pong = tokio::time::timeout(TIMEOUT, async {
+        use futures_util::StreamExt;
+        loop {
+            match ws.socket.next().await {
+                Some(Ok(Message::Pong(payload))) => return payload,
+                Some(Ok(_)) => {}
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&pong[..], b"alive?");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn connection_caps_per_user_and_in_total() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.max_connections_per_user = 2;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let (_a, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let (_b, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let mut c = WsClient::connect(&server, &path).await;
+    c.send(json!({"type": "auth", "token": token(&api)})).await;
+    let (frames, code) = c.until_closed().await;
+    assert_eq!(frames[0]["code"], "too_many_connections");
+    assert_eq!(code, 1013);
+    server.shutdown().await.unwrap();
+
+    // In total: the upgrade itself is refused.
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.max_connections = 2;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let _d = WsClient::connect(&server, &path).await;
+    let _e = WsClient::connect(&server, &path).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}{path}", server.addr)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
+    // 1 MiB of answer in 16 KiB deltas, as fast as the fake can send them.
+    let big = "z".repeat(16 * 1024);
+    let upstream = FakeUpstream::start(Script::Tokens {
+        tokens: vec![big; 64],
+        pace: Duration::ZERO,
+    })
+    .await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.send_queue = 4;
+        config.slow_client_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    // The stalled client: authenticates, then never reads again. A tiny receive window makes the
+    // server's socket buffer fill quickly.
+    let stalled_tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    stalled_tcp.set_recv_buffer_size(4096).unwrap();
+    let stalled_tcp = stalled_tcp.connect(server.addr).await.unwrap();
+    let (mut stalled, _) =
+        tokio_tungstenite::client_async(format!("ws://{}{path}", server.addr), stalled_tcp)
+            .await
+            .unwrap();
+    {
+        use futures_util::{SinkExt, StreamExt};
+        stalled.next().await.unwrap().unwrap(); // connected
+        stalled
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                json!({"type": "auth", "token": token(&api)})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        // Once authenticated it watches the conversation; from here on it reads nothing.
+        let authenticated = stalled.next().await.unwrap().unwrap();
+        assert!(authenticated.to_text().unwrap().contains("authenticated"));
+    }
+    let (mut reader, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    reader
+        .send(json!({"type": "message", "content": "lots"}))
+        .await;
+    let frames = reader.until("complete").await;
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(
+        text(&frames).len(),
+        64 * 16 * 1024,
+        "the reader got everything"
+    );
+
+    // The stalled client is cut off once its queue has been full for the slow-client timeout.
+    let slow_closes = || async {
+        let metrics = server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find(|l| l.starts_with("wadi_slow_client_closes_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap()
+    };
+    tokio::time::timeout(TIMEOUT, async {
+        while slow_closes().await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stalled client was never closed");
+    // What it had received stops short of the end: it never got `complete`.
+    let mut got_complete = false;
+    {
+        use futures_util::StreamExt;
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(TIMEOUT, stalled.next()).await {
+            if let Ok(text) = message.to_text() {
+                got_complete |= text.contains("\"complete\"");
+            }
+        }
+    }
+    assert!(
+        !got_complete,
+        "the stalled client was cut off before the end"
+    );
+    assert_eq!(slow_closes().await, 1.0);
+    drop(stalled);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn readyz_and_metrics_report_the_server() {
+    let upstream = FakeUpstream::start(tokens(&["a", "b"])).await;
+    let server = setup(Engine::Sqlite, &upstream, |_| {}).await;
+    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "count me"}))
+        .await;
+    ws.until("complete").await;
+    let mut bad = WsClient::connect(&server, &format!("/ws/chat/{conversation}")).await;
+    bad.send(json!({"type": "auth", "token": "nope"})).await;
+    bad.until_closed().await;
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "wadi_ws_connections{endpoint=\"chat\"} 1",
+        "wadi_active_runs 0",
+        "wadi_chunks_sent_total",
+        "wadi_bytes_sent_total",
+        "wadi_auth_failures_total{reason=\"malformed\"} 1",
+        "wadi_ws_closes_total{code=\"1008\"} 1",
+        "wadi_runs_finished_total{status=\"completed\"} 1",
+        "wadi_time_to_first_token_seconds_count 1",
+        "wadi_run_duration_seconds_count 1",
+        "wadi_slow_client_closes_total 0",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in\n{metrics}"
+        );
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_model_the_demo_model_answers_and_says_so() {
+    let server = TestServer::start().await;
+    let (_, config) = server.anonymous().get("/api/config").await;
+    assert_eq!(config["demoModel"], true);
+    assert_eq!(config["model"], "demo");
+    assert_eq!(config["authMode"], "embedded");
+    assert_eq!(config["authUrl"], "/auth/v1");
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "are you real?"}))
+        .await;
+    let frames = ws.until("complete").await;
+    let answer = text(&frames);
+    assert!(answer.contains("demo model"), "{answer}");
+    assert!(answer.contains("OPENAI_API_KEY"), "{answer}");
+    assert!(chunks(&frames).len() > 1, "streamed in several chunks");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crash_leaves_runs_interrupted_with_their_flushed_output() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let db = common::TestDb::create(Engine::Sqlite).await;
+    let data_dir = db.data_dir.path().to_path_buf();
+    // The real binary, so that it can be killed like a crash.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wadi"))
+        .env("WADI_ADDR", "127.0.0.1:0")
+        .env("WADI_DATA_DIR", &data_dir)
+        .env("OPENAI_BASE_URL", &upstream.base_url)
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("WADI_FLUSH_INTERVAL", "50ms")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::time::timeout(TIMEOUT, async {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("WADI is running at http://") {
+                return url.trim_end_matches('/').to_owned();
+            }
+        }
+        panic!("the server exited before printing its address");
+    })
+    .await
+    .unwrap();
+    let crashed = TestServer::external(addr.parse().unwrap());
+    let api = crashed.user().await;
+    let conversation = api.new_conversation().await;
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "hi"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let run_id = uuid::Uuid::parse_str(sent["run"]["id"].as_str().unwrap()).unwrap();
+    let request = upstream.next_request().await;
+    request.token("flushed before the crash");
+    // Wait for the periodic flush to reach the database.
+    let flushed = "SELECT COUNT(*) FROM runs WHERE id = $1 AND output = 'flushed before the crash'";
+    tokio::time::timeout(TIMEOUT, async {
+        while db.count(flushed, run_id).await == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the output was never flushed");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let running = "SELECT COUNT(*) FROM runs WHERE id = $1 AND status = 'running'";
+    assert_eq!(
+        db.count(running, run_id).await,
+        1,
+        "the crash left it running"
+    );
+
+    // A restart turns it into `interrupted`, keeping the output.
+    let restarted = TestServer::start_with(db.config()).await;
+    let interrupted = "SELECT COUNT(*) FROM runs WHERE id = $1 AND status = 'interrupted' \
+                       AND output = 'flushed before the crash'";
+    assert_eq!(db.count(interrupted, run_id).await, 1);
+    let answer = "SELECT COUNT(*) FROM messages WHERE run_id = $1 AND role = 'assistant'";
+    assert_eq!(db.count(answer, run_id).await, 1);
+    restarted.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.heartbeat_interval = Duration::from_millis(100);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    // A client that answers pings (by reading) stays through many intervals.
+    let (mut alive, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(600), alive.incoming()).await;
+    assert!(quiet.is_err(), "a responsive client is kept: {quiet:?}");
+    // A client that reads nothing answers no ping: it is closed after two silent intervals.
+    let (mut silent, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    let heartbeat_closes = || async {
+        let metrics = server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics.contains("wadi_ws_closes_total{code=\"4002\"} 1")
+    };
+    tokio::time::timeout(TIMEOUT, async {
+        while !heartbeat_closes().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the silent client was never closed");
+    let (_, code) = silent.until_closed().await;
+    assert_eq!(code, 4002);
+    alive.send(json!({"type": "ping"})).await;
+    assert_eq!(alive.next().await["type"], "pong");
+    server.shutdown().await.unwrap();
+}
