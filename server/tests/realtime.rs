@@ -1240,3 +1240,37 @@ async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
     assert_eq!(alive.next().await["type"], "pong");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn sockets_from_foreign_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.allowed_origins = vec!["http://localhost:8081".into()];
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let url = format!("ws://{}/ws/chat/{conversation}", server.addr);
+    let with_origin = |origin: &str| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+        request
+    };
+    match tokio_tungstenite::connect_async(with_origin("https://evil.example")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("a foreign origin must be refused, got {other:?}"),
+    }
+    let own = format!("http://{}", server.addr);
+    for origin in [own.as_str(), "http://localhost:8081"] {
+        let (socket, _) = tokio_tungstenite::connect_async(with_origin(origin))
+            .await
+            .unwrap_or_else(|e| panic!("{origin} must be allowed: {e}"));
+        drop(socket);
+    }
+    server.shutdown().await.unwrap();
+}
