@@ -95,7 +95,11 @@ async fn unknown_api_paths_are_json_404s() {
 
 #[tokio::test]
 async fn without_a_built_app_the_root_explains_how_to_build_it() {
-    let server = TestServer::start().await;
+    let empty = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(data.path().to_path_buf());
+    config.web_dir = Some(empty.path().to_path_buf());
+    let server = TestServer::start_with(config).await;
     let response = server.http.get(server.url("/")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.text().await.unwrap().contains("cargo xtask run"));
@@ -129,6 +133,56 @@ async fn unknown_auth_and_socket_paths_and_non_get_methods_are_404s() {
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["code"], "not_found");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn hashed_assets_are_cached_and_compressed_and_the_page_is_revalidated() {
+    let data = tempfile::tempdir().unwrap();
+    let web = tempfile::tempdir().unwrap();
+    std::fs::write(
+        web.path().join("index.html"),
+        "<!doctype html><title>app</title>",
+    )
+    .unwrap();
+    let script = "console.log('hello from a hashed asset');\n".repeat(50);
+    std::fs::write(web.path().join("app-1a2b3c4d5e6f7a8b.js"), &script).unwrap();
+    let mut config = Config::for_tests(data.path().to_path_buf());
+    config.web_dir = Some(web.path().to_path_buf());
+    let server = TestServer::start_with(config).await;
+
+    let asset = server
+        .http
+        .get(server.url("/app-1a2b3c4d5e6f7a8b.js"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        asset.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+    assert_eq!(asset.headers()["content-encoding"], "gzip");
+    let compressed = asset.bytes().await.unwrap();
+    assert!(
+        compressed.len() < script.len() / 4,
+        "{} bytes",
+        compressed.len()
+    );
+
+    let brotli = server
+        .http
+        .get(server.url("/app-1a2b3c4d5e6f7a8b.js"))
+        .header("accept-encoding", "br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(brotli.headers()["content-encoding"], "br");
+
+    for path in ["/", "/c/0193abcd"] {
+        let page = server.http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(page.headers()["cache-control"], "no-cache", "{path}");
     }
     server.shutdown().await.unwrap();
 }

@@ -46,8 +46,15 @@ pub fn router(state: AppState) -> Router {
         router = router.nest("/auth/v1", crate::auth::embedded::router(embedded));
     }
     let trust = TrustForwardedFor(state.config.trust_forwarded_for);
+    // The app's files are compressed (once per request; browsers cache the hashed ones for a
+    // year). Brotli and gzip at a moderate level: their highest levels take seconds on the wasm.
+    let compression = tower_http::compression::CompressionLayer::new()
+        .quality(tower_http::CompressionLevel::Precise(5));
+    let web_app = axum::routing::any(static_files::serve)
+        .layer(compression)
+        .with_state(state.clone());
     router
-        .fallback(static_files::serve)
+        .fallback_service(web_app)
         .layer(axum::Extension(trust))
         .with_state(state)
 }

@@ -1,0 +1,274 @@
+//! The open conversation: history, the streaming answer, the composer, the connection banner.
+
+use leptos::{html, prelude::*};
+use uuid::Uuid;
+
+use crate::{
+    api::Api,
+    app::Shared,
+    components::message::{Message, StreamingMessage},
+    socket::{self, Action, ChatSignals, Link},
+    store::PendingState,
+};
+
+/// How close to the bottom (in pixels) still counts as "at the bottom".
+const STICK_THRESHOLD: i32 = 48;
+
+fn draft_key(id: Uuid) -> String {
+    format!("wadi.draft.{id}")
+}
+
+fn load_draft(id: Uuid) -> String {
+    window()
+        .local_storage()
+        .ok()
+        .flatten()
+        .and_then(|s| s.get_item(&draft_key(id)).ok().flatten())
+        .unwrap_or_default()
+}
+
+/// Drafts survive reloads and an ended session (signing in again brings it back).
+fn save_draft(id: Uuid, text: &str) {
+    if let Some(storage) = window().local_storage().ok().flatten() {
+        let _ = if text.is_empty() {
+            storage.remove_item(&draft_key(id))
+        } else {
+            storage.set_item(&draft_key(id), text)
+        };
+    }
+}
+
+#[component]
+pub fn ChatPane(
+    /// The conversation shown.
+    id: Uuid,
+) -> impl IntoView {
+    let api = expect_context::<Api>();
+    let shared = expect_context::<Shared>();
+    let signals = ChatSignals {
+        messages: RwSignal::new(Vec::new()),
+        streaming: RwSignal::new(None),
+        error: RwSignal::new(None),
+        link: RwSignal::new(Link::Connecting),
+        loaded: RwSignal::new(false),
+        list_changed: shared.list_changed,
+    };
+    let driver = StoredValue::new_local(socket::start(api.clone(), id, signals));
+    let act = move |action: Action| driver.with_value(|d| d.act(action));
+
+    // Reconnect at once when the network or the tab comes back.
+    let online = window_event_listener(leptos::ev::online, move |_| act(Action::Wake));
+    let visible = window_event_listener(leptos::ev::visibilitychange, move |_| {
+        if document().visibility_state() == web_sys::VisibilityState::Visible {
+            act(Action::Wake);
+        }
+    });
+    on_cleanup(move || {
+        online.remove();
+        visible.remove();
+    });
+
+    let title = RwSignal::new(String::new());
+    {
+        let api = api.clone();
+        Effect::new(move |_| {
+            shared.list_changed.track();
+            let api = api.clone();
+            leptos::task::spawn_local(async move {
+                if let Ok(conversation) = api.conversation(id).await {
+                    title.set(conversation.title);
+                }
+            });
+        });
+    }
+
+    let draft = RwSignal::new(load_draft(id));
+    let streaming_text = Signal::derive(move || {
+        signals
+            .streaming
+            .with(|s| s.as_ref().map(|(_, text)| text.clone()).unwrap_or_default())
+    });
+    let is_streaming = Memo::new(move |_| signals.streaming.with(Option::is_some));
+    let sending = Memo::new(move |_| {
+        signals.messages.with(|messages| {
+            messages
+                .iter()
+                .any(|m| m.pending == Some(PendingState::Sending))
+        })
+    });
+
+    let send = move || {
+        let text = draft.get_untracked();
+        if text.trim().is_empty() {
+            return;
+        }
+        act(Action::Send(text));
+        draft.set(String::new());
+        save_draft(id, "");
+    };
+    let on_key = move |event: leptos::ev::KeyboardEvent| {
+        // Enter sends; Shift+Enter is a new line; IME composition is left alone.
+        if event.key() == "Enter" && !event.shift_key() && !event.is_composing() {
+            event.prevent_default();
+            send();
+        }
+    };
+
+    // Auto-scroll: follow the answer unless the user scrolled up.
+    let scroller = NodeRef::<html::Div>::new();
+    let stick = RwSignal::new(true);
+    let on_scroll = move |_| {
+        if let Some(el) = scroller.get_untracked() {
+            let distance = el.scroll_height() - el.scroll_top() - el.client_height();
+            stick.set(distance <= STICK_THRESHOLD);
+        }
+    };
+    let to_bottom = move || {
+        if let Some(el) = scroller.get_untracked() {
+            el.set_scroll_top(el.scroll_height());
+        }
+    };
+    Effect::new(move |_| {
+        signals.messages.track();
+        signals.streaming.track();
+        if stick.get_untracked() {
+            request_animation_frame(to_bottom);
+        }
+    });
+
+    // Copy buttons in code blocks, by delegation.
+    let on_click = move |event: leptos::ev::MouseEvent| {
+        use wasm_bindgen::JsCast;
+        let Some(target) = event
+            .target()
+            .and_then(|t| t.dyn_into::<web_sys::Element>().ok())
+        else {
+            return;
+        };
+        let Ok(Some(button)) = target.closest("button.copy") else {
+            return;
+        };
+        let code = button
+            .parent_element()
+            .and_then(|block| block.query_selector("pre").ok().flatten())
+            .and_then(|pre| pre.text_content())
+            .unwrap_or_default();
+        let clipboard = window().navigator().clipboard();
+        let _ = clipboard.write_text(&code);
+        button.set_text_content(Some("Copied"));
+    };
+
+    let on_retry = Callback::new(move |key: String| act(Action::Retry(key)));
+
+    view! {
+        <section class="chat" aria-label="Conversation">
+            <header class="chat-head">
+                <button
+                    class="menu-toggle"
+                    aria-label="Show conversations"
+                    on:click=move |_| shared.sidebar_open.update(|open| *open = !*open)
+                >
+                    "☰"
+                </button>
+                <h2 class="title">{move || title.get()}</h2>
+            </header>
+            <Banner link=signals.link />
+            <div class="messages" node_ref=scroller on:scroll=on_scroll on:click=on_click>
+                {move || {
+                    (!signals.loaded.get())
+                        .then(|| view! { <p class="muted loading">"Loading…"</p> })
+                }}
+                <For
+                    each=move || signals.messages.get()
+                    key=|m| (m.key.clone(), format!("{:?}", m.pending))
+                    children=move |message| view! { <Message message on_retry /> }
+                />
+                <Show when=move || is_streaming.get()>
+                    <StreamingMessage text=streaming_text />
+                </Show>
+                {move || {
+                    signals
+                        .error
+                        .get()
+                        .map(|error| {
+                            view! {
+                                <div class="error in-place" role="alert">
+                                    {error}
+                                    " "
+                                    <button class="link" on:click=move |_| act(Action::Wake)>
+                                        "Retry"
+                                    </button>
+                                </div>
+                            }
+                        })
+                }}
+            </div>
+            <Show when=move || !stick.get()>
+                <button
+                    class="jump"
+                    on:click=move |_| {
+                        stick.set(true);
+                        to_bottom();
+                    }
+                >
+                    "↓ Jump to latest"
+                </button>
+            </Show>
+            <form
+                class="composer"
+                on:submit=move |event: leptos::ev::SubmitEvent| {
+                    event.prevent_default();
+                    send();
+                }
+            >
+                <textarea
+                    aria-label="Message"
+                    placeholder="Message WADI… (Enter to send, Shift+Enter for a new line)"
+                    rows="2"
+                    prop:value=move || draft.get()
+                    on:input=move |ev| {
+                        let text = event_target_value(&ev);
+                        save_draft(id, &text);
+                        draft.set(text);
+                    }
+                    on:keydown=on_key
+                ></textarea>
+                <Show
+                    when=move || is_streaming.get()
+                    fallback=move || {
+                        view! {
+                            <button
+                                class="primary send"
+                                type="submit"
+                                disabled=move || draft.with(|d| d.trim().is_empty()) || sending.get()
+                            >
+                                "Send"
+                            </button>
+                        }
+                    }
+                >
+                    <button class="stop" type="button" on:click=move |_| act(Action::Stop)>
+                        "■ Stop"
+                    </button>
+                </Show>
+            </form>
+        </section>
+    }
+}
+
+/// Shown while the socket is not connected.
+#[component]
+fn Banner(
+    /// The socket's state.
+    link: RwSignal<Link>,
+) -> impl IntoView {
+    move || {
+        let text = match link.get() {
+            Link::Online => return None,
+            Link::Connecting => "Connecting…",
+            Link::Reconnecting => "Connection lost. Reconnecting…",
+            Link::Fallback => "Live connection unavailable: messages are sent over HTTP.",
+        };
+        Some(view! { <div class="banner" role="status">{text}</div> })
+    }
+}

@@ -1,0 +1,6 @@
+//! The UI, one component per part of the screen.
+
+pub mod chat;
+pub mod message;
+pub mod sidebar;
+pub mod sign_in;

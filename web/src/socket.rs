@@ -1,0 +1,514 @@
+//! The connection behind an open conversation: one WebSocket, authenticated as in
+//! `docs/protocol.md`, reconnected with backoff and full jitter (at once when the browser comes
+//! back online or the tab becomes visible), its token refreshed on the open socket before it
+//! expires, and, when WebSocket cannot connect at all, REST sends followed over SSE.
+//!
+//! The driver owns the conversation's [`ChatState`]; the UI talks to it through [`ChatDriver`]
+//! and reads [`ChatSignals`]. Chunks reach the screen at most once per animation frame.
+
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{
+    FutureExt, SinkExt, StreamExt,
+    channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded},
+    stream::FusedStream,
+};
+use gloo_net::websocket::{Message, WebSocketError, futures::WebSocket};
+use leptos::{prelude::*, task::spawn_local};
+use uuid::Uuid;
+use wadi_protocol::{ClientMessage, ServerMessage};
+
+use crate::{
+    api::Api,
+    auth,
+    store::{Backoff, ChatState, Command, MessageView, timing},
+};
+
+/// Failed opens in a row after which sends go over REST and SSE until a socket works again.
+const FALLBACK_AFTER: u32 = 3;
+
+/// The socket's state, for the banner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Connecting,
+    Online,
+    Reconnecting,
+    /// WebSocket cannot connect; sending over REST, answers over SSE.
+    Fallback,
+}
+
+/// What the UI reads.
+#[derive(Clone, Copy)]
+pub struct ChatSignals {
+    pub messages: RwSignal<Vec<MessageView>>,
+    /// The answer streaming now: its run and text so far.
+    pub streaming: RwSignal<Option<(Uuid, String)>>,
+    pub error: RwSignal<Option<String>>,
+    pub link: RwSignal<Link>,
+    pub loaded: RwSignal<bool>,
+    /// Bumped when the conversation list may have changed (title, order).
+    pub list_changed: RwSignal<u64>,
+}
+
+/// What the UI asks.
+#[derive(Debug)]
+pub enum Action {
+    Send(String),
+    Retry(String),
+    Stop,
+    /// Reconnect now (online again, tab visible again).
+    Wake,
+}
+
+/// The UI's handle; dropping it ends the driver and closes the socket.
+pub struct ChatDriver {
+    actions: UnboundedSender<Action>,
+    alive: Arc<AtomicBool>,
+}
+
+impl ChatDriver {
+    pub fn act(&self, action: Action) {
+        let _ = self.actions.unbounded_send(action);
+    }
+}
+
+impl Drop for ChatDriver {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.actions.close_channel();
+    }
+}
+
+/// Starts the driver for `conversation_id`.
+pub fn start(api: Api, conversation_id: Uuid, signals: ChatSignals) -> ChatDriver {
+    let (actions, receiver) = unbounded();
+    let alive = Arc::new(AtomicBool::new(true));
+    let driver = Driver {
+        api,
+        conversation_id,
+        signals,
+        state: ChatState::default(),
+        alive: alive.clone(),
+        actions: receiver,
+        backoff: Backoff::default(),
+        frame: Rc::new(FrameScheduler::default()),
+    };
+    spawn_local(driver.run());
+    ChatDriver { actions, alive }
+}
+
+/// Coalesces streaming text updates to one per animation frame.
+#[derive(Default)]
+struct FrameScheduler {
+    latest: RefCell<Option<(Uuid, String)>>,
+    scheduled: Cell<bool>,
+}
+
+impl FrameScheduler {
+    fn show(
+        self: &Rc<Self>,
+        value: Option<(Uuid, String)>,
+        signal: RwSignal<Option<(Uuid, String)>>,
+    ) {
+        *self.latest.borrow_mut() = value;
+        if self.scheduled.replace(true) {
+            return;
+        }
+        let this = self.clone();
+        request_animation_frame(move || {
+            this.scheduled.set(false);
+            let latest = this.latest.borrow_mut().take();
+            signal.set(latest);
+        });
+    }
+}
+
+/// How one connection ended.
+enum Ended {
+    /// The UI went away.
+    Stopped,
+    SignedOut,
+    /// The socket closed: was it ever authenticated, and with which code.
+    Closed {
+        authenticated: bool,
+        code: u16,
+    },
+}
+
+struct Driver {
+    api: Api,
+    conversation_id: Uuid,
+    signals: ChatSignals,
+    state: ChatState,
+    alive: Arc<AtomicBool>,
+    actions: UnboundedReceiver<Action>,
+    backoff: Backoff,
+    frame: Rc<FrameScheduler>,
+}
+
+fn client_message_id() -> String {
+    web_sys::window()
+        .and_then(|w| w.crypto().ok())
+        .map(|crypto| crypto.random_uuid())
+        .unwrap_or_else(|| format!("c-{}-{}", js_sys::Date::now(), js_sys::Math::random()))
+}
+
+fn socket_url(conversation_id: Uuid) -> String {
+    let location = window().location();
+    let scheme = if location.protocol().as_deref() == Ok("https:") {
+        "wss"
+    } else {
+        "ws"
+    };
+    let host = location.host().unwrap_or_default();
+    format!("{scheme}://{host}/ws/chat/{conversation_id}")
+}
+
+impl Driver {
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Pushes the state to the UI (everything but the streaming text, which goes per frame).
+    fn sync(&self) {
+        self.signals.messages.set(self.state.messages.clone());
+        self.signals.error.set(self.state.error.clone());
+        let streaming = self
+            .state
+            .streaming
+            .as_ref()
+            .map(|s| (s.run_id, s.text.clone()));
+        if streaming.is_none() {
+            self.signals.streaming.set(None);
+        }
+        self.frame.show(streaming, self.signals.streaming);
+    }
+
+    fn sync_stream(&self) {
+        let streaming = self
+            .state
+            .streaming
+            .as_ref()
+            .map(|s| (s.run_id, s.text.clone()));
+        self.frame.show(streaming, self.signals.streaming);
+    }
+
+    async fn load_history(&mut self) {
+        match self.api.messages(self.conversation_id).await {
+            Ok(history) => {
+                self.state.load_history(history);
+                self.sync();
+                self.signals.loaded.set(true);
+            }
+            Err(error) => {
+                self.state.error = Some(error.describe());
+                self.sync();
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        self.load_history().await;
+        let mut failed_opens = 0u32;
+        while self.alive() {
+            self.signals.link.set(if failed_opens >= FALLBACK_AFTER {
+                Link::Fallback
+            } else if self.signals.link.get_untracked() == Link::Online {
+                Link::Reconnecting
+            } else {
+                self.signals.link.get_untracked()
+            });
+            match self.connection().await {
+                Ended::Stopped | Ended::SignedOut => return,
+                Ended::Closed {
+                    authenticated,
+                    code,
+                } => {
+                    if authenticated {
+                        failed_opens = 0;
+                    } else {
+                        failed_opens += 1;
+                    }
+                    // Auth refused or token expired: refresh, then reconnect. A refresh that is
+                    // refused ends the session (the app shows sign-in, keeping the draft).
+                    if matches!(code, 1008 | 4001) && self.api.auth.refresh().await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if !self.alive() {
+                return;
+            }
+            self.signals.link.set(if failed_opens >= FALLBACK_AFTER {
+                Link::Fallback
+            } else {
+                Link::Reconnecting
+            });
+            let delay = self.backoff.next_delay(js_sys::Math::random());
+            if !self.wait(delay, failed_opens >= FALLBACK_AFTER).await {
+                return;
+            }
+        }
+    }
+
+    /// Waits out the backoff delay, handling what the user does meanwhile. Returns false when
+    /// the driver should end.
+    async fn wait(&mut self, delay: Duration, fallback: bool) -> bool {
+        let mut timer = gloo_timers::future::sleep(delay).fuse();
+        loop {
+            futures::select! {
+                () = timer => return true,
+                action = self.actions.next() => match action {
+                    None => return false,
+                    Some(Action::Wake) => return true,
+                    Some(Action::Send(content)) => {
+                        let id = client_message_id();
+                        // Shown at once; sent when the socket is back, or now over REST.
+                        self.state.send(content, id);
+                        self.sync();
+                        if fallback {
+                            self.send_over_rest().await;
+                        }
+                    }
+                    Some(Action::Retry(id)) => {
+                        self.state.retry(&id);
+                        self.sync();
+                        if fallback {
+                            self.send_over_rest().await;
+                        }
+                    }
+                    Some(Action::Stop) => self.stop_over_rest().await,
+                },
+            }
+        }
+    }
+
+    /// Fallback: sends the unacknowledged messages over REST and follows their runs over SSE.
+    async fn send_over_rest(&mut self) {
+        for command in self.state.unacknowledged() {
+            let Command::Send(ClientMessage::Message {
+                content,
+                client_message_id: Some(id),
+            }) = command
+            else {
+                continue;
+            };
+            match self
+                .api
+                .send_message(self.conversation_id, content, id)
+                .await
+            {
+                Ok(sent) => {
+                    if let Some(run) = sent.run {
+                        self.state.apply(ServerMessage::Start {
+                            run_id: run.id,
+                            conversation_id: run.conversation_id,
+                            message_id: run.message_id,
+                        });
+                        self.sync();
+                        self.follow_over_sse(run.id).await;
+                    }
+                }
+                Err(error) => {
+                    self.state.error = Some(error.describe());
+                    self.sync();
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn follow_over_sse(&mut self, run_id: Uuid) {
+        let Ok(token) = self.api.auth.valid_token().await else {
+            return;
+        };
+        let after = self
+            .state
+            .streaming
+            .as_ref()
+            .filter(|s| s.run_id == run_id)
+            .map_or(0, |s| s.applied);
+        let Ok(frames) = crate::sse::follow(run_id, after, &token).await else {
+            return;
+        };
+        let mut frames = std::pin::pin!(frames.fuse());
+        loop {
+            futures::select! {
+                frame = frames.next() => match frame {
+                    Some(frame) => self.apply(frame).await,
+                    None => return,
+                },
+                action = self.actions.next() => match action {
+                    Some(Action::Stop) => self.stop_over_rest().await,
+                    None => return,
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+
+    async fn stop_over_rest(&mut self) {
+        if let Some(streaming) = &self.state.streaming {
+            let _ = self.api.stop_run(streaming.run_id).await;
+        }
+    }
+
+    /// Applies a frame and carries out the commands it produces, except sends (there is no
+    /// socket in the fallback); a gap there is filled by the next SSE resume.
+    async fn apply(&mut self, frame: ServerMessage) {
+        let chunk = matches!(frame, ServerMessage::Chunk { .. });
+        let ended = matches!(frame, ServerMessage::Complete { .. });
+        let commands = self.state.apply(frame);
+        if chunk {
+            self.sync_stream();
+        } else {
+            self.sync();
+        }
+        if ended {
+            self.signals.list_changed.update(|v| *v += 1);
+        }
+        if commands.contains(&Command::RefreshHistory) {
+            self.load_history().await;
+            self.signals.list_changed.update(|v| *v += 1);
+        }
+    }
+
+    /// One socket, from open to close.
+    async fn connection(&mut self) -> Ended {
+        let Ok(socket) = WebSocket::open(&socket_url(self.conversation_id)) else {
+            return Ended::Closed {
+                authenticated: false,
+                code: 1006,
+            };
+        };
+        let (mut sink, stream) = socket.split();
+        let mut stream = stream.fuse();
+        let mut authenticated = false;
+        let Ok(token) = self.api.auth.valid_token().await else {
+            return Ended::SignedOut;
+        };
+        if send(&mut sink, &ClientMessage::Auth { token })
+            .await
+            .is_err()
+        {
+            return Ended::Closed {
+                authenticated,
+                code: 1006,
+            };
+        }
+        loop {
+            let wait = self
+                .api
+                .auth
+                .current()
+                .map_or(Duration::from_secs(3600), |s| {
+                    timing::refresh_delay(s.issued_at, s.expires_at, auth::now())
+                });
+            let mut refresh =
+                gloo_timers::future::sleep(wait.max(Duration::from_millis(500))).fuse();
+            futures::select! {
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(frame) = ServerMessage::decode(&text) else { continue };
+                        if let ServerMessage::Authenticated { .. } = &frame {
+                            authenticated = true;
+                            self.backoff.reset();
+                            self.signals.link.set(Link::Online);
+                        }
+                        let chunk = matches!(frame, ServerMessage::Chunk { .. });
+                        let ended = matches!(frame, ServerMessage::Complete { .. });
+                        let commands = self.state.apply(frame);
+                        if chunk { self.sync_stream() } else { self.sync() }
+                        if ended {
+                            self.signals.list_changed.update(|v| *v += 1);
+                        }
+                        if self.execute(&mut sink, commands).await.is_err() {
+                            return Ended::Closed { authenticated, code: 1006 };
+                        }
+                    }
+                    Some(Ok(Message::Bytes(_))) => {}
+                    Some(Err(WebSocketError::ConnectionClose(event))) => {
+                        return Ended::Closed { authenticated, code: event.code };
+                    }
+                    // An `error` event precedes the `close` event; wait for that.
+                    Some(Err(_)) => {}
+                    None => return Ended::Closed { authenticated, code: 1006 },
+                },
+                action = self.actions.next() => {
+                    let commands = match action {
+                        None => return Ended::Stopped,
+                        Some(Action::Send(content)) => {
+                            let commands = self.state.send(content, client_message_id());
+                            self.sync();
+                            commands
+                        }
+                        Some(Action::Retry(id)) => {
+                            let commands = self.state.retry(&id);
+                            self.sync();
+                            commands
+                        }
+                        Some(Action::Stop) => self.state.stop(),
+                        Some(Action::Wake) => Vec::new(),
+                    };
+                    if self.execute(&mut sink, commands).await.is_err() {
+                        return Ended::Closed { authenticated, code: 1006 };
+                    }
+                },
+                () = refresh => {
+                    // Refresh before expiry and hand the new token to the open socket.
+                    if self.api.auth.refresh().await.is_err() {
+                        return Ended::SignedOut;
+                    }
+                    if let Some(session) = self.api.auth.current() {
+                        let frame = ClientMessage::Auth { token: session.access_token };
+                        if send(&mut sink, &frame).await.is_err() {
+                            return Ended::Closed { authenticated, code: 1006 };
+                        }
+                    }
+                },
+            }
+            if !self.alive() {
+                return Ended::Stopped;
+            }
+            if stream.is_terminated() {
+                return Ended::Closed {
+                    authenticated,
+                    code: 1006,
+                };
+            }
+        }
+    }
+
+    async fn execute<S>(&mut self, sink: &mut S, commands: Vec<Command>) -> Result<(), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        for command in commands {
+            match command {
+                Command::Send(frame) => send(sink, &frame).await?,
+                Command::RefreshHistory => {
+                    self.load_history().await;
+                    self.signals.list_changed.update(|v| *v += 1);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn send<S>(sink: &mut S, frame: &ClientMessage) -> Result<(), ()>
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    sink.send(Message::Text(frame.encode()))
+        .await
+        .map_err(|_| ())
+}
