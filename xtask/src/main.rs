@@ -49,7 +49,7 @@ const HELP: &str = "usage: cargo xtask <command>
   dist        release build of the web app and the server into target/dist/
   setup       install the wasm target, trunk and wasm-bindgen-cli";
 
-/// Builds the web app, then runs the server in release mode until Ctrl-C.
+/// Builds the web app, then runs the server in release mode (the app embedded) until Ctrl-C.
 fn run(server_args: &[String]) -> Result<(), String> {
     tools::setup()?;
     build_web()?;
@@ -67,9 +67,6 @@ fn run(server_args: &[String]) -> Result<(), String> {
         ],
     );
     server.args(server_args).current_dir(&root);
-    if std::env::var_os("WADI_WEB_DIR").is_none() {
-        server.env("WADI_WEB_DIR", root.join("dist"));
-    }
     println!("xtask: starting the server; it prints its URL when it is ready (Ctrl-C stops it)");
     tools::status(&mut server)
 }
@@ -131,7 +128,14 @@ fn test() -> Result<(), String> {
     step("tests", &mut || {
         let mut nextest = cmd(
             "cargo",
-            &["nextest", "run", "--workspace", "--no-fail-fast"],
+            &[
+                "nextest",
+                "run",
+                "--workspace",
+                "--no-fail-fast",
+                "-E",
+                "not binary(browser)",
+            ],
         );
         nextest.current_dir(&root);
         if let Some(url) = &postgres {
@@ -140,6 +144,32 @@ fn test() -> Result<(), String> {
         tools::status(&mut nextest)
     })?;
     step("web release build", &mut build_web)?;
+    step("web bundle size", &mut check_bundle_size)?;
+    step("release binary (web app embedded)", &mut || {
+        build_release_server().map(|_| ())
+    })?;
+    step("browser install", &mut tools::browser)?;
+    step("browser tests", &mut || {
+        let binary = root.join("target").join("release").join("wadi");
+        let mut nextest = cmd(
+            "cargo",
+            &[
+                "nextest",
+                "run",
+                "-p",
+                "wadi-server",
+                "--no-fail-fast",
+                "--test-threads",
+                "2",
+                "-E",
+                "binary(browser)",
+            ],
+        );
+        nextest
+            .current_dir(&root)
+            .env("WADI_BROWSER_BINARY", binary);
+        tools::status(&mut nextest)
+    })?;
 
     println!(
         "\nxtask test: all steps passed in {:.0?}",
@@ -224,10 +254,45 @@ fn build_web() -> Result<(), String> {
     )
 }
 
-/// A release build of the web app and the server; returns the binary's path.
-fn dist() -> Result<PathBuf, String> {
-    tools::setup()?;
-    build_web()?;
+/// The gzipped size of the web app (wasm + JS) must stay within this budget.
+const BUNDLE_BUDGET_BYTES: u64 = 400 * 1024;
+
+/// Reports the gzipped size of `dist/`'s wasm and JS and fails above the budget.
+fn check_bundle_size() -> Result<(), String> {
+    let dist = workspace_root().join("dist");
+    let entries = std::fs::read_dir(&dist).map_err(|e| format!("cannot read {dist:?}: {e}"))?;
+    let mut total = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let counted = path
+            .extension()
+            .is_some_and(|ext| ext == "wasm" || ext == "js");
+        if !counted {
+            continue;
+        }
+        let gzipped = tools::gzip_size(&path)?;
+        println!(
+            "  {:<48} {:>8} bytes gzipped",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            gzipped
+        );
+        total += gzipped;
+    }
+    println!(
+        "  web bundle: {:.1} KiB gzipped (budget {} KiB)",
+        total as f64 / 1024.0,
+        BUNDLE_BUDGET_BYTES / 1024
+    );
+    if total > BUNDLE_BUDGET_BYTES {
+        return Err(format!(
+            "the web bundle is {total} bytes gzipped, over the {BUNDLE_BUDGET_BYTES}-byte budget"
+        ));
+    }
+    Ok(())
+}
+
+/// `cargo build --release` of the server, which embeds `dist/`; returns the binary's path.
+fn build_release_server() -> Result<PathBuf, String> {
     let root = workspace_root();
     tools::status(
         cmd(
@@ -236,6 +301,15 @@ fn dist() -> Result<PathBuf, String> {
         )
         .current_dir(&root),
     )?;
+    Ok(root.join("target").join("release").join("wadi"))
+}
+
+/// A release build of the web app and the server; returns the binary's path.
+fn dist() -> Result<PathBuf, String> {
+    tools::setup()?;
+    build_web()?;
+    let root = workspace_root();
+    build_release_server()?;
     let out_dir = root.join("target").join("dist");
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {out_dir:?}: {e}"))?;
     let built = root.join("target").join("release").join("wadi");

@@ -222,3 +222,52 @@ impl Step {
         line
     }
 }
+
+/// The size of `path` after `gzip -9`.
+pub fn gzip_size(path: &std::path::Path) -> Result<u64, String> {
+    let output = Command::new("gzip")
+        .args(["-9", "-c"])
+        .arg(path)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run gzip: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("gzip failed on {}", path.display()));
+    }
+    Ok(output.stdout.len() as u64)
+}
+
+/// Debian's Chromium and ChromeDriver for the browser tests, installed when missing (the tests
+/// never download a browser). Under `CI=true` a browser that cannot be installed is a failure.
+pub fn browser() -> Result<(), String> {
+    let present = |path: &str| std::path::Path::new(path).exists();
+    if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
+        return Ok(());
+    }
+    println!("xtask: installing chromium and chromium-driver from Debian");
+    let apt = |args: &[&str]| {
+        let mut command = if running_as_root() {
+            cmd("apt-get", args)
+        } else {
+            let mut sudo = cmd("sudo", &["apt-get"]);
+            sudo.args(args);
+            sudo
+        };
+        command.env("DEBIAN_FRONTEND", "noninteractive");
+        status(&mut command)
+    };
+    apt(&["update"])?;
+    apt(&["install", "-y", "chromium", "chromium-driver"])?;
+    if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
+        Ok(())
+    } else {
+        Err("chromium and chromium-driver are not installed".to_owned())
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

@@ -2,6 +2,7 @@
 //! talk to it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod browser;
 pub mod db;
 pub mod upstream;
 pub mod ws;

@@ -223,7 +223,8 @@ pub fn ChatPane(
             >
                 <textarea
                     aria-label="Message"
-                    placeholder="Message WADI… (Enter to send, Shift+Enter for a new line)"
+                    placeholder="Message WADI…"
+                    title="Enter sends; Shift+Enter starts a new line"
                     rows="2"
                     prop:value=move || draft.get()
                     on:input=move |ev| {

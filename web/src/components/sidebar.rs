@@ -192,6 +192,8 @@ fn ConversationItem(
                             *item = renamed;
                         }
                     });
+                    // The open conversation's header shows the title too.
+                    shared.list_changed.update(|v| *v += 1);
                 }
             });
         }
@@ -268,7 +270,7 @@ fn ConversationItem(
                     "✎"
                 </button>
                 <button class="icon" aria-label="Delete" title="Delete" on:click=delete>
-                    "🗑"
+                    "✕"
                 </button>
             </span>
         </li>

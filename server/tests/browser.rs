@@ -1,0 +1,348 @@
+//! End-to-end: the release binary (web app embedded) started alone in an empty directory, driven
+//! through headless Chromium, with a fake model whose pace each test controls. Run by `cargo
+//! xtask test` (which builds the binary and installs Chromium); see `common::browser`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    browser::{App, Browser, Proxy, Scenario},
+    upstream::{FakeUpstream, Script, Step},
+};
+
+const DESKTOP: (u32, u32) = (1280, 800);
+const PHONE: (u32, u32) = (390, 844);
+const PASSWORD: &str = "correct horse battery";
+const ENTER: &str = "\u{e007}";
+
+fn unique_email() -> String {
+    format!("e2e-{}@example.com", uuid::Uuid::new_v4())
+}
+
+/// Creates an account through the sign-in screen and waits for the app.
+async fn sign_up(browser: &Browser, url: &str, email: &str) {
+    browser.goto(url).await;
+    browser.click("form.card button.link").await;
+    browser.type_into("input[name=email]", email).await;
+    browser.type_into("input[name=password]", PASSWORD).await;
+    browser.click("form.card button[type=submit]").await;
+    browser.find("nav.sidebar").await;
+}
+
+async fn sign_in(browser: &Browser, url: &str, email: &str) {
+    browser.goto(url).await;
+    browser.type_into("input[name=email]", email).await;
+    browser.type_into("input[name=password]", PASSWORD).await;
+    browser.click("form.card button[type=submit]").await;
+    browser.find("nav.sidebar").await;
+}
+
+/// Starts a conversation from the sidebar; returns its id (from the URL).
+async fn new_conversation(browser: &Browser) -> String {
+    browser.click("button.new").await;
+    browser.find("textarea[aria-label=Message]").await;
+    let path = browser
+        .until(
+            "a conversation URL",
+            "location.pathname.startsWith('/c/') && location.pathname",
+        )
+        .await;
+    path.as_str().unwrap().trim_start_matches("/c/").to_owned()
+}
+
+async fn send(browser: &Browser, text: &str) {
+    let composer = browser.find("textarea[aria-label=Message]").await;
+    composer.send_keys(text).await.unwrap();
+    composer.send_keys(ENTER).await.unwrap();
+}
+
+/// Waits until the socket is connected (no banner).
+async fn online(browser: &Browser) {
+    browser
+        .until(
+            "the socket to connect",
+            "!document.querySelector('.banner') && document.querySelector('.messages')",
+        )
+        .await;
+}
+
+const STREAMING: &str =
+    "(document.querySelector('.message.streaming .content') || {}).innerText || ''";
+const LAST_ANSWER: &str = "(() => { const all = document.querySelectorAll('.message.assistant:not(.streaming) .content'); return all.length ? all[all.length - 1].innerText : ''; })()";
+
+async fn streaming_contains(browser: &Browser, text: &str) {
+    browser
+        .until(
+            &format!("the streaming answer to show {text:?}"),
+            &format!("{STREAMING}.includes({text:?})"),
+        )
+        .await;
+}
+
+async fn answer_is(browser: &Browser, text: &str) -> String {
+    let shown = browser
+        .until(
+            &format!("the answer {text:?}"),
+            &format!("{LAST_ANSWER}.trim() === {text:?} && {LAST_ANSWER}"),
+        )
+        .await;
+    shown.as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_one_binary_chats_streams_and_keeps_everything_across_a_reload() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("chat", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        let id = new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Tell me about rivers").await;
+        // The user's message shows at once.
+        browser
+            .until("the user message", "[...document.querySelectorAll('.message.user')].some(m => m.innerText.includes('Tell me about rivers'))")
+            .await;
+        let request = upstream.next_request().await;
+        // The answer arrives in several steps.
+        request.token("Rivers ");
+        streaming_contains(&browser, "Rivers").await;
+        assert!(!browser.js(&format!("return {STREAMING}")).await.as_str().unwrap().contains("flow"));
+        request.token("flow ");
+        streaming_contains(&browser, "Rivers flow").await;
+        request.token("downhill.");
+        request.send(Step::Finish);
+        answer_is(&browser, "Rivers flow downhill.").await;
+        browser.screenshot("chat-desktop-light").await;
+
+        // Reload: the conversation and the answer are still there.
+        browser.client.refresh().await.unwrap();
+        answer_is(&browser, "Rivers flow downhill.").await;
+        let path = browser.js("return location.pathname").await;
+        assert_eq!(path.as_str().unwrap(), format!("/c/{id}"));
+        browser
+            .until("the conversation in the sidebar", "document.querySelector('.conversation.active a').innerText.includes('Tell me about rivers')")
+            .await;
+        // Started alone in an empty directory, it made its own database there.
+        assert!(app.dir.path().join("wadi-data").join("wadi.db").is_file());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stop_ends_the_answer_where_it_is_and_it_stays_after_a_reload() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("stop", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Count slowly").await;
+        let request = upstream.next_request().await;
+        request.token("one ");
+        request.token("two ");
+        streaming_contains(&browser, "one two").await;
+        browser.click("button.stop").await;
+        request.cancelled().await;
+        let shown = answer_is(&browser, "one two").await;
+        // Nothing more arrives, even if the upstream still tried.
+        request.token("three");
+        browser
+            .until("the stopped note", "[...document.querySelectorAll('.message.assistant .note')].some(n => n.innerText.includes('Stopped'))")
+            .await;
+        browser.client.refresh().await.unwrap();
+        assert_eq!(answer_is(&browser, "one two").await, shown);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dropped_connection_shows_a_banner_and_the_answer_completes_exactly() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let proxy = Proxy::start(app.addr).await;
+        let browser = scenario.browser("reconnect", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &proxy.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "A long story please").await;
+        let request = upstream.next_request().await;
+        let words: Vec<String> = (1..=12).map(|i| format!("w{i} ")).collect();
+        for word in &words[..4] {
+            request.token(word);
+        }
+        streaming_contains(&browser, "w4").await;
+        // The network drops: the banner shows while the run goes on server-side.
+        proxy.cut();
+        browser
+            .until("the reconnect banner", "document.querySelector('.banner')")
+            .await;
+        for word in &words[4..8] {
+            request.token(word);
+        }
+        // Back online: the client resumes from its last seq.
+        online(&browser).await;
+        for word in &words[8..] {
+            request.token(word);
+        }
+        request.send(Step::Finish);
+        let expected: String = words.concat();
+        answer_is(&browser, expected.trim()).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_short_lived_token_is_refreshed_while_a_long_answer_streams() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Tokens {
+            tokens: (1..=24).map(|i| format!("t{i} ")).collect(),
+            pace: Duration::from_secs(1),
+        })
+        .await;
+        let app = App::start(&upstream.base_url, &[("WADI_ACCESS_TOKEN_TTL", "20s"), ("WADI_JWT_LEEWAY", "0s")]).await;
+        let browser = scenario.browser("refresh", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        let first_token = browser.js("return JSON.parse(localStorage.getItem('wadi.session')).access_token").await;
+        // Any reconnect would show the banner: record if it ever appears.
+        browser
+            .js("window.__banner = false; new MutationObserver(() => { if (document.querySelector('.banner')) window.__banner = true; }).observe(document.body, {childList: true, subtree: true}); return true;")
+            .await;
+        send(&browser, "Take your time").await;
+        // 24 words, one a second: longer than the token's 20 s life.
+        let _ = upstream.next_request().await;
+        let expected: String = (1..=24).map(|i| format!("t{i} ")).collect();
+        answer_is(&browser, expected.trim()).await;
+        let last_token = browser.js("return JSON.parse(localStorage.getItem('wadi.session')).access_token").await;
+        assert_ne!(first_token, last_token, "the token was refreshed");
+        assert_eq!(browser.js("return window.__banner").await, serde_json::json!(false), "the socket was never interrupted");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn html_in_model_output_is_shown_as_text_and_runs_nothing() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("xss", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Say something nasty").await;
+        let request = upstream.next_request().await;
+        request.token("<img src=x onerror=\"window.__pwned=1\"> and ");
+        request.token("<script>window.__pwned=2</script> and [link](javascript:window.__pwned=3)");
+        request.send(Step::Finish);
+        browser
+            .until("the answer", &format!("{LAST_ANSWER}.includes('<script>')"))
+            .await;
+        let answer = browser.js(&format!("return {LAST_ANSWER}")).await;
+        assert!(
+            answer.as_str().unwrap().contains("<img src=x onerror="),
+            "{answer}"
+        );
+        assert_eq!(
+            browser
+                .js("return document.querySelectorAll('.message img, .message script').length")
+                .await,
+            serde_json::json!(0)
+        );
+        // Clicking the link runs nothing either.
+        browser.click(".message.assistant a").await;
+        assert_eq!(
+            browser.js("return typeof window.__pwned").await,
+            serde_json::json!("undefined")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_tabs_on_one_conversation_both_show_the_streaming_answer() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let email = unique_email();
+        let first = scenario.browser("tab-1", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&first, &app.url(), &email).await;
+        let id = new_conversation(&first).await;
+        online(&first).await;
+        let second = scenario.browser("tab-2", DESKTOP.0, DESKTOP.1).await;
+        sign_in(&second, &format!("{}/c/{id}", app.url()), &email).await;
+        online(&second).await;
+        send(&first, "Both of you listen").await;
+        let request = upstream.next_request().await;
+        request.token("hello ");
+        streaming_contains(&first, "hello").await;
+        streaming_contains(&second, "hello").await;
+        request.token("both");
+        request.send(Step::Finish);
+        answer_is(&first, "hello both").await;
+        answer_is(&second, "hello both").await;
+        // The second tab learns of the message it did not send.
+        second
+            .until("the other tab's message", "[...document.querySelectorAll('.message.user')].some(m => m.innerText.includes('Both of you listen'))")
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn conversations_can_be_renamed_and_deleted() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Tokens { tokens: vec!["ok".into()], pace: Duration::from_millis(10) }).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("manage", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        browser.click(".conversation.active button[aria-label=Rename]").await;
+        let input = browser.find(".conversation input.rename").await;
+        // Select all (Ctrl+A) and type over it, as a person would.
+        input.send_keys("\u{e009}a\u{e000}Holiday plans").await.unwrap();
+        input.send_keys(ENTER).await.unwrap();
+        browser
+            .until("the new title in the sidebar", "document.querySelector('.conversation.active a') && document.querySelector('.conversation.active a').innerText === 'Holiday plans'")
+            .await;
+        browser.until("the new title in the header", "document.querySelector('.chat-head .title').innerText === 'Holiday plans'").await;
+        browser.click(".conversation.active button[aria-label=Delete]").await;
+        browser.client.accept_alert().await.unwrap();
+        browser.until("the conversation to go", "!document.querySelector('.conversation')").await;
+        browser.until("the home screen", "location.pathname === '/' && document.querySelector('.welcome')").await;
+        browser.client.refresh().await.unwrap();
+        browser.find(".welcome").await;
+        assert_eq!(browser.js("return document.querySelectorAll('.conversation').length").await, serde_json::json!(0));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_phone_sized_screen_can_chat() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Tokens { tokens: vec!["Small ".into(), "screens ".into(), "work.".into()], pace: Duration::from_millis(30) }).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("phone", PHONE.0, PHONE.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        // The sidebar is tucked away; the menu button opens it.
+        browser.click(".welcome .menu-toggle").await;
+        browser.until("the sidebar to open", "document.querySelector('.shell.sidebar-open')").await;
+        new_conversation(&browser).await;
+        browser.until("the sidebar to close", "!document.querySelector('.shell.sidebar-open')").await;
+        online(&browser).await;
+        send(&browser, "Does this fit?").await;
+        answer_is(&browser, "Small screens work.").await;
+        // The composer and the answer are inside the viewport, with no sideways scrolling.
+        let fits = browser
+            .js("const c = document.querySelector('.composer').getBoundingClientRect(); return c.bottom <= window.innerHeight + 1 && c.right <= window.innerWidth + 1 && document.documentElement.scrollWidth <= window.innerWidth;")
+            .await;
+        assert_eq!(fits, serde_json::json!(true));
+        browser.screenshot("chat-phone-light").await;
+    })
+    .await;
+}
