@@ -346,3 +346,63 @@ async fn a_phone_sized_screen_can_chat() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn without_websockets_messages_go_over_rest_and_answers_over_sse() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let proxy = Proxy::without_websockets(app.addr).await;
+        let browser = scenario.browser("fallback", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &proxy.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        browser
+            .until("the fallback banner", "(document.querySelector('.banner') || {}).innerText && document.querySelector('.banner').innerText.includes('HTTP')")
+            .await;
+        send(&browser, "Can you hear me over HTTP?").await;
+        let request = upstream.next_request().await;
+        request.token("Loud ");
+        streaming_contains(&browser, "Loud").await;
+        request.token("and clear.");
+        request.send(Step::Finish);
+        answer_is(&browser, "Loud and clear.").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_twenty_thousand_token_answer_streams_without_falling_behind() {
+    Scenario::run(|scenario| async move {
+        let tokens: Vec<String> = (0..20_000).map(|i| format!("w{i} ")).collect();
+        let expected_len: usize = tokens.iter().map(String::len).sum::<usize>() - 1;
+        let upstream = FakeUpstream::start(Script::Tokens {
+            tokens,
+            pace: Duration::ZERO,
+        })
+        .await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("long", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Write a lot").await;
+        let started = std::time::Instant::now();
+        // The whole answer lands, in order, and the page keeps up with the stream.
+        browser
+            .until(
+                "the long answer",
+                &format!("{LAST_ANSWER}.trim().length === {expected_len}"),
+            )
+            .await;
+        eprintln!("20 000 tokens shown in {:?}", started.elapsed());
+        let tail = browser
+            .js(&format!("return {LAST_ANSWER}.trim().slice(-13)"))
+            .await;
+        assert_eq!(tail.as_str().unwrap(), "w19998 w19999");
+        let head = browser
+            .js(&format!("return {LAST_ANSWER}.slice(0, 9)"))
+            .await;
+        assert_eq!(head.as_str().unwrap(), "w0 w1 w2 ");
+    })
+    .await;
+}

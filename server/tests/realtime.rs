@@ -1209,10 +1209,17 @@ async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
     let api = server.user().await;
     let conversation = api.new_conversation().await;
     let path = format!("/ws/chat/{conversation}");
-    // A client that answers pings (by reading) stays through many intervals.
+    // A client that keeps reading answers every ping (tungstenite pongs as it reads).
     let (mut alive, _) = WsClient::authed(&server, &path, &token(&api)).await;
-    let quiet = tokio::time::timeout(Duration::from_millis(600), alive.incoming()).await;
-    assert!(quiet.is_err(), "a responsive client is kept: {quiet:?}");
+    let (stop_reading, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        // `incoming` skips pings (answering them); anything else it returns is a disturbance.
+        let seen = tokio::select! {
+            _ = &mut stopped => None,
+            incoming = alive.incoming() => Some(incoming),
+        };
+        (alive, seen)
+    });
     // A client that reads nothing answers no ping: it is closed after two silent intervals.
     let (mut silent, _) = WsClient::authed(&server, &path, &token(&api)).await;
     let heartbeat_closes = || async {
@@ -1225,10 +1232,15 @@ async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
             .text()
             .await
             .unwrap();
-        metrics.contains("wadi_ws_closes_total{code=\"4002\"} 1")
+        metrics
+            .lines()
+            .find(|l| l.starts_with("wadi_ws_closes_total{code=\"4002\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0)
     };
     tokio::time::timeout(TIMEOUT, async {
-        while !heartbeat_closes().await {
+        while heartbeat_closes().await < 1.0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -1236,6 +1248,10 @@ async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
     .expect("the silent client was never closed");
     let (_, code) = silent.until_closed().await;
     assert_eq!(code, 4002);
+    // Meanwhile the reading client received nothing but pings: no close.
+    let _ = stop_reading.send(());
+    let (mut alive, seen) = reader.await.unwrap();
+    assert!(seen.is_none(), "the reading client was disturbed: {seen:?}");
     alive.send(json!({"type": "ping"})).await;
     assert_eq!(alive.next().await["type"], "pong");
     server.shutdown().await.unwrap();

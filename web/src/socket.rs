@@ -262,6 +262,10 @@ impl Driver {
     /// Waits out the backoff delay, handling what the user does meanwhile. Returns false when
     /// the driver should end.
     async fn wait(&mut self, delay: Duration, fallback: bool) -> bool {
+        if fallback {
+            // Messages typed while the socket was trying go out now.
+            self.send_over_rest().await;
+        }
         let mut timer = gloo_timers::future::sleep(delay).fuse();
         loop {
             futures::select! {
@@ -392,6 +396,26 @@ impl Driver {
         let (mut sink, stream) = socket.split();
         let mut stream = stream.fuse();
         let mut authenticated = false;
+        // The server speaks first (`connected`); a socket that fails to open ends here.
+        match stream.next().await {
+            Some(Ok(Message::Text(text)))
+                if matches!(
+                    ServerMessage::decode(&text),
+                    Ok(ServerMessage::Connected { .. })
+                ) => {}
+            Some(Err(WebSocketError::ConnectionClose(event))) => {
+                return Ended::Closed {
+                    authenticated,
+                    code: event.code,
+                };
+            }
+            _ => {
+                return Ended::Closed {
+                    authenticated,
+                    code: 1006,
+                };
+            }
+        }
         let Ok(token) = self.api.auth.valid_token().await else {
             return Ended::SignedOut;
         };

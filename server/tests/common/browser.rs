@@ -97,7 +97,8 @@ impl Drop for App {
     }
 }
 
-/// A TCP proxy in front of the app whose connections the test can cut, like a network drop.
+/// A TCP proxy in front of the app whose connections the test can cut, like a network drop,
+/// and which can refuse WebSocket upgrades, like a proxy that does not support them.
 pub struct Proxy {
     pub addr: SocketAddr,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
@@ -105,6 +106,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Self {
+        Self::start_with(target, false).await
+    }
+
+    /// A proxy that drops every WebSocket upgrade request (plain HTTP passes).
+    pub async fn without_websockets(target: SocketAddr) -> Self {
+        Self::start_with(target, true).await
+    }
+
+    async fn start_with(target: SocketAddr, block_websockets: bool) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
@@ -112,7 +123,19 @@ impl Proxy {
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let task = tokio::spawn(async move {
+                    let mut first = vec![0u8; 16 * 1024];
+                    let Ok(read) = inbound.read(&mut first).await else {
+                        return;
+                    };
+                    first.truncate(read);
+                    let head = String::from_utf8_lossy(&first).to_ascii_lowercase();
+                    if block_websockets && head.contains("upgrade: websocket") {
+                        return;
+                    }
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        if outbound.write_all(&first).await.is_err() {
+                            return;
+                        }
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });

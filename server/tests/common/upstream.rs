@@ -222,7 +222,10 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
         let tx = steps_tx.clone();
         tokio::spawn(async move {
             for token in tokens {
-                tokio::time::sleep(pace).await;
+                // `sleep(0)` still waits for the next timer tick (1 ms): skip it entirely.
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
                 if tx.send(Step::Token(token)).is_err() {
                     return;
                 }
