@@ -274,7 +274,8 @@ async fn two_tabs_on_one_conversation_both_show_the_streaming_answer() {
         sign_up(&first, &app.url(), &email).await;
         let id = new_conversation(&first).await;
         online(&first).await;
-        let second = scenario.browser("tab-2", DESKTOP.0, DESKTOP.1).await;
+        // The second tab prefers the dark scheme (and provides its screenshot).
+        let second = scenario.browser_in("tab-2", DESKTOP.0, DESKTOP.1, true).await;
         sign_in(&second, &format!("{}/c/{id}", app.url()), &email).await;
         online(&second).await;
         send(&first, "Both of you listen").await;
@@ -286,6 +287,9 @@ async fn two_tabs_on_one_conversation_both_show_the_streaming_answer() {
         request.send(Step::Finish);
         answer_is(&first, "hello both").await;
         answer_is(&second, "hello both").await;
+        let background = second.js("return getComputedStyle(document.body).backgroundColor").await;
+        assert_eq!(background.as_str().unwrap(), "rgb(21, 23, 27)", "dark scheme followed");
+        second.screenshot("chat-desktop-dark").await;
         // The second tab learns of the message it did not send.
         second
             .until("the other tab's message", "[...document.querySelectorAll('.message.user')].some(m => m.innerText.includes('Both of you listen'))")
@@ -353,9 +357,12 @@ async fn without_websockets_messages_go_over_rest_and_answers_over_sse() {
         let upstream = FakeUpstream::start(Script::Manual).await;
         let app = App::start(&upstream.base_url, &[]).await;
         let proxy = Proxy::without_websockets(app.addr).await;
-        let browser = scenario.browser("fallback", DESKTOP.0, DESKTOP.1).await;
+        // On a phone in the dark scheme, for good measure (and its screenshot).
+        let browser = scenario.browser_in("fallback", PHONE.0, PHONE.1, true).await;
         sign_up(&browser, &proxy.url(), &unique_email()).await;
-        new_conversation(&browser).await;
+        // On a phone the sidebar is tucked away: start from the welcome screen.
+        browser.click(".welcome button.primary").await;
+        browser.find("textarea[aria-label=Message]").await;
         browser
             .until("the fallback banner", "(document.querySelector('.banner') || {}).innerText && document.querySelector('.banner').innerText.includes('HTTP')")
             .await;
@@ -366,6 +373,7 @@ async fn without_websockets_messages_go_over_rest_and_answers_over_sse() {
         request.token("and clear.");
         request.send(Step::Finish);
         answer_is(&browser, "Loud and clear.").await;
+        browser.screenshot("chat-phone-dark").await;
     })
     .await;
 }

@@ -178,8 +178,13 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// A browser window of `width`×`height`; `name` names its screenshots.
+    /// A browser window of `width`×`height` in the light scheme; `name` names its screenshots.
     pub async fn browser(&self, name: &str, width: u32, height: u32) -> Browser {
+        self.browser_in(name, width, height, false).await
+    }
+
+    /// Like [`Scenario::browser`], preferring the dark colour scheme when `dark`.
+    pub async fn browser_in(&self, name: &str, width: u32, height: u32, dark: bool) -> Browser {
         let port = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap().port()
@@ -218,6 +223,11 @@ impl Scenario {
             "--disable-quic".to_owned(),
             format!("--user-data-dir={}", profile.path().display()),
             format!("--window-size={width},{height}"),
+            // Blink's preferred colour scheme: 0 is dark, 1 is light.
+            format!(
+                "--blink-settings=preferredColorScheme={}",
+                if dark { 0 } else { 1 }
+            ),
         ];
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
