@@ -66,6 +66,11 @@ fn run(server_args: &[String]) -> Result<(), String> {
             "--",
         ],
     );
+    // `cargo xtask run -- --addr …` and `cargo xtask run --addr …` both work.
+    let server_args = match server_args.split_first() {
+        Some((first, rest)) if first == "--" => rest,
+        _ => server_args,
+    };
     server.args(server_args).current_dir(&root);
     println!("xtask: starting the server; it prints its URL when it is ready (Ctrl-C stops it)");
     tools::status(&mut server)
