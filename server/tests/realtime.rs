@@ -1018,30 +1018,9 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
     );
 
     // The stalled client is cut off once its queue has been full for the slow-client timeout.
-    let slow_closes = || async {
-        let metrics = server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metrics
-            .lines()
-            .find(|l| l.starts_with("wadi_slow_client_closes_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|n| n.parse::<f64>().ok())
-            .unwrap()
-    };
-    tokio::time::timeout(TIMEOUT, async {
-        while slow_closes().await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the stalled client was never closed");
+    server
+        .await_metric("wadi_slow_client_closes_total", 1.0)
+        .await;
     // What it had received stops short of the end: it never got `complete`.
     let mut got_complete = false;
     {
@@ -1056,7 +1035,7 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
         !got_complete,
         "the stalled client was cut off before the end"
     );
-    assert_eq!(slow_closes().await, 1.0);
+    assert_eq!(server.metric("wadi_slow_client_closes_total").await, 1.0);
     drop(stalled);
     server.shutdown().await.unwrap();
 }
@@ -1222,30 +1201,9 @@ async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
     });
     // A client that reads nothing answers no ping: it is closed after two silent intervals.
     let (mut silent, _) = WsClient::authed(&server, &path, &token(&api)).await;
-    let heartbeat_closes = || async {
-        let metrics = server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metrics
-            .lines()
-            .find(|l| l.starts_with("wadi_ws_closes_total{code=\"4002\"}"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|n| n.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    tokio::time::timeout(TIMEOUT, async {
-        while heartbeat_closes().await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the silent client was never closed");
+    server
+        .await_metric("wadi_ws_closes_total{code=\"4002\"}", 1.0)
+        .await;
     let (_, code) = silent.until_closed().await;
     assert_eq!(code, 4002);
     // Meanwhile the reading client received nothing but pings: no close.

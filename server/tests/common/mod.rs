@@ -110,6 +110,35 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The value of the Prometheus sample whose line starts with `series` (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.split_whitespace().last())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (polling `/metrics`) until the sample reaches `at_least`.
+    pub async fn await_metric(&self, series: &str, at_least: f64) {
+        tokio::time::timeout(TIMEOUT, async {
+            while self.metric(series).await < at_least {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{series} never reached {at_least}"));
+    }
+
     /// Signals shutdown and waits for `run` to return; keeps the database.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
