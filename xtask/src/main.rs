@@ -3,9 +3,12 @@
 //!
 //! - `setup`: installs the wasm32 target, trunk 0.21 and the wasm-bindgen-cli matching Cargo.lock.
 //! - `run`:   setup, builds the web app, starts the server on embedded defaults.
-//! - `test`:  setup, then fmt, clippy (native and wasm32), all tests, the release web build.
+//! - `test`:  setup, then fmt, clippy (native and wasm32), all tests, the release web build and
+//!   its size budget, the browser tests against the one binary, a benchmark smoke.
 //! - `dist`:  a release build of web and server into `target/dist/`.
+//! - `bench`: the benchmark scenarios (`docs/performance.md`).
 
+mod bench;
 mod tools;
 
 use std::{
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
         "setup" => tools::setup(),
         "run" => run(rest),
         "test" => test(),
+        "bench" => bench::run(rest),
         "dist" => dist().map(|path| println!("built {}", path.display())),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
@@ -45,8 +49,9 @@ fn main() -> ExitCode {
 const HELP: &str = "usage: cargo xtask <command>
 
   run [ARGS]  build the web app and start the server (ARGS go to `wadi`)
-  test        everything CI checks: fmt, clippy, tests, wasm build
-  dist        release build of the web app and the server into target/dist/
+  test        everything CI checks: fmt, clippy, tests, wasm build, browser tests, bench smoke
+  dist        the one binary (web app embedded) into target/dist/
+  bench ...   benchmarks: idle, stream, churn, smoke (see docs/performance.md)
   setup       install the wasm target, trunk and wasm-bindgen-cli";
 
 /// Builds the web app, then runs the server in release mode (the app embedded) until Ctrl-C.
@@ -175,6 +180,7 @@ fn test() -> Result<(), String> {
             .env("WADI_BROWSER_BINARY", binary);
         tools::status(&mut nextest)
     })?;
+    step("benchmark smoke", &mut bench::smoke)?;
 
     println!(
         "\nxtask test: all steps passed in {:.0?}",

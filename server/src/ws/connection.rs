@@ -7,7 +7,6 @@ use std::{collections::HashMap, pin::pin, sync::Arc, time::Duration};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::{
-    sync::mpsc,
     task::JoinHandle,
     time::{Instant, Sleep},
 };
@@ -16,7 +15,10 @@ use wadi_protocol::{
     ActiveRun, ClientMessage, ErrorCode, PROTOCOL_VERSION, RunStatus, ServerMessage, close,
 };
 
-use super::registry::{Control, Endpoint};
+use super::{
+    outbox::{Outbox, TryPushError},
+    registry::{Control, Endpoint, Inbox},
+};
 use crate::{
     auth::{AuthUser, VerifyError},
     error::AppError,
@@ -37,8 +39,6 @@ pub enum Outbound {
 
 /// Frames the writer drains per wake before flushing once.
 const WRITE_BATCH: usize = 128;
-/// Notes from the server to one socket are rare (a run started); a few slots suffice.
-const CONTROL_QUEUE: usize = 16;
 /// How long a closing socket's last frames may take to go out.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -74,8 +74,8 @@ struct Connection {
     id: Uuid,
     state: AppState,
     endpoint: Endpoint,
-    out: mpsc::Sender<Outbound>,
-    control: mpsc::Sender<Control>,
+    out: Arc<Outbox>,
+    inbox: Arc<Inbox>,
     auth: Option<Authed>,
     rate: TokenBucket,
     /// The watcher task of each run this socket follows.
@@ -87,8 +87,8 @@ struct Connection {
 pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
     let id = Uuid::now_v7();
     let span = tracing::info_span!("ws", client_id = %id, endpoint = endpoint.label());
-    let (control, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
-    let _registration = state.clients.register(id, endpoint, control.clone());
+    let inbox = Arc::new(Inbox::default());
+    let _registration = state.clients.register(id, endpoint, inbox.clone());
     let gauge = state
         .metrics
         .connections
@@ -99,12 +99,12 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
     gauge.inc();
 
     let (sink, mut stream) = socket.split();
-    let (out, out_rx) = mpsc::channel(state.config.send_queue.max(1));
+    let out = Arc::new(Outbox::new(state.config.send_queue));
     let writer = tokio::spawn(write_loop(
         sink,
-        out_rx,
+        out.clone(),
         state.config.slow_client_timeout,
-        control.clone(),
+        inbox.clone(),
     ));
     let rate = TokenBucket::new(state.config.ws_rate_burst, state.config.ws_rate_per_second);
     let mut connection = Connection {
@@ -112,15 +112,13 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
         state: state.clone(),
         endpoint,
         out,
-        control,
+        inbox,
         auth: None,
         rate,
         watchers: HashMap::new(),
         last_seen: Instant::now(),
     };
-    let exit =
-        tracing::Instrument::instrument(connection.run(&mut stream, &mut control_rx), span.clone())
-            .await;
+    let exit = tracing::Instrument::instrument(connection.run(&mut stream), span.clone()).await;
 
     if matches!(
         exit,
@@ -150,11 +148,11 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
             if let Some(error) = error {
                 let _ = connection
                     .out
-                    .try_send(Outbound::Text(error.encode().into()));
+                    .try_push(Outbound::Text(error.encode().into()));
             }
             let _ = connection
                 .out
-                .try_send(Outbound::Close(code, close_reason(code)));
+                .try_push(Outbound::Close(code, close_reason(code)));
             drop(connection);
             let mut writer = writer;
             if tokio::time::timeout(CLOSE_GRACE, &mut writer)
@@ -184,14 +182,25 @@ fn close_reason(code: u16) -> &'static str {
 
 /// Drains the queue into the socket: everything queued goes out with one flush. A flush that
 /// stalls past `stall` (the client stopped reading) ends the writer, and with it the socket.
+/// However it ends, the outbox is closed so that nobody waits on it any more.
 async fn write_loop(
-    mut sink: impl Sink<Message, Error = axum::Error> + Unpin,
-    mut queue: mpsc::Receiver<Outbound>,
+    sink: impl Sink<Message, Error = axum::Error> + Unpin,
+    outbox: Arc<Outbox>,
     stall: Duration,
-    control: mpsc::Sender<Control>,
+    inbox: Arc<Inbox>,
+) {
+    write_all(sink, &outbox, stall, &inbox).await;
+    outbox.close();
+}
+
+async fn write_all(
+    mut sink: impl Sink<Message, Error = axum::Error> + Unpin,
+    outbox: &Outbox,
+    stall: Duration,
+    inbox: &Inbox,
 ) {
     let mut batch = Vec::new();
-    while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+    while outbox.pop_many(&mut batch, WRITE_BATCH).await > 0 {
         let mut closing = None;
         for item in batch.drain(..) {
             let message = match item {
@@ -213,8 +222,8 @@ async fn write_loop(
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
-                // Tell the reader before the queue closes, so it counts a slow client.
-                let _ = control.try_send(Control::SlowConsumer);
+                // Tell the reader before the outbox closes, so it counts a slow client.
+                inbox.post(Control::SlowConsumer);
                 return;
             }
         }
@@ -233,7 +242,6 @@ impl Connection {
     async fn run(
         &mut self,
         stream: &mut (impl Stream<Item = Result<Message, axum::Error>> + Unpin),
-        control: &mut mpsc::Receiver<Control>,
     ) -> Exit {
         if let Err(exit) = self.send(&ServerMessage::Connected {
             client_id: self.id,
@@ -264,14 +272,13 @@ impl Connection {
                         Some((ErrorCode::TokenExpired, "the access token expired; refresh it and reconnect")),
                     ),
                 }),
-                note = control.recv() => match note {
-                    Some(Control::RunStarted(handle)) => {
+                note = self.inbox.next() => match note {
+                    Control::RunStarted(handle) => {
                         self.watch(handle, 0, true);
                         Ok(())
                     }
-                    Some(Control::SlowConsumer) => Err(Exit::Slow),
-                    Some(Control::RunSent) => Err(Exit::close(close::NORMAL, None)),
-                    None => Err(Exit::Gone),
+                    Control::SlowConsumer => Err(Exit::Slow),
+                    Control::RunSent => Err(Exit::close(close::NORMAL, None)),
                 },
                 _ = heartbeat.tick() => {
                     if self.last_seen.elapsed() > heartbeat_every * 2 {
@@ -286,7 +293,9 @@ impl Connection {
                     Some(Err(error)) => Err(read_error(error)),
                     Some(Ok(message)) => {
                         self.last_seen = Instant::now();
-                        self.on_message(message).await
+                        // Boxed: the handlers' state would otherwise sit in every idle socket's
+                        // task (~1 KiB each, measured).
+                        Box::pin(self.on_message(message)).await
                     }
                 },
             };
@@ -307,10 +316,10 @@ impl Connection {
     }
 
     fn queue(&self, item: Outbound) -> Result<(), Exit> {
-        match self.out.try_send(item) {
+        match self.out.try_push(item) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Exit::Slow),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Exit::Gone),
+            Err(TryPushError::Full) => Err(Exit::Slow),
+            Err(TryPushError::Closed) => Err(Exit::Gone),
         }
     }
 
@@ -650,7 +659,7 @@ impl Connection {
         }
         let run_id = handle.id;
         let out = self.out.clone();
-        let control = self.control.clone();
+        let inbox = self.inbox.clone();
         let metrics = self.state.metrics.clone();
         let patience = self.state.config.slow_client_timeout;
         let run_socket = matches!(self.endpoint, Endpoint::Run { .. });
@@ -660,7 +669,7 @@ impl Connection {
                 let is_chunk = matches!(frame, ServerMessage::Chunk { .. });
                 let text = frame.encode();
                 let bytes = text.len() as u64;
-                match tokio::time::timeout(patience, out.send(Outbound::Text(text.into()))).await {
+                match tokio::time::timeout(patience, out.push(Outbound::Text(text.into()))).await {
                     Ok(Ok(())) => {
                         if is_chunk {
                             metrics.chunks_sent.inc();
@@ -669,13 +678,13 @@ impl Connection {
                     }
                     Ok(Err(_)) => return,
                     Err(_) => {
-                        let _ = control.send(Control::SlowConsumer).await;
+                        inbox.post(Control::SlowConsumer);
                         return;
                     }
                 }
             }
             if run_socket {
-                let _ = control.send(Control::RunSent).await;
+                inbox.post(Control::RunSent);
             }
         });
         self.watchers.insert(run_id, task);

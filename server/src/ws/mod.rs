@@ -2,6 +2,7 @@
 //! `docs/protocol.md` is the reference for everything said on them.
 
 pub mod connection;
+mod outbox;
 pub mod registry;
 
 use axum::{
@@ -15,13 +16,14 @@ use serde::Deserialize;
 use uuid::Uuid;
 use wadi_protocol::{ErrorCode, api::ApiError};
 
-pub use registry::{Control, Endpoint, Registry};
+pub use registry::{Control, Endpoint, Inbox, Registry};
 
 use crate::{error::AppError, state::AppState};
 
-/// tungstenite's 128 KiB default read buffer would make an idle socket cost ~136 KB; browsers
-/// send small frames, and larger ones are assembled across reads.
-const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite's 128 KiB default read buffer would make an idle socket cost ~136 KB. Browsers
+/// send small frames (the largest usual one, `auth`, is about 1 KiB); larger ones are assembled
+/// across reads. Measured: 4 KiB → 2 KiB saves ~2 KiB per idle socket (docs/performance.md).
+const READ_BUFFER: usize = 2 * 1024;
 /// Frames are written out once this much is buffered (a flush writes everything anyway).
 const WRITE_BUFFER: usize = 8 * 1024;
 /// Past this much unwritable data the write fails instead of buffering without bound. It must

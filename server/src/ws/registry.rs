@@ -3,11 +3,11 @@
 //! entry is removed by the drop of its [`Registration`], so it goes whatever ends the socket.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::runs::RunHandle;
@@ -20,6 +20,39 @@ pub enum Control {
     SlowConsumer,
     /// The run a run socket follows was sent completely.
     RunSent,
+}
+
+/// Notes for one socket's task, oldest first. Most sockets are idle and never get one, so this
+/// allocates nothing until the first note (a channel would allocate its buffer up front).
+#[derive(Default)]
+pub struct Inbox {
+    notes: Mutex<VecDeque<Control>>,
+    ready: Notify,
+}
+
+impl Inbox {
+    pub fn post(&self, note: Control) {
+        match self.notes.lock() {
+            Ok(mut notes) => notes.push_back(note),
+            Err(poisoned) => poisoned.into_inner().push_back(note),
+        }
+        self.ready.notify_one();
+    }
+
+    /// The next note, waiting for one if there is none.
+    pub async fn next(&self) -> Control {
+        loop {
+            let note = match self.notes.lock() {
+                Ok(mut notes) => notes.pop_front(),
+                Err(poisoned) => poisoned.into_inner().pop_front(),
+            };
+            if let Some(note) = note {
+                return note;
+            }
+            // A post between the check and here leaves a permit: no wake-up is lost.
+            self.ready.notified().await;
+        }
+    }
 }
 
 /// What a socket is for.
@@ -41,7 +74,7 @@ impl Endpoint {
 struct Entry {
     endpoint: Endpoint,
     user: Option<Uuid>,
-    control: mpsc::Sender<Control>,
+    inbox: Arc<Inbox>,
 }
 
 #[derive(Default)]
@@ -92,7 +125,7 @@ impl Registry {
         self: &Arc<Self>,
         id: Uuid,
         endpoint: Endpoint,
-        control: mpsc::Sender<Control>,
+        inbox: Arc<Inbox>,
     ) -> Registration {
         let mut index = self.index();
         index.clients.insert(
@@ -100,7 +133,7 @@ impl Registry {
             Entry {
                 endpoint,
                 user: None,
-                control,
+                inbox,
             },
         );
         match endpoint {
@@ -150,8 +183,7 @@ impl Registry {
         };
         for client in clients {
             if let Some(entry) = index.clients.get(client) {
-                // A socket too far behind to take this note will be closed as slow anyway.
-                let _ = entry.control.try_send(Control::RunStarted(handle.clone()));
+                entry.inbox.post(Control::RunStarted(handle.clone()));
             }
         }
     }
@@ -202,21 +234,37 @@ impl Drop for Registration {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn inbox_notes_arrive_in_order_and_none_is_lost() {
+        let inbox = Arc::new(Inbox::default());
+        inbox.post(Control::SlowConsumer);
+        inbox.post(Control::RunSent);
+        assert!(matches!(inbox.next().await, Control::SlowConsumer));
+        assert!(matches!(inbox.next().await, Control::RunSent));
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.next().await }
+        });
+        tokio::task::yield_now().await;
+        inbox.post(Control::RunSent);
+        assert!(matches!(waiting.await.unwrap(), Control::RunSent));
+    }
+
     #[test]
     fn entries_are_indexed_and_always_removed() {
         let registry = Arc::new(Registry::default());
         let conversation_id = Uuid::now_v7();
         let user = Uuid::now_v7();
-        let (tx, _rx) = mpsc::channel(1);
+        let inbox = Arc::new(Inbox::default());
         let a = registry.register(
             Uuid::now_v7(),
             Endpoint::Chat { conversation_id },
-            tx.clone(),
+            inbox.clone(),
         );
         let b = registry.register(
             Uuid::now_v7(),
             Endpoint::Chat { conversation_id },
-            tx.clone(),
+            inbox.clone(),
         );
         assert_eq!(registry.len(), 2);
         assert_eq!(
@@ -227,7 +275,7 @@ mod tests {
         registry.authenticate(a.id, user, 2).unwrap();
         registry.authenticate(b.id, user, 2).unwrap();
         assert_eq!(registry.watching_conversation(conversation_id), 2);
-        let c = registry.register(Uuid::now_v7(), Endpoint::Chat { conversation_id }, tx);
+        let c = registry.register(Uuid::now_v7(), Endpoint::Chat { conversation_id }, inbox);
         assert!(
             registry.authenticate(c.id, user, 2).is_err(),
             "over the per-user limit"

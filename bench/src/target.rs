@@ -1,0 +1,260 @@
+//! The server under test: a `wadi` this harness starts (with the fake upstream as its model and
+//! the limits a benchmark needs raised), or any protocol v1 server already running at a URL.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, ChildStdout, Command},
+};
+
+use crate::{stamp::now_micros, upstream::Shape};
+
+/// How long a started process may take to print its address (the server runs migrations and
+/// creates its signing key first).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the server may take to shut down gracefully before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Server settings for benchmarks: many users are signed up from one address, each user holds
+/// many sockets, and the total cap sits just under the process's 20 000 open files.
+const SERVER_ENV: [(&str, &str); 7] = [
+    ("WADI_ADDR", "127.0.0.1:0"),
+    ("WADI_AUTH_RATE_BURST", "1000000"),
+    ("WADI_MAX_CONNECTIONS_PER_USER", "1000000"),
+    ("WADI_MAX_CONNECTIONS", "19900"),
+    ("OPENAI_API_KEY", "bench"),
+    ("WADI_MODEL", "bench"),
+    ("RUST_LOG", "warn"),
+];
+
+/// Where the server under test comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// A running server (`http://host:port`); when unset, one is started.
+    pub url: Option<String>,
+    /// Its process id, for memory and CPU figures.
+    pub server_pid: Option<u32>,
+    /// The `wadi` binary to start (default: next to this program).
+    pub server_bin: Option<PathBuf>,
+    /// Extra `KEY=VALUE` settings for a started server.
+    pub server_env: Vec<String>,
+}
+
+/// A started server and its upstream, stopped by [`Target::stop`] (or killed on drop).
+struct Owned {
+    server: Child,
+    upstream: Child,
+    data_dir: PathBuf,
+}
+
+pub struct Target {
+    /// `http://host:port`
+    pub http_base: String,
+    /// `ws://host:port`
+    pub ws_base: String,
+    pub addr: SocketAddr,
+    pub server_pid: Option<u32>,
+    pub upstream_pid: Option<u32>,
+    /// What is being measured, for reports: the binary or the URL.
+    pub description: String,
+    owned: Option<Owned>,
+}
+
+impl Target {
+    pub async fn start(options: &Options, out_dir: &Path) -> Result<Self> {
+        match &options.url {
+            Some(url) => Self::attach(url, options.server_pid).await,
+            None => Self::launch(options, out_dir).await,
+        }
+    }
+
+    async fn attach(url: &str, server_pid: Option<u32>) -> Result<Self> {
+        let url = url.trim_end_matches('/');
+        let Some(host) = url.strip_prefix("http://") else {
+            bail!("--url must be http://host:port (the generator speaks plain ws://)");
+        };
+        let addr = tokio::net::lookup_host(host)
+            .await
+            .with_context(|| format!("cannot resolve {host}"))?
+            .find(SocketAddr::is_ipv4)
+            .with_context(|| format!("{host} has no IPv4 address"))?;
+        Ok(Self {
+            http_base: url.to_owned(),
+            ws_base: format!("ws://{host}"),
+            addr,
+            server_pid,
+            upstream_pid: None,
+            description: url.to_owned(),
+            owned: None,
+        })
+    }
+
+    async fn launch(options: &Options, out_dir: &Path) -> Result<Self> {
+        let bin = match &options.server_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("this program has no directory")?
+                .join("wadi"),
+        };
+        if !bin.exists() {
+            bail!(
+                "no server binary at {} (build it with `cargo build --release -p wadi-server`, \
+                 or pass --server-bin or --url)",
+                bin.display()
+            );
+        }
+        let run_dir = out_dir.join("runs").join(now_micros().to_string());
+        let data_dir = run_dir.join("data");
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+
+        let mut upstream = Command::new(std::env::current_exe()?);
+        let defaults = Shape {
+            tokens: 20,
+            rate: 20.0,
+        };
+        upstream
+            .args(["upstream", "--addr", "127.0.0.1:0"])
+            .args(["--tokens", &defaults.tokens.to_string()])
+            .args(["--rate", &defaults.rate.to_string()]);
+        let (upstream, upstream_line) = spawn_until(
+            upstream,
+            &run_dir.join("upstream.log"),
+            "upstream listening on ",
+        )
+        .await?;
+        let upstream_url = upstream_line.trim().to_owned();
+
+        let mut server = Command::new(&bin);
+        server
+            .envs(SERVER_ENV)
+            .env("WADI_DATA_DIR", &data_dir)
+            .env("OPENAI_BASE_URL", &upstream_url);
+        for setting in &options.server_env {
+            let Some((key, value)) = setting.split_once('=') else {
+                bail!("--server-env takes KEY=VALUE, not {setting:?}");
+            };
+            server.env(key, value);
+        }
+        let (server, line) =
+            spawn_until(server, &run_dir.join("server.log"), "WADI is running at ").await?;
+        let http_base = line.trim().trim_end_matches('/').to_owned();
+        let mut target = Self::attach(&http_base, server.id()).await?;
+        target.upstream_pid = upstream.id();
+        target.description = bin.display().to_string();
+        target.owned = Some(Owned {
+            server,
+            upstream,
+            data_dir,
+        });
+        target.ready().await?;
+        Ok(target)
+    }
+
+    /// Waits until the server answers `/readyz` (its listener is bound before its state is
+    /// ready; the request simply waits in the accept queue).
+    async fn ready(&self) -> Result<()> {
+        let response = reqwest::Client::new()
+            .get(format!("{}/readyz", self.http_base))
+            .timeout(START_TIMEOUT)
+            .send()
+            .await
+            .context("the server did not answer /readyz")?;
+        if !response.status().is_success() {
+            bail!("the server is not ready: {}", response.status());
+        }
+        Ok(())
+    }
+
+    /// The number of open sockets the server reports in `/metrics`, if it has that metric.
+    pub async fn open_sockets(&self) -> Option<u64> {
+        let text = reqwest::get(format!("{}/metrics", self.http_base))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let counts: Vec<u64> = text
+            .lines()
+            .filter(|line| line.starts_with("wadi_ws_connections{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!counts.is_empty()).then(|| counts.iter().sum())
+    }
+
+    /// Stops a started server gracefully (SIGTERM) and its upstream, and removes its data.
+    pub async fn stop(self) -> Result<()> {
+        let Some(mut owned) = self.owned else {
+            return Ok(());
+        };
+        if let Some(pid) = owned.server.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(STOP_TIMEOUT, owned.server.wait())
+            .await
+            .is_err()
+        {
+            owned.server.kill().await?;
+        }
+        owned.upstream.kill().await?;
+        std::fs::remove_dir_all(&owned.data_dir)
+            .with_context(|| format!("cannot remove {}", owned.data_dir.display()))?;
+        Ok(())
+    }
+}
+
+/// Starts `command` with its output going to `log`, and returns once it prints a line starting
+/// with `prefix` (with the rest of that line). The rest of its output keeps going to the log.
+async fn spawn_until(mut command: Command, log: &Path, prefix: &str) -> Result<(Child, String)> {
+    let stderr =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", command.as_std().get_program()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let wait = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return anyhow::Ok(rest.to_owned());
+            }
+        }
+        bail!(
+            "{:?} exited before it was ready (see {})",
+            command.as_std().get_program(),
+            log.display()
+        )
+    };
+    let found = tokio::time::timeout(START_TIMEOUT, wait)
+        .await
+        .context("timed out waiting for a started process")??;
+    tokio::spawn(drain(lines, log.to_owned()));
+    Ok((child, found))
+}
+
+/// Appends a child's remaining stdout to its log; a full pipe would stall the child.
+async fn drain(mut lines: tokio::io::Lines<BufReader<ChildStdout>>, log: PathBuf) {
+    let Ok(mut file) = tokio::fs::OpenOptions::new().append(true).open(&log).await else {
+        while let Ok(Some(_)) = lines.next_line().await {}
+        return;
+    };
+    while let Ok(Some(line)) = lines.next_line().await {
+        let _ = file.write_all(line.as_bytes()).await;
+        let _ = file.write_all(b"\n").await;
+    }
+}

@@ -1,0 +1,75 @@
+//! `cargo xtask bench <scenario> [ARGS]`: builds the server and the load generator
+//! (`bench/`, binary `wadi-bench`) and runs a benchmark scenario against a freshly started
+//! server. `docs/performance.md` says what each scenario measures and what was measured.
+//!
+//! - `idle`, `stream`, `churn`: release builds, full-size defaults (the issue's targets);
+//!   arguments go to `wadi-bench <scenario>` (`cargo xtask bench stream --help`).
+//! - `smoke`: every scenario for a few seconds on debug builds, checking that the harness works
+//!   (what `cargo xtask test` runs), not the targets.
+//! - `upstream`: only the fake OpenAI-compatible upstream, to benchmark another server.
+//!
+//! Reports go to `target/bench/`.
+
+use std::path::PathBuf;
+
+use crate::tools::{self, cmd, workspace_root};
+
+const SCENARIOS: [&str; 4] = ["idle", "stream", "churn", "upstream"];
+
+const HELP: &str = "usage: cargo xtask bench <scenario> [ARGS]
+
+  idle    [ARGS]  hold N authenticated idle sockets: server RSS per connection
+  stream  [ARGS]  R runs x W watchers: chunks/s, CPU per 1000 chunks, latency p50/p99/max
+  churn   [ARGS]  open/auth/ping/close continuously: RSS drift and errors
+  smoke           all three for a few seconds (debug builds), as `cargo xtask test` does
+  upstream [ARGS] only the fake OpenAI-compatible upstream
+
+`cargo xtask bench <scenario> --help` lists a scenario's arguments. Reports: target/bench/.";
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let Some((scenario, rest)) = args.split_first() else {
+        println!("{HELP}");
+        return Ok(());
+    };
+    match scenario.as_str() {
+        "smoke" => smoke(),
+        "help" | "--help" | "-h" => {
+            println!("{HELP}");
+            Ok(())
+        }
+        name if SCENARIOS.contains(&name) => {
+            let bench = build(true)?;
+            let mut command = cmd(&bench.to_string_lossy(), &[name]);
+            command.args(rest).arg("--out-dir").arg(out_dir());
+            tools::status(command.current_dir(workspace_root()))
+        }
+        other => Err(format!("unknown benchmark {other:?}\n\n{HELP}")),
+    }
+}
+
+/// A few seconds of every scenario against a debug build of the server, so the harness keeps
+/// working. Fails if the harness sees a failed connection or a missing chunk; the performance
+/// targets are not checked (debug builds on a shared CI machine say nothing about them).
+pub fn smoke() -> Result<(), String> {
+    let bench = build(false)?;
+    let mut command = cmd(&bench.to_string_lossy(), &["smoke"]);
+    command.arg("--out-dir").arg(out_dir());
+    tools::status(command.current_dir(workspace_root()))
+}
+
+/// Builds `wadi` and `wadi-bench` side by side (the generator starts the server next to it) and
+/// returns the generator's path.
+fn build(release: bool) -> Result<PathBuf, String> {
+    let mut args = vec!["build", "-p", "wadi-server", "-p", "wadi-bench"];
+    if release {
+        args.push("--release");
+    }
+    let root = workspace_root();
+    tools::status(cmd("cargo", &args).current_dir(&root))?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target").join(profile).join("wadi-bench"))
+}
+
+fn out_dir() -> PathBuf {
+    workspace_root().join("target").join("bench")
+}
