@@ -132,6 +132,40 @@ async fn the_one_binary_chats_streams_and_keeps_everything_across_a_reload() {
 }
 
 #[tokio::test]
+async fn the_one_binary_runs_with_no_configuration_at_all() {
+    Scenario::run(|scenario| async move {
+        let app = App::start_bare(&[]).await;
+        let page = reqwest::get(app.url()).await.unwrap();
+        assert_eq!(page.status(), 200);
+        assert!(page.text().await.unwrap().contains("<title>WADI</title>"));
+        let config: serde_json::Value = reqwest::get(format!("{}/api/config", app.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            config["demoModel"], true,
+            "no model configured: the demo answers"
+        );
+        // And the demo model really answers in the browser.
+        let browser = scenario.browser("bare", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "hello?").await;
+        browser
+            .until(
+                "the demo answer",
+                &format!("{LAST_ANSWER}.includes('demo model')"),
+            )
+            .await;
+        assert!(app.dir.path().join("wadi-data").join("wadi.db").is_file());
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stop_ends_the_answer_where_it_is_and_it_stays_after_a_reload() {
     Scenario::run(|scenario| async move {
         let upstream = FakeUpstream::start(Script::Manual).await;

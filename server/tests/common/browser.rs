@@ -49,21 +49,25 @@ pub struct App {
 
 impl App {
     pub async fn start(model_url: &str, env: &[(&str, &str)]) -> Self {
+        let mut all = vec![
+            ("OPENAI_BASE_URL", model_url),
+            ("OPENAI_API_KEY", "sk-test"),
+        ];
+        all.extend_from_slice(env);
+        Self::start_bare(&all).await
+    }
+
+    /// The binary with nothing set but `env` (and a free port).
+    pub async fn start_bare(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("wadi");
         std::fs::copy(binary(), &exe).unwrap();
-        Self::start_in(dir, model_url, env).await
-    }
-
-    async fn start_in(dir: tempfile::TempDir, model_url: &str, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(dir.path().join("wadi"));
+        let mut command = Command::new(&exe);
         command
             .current_dir(dir.path())
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("WADI_ADDR", "127.0.0.1:0")
-            .env("OPENAI_BASE_URL", model_url)
-            .env("OPENAI_API_KEY", "sk-test")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .kill_on_drop(true);
