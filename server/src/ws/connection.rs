@@ -16,7 +16,7 @@ use wadi_protocol::{
 };
 
 use super::{
-    outbox::{Outbox, TryPushError},
+    outbox::{Offer, Outbox, TryPushError},
     registry::{Control, Endpoint, Inbox},
 };
 use crate::{
@@ -669,19 +669,24 @@ impl Connection {
                 let is_chunk = matches!(frame, ServerMessage::Chunk { .. });
                 let text = frame.encode();
                 let bytes = text.len() as u64;
-                match tokio::time::timeout(patience, out.push(Outbound::Text(text.into()))).await {
-                    Ok(Ok(())) => {
-                        if is_chunk {
-                            metrics.chunks_sent.inc();
+                // Usually there is room; only a full queue waits, at most `patience`.
+                match out.offer(Outbound::Text(text.into())) {
+                    Offer::Queued => {}
+                    Offer::Closed => return,
+                    Offer::Full(item) => match tokio::time::timeout(patience, out.push(item)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            inbox.post(Control::SlowConsumer);
+                            return;
                         }
-                        metrics.bytes_sent.inc_by(bytes);
-                    }
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        inbox.post(Control::SlowConsumer);
-                        return;
-                    }
+                    },
                 }
+                if is_chunk {
+                    metrics.chunks_sent.inc();
+                }
+                metrics.bytes_sent.inc_by(bytes);
             }
             if run_socket {
                 inbox.post(Control::RunSent);

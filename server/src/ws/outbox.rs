@@ -23,6 +23,13 @@ pub enum TryPushError {
     Closed,
 }
 
+/// What [`Outbox::offer`] did.
+pub enum Offer {
+    Queued,
+    Full(Outbound),
+    Closed,
+}
+
 #[derive(Default)]
 struct State {
     items: VecDeque<Outbound>,
@@ -60,18 +67,28 @@ impl Outbox {
 
     /// Queues a frame if there is room.
     pub fn try_push(&self, item: Outbound) -> Result<(), TryPushError> {
+        match self.offer(item) {
+            Offer::Queued => Ok(()),
+            Offer::Full(_) => Err(TryPushError::Full),
+            Offer::Closed => Err(TryPushError::Closed),
+        }
+    }
+
+    /// Queues a frame if there is room, else hands it back (so a sender can wait with it
+    /// without setting a timer for every frame that fits at once).
+    pub fn offer(&self, item: Outbound) -> Offer {
         {
             let mut state = self.state();
             if state.closed {
-                return Err(TryPushError::Closed);
+                return Offer::Closed;
             }
             if state.items.len() >= self.capacity {
-                return Err(TryPushError::Full);
+                return Offer::Full(item);
             }
             state.items.push_back(item);
         }
         self.queued.notify_one();
-        Ok(())
+        Offer::Queued
     }
 
     /// Queues a frame, waiting for room.
