@@ -27,6 +27,9 @@ pub enum AppError {
     TooLarge(String),
     #[error("too many requests; slow down")]
     RateLimited,
+    /// The server is shutting down and starts nothing new.
+    #[error("the server is shutting down; try again in a moment")]
+    ShuttingDown,
     /// A dependency (database, model) is not available right now.
     #[error("{0}")]
     Unavailable(String),
@@ -55,7 +58,7 @@ impl AppError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,6 +71,7 @@ impl AppError {
             Self::NotFound => ErrorCode::NotFound,
             Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::RateLimited => ErrorCode::RateLimited,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::Unavailable(_) | Self::Internal(_) => ErrorCode::InternalError,
         }
     }
@@ -76,7 +80,7 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let message = if status.is_server_error() {
+        let message = if status.is_server_error() && !matches!(self, Self::ShuttingDown) {
             tracing::error!(error = %self, "request failed");
             match self {
                 Self::Unavailable(_) => "the service is temporarily unavailable".to_owned(),

@@ -59,6 +59,14 @@ pub async fn run(
             stopping.shutdown.cancel();
         })
         .await?;
+    // Sockets were told (1001) when the token was cancelled; let their last frames go out.
+    state.sockets.close();
+    if tokio::time::timeout(state.config.shutdown_grace, state.sockets.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some sockets did not close within the grace period");
+    }
     tracing::info!("server stopped");
     Ok(())
 }

@@ -35,6 +35,9 @@ pub struct AppState {
     run_settings: Arc<RunSettings>,
     /// Cancelled when the server starts shutting down; sockets watch it.
     pub shutdown: CancellationToken,
+    /// Every socket's task, so shutdown can wait for their close frames to go out (hyper stops
+    /// tracking a connection once it is upgraded).
+    pub sockets: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -67,6 +70,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             run_settings: Arc::new(run_settings),
             shutdown: CancellationToken::new(),
+            sockets: tokio_util::task::TaskTracker::new(),
         })
     }
 

@@ -59,6 +59,9 @@ async fn read_text(ws: &mut WsClient, expected: &str) -> Vec<Value> {
 }
 
 on_both_engines!(
+    a_silent_provider_fails_the_run_after_the_idle_timeout,
+    a_resend_gets_its_start_even_when_the_socket_already_follows_the_run,
+    a_running_run_no_task_drives_does_not_block_the_conversation,
     the_full_flow_streams_saves_and_matches,
     stop_before_the_first_token_cancels_upstream,
     stop_mid_stream_keeps_exactly_what_was_sent,
@@ -1246,5 +1249,80 @@ async fn sockets_from_foreign_origins_are_refused() {
             .unwrap_or_else(|e| panic!("{origin} must be allowed: {e}"));
         drop(socket);
     }
+    server.shutdown().await.unwrap();
+}
+
+async fn a_silent_provider_fails_the_run_after_the_idle_timeout(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |config| {
+        config.model_idle_timeout = Duration::from_millis(400);
+        // Flushes tick far more often than the idle timeout; they must not reset it.
+        config.flush_interval = Duration::from_millis(50);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "hello?"}))
+        .await;
+    let request = upstream.next_request().await;
+    request.token("half");
+    // The provider keeps the connection open and sends nothing more.
+    let frames = ws.until("complete").await;
+    let error = frames.iter().find(|f| f["type"] == "error").unwrap();
+    assert_eq!(error["code"], "model_error");
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "failed");
+    assert_eq!(complete["fullOutput"], "half");
+    request.cancelled().await;
+    server.shutdown().await.unwrap();
+}
+
+async fn a_resend_gets_its_start_even_when_the_socket_already_follows_the_run(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let message = json!({"type": "message", "content": "hi", "clientMessageId": "c-42"});
+    let (mut first, _) = WsClient::authed(&server, &path, &token(&api)).await;
+    first.send(message.clone()).await;
+    let start = first.next().await;
+    assert_eq!(start["clientMessageId"], "c-42");
+    let request = upstream.next_request().await;
+    first.close().await;
+    // After a reconnect the client resumes the active run, then resends what it never saw
+    // acknowledged: it must still get a `start` for it.
+    let (mut second, authenticated) = WsClient::authed(&server, &path, &token(&api)).await;
+    let run_id = authenticated["activeRun"]["runId"].clone();
+    second
+        .send(json!({"type": "resume", "runId": run_id, "afterSeq": 0}))
+        .await;
+    second.send(message).await;
+    let replayed = second.next().await;
+    assert_eq!(replayed, start);
+    request.token("done");
+    request.send(Step::Finish);
+    let frames = second.until("complete").await;
+    assert_eq!(frames.last().unwrap()["fullOutput"], "done");
+    server.shutdown().await.unwrap();
+}
+
+async fn a_running_run_no_task_drives_does_not_block_the_conversation(engine: Engine) {
+    let upstream = FakeUpstream::start(tokens(&["fresh answer"])).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let (_, me) = api.get("/api/me").await;
+    let owner = uuid::Uuid::parse_str(me["id"].as_str().unwrap()).unwrap();
+    let conversation = api.new_conversation().await;
+    let conversation_id = uuid::Uuid::parse_str(&conversation).unwrap();
+    // What a failed final save leaves behind: the store says `running`, nothing drives it.
+    let orphan = server.db().insert_orphan_run(conversation_id, owner).await;
+    let sent = api.send_and_finish(&conversation, "still there?").await;
+    assert_eq!(sent["message"]["content"], "still there?");
+    let (_, old) = api.get(&format!("/api/runs/{orphan}")).await;
+    assert_eq!(old["status"], "interrupted");
+    assert_eq!(old["output"], "half an answer", "what it had is kept");
     server.shutdown().await.unwrap();
 }

@@ -108,6 +108,10 @@ pub enum ServerMessage {
         conversation_id: Uuid,
         /// The user message that started the run.
         message_id: Uuid,
+        /// That message's `clientMessageId`, if it was sent with one: lets the sender match the
+        /// run to its message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_message_id: Option<String>,
     },
     /// A delta of the answer. `seq` is 1-based and contiguous per run; the same seq carries the
     /// same text for every watcher.

@@ -139,8 +139,19 @@ fn server_frames_have_pinned_json() {
                 run_id: RUN,
                 conversation_id: CONV,
                 message_id: MSG,
+                client_message_id: None,
             },
             json!({"type": "start", "runId": RUN, "conversationId": CONV, "messageId": MSG}),
+        ),
+        (
+            ServerMessage::Start {
+                run_id: RUN,
+                conversation_id: CONV,
+                message_id: MSG,
+                client_message_id: Some("c-1".into()),
+            },
+            json!({"type": "start", "runId": RUN, "conversationId": CONV, "messageId": MSG,
+                   "clientMessageId": "c-1"}),
         ),
         (
             ServerMessage::Chunk {

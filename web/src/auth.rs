@@ -174,12 +174,16 @@ impl Auth {
                 }
                 Err(_) => Ok(()),
             },
-            // 4xx: the refresh token was refused; the session is over.
-            Ok(response) if (400..500).contains(&response.status()) => {
+            // 4xx: the refresh token was refused; the session is over. (Not 408 or 429: those
+            // say "later", not "no".)
+            Ok(response)
+                if (400..500).contains(&response.status())
+                    && !matches!(response.status(), 408 | 429) =>
+            {
                 self.store(None);
                 Err(SignedOut)
             }
-            // 5xx or network: keep the session, try again later.
+            // 5xx, 408, 429 or network: keep the session, try again later.
             _ => Ok(()),
         }
     }

@@ -316,6 +316,7 @@ impl Driver {
                             run_id: run.id,
                             conversation_id: run.conversation_id,
                             message_id: run.message_id,
+                            client_message_id: sent.message.client_message_id.clone(),
                         });
                         self.sync();
                         self.follow_over_sse(run.id).await;
@@ -353,7 +354,16 @@ impl Driver {
                 action = self.actions.next() => match action {
                     Some(Action::Stop) => self.stop_over_rest().await,
                     None => return,
-                    Some(_) => {}
+                    // Shown at once and kept; sent when this answer has ended.
+                    Some(Action::Send(content)) => {
+                        self.state.send(content, client_message_id());
+                        self.sync();
+                    }
+                    Some(Action::Retry(id)) => {
+                        self.state.retry(&id);
+                        self.sync();
+                    }
+                    Some(Action::Wake) => {}
                 },
             }
         }
@@ -488,15 +498,22 @@ impl Driver {
                 },
                 () = refresh => {
                     // Refresh before expiry and hand the new token to the open socket.
+                    let before = self.api.auth.current().map(|s| s.access_token);
                     if self.api.auth.refresh().await.is_err() {
                         return Ended::SignedOut;
                     }
-                    if let Some(session) = self.api.auth.current() {
+                    let session = self.api.auth.current();
+                    let refreshed = session.as_ref().map(|s| &s.access_token) != before.as_ref();
+                    if let Some(session) = session.filter(|_| refreshed) {
                         let frame = ClientMessage::Auth { token: session.access_token };
                         if send(&mut sink, &frame).await.is_err() {
                             return Ended::Closed { authenticated, code: 1006 };
                         }
                     }
+                    // A refresh that failed for now (network, 5xx, 429) is retried in 5 s, not
+                    // at once.
+                    let retry_after = if refreshed { Duration::ZERO } else { Duration::from_secs(5) };
+                    refresh = refresh_timer(&self.api, retry_after);
                 },
             }
             if !self.alive() {
@@ -526,6 +543,18 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// A timer that fires when the session should be refreshed, and not before `at_least`.
+fn refresh_timer(
+    api: &Api,
+    at_least: Duration,
+) -> futures::future::Fuse<gloo_timers::future::TimeoutFuture> {
+    let wait = api.auth.current().map_or(Duration::from_secs(3600), |s| {
+        timing::refresh_delay(s.issued_at, s.expires_at, auth::now())
+    });
+    let wait = wait.max(at_least).max(Duration::from_millis(500));
+    gloo_timers::future::sleep(wait).fuse()
 }
 
 async fn send<S>(sink: &mut S, frame: &ClientMessage) -> Result<(), ()>

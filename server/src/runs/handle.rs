@@ -37,8 +37,9 @@ pub struct RunHandle {
     pub id: Uuid,
     pub conversation_id: Uuid,
     pub owner_id: Uuid,
-    /// The user message that started the run.
+    /// The user message that started the run, and its client id if it had one.
     pub message_id: Uuid,
+    pub client_message_id: Option<String>,
     log: Mutex<Log>,
     /// Bumped on every change; watchers wait on it.
     version: watch::Sender<u64>,
@@ -55,12 +56,19 @@ type Batch = (Vec<(u64, String)>, Option<(Ending, String)>);
 const READ_BATCH: usize = 256;
 
 impl RunHandle {
-    pub fn new(id: Uuid, conversation_id: Uuid, owner_id: Uuid, message_id: Uuid) -> Arc<Self> {
+    pub fn new(
+        id: Uuid,
+        conversation_id: Uuid,
+        owner_id: Uuid,
+        message_id: Uuid,
+        client_message_id: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id,
             conversation_id,
             owner_id,
             message_id,
+            client_message_id,
             log: Mutex::new(Log::default()),
             version: watch::Sender::new(0),
             cancel: CancellationToken::new(),
@@ -170,6 +178,16 @@ impl RunHandle {
         (chunks, ending)
     }
 
+    /// The `start` frame of this run.
+    pub fn start_frame(&self) -> ServerMessage {
+        ServerMessage::Start {
+            run_id: self.id,
+            conversation_id: self.conversation_id,
+            message_id: self.message_id,
+            client_message_id: self.client_message_id.clone(),
+        }
+    }
+
     /// The frames a watcher receives, from the chunk after `after_seq` to `complete`: replay,
     /// then live. With `with_start`, a `start` frame comes first.
     pub fn follow(
@@ -179,11 +197,7 @@ impl RunHandle {
     ) -> impl Stream<Item = ServerMessage> + Send + 'static {
         let mut pending = VecDeque::new();
         if with_start {
-            pending.push_back(ServerMessage::Start {
-                run_id: self.id,
-                conversation_id: self.conversation_id,
-                message_id: self.message_id,
-            });
+            pending.push_back(self.start_frame());
         }
         let version = self.version.subscribe();
         let state = Follow {
@@ -267,6 +281,7 @@ mod tests {
             Uuid::now_v7(),
             Uuid::now_v7(),
             Uuid::now_v7(),
+            None,
         )
     }
 

@@ -26,6 +26,8 @@ struct Runs {
 #[derive(Default)]
 pub struct Hub {
     runs: Mutex<Runs>,
+    /// Set at shutdown: no new run may start.
+    stopping: std::sync::atomic::AtomicBool,
     /// Every run task, so shutdown can wait for them to save.
     pub tasks: TaskTracker,
 }
@@ -38,10 +40,20 @@ impl Hub {
         }
     }
 
+    /// Registers a started run. At shutdown the run is stopped at once (as `interrupted`), so
+    /// that a run that slipped in while the others were being stopped cannot outlive them.
     pub fn insert(&self, handle: Arc<RunHandle>) {
         let mut runs = self.runs();
+        if self.is_stopping() {
+            handle.stop(RunStatus::Interrupted);
+        }
         runs.active.insert(handle.conversation_id, handle.clone());
         runs.by_id.insert(handle.id, handle);
+    }
+
+    /// True once shutdown began: sends are refused.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn get(&self, run_id: Uuid) -> Option<Arc<RunHandle>> {
@@ -83,7 +95,13 @@ impl Hub {
     /// Stops every active run as `interrupted` (shutdown) and waits up to `grace` for them to
     /// save. Returns false if some did not finish in time.
     pub async fn interrupt_all(&self, grace: Duration) -> bool {
-        let active: Vec<Arc<RunHandle>> = self.runs().active.values().cloned().collect();
+        let active: Vec<Arc<RunHandle>> = {
+            let runs = self.runs();
+            // Under the lock: any insert after this sees the flag and stops its run itself.
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            runs.active.values().cloned().collect()
+        };
         for handle in &active {
             handle.stop(RunStatus::Interrupted);
         }

@@ -60,6 +60,27 @@ pub async fn send(
     content: String,
     client_message_id: Option<String>,
 ) -> Result<Sent, AppError> {
+    // In a task of its own: if the caller goes away (an HTTP client disconnecting), the commit
+    // and the start of the run still happen together, never one without the other.
+    let state = state.clone();
+    let user = user.clone();
+    tokio::spawn(async move {
+        commit_and_start(&state, &user, conversation_id, content, client_message_id).await
+    })
+    .await
+    .map_err(AppError::internal)?
+}
+
+async fn commit_and_start(
+    state: &AppState,
+    user: &AuthUser,
+    conversation_id: Uuid,
+    content: String,
+    client_message_id: Option<String>,
+) -> Result<Sent, AppError> {
+    if state.hub.is_stopping() {
+        return Err(AppError::ShuttingDown);
+    }
     let now = now_millis();
     let run_id = Uuid::now_v7();
     let message = MessageRecord {
@@ -87,14 +108,22 @@ pub async fn send(
         finished_at: None,
     };
     let title = derive_title(&message.content);
-    let (message, created) = match state
-        .store
-        .insert_user_message(&message, &title, Some(&run))
-        .await
-    {
-        Ok(result) => result,
-        Err(StoreError::Conflict) => return Err(run_in_progress()),
-        Err(error) => return Err(error.into()),
+    let mut orphan_cleared = false;
+    let (message, created) = loop {
+        match state
+            .store
+            .insert_user_message(&message, &title, Some(&run))
+            .await
+        {
+            Ok(result) => break result,
+            Err(StoreError::Conflict)
+                if !orphan_cleared && clear_orphan(state, conversation_id).await? =>
+            {
+                orphan_cleared = true;
+            }
+            Err(StoreError::Conflict) => return Err(run_in_progress()),
+            Err(error) => return Err(error.into()),
+        }
     };
     if !created {
         // A resend: answer with what the first send started.
@@ -108,7 +137,13 @@ pub async fn send(
         });
     }
 
-    let handle = RunHandle::new(run.id, conversation_id, user.id, message.id);
+    let handle = RunHandle::new(
+        run.id,
+        conversation_id,
+        user.id,
+        message.id,
+        message.client_message_id.clone(),
+    );
     state.hub.insert(handle.clone());
     let context = state.run_context();
     state.hub.tasks.spawn(task::drive(context, handle.clone()));
@@ -120,6 +155,38 @@ pub async fn send(
         handle: Some(handle),
         created: true,
     })
+}
+
+/// A run the store says is `running` although no task drives it here (its outcome could not be
+/// saved, say) would block the conversation until the next restart: end it as `interrupted`.
+/// Returns true if there was one.
+async fn clear_orphan(state: &AppState, conversation_id: Uuid) -> Result<bool, AppError> {
+    if state.hub.active_for(conversation_id).is_some() {
+        return Ok(false);
+    }
+    let Some(orphan) = state.store.active_run(conversation_id).await? else {
+        return Ok(false);
+    };
+    tracing::warn!(run_id = %orphan.id, "ending a run no task was driving");
+    state
+        .store
+        .finish_run(orphan.id, &interrupted(&orphan))
+        .await?;
+    Ok(true)
+}
+
+/// How a run cut off by a stop of the server (or lost by its task) is saved.
+fn interrupted(run: &RunRecord) -> RunOutcome {
+    RunOutcome {
+        status: RunStatus::Interrupted.as_str().to_owned(),
+        output: run.output.clone(),
+        error: Some("the server stopped while this answer was streaming".into()),
+        prompt_tokens: None,
+        completion_tokens: None,
+        last_seq: run.last_seq,
+        finished_at: now_millis(),
+        message_id: Uuid::now_v7(),
+    }
 }
 
 pub fn run_in_progress() -> AppError {
@@ -135,17 +202,7 @@ pub async fn recover_interrupted(state: &AppState) -> Result<usize, StoreError> 
     let runs = state.store.running_runs().await?;
     let count = runs.len();
     for run in runs {
-        let outcome = RunOutcome {
-            status: RunStatus::Interrupted.as_str().to_owned(),
-            output: run.output.clone(),
-            error: Some("the server stopped while this answer was streaming".into()),
-            prompt_tokens: None,
-            completion_tokens: None,
-            last_seq: run.last_seq,
-            finished_at: now_millis(),
-            message_id: Uuid::now_v7(),
-        };
-        state.store.finish_run(run.id, &outcome).await?;
+        state.store.finish_run(run.id, &interrupted(&run)).await?;
         tracing::warn!(run_id = %run.id, seq = run.last_seq, "run interrupted by a restart");
     }
     Ok(count)

@@ -126,6 +126,9 @@ async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut saved_seq = 0;
     let mut saving: Option<tokio::task::JoinHandle<()>> = None;
+    // One deadline, moved only when the provider sends something: flush ticks must not restart
+    // the idle clock.
+    let mut silent_until = Instant::now() + settings.idle_timeout;
     loop {
         let event = tokio::select! {
             biased;
@@ -147,11 +150,12 @@ async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -
                 }
                 continue;
             }
-            next = tokio::time::timeout(settings.idle_timeout, stream.next()) => match next {
+            next = tokio::time::timeout_at(silent_until, stream.next()) => match next {
                 Err(_) => Some(Err(ModelError::Timeout)),
                 Ok(event) => event,
             },
         };
+        silent_until = Instant::now() + settings.idle_timeout;
         let mut text = match event {
             None => return (RunStatus::Completed, usage, None),
             Some(Err(error)) => return failed(&error, usage),

@@ -144,6 +144,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// The run if it exists and belongs to `owner`.
     async fn run(&self, id: Uuid, owner: Uuid) -> StoreResult<Option<RunRecord>>;
+    /// The conversation's `running` run, if any.
+    async fn active_run(&self, conversation_id: Uuid) -> StoreResult<Option<RunRecord>>;
     /// The run started by a user message, if any.
     async fn run_for_message(&self, message_id: Uuid) -> StoreResult<Option<RunRecord>>;
     /// Saves the output streamed so far of a run that is still `running`.

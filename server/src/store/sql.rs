@@ -418,6 +418,18 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn active_run(
+                &self,
+                conversation_id: uuid::Uuid,
+            ) -> $crate::store::StoreResult<Option<$crate::store::RunRecord>> {
+                Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
+                    "SELECT * FROM runs WHERE conversation_id = $1 AND status = 'running'",
+                )
+                .bind(conversation_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
             async fn run_for_message(
                 &self,
                 message_id: uuid::Uuid,

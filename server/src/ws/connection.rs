@@ -150,15 +150,19 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
                     .out
                     .try_push(Outbound::Text(error.encode().into()));
             }
-            let _ = connection
-                .out
-                .try_push(Outbound::Close(code, close_reason(code)));
+            // A run socket closing normally may still be sending a large `complete`: give it
+            // the same patience as any frame. Other closes need only a moment.
+            let grace = if code == close::NORMAL {
+                state.config.slow_client_timeout
+            } else {
+                CLOSE_GRACE
+            };
+            let out = connection.out.clone();
             drop(connection);
+            let close = Outbound::Close(code, close_reason(code));
+            let _ = tokio::time::timeout(grace, out.push(close)).await;
             let mut writer = writer;
-            if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(grace, &mut writer).await.is_err() {
                 writer.abort();
             }
         }
@@ -330,7 +334,7 @@ impl Connection {
     /// An `error` frame for a failed server operation, without internal details.
     fn send_app_error(&self, error: AppError) -> Result<(), Exit> {
         let code = error.code();
-        let message = if error.status_code().is_server_error() {
+        let message = if error.status_code().is_server_error() && code != ErrorCode::ShuttingDown {
             tracing::error!(%error, "socket request failed");
             "the server could not do that; try again".to_owned()
         } else {
@@ -550,19 +554,24 @@ impl Connection {
             // The run was announced to every socket of the conversation, this one included.
             return Ok(());
         }
-        // A resend of a message already committed: show its run.
+        // A resend of a message already committed: show its run. The sender always gets a
+        // `start` (it is how it learns the message was committed), even when this socket
+        // already follows the run.
         match (sent.handle, sent.run) {
             (Some(handle), _) if !handle.is_finished() => {
-                if !self.watchers.contains_key(&handle.id) {
+                if self.watchers.contains_key(&handle.id) {
+                    self.send(&handle.start_frame())
+                } else {
                     self.watch(handle, 0, true);
+                    Ok(())
                 }
-                Ok(())
             }
             (_, Some(run)) => {
                 self.send(&ServerMessage::Start {
                     run_id: run.id,
                     conversation_id: run.conversation_id,
                     message_id: run.message_id,
+                    client_message_id: sent.message.client_message_id.clone(),
                 })?;
                 let fresh = self.state.store.run(run.id, user.id).await.ok().flatten();
                 self.send_outcome(&fresh.unwrap_or(run))

@@ -118,7 +118,10 @@ fn accept(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_frame_size(max_frame)
         .max_message_size(max_frame)
-        .on_upgrade(move |socket| connection::serve(socket, state, endpoint))
+        .on_upgrade(move |socket| {
+            let sockets = state.sockets.clone();
+            sockets.track_future(connection::serve(socket, state, endpoint))
+        })
 }
 
 /// Cross-site WebSocket hijacking defence: a browser always sends `Origin`; it must be this

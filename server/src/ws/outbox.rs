@@ -23,6 +23,9 @@ pub enum TryPushError {
     Closed,
 }
 
+/// Room beyond the capacity for the socket's own frames (see [`Outbox::try_push`]).
+const RESERVE: usize = 16;
+
 /// What [`Outbox::offer`] did.
 pub enum Offer {
     Queued,
@@ -65,24 +68,30 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame if there is room.
+    /// Queues one of the socket's own frames (pong, error, ping, close) if there is room,
+    /// counting a small reserve beyond the capacity: a queue that run chunks filled a moment ago
+    /// must not make a healthy client look slow.
     pub fn try_push(&self, item: Outbound) -> Result<(), TryPushError> {
-        match self.offer(item) {
+        match self.offer_within(item, self.capacity + RESERVE) {
             Offer::Queued => Ok(()),
             Offer::Full(_) => Err(TryPushError::Full),
             Offer::Closed => Err(TryPushError::Closed),
         }
     }
 
-    /// Queues a frame if there is room, else hands it back (so a sender can wait with it
+    /// Queues a run's frame if there is room, else hands it back (so a sender can wait with it
     /// without setting a timer for every frame that fits at once).
     pub fn offer(&self, item: Outbound) -> Offer {
+        self.offer_within(item, self.capacity)
+    }
+
+    fn offer_within(&self, item: Outbound, limit: usize) -> Offer {
         {
             let mut state = self.state();
             if state.closed {
                 return Offer::Closed;
             }
-            if state.items.len() >= self.capacity {
+            if state.items.len() >= limit {
                 return Offer::Full(item);
             }
             state.items.push_back(item);
@@ -184,18 +193,27 @@ mod tests {
     #[tokio::test]
     async fn frames_come_out_in_order_and_the_bound_holds() {
         let outbox = Outbox::new(2);
-        outbox.try_push(frame("a")).unwrap();
-        outbox.try_push(frame("b")).unwrap();
-        assert_eq!(outbox.try_push(frame("c")), Err(TryPushError::Full));
+        assert!(matches!(outbox.offer(frame("a")), Offer::Queued));
+        assert!(matches!(outbox.offer(frame("b")), Offer::Queued));
+        assert!(matches!(outbox.offer(frame("c")), Offer::Full(_)));
+        // The socket's own frames still fit, up to the reserve.
+        for _ in 0..RESERVE {
+            outbox.try_push(frame("own")).unwrap();
+        }
+        assert_eq!(
+            outbox.try_push(frame("one too many")),
+            Err(TryPushError::Full)
+        );
         let mut batch = Vec::new();
-        assert_eq!(outbox.pop_many(&mut batch, 10).await, 2);
-        assert_eq!(batch.iter().map(text).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(outbox.pop_many(&mut batch, 100).await, 2 + RESERVE);
+        assert_eq!(text(&batch[0]), "a");
+        assert_eq!(text(&batch[1]), "b");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_outbox_makes_senders_wait_until_the_writer_takes_frames() {
         let outbox = Arc::new(Outbox::new(1));
-        outbox.try_push(frame("first")).unwrap();
+        assert!(matches!(outbox.offer(frame("first")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.push(frame("second")).await }
@@ -213,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn closing_releases_senders_and_the_writer() {
         let outbox = Arc::new(Outbox::new(1));
-        outbox.try_push(frame("x")).unwrap();
+        assert!(matches!(outbox.offer(frame("x")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.push(frame("y")).await }

@@ -90,6 +90,72 @@ impl TestDb {
         }
     }
 
+    /// Inserts a `running` run that no server task drives (what a failed save leaves behind),
+    /// with a user message for it.
+    pub async fn insert_orphan_run(
+        &self,
+        conversation: uuid::Uuid,
+        owner: uuid::Uuid,
+    ) -> uuid::Uuid {
+        let run = uuid::Uuid::now_v7();
+        let message = uuid::Uuid::now_v7();
+        let now = 1_700_000_000_000_i64;
+        let insert_message = "INSERT INTO messages (id, conversation_id, role, content, run_id, \
+             client_message_id, created_at) VALUES ($1, $2, 'user', 'lost', $3, NULL, $4)";
+        let insert_run = "INSERT INTO runs (id, conversation_id, owner_id, message_id, status, \
+             model, output, last_seq, started_at) VALUES ($1, $2, $3, $4, 'running', 'fake', \
+             'half an answer', 3, $5)";
+        match &self.postgres {
+            Some((admin_url, name)) => {
+                let mut conn = PgConnection::connect(&database_url(admin_url, name))
+                    .await
+                    .unwrap();
+                sqlx::query(insert_message)
+                    .bind(message)
+                    .bind(conversation)
+                    .bind(run)
+                    .bind(now)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                sqlx::query(insert_run)
+                    .bind(run)
+                    .bind(conversation)
+                    .bind(owner)
+                    .bind(message)
+                    .bind(now)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            None => {
+                let path = self.data_dir.path().join("wadi.db");
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                sqlx::query(insert_message)
+                    .bind(message)
+                    .bind(conversation)
+                    .bind(run)
+                    .bind(now)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                sqlx::query(insert_run)
+                    .bind(run)
+                    .bind(conversation)
+                    .bind(owner)
+                    .bind(message)
+                    .bind(now)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        run
+    }
+
     pub async fn drop_database(self) {
         if let Some((admin_url, name)) = self.postgres {
             let mut admin = PgConnection::connect(&admin_url).await.unwrap();

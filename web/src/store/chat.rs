@@ -206,6 +206,16 @@ impl ChatState {
     pub fn on_authenticated(&mut self, active_run: Option<ActiveRun>) -> Vec<Command> {
         let mut commands = Vec::new();
         match (&self.streaming, active_run) {
+            // The run we showed has ended and another one started while we were away: show the
+            // new one from its start, and fetch the saved answer of the old one.
+            (Some(streaming), Some(active)) if active.run_id != streaming.run_id => {
+                self.streaming = Some(Streaming::new(active.run_id));
+                commands.push(Command::Send(ClientMessage::Resume {
+                    run_id: active.run_id,
+                    after_seq: 0,
+                }));
+                commands.push(Command::RefreshHistory);
+            }
             (Some(streaming), _) => commands.push(Command::Send(ClientMessage::Resume {
                 run_id: streaming.run_id,
                 after_seq: streaming.applied,
@@ -226,7 +236,11 @@ impl ChatState {
     /// Applies one frame from the server.
     pub fn apply(&mut self, frame: ServerMessage) -> Vec<Command> {
         match frame {
-            ServerMessage::Start { run_id, .. } => self.on_start(run_id),
+            ServerMessage::Start {
+                run_id,
+                client_message_id,
+                ..
+            } => self.on_start(run_id, client_message_id),
             ServerMessage::Chunk {
                 run_id,
                 seq,
@@ -260,15 +274,18 @@ impl ChatState {
             .any(|m| m.role == Role::Assistant && m.run_id == Some(run_id))
     }
 
-    fn on_start(&mut self, run_id: Uuid) -> Vec<Command> {
+    fn on_start(&mut self, run_id: Uuid, client_message_id: Option<String>) -> Vec<Command> {
         let mut commands = Vec::new();
-        let known = self.messages.iter().any(|m| m.run_id == Some(run_id));
-        if !known {
-            if self.pending.is_empty() {
-                // Another tab or device sent it: fetch its text.
-                commands.push(Command::RefreshHistory);
-            } else {
-                let pending = self.pending.remove(0);
+        // Ours if it names one of our unacknowledged messages; never guessed from order, since
+        // another tab or device may start a run at the same moment.
+        let ours = client_message_id.as_ref().and_then(|id| {
+            self.pending
+                .iter()
+                .position(|pending| &pending.client_message_id == id)
+        });
+        match ours {
+            Some(index) => {
+                let pending = self.pending.remove(index);
                 if let Some(view) = self
                     .messages
                     .iter_mut()
@@ -278,6 +295,11 @@ impl ChatState {
                     view.run_id = Some(run_id);
                 }
             }
+            None if !self.messages.iter().any(|m| m.run_id == Some(run_id)) => {
+                // Another tab or device sent it: fetch its text.
+                commands.push(Command::RefreshHistory);
+            }
+            None => {}
         }
         let streaming_this = self.streaming.as_ref().is_some_and(|s| s.run_id == run_id);
         if !streaming_this && !self.has_answer(run_id) {
@@ -309,13 +331,6 @@ impl ChatState {
         }
         if self.has_answer(run_id) {
             return;
-        }
-        // A run whose user message we never saw confirmed (e.g. sent by a REST fallback).
-        if let Some(view) = self.messages.iter_mut().find(|m| {
-            m.role == Role::User && m.pending == Some(PendingState::Sending) && m.run_id.is_none()
-        }) && self.pending.is_empty()
-        {
-            view.pending = None;
         }
         self.messages.push(MessageView {
             key: format!("answer-{run_id}"),
@@ -389,10 +404,15 @@ mod tests {
     }
 
     fn start() -> ServerMessage {
+        start_for(Some("c-1"))
+    }
+
+    fn start_for(client_message_id: Option<&str>) -> ServerMessage {
         ServerMessage::Start {
             run_id: run(),
             conversation_id: Uuid::nil(),
             message_id: message_id(),
+            client_message_id: client_message_id.map(str::to_owned),
         }
     }
 
@@ -525,6 +545,53 @@ mod tests {
         let mut chat = ChatState::default();
         assert_eq!(chat.apply(start()), vec![Command::RefreshHistory]);
         assert!(chat.streaming.is_some());
+    }
+
+    #[test]
+    fn another_devices_run_is_never_taken_for_our_unacknowledged_message() {
+        // We sent P; at the same moment another device's message M started a run.
+        let mut chat = ChatState::default();
+        chat.send("P".into(), "c-p".into());
+        assert_eq!(
+            chat.apply(start_for(Some("c-m"))),
+            vec![Command::RefreshHistory]
+        );
+        assert_eq!(
+            chat.messages[0].pending,
+            Some(PendingState::Sending),
+            "P is not M's"
+        );
+        // P is then refused (a run is in progress) and can be retried.
+        chat.apply(ServerMessage::error(ErrorCode::RunInProgress, "busy", None));
+        assert!(matches!(
+            chat.messages[0].pending,
+            Some(PendingState::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn a_new_active_run_found_on_reconnect_replaces_the_one_we_showed() {
+        let mut chat = ChatState::default();
+        chat.send("first".into(), "c-1".into());
+        chat.apply(start());
+        chat.apply(chunk(1, "old"));
+        let other = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0009);
+        let commands = chat.on_authenticated(Some(ActiveRun {
+            run_id: other,
+            message_id: message_id(),
+            last_seq: 3,
+        }));
+        assert_eq!(
+            commands,
+            vec![
+                Command::Send(ClientMessage::Resume {
+                    run_id: other,
+                    after_seq: 0
+                }),
+                Command::RefreshHistory,
+            ]
+        );
+        assert_eq!(chat.streaming, Some(Streaming::new(other)));
     }
 
     #[test]
