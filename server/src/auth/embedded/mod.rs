@@ -2,6 +2,7 @@
 //! client needs, wire-compatible so `@supabase/supabase-js` works against it unchanged.
 //! Served when `SUPABASE_URL` is not set. `docs/auth.md` lists what is and is not implemented.
 
+mod hashing;
 mod keys;
 mod service;
 mod wire;

@@ -3,7 +3,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier, password_hash::SaltString};
 use axum::http::StatusCode;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, Header};
@@ -13,6 +12,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{
+    hashing::Hasher,
     keys::SigningKeys,
     wire::{AuthApiError, session_json},
 };
@@ -36,6 +36,7 @@ pub struct EmbeddedAuth {
     /// Verified against when an email is unknown, so that a wrong email costs the same time as
     /// a wrong password.
     dummy_hash: String,
+    hasher: Hasher,
 }
 
 pub struct Settings {
@@ -57,9 +58,11 @@ fn store_error(error: StoreError) -> AuthApiError {
 impl EmbeddedAuth {
     pub async fn new(store: Arc<dyn Store>, settings: Settings) -> Result<Self, StoreError> {
         let keys = SigningKeys::load_or_create(store.as_ref(), now_millis()).await?;
-        let dummy_hash = hash_password("wadi-dummy-password".to_owned())
+        let hasher = Hasher::start()
+            .map_err(|e| StoreError::Corrupt(format!("cannot start hashing threads: {e}")))?;
+        let dummy_hash = hash_password(&hasher, "wadi-dummy-password".to_owned())
             .await
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            .map_err(StoreError::Corrupt)?;
         Ok(Self {
             store,
             keys,
@@ -68,6 +71,7 @@ impl EmbeddedAuth {
             reuse_interval: settings.reuse_interval,
             password_min_length: settings.password_min_length,
             dummy_hash,
+            hasher,
         })
     }
 
@@ -92,7 +96,7 @@ impl EmbeddedAuth {
         let user = UserRecord {
             id: Uuid::new_v4(),
             email,
-            password_hash: hash_password(password.to_owned())
+            password_hash: hash_password(&self.hasher, password.to_owned())
                 .await
                 .map_err(AuthApiError::unexpected)?,
             user_metadata: metadata.to_string(),
@@ -132,7 +136,7 @@ impl EmbeddedAuth {
             || self.dummy_hash.clone(),
             |user| user.password_hash.clone(),
         );
-        let matches = verify_password(password.to_owned(), hash)
+        let matches = verify_password(&self.hasher, password.to_owned(), hash)
             .await
             .map_err(AuthApiError::unexpected)?;
         let Some(mut user) = user.filter(|_| matches) else {
@@ -415,30 +419,21 @@ fn hash_token(token: &str) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// argon2id with the crate's default (OWASP) parameters, off the async executor.
-async fn hash_password(password: String) -> Result<String, String> {
-    tokio::task::spawn_blocking(move || {
-        let mut salt = [0u8; 16];
-        rand_core::OsRng.fill_bytes(&mut salt);
-        let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|hash| hash.to_string())
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+/// argon2id with the crate's default (OWASP) parameters, on a hashing thread.
+async fn hash_password(hasher: &Hasher, password: String) -> Result<String, String> {
+    hasher
+        .run(move || {
+            let mut salt = [0u8; 16];
+            rand_core::OsRng.fill_bytes(&mut salt);
+            super::hashing::hash(password.as_bytes(), &salt)
+        })
+        .await?
 }
 
-async fn verify_password(password: String, hash: String) -> Result<bool, String> {
-    tokio::task::spawn_blocking(move || {
-        let parsed = PasswordHash::new(&hash).map_err(|e| e.to_string())?;
-        Ok(Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+async fn verify_password(hasher: &Hasher, password: String, hash: String) -> Result<bool, String> {
+    hasher
+        .run(move || super::hashing::verify(password.as_bytes(), &hash))
+        .await?
 }
 
 #[cfg(test)]
