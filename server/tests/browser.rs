@@ -369,7 +369,13 @@ async fn a_phone_sized_screen_can_chat() {
         sign_up(&browser, &app.url(), &unique_email()).await;
         // The sidebar is tucked away; the menu button opens it.
         browser.click(".welcome .menu-toggle").await;
-        browser.until("the sidebar to open", "document.querySelector('.shell.sidebar-open')").await;
+        // Open, and done sliding in (it animates), before anything in it is clicked.
+        browser
+            .until(
+                "the sidebar to open",
+                "document.querySelector('.shell.sidebar-open') && document.querySelector('nav.sidebar').getBoundingClientRect().left >= 0",
+            )
+            .await;
         new_conversation(&browser).await;
         browser.until("the sidebar to close", "!document.querySelector('.shell.sidebar-open')").await;
         online(&browser).await;
