@@ -1059,15 +1059,19 @@ async fn readyz_and_metrics_report_the_server() {
     let mut bad = WsClient::connect(&server, &format!("/ws/chat/{conversation}")).await;
     bad.send(json!({"type": "auth", "token": "nope"})).await;
     bad.until_closed().await;
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The refused socket is gone once its task has finished: only `ws` remains.
+    tokio::time::timeout(TIMEOUT, async {
+        while server
+            .metric("wadi_ws_connections{endpoint=\"chat\"}")
+            .await
+            != 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the refused socket was never deregistered");
+    let metrics = server.metrics_text().await;
     for expected in [
         "wadi_ws_connections{endpoint=\"chat\"} 1",
         "wadi_active_runs 0",

@@ -110,17 +110,21 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
-    /// The value of the Prometheus sample whose line starts with `series` (0 if absent).
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
+    /// The Prometheus exposition at `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The value of the Prometheus sample whose line starts with `series` (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find(|line| line.starts_with(series))
             .and_then(|line| line.split_whitespace().last())
