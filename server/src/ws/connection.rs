@@ -141,7 +141,24 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
             state.metrics.slow_client_closes.inc();
             state.metrics.close(close::TRY_AGAIN_LATER);
             tracing::info!("closing a client that does not read");
-            writer.abort();
+            // Said through the queue's reserve, in case the client reads again within the
+            // grace; if it does not, the writer is dropped with the socket.
+            let error = ErrorCode::SlowConsumer.frame("you did not read fast enough; reconnect");
+            let _ = connection
+                .out
+                .try_push(Outbound::Text(error.encode().into()));
+            let _ = connection.out.try_push(Outbound::Close(
+                close::TRY_AGAIN_LATER,
+                close_reason(close::TRY_AGAIN_LATER),
+            ));
+            drop(connection);
+            let mut writer = writer;
+            if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+                .await
+                .is_err()
+            {
+                writer.abort();
+            }
         }
         Exit::Close { code, error } => {
             state.metrics.close(code);
