@@ -167,6 +167,14 @@ pub struct Config {
     #[arg(long, env = "WADI_WS_RATE_BURST", default_value_t = 20)]
     pub ws_rate_burst: u32,
 
+    /// Messages a user may send per minute, sustained (REST and WebSocket together)…
+    #[arg(long, env = "WADI_MESSAGE_RATE_PER_MINUTE", default_value_t = 20.0)]
+    pub message_rate_per_minute: f64,
+
+    /// …and in a burst.
+    #[arg(long, env = "WADI_MESSAGE_RATE_BURST", default_value_t = 10)]
+    pub message_rate_burst: u32,
+
     /// Open sockets allowed per user.
     #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,
@@ -245,6 +253,8 @@ impl std::fmt::Debug for Config {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("ws_rate_per_second", &self.ws_rate_per_second)
             .field("ws_rate_burst", &self.ws_rate_burst)
+            .field("message_rate_per_minute", &self.message_rate_per_minute)
+            .field("message_rate_burst", &self.message_rate_burst)
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("max_connections", &self.max_connections)
             .field("send_queue", &self.send_queue)
@@ -295,6 +305,8 @@ impl Config {
             max_frame_bytes: 64 * 1024,
             ws_rate_per_second: 10.0,
             ws_rate_burst: 20,
+            message_rate_per_minute: 20.0,
+            message_rate_burst: 10,
             max_connections_per_user: 100,
             max_connections: 19_000,
             send_queue: 256,

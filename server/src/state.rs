@@ -32,6 +32,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub clients: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Messages per user (REST and WebSocket sends alike).
+    pub message_limiter: Arc<crate::limits::KeyedLimiter<uuid::Uuid>>,
     run_settings: Arc<RunSettings>,
     /// Cancelled when the server starts shutting down; sockets watch it.
     pub shutdown: CancellationToken,
@@ -59,6 +61,10 @@ impl AppState {
             coalesce_window: config.coalesce_window,
             retention: config.run_retention,
         };
+        let message_limiter = Arc::new(crate::limits::KeyedLimiter::per_minute(
+            config.message_rate_burst,
+            config.message_rate_per_minute,
+        ));
         Ok(Self {
             config: Arc::new(config),
             assets: Arc::new(assets),
@@ -68,6 +74,7 @@ impl AppState {
             hub: Arc::new(Hub::default()),
             clients: Arc::new(Registry::default()),
             metrics: Arc::new(Metrics::new()),
+            message_limiter,
             run_settings: Arc::new(run_settings),
             shutdown: CancellationToken::new(),
             sockets: tokio_util::task::TaskTracker::new(),

@@ -1330,3 +1330,43 @@ async fn a_running_run_no_task_drives_does_not_block_the_conversation(engine: En
     assert_eq!(old["output"], "half an answer", "what it had is kept");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn messages_are_rate_limited_per_user_across_sockets_and_rest() {
+    let upstream = FakeUpstream::start(tokens(&["ok"])).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.message_rate_burst = 2;
+        config.message_rate_per_minute = 0.01;
+    })
+    .await;
+    let api = server.user().await;
+    let first = api.new_conversation().await;
+    let second = api.new_conversation().await;
+    api.send_and_finish(&first, "one").await;
+    let (mut ws, _) = WsClient::authed(&server, &format!("/ws/chat/{second}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "two"})).await;
+    assert_eq!(
+        ws.until("complete").await.last().unwrap()["status"],
+        "completed"
+    );
+    // A third message, from a fresh socket or over REST, is over the user's budget.
+    let (mut other, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{first}"), &token(&api)).await;
+    other
+        .send(json!({"type": "message", "content": "three"}))
+        .await;
+    assert_eq!(other.next().await["code"], "rate_limited");
+    let (status, body) = api
+        .post(
+            &format!("/api/conversations/{second}/messages"),
+            json!({"content": "four"}),
+        )
+        .await;
+    assert_eq!(status, 429);
+    assert_eq!(body["code"], "rate_limited");
+    // Another user is not affected.
+    let someone_else = server.user().await;
+    let theirs = someone_else.new_conversation().await;
+    someone_else.send_and_finish(&theirs, "mine").await;
+    server.shutdown().await.unwrap();
+}

@@ -60,6 +60,11 @@ pub async fn send(
     content: String,
     client_message_id: Option<String>,
 ) -> Result<Sent, AppError> {
+    // Per user, whichever socket or request it comes from: opening more sockets does not buy
+    // more messages.
+    if !state.message_limiter.check(&user.id) {
+        return Err(AppError::RateLimited);
+    }
     // In a task of its own: if the caller goes away (an HTTP client disconnecting), the commit
     // and the start of the run still happen together, never one without the other.
     let state = state.clone();
