@@ -1,7 +1,7 @@
 //! Stored rows → the protocol crate's REST bodies.
 
 use wadi_protocol::{
-    RunStatus, Usage,
+    RunStatus, ServerMessage, Usage,
     api::{self, Role},
 };
 
@@ -69,4 +69,14 @@ pub fn usage(prompt: Option<i64>, completion: Option<i64>) -> Option<Usage> {
         completion_tokens: completion,
         total_tokens: prompt.saturating_add(completion),
     })
+}
+
+/// The `complete` frame of a run as saved (a run no longer in memory).
+pub fn complete_frame(run: &RunRecord) -> ServerMessage {
+    ServerMessage::Complete {
+        run_id: run.id,
+        full_output: run.output.clone(),
+        status: RunStatus::parse(&run.status).unwrap_or(RunStatus::Interrupted),
+        usage: usage(run.prompt_tokens, run.completion_tokens),
+    }
 }

@@ -91,7 +91,7 @@ async fn events(
     let frames: std::pin::Pin<Box<dyn Stream<Item = ServerMessage> + Send>> =
         match state.hub.get(id) {
             Some(handle) => Box::pin(handle.follow(after_seq, false)),
-            None => Box::pin(stream::iter([outcome_frame(&run)])),
+            None => Box::pin(stream::iter([dto::complete_frame(&run)])),
         };
     let metrics = state.metrics.clone();
     let events = frames.map(move |frame| {
@@ -111,15 +111,6 @@ async fn events(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
-}
-
-fn outcome_frame(run: &RunRecord) -> ServerMessage {
-    ServerMessage::Complete {
-        run_id: run.id,
-        full_output: run.output.clone(),
-        status: RunStatus::parse(&run.status).unwrap_or(RunStatus::Interrupted),
-        usage: dto::usage(run.prompt_tokens, run.completion_tokens),
-    }
 }
 
 /// `POST /api/runs/{id}/stop`: stops the run (cancelling the model request), waits for it to

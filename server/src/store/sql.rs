@@ -5,6 +5,29 @@
 
 macro_rules! sql_store {
     ($store:ty, $db:ty, $engine:literal) => {
+        impl $store {
+            /// The one statement that stores a refresh token (first or rotated).
+            async fn insert_refresh_token_row(
+                connection: &mut <$db as sqlx::Database>::Connection,
+                token: &$crate::store::RefreshTokenRecord,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (id, token_hash, session_id, parent_id, revoked, \
+                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(token.id)
+                .bind(&token.token_hash)
+                .bind(token.session_id)
+                .bind(token.parent_id)
+                .bind(token.revoked)
+                .bind(token.created_at)
+                .bind(token.updated_at)
+                .execute(connection)
+                .await?;
+                Ok(())
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn engine(&self) -> &'static str {
@@ -91,19 +114,7 @@ macro_rules! sql_store {
                 .bind(session.updated_at)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO refresh_tokens (id, token_hash, session_id, parent_id, revoked, \
-                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(token.id)
-                .bind(&token.token_hash)
-                .bind(token.session_id)
-                .bind(token.parent_id)
-                .bind(token.revoked)
-                .bind(token.created_at)
-                .bind(token.updated_at)
-                .execute(&mut *tx)
-                .await?;
+                Self::insert_refresh_token_row(&mut tx, token).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -176,19 +187,7 @@ macro_rules! sql_store {
                 token: &$crate::store::RefreshTokenRecord,
             ) -> $crate::store::StoreResult<()> {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query(
-                    "INSERT INTO refresh_tokens (id, token_hash, session_id, parent_id, revoked, \
-                     created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(token.id)
-                .bind(&token.token_hash)
-                .bind(token.session_id)
-                .bind(token.parent_id)
-                .bind(token.revoked)
-                .bind(token.created_at)
-                .bind(token.updated_at)
-                .execute(&mut *tx)
-                .await?;
+                Self::insert_refresh_token_row(&mut tx, token).await?;
                 sqlx::query("UPDATE auth_sessions SET updated_at = $2 WHERE id = $1")
                     .bind(token.session_id)
                     .bind(token.created_at)

@@ -144,29 +144,19 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
             // Said through the queue's reserve, in case the client reads again within the
             // grace; if it does not, the writer is dropped with the socket.
             let error = ErrorCode::SlowConsumer.frame("you did not read fast enough; reconnect");
-            let _ = connection
-                .out
-                .try_push(Outbound::Text(error.encode().into()));
-            let _ = connection.out.try_push(Outbound::Close(
-                close::TRY_AGAIN_LATER,
-                close_reason(close::TRY_AGAIN_LATER),
-            ));
+            let out = connection.out.clone();
             drop(connection);
-            let mut writer = writer;
-            if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-            }
+            close_socket(
+                &out,
+                writer,
+                close::TRY_AGAIN_LATER,
+                Some(error),
+                CLOSE_GRACE,
+            )
+            .await;
         }
         Exit::Close { code, error } => {
             state.metrics.close(code);
-            if let Some(error) = error {
-                let _ = connection
-                    .out
-                    .try_push(Outbound::Text(error.encode().into()));
-            }
             // A run socket closing normally may still be sending a large `complete`: give it
             // the same patience as any frame. Other closes need only a moment.
             let grace = if code == close::NORMAL {
@@ -176,15 +166,29 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
             };
             let out = connection.out.clone();
             drop(connection);
-            let close = Outbound::Close(code, close_reason(code));
-            let _ = tokio::time::timeout(grace, out.push(close)).await;
-            let mut writer = writer;
-            if tokio::time::timeout(grace, &mut writer).await.is_err() {
-                writer.abort();
-            }
+            close_socket(&out, writer, code, error, grace).await;
         }
     }
     gauge.dec();
+}
+
+/// Queues the `error` frame (if any) and the close frame, and waits up to `grace` for each of
+/// room in the queue and the writer to send them; a writer still stuck then is dropped.
+async fn close_socket(
+    out: &Outbox,
+    mut writer: JoinHandle<()>,
+    code: u16,
+    error: Option<ServerMessage>,
+    grace: Duration,
+) {
+    if let Some(error) = error {
+        let _ = out.try_push(Outbound::Text(error.encode().into()));
+    }
+    let close = Outbound::Close(code, close_reason(code));
+    let _ = tokio::time::timeout(grace, out.push(close)).await;
+    if tokio::time::timeout(grace, &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -666,13 +670,7 @@ impl Connection {
     }
 
     fn send_outcome(&self, run: &RunRecord) -> Result<(), Exit> {
-        let status = RunStatus::parse(&run.status).unwrap_or(RunStatus::Interrupted);
-        self.send(&ServerMessage::Complete {
-            run_id: run.id,
-            full_output: run.output.clone(),
-            status,
-            usage: dto::usage(run.prompt_tokens, run.completion_tokens),
-        })
+        self.send(&dto::complete_frame(run))
     }
 
     /// Follows a run on this socket from the chunk after `after_seq`, replacing any watcher of
