@@ -38,6 +38,22 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
 
+    /// `redis://…`: cluster mode. Several instances on one Postgres share each run's live log,
+    /// "run started" and stop through this Redis, so any instance can follow, resume or stop
+    /// any run. Requires a Postgres `DATABASE_URL`.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// How often this instance heartbeats into the database, checks its runs for stop requests,
+    /// and reaps the runs of instances that stopped heartbeating.
+    #[arg(long, env = "WADI_INSTANCE_HEARTBEAT", value_parser = parse_duration, default_value = "2s")]
+    pub instance_heartbeat: Duration,
+
+    /// An instance that has not heartbeated for this long is dead: another instance saves its
+    /// runs as `interrupted` with what they had produced, and it may never write them again.
+    #[arg(long, env = "WADI_INSTANCE_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
+    pub instance_timeout: Duration,
+
     /// The URL users reach this server at (e.g. `https://chat.example.com`). Used as the
     /// embedded auth service's token issuer (`{public_url}/auth/v1`).
     #[arg(long, env = "WADI_PUBLIC_URL")]
@@ -214,6 +230,9 @@ impl std::fmt::Debug for Config {
                 "database_url",
                 &self.database_url.as_deref().map(redact_url),
             )
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("instance_heartbeat", &self.instance_heartbeat)
+            .field("instance_timeout", &self.instance_timeout)
             .field("public_url", &self.public_url)
             .field("supabase_url", &self.supabase_url)
             .field(
@@ -275,6 +294,9 @@ impl Config {
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(5),
             database_url: None,
+            redis_url: None,
+            instance_heartbeat: Duration::from_millis(200),
+            instance_timeout: Duration::from_secs(2),
             public_url: None,
             supabase_url: None,
             supabase_jwt_secret: None,

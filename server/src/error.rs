@@ -101,7 +101,7 @@ impl From<crate::store::StoreError> for AppError {
     fn from(error: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
         match error {
-            StoreError::Conflict => Self::Conflict {
+            StoreError::Conflict(_) => Self::Conflict {
                 code: ErrorCode::InvalidRequest,
                 message: "that already exists".into(),
             },

@@ -2,8 +2,11 @@
 
 pub mod auth;
 pub mod config;
+pub mod content;
+pub mod dto;
 pub mod error;
 pub mod http;
+pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod model;
@@ -34,13 +37,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = AppState::new(config).await?;
-    let recovered = runs::recover_interrupted(&state).await?;
+    let recovered = state.runs.recover().await?;
     if recovered > 0 {
         tracing::warn!(
             runs = recovered,
-            "marked runs cut off by the last stop as interrupted"
+            "saved runs a stopped process left streaming as interrupted"
         );
     }
+    state.runs.keep_alive(state.shutdown.clone());
+    tracing::info!(
+        instance = %state.runs.instance,
+        cluster = state.runs.cluster.mode(),
+        "instance ready"
+    );
     let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let listener = listener.tap_io(|tcp| {
         // Tokens are small and latency matters more than packet count.
@@ -53,7 +62,7 @@ pub async fn run(
             shutdown.await;
             tracing::info!("shutting down: stopping active runs");
             let grace = stopping.config.shutdown_grace;
-            if !stopping.hub.interrupt_all(grace).await {
+            if !stopping.runs.shut_down(grace).await {
                 tracing::warn!("some runs did not save within the grace period");
             }
             stopping.shutdown.cancel();

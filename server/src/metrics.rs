@@ -39,6 +39,12 @@ pub struct Metrics {
     pub runs_finished: Family<StatusLabel, Counter>,
     pub time_to_first_token: Histogram,
     pub run_duration: Histogram,
+    /// Runs driven elsewhere that this instance mirrors for its sockets.
+    pub remote_watchers: Gauge,
+    pub reaped_runs: Counter,
+    pub fenced_runs: Counter,
+    pub redis_append_seconds: Histogram,
+    pub redis_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -112,6 +118,39 @@ impl Metrics {
             "From run start to its end, whatever the status",
             run_duration.clone(),
         );
+        let remote_watchers = Gauge::default();
+        registry.register(
+            "remote_watchers",
+            "Runs driven by other instances that sockets here follow",
+            remote_watchers.clone(),
+        );
+        let reaped_runs = Counter::default();
+        registry.register(
+            "reaped_runs",
+            "Runs of a dead instance (or of no task) ended here as interrupted or stopped",
+            reaped_runs.clone(),
+        );
+        let fenced_runs = Counter::default();
+        registry.register(
+            "fenced_runs",
+            "Runs this instance stopped writing because another reaped them",
+            fenced_runs.clone(),
+        );
+        // 0.1 ms … ~3 s.
+        let redis_append_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+        );
+        registry.register(
+            "redis_append_seconds",
+            "Time of one append of chunks to a run's Redis log",
+            redis_append_seconds.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed and connections that broke",
+            redis_errors.clone(),
+        );
         Self {
             registry,
             connections,
@@ -124,7 +163,22 @@ impl Metrics {
             runs_finished,
             time_to_first_token,
             run_duration,
+            remote_watchers,
+            reaped_runs,
+            fenced_runs,
+            redis_append_seconds,
+            redis_errors,
         }
+    }
+
+    /// Names this instance in the exposition (`wadi_instance_info{instance=…,mode=…} 1`).
+    pub fn set_instance(&mut self, instance: &str, mode: &'static str) {
+        let info = prometheus_client::metrics::info::Info::new(vec![
+            ("instance".to_owned(), instance.to_owned()),
+            ("mode".to_owned(), mode.to_owned()),
+        ]);
+        self.registry
+            .register("instance", "This server process and its cluster mode", info);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,23 +1,23 @@
-//! The state every handler shares: one cheap-to-clone struct of `Arc`s.
+//! The state every handler shares: one cheap-to-clone struct of `Arc`s, with substates
+//! (`State<Arc<Runs>>`, …) for handlers that need only one part.
 
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::AuthService,
     config::Config,
     http::static_files::WebAssets,
+    ids::InstanceId,
     metrics::Metrics,
     model::{
         ChatModel,
         demo::DemoModel,
         openai::{OpenAiModel, OpenAiSettings},
     },
-    runs::{
-        Hub,
-        task::{RunContext, RunSettings},
-    },
+    runs::{Cluster, Local, RunSettings, Runs, redis::RedisCluster},
     store::Store,
     ws::Registry,
 };
@@ -28,13 +28,9 @@ pub struct AppState {
     pub assets: Arc<WebAssets>,
     pub store: Arc<dyn Store>,
     pub auth: Arc<AuthService>,
-    pub model: Arc<dyn ChatModel>,
-    pub hub: Arc<Hub>,
+    pub runs: Arc<Runs>,
     pub clients: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// Messages per user (REST and WebSocket sends alike).
-    pub message_limiter: Arc<crate::limits::KeyedLimiter<uuid::Uuid>>,
-    run_settings: Arc<RunSettings>,
     /// Cancelled when the server starts shutting down; sockets watch it.
     pub shutdown: CancellationToken,
     /// Every socket's task, so shutdown can wait for their close frames to go out (hyper stops
@@ -42,54 +38,86 @@ pub struct AppState {
     pub sockets: tokio_util::task::TaskTracker,
 }
 
+impl FromRef<AppState> for Arc<Runs> {
+    fn from_ref(state: &AppState) -> Self {
+        state.runs.clone()
+    }
+}
+
 impl AppState {
-    /// Opens the store (applying migrations) and sets up auth and the model.
+    /// Opens the store (applying migrations), joins the cluster when `REDIS_URL` is set, and
+    /// sets up auth and the model.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let store = crate::store::connect(config.database_url.as_deref(), &config.data_dir).await?;
         tracing::info!(engine = store.engine(), "store ready");
+        if config.redis_url.is_some() && store.engine() != "postgres" {
+            anyhow::bail!(
+                "REDIS_URL turns on cluster mode, which needs a Postgres DATABASE_URL that every \
+                 instance shares; SQLite is one process's file (unset REDIS_URL, or set \
+                 DATABASE_URL=postgres://…)"
+            );
+        }
+        let instance = InstanceId::new();
+        let mode = if config.redis_url.is_some() {
+            "redis"
+        } else {
+            "local"
+        };
+        let mut metrics = Metrics::new();
+        metrics.set_instance(&instance.to_string(), mode);
+        let metrics = Arc::new(metrics);
+        let (cluster, events): (Arc<dyn Cluster>, _) = match &config.redis_url {
+            Some(url) => {
+                let (cluster, events) = RedisCluster::connect(url, instance, metrics.clone())
+                    .await
+                    .map_err(|error| anyhow::anyhow!("cannot use Redis at REDIS_URL: {error}"))?;
+                tracing::info!("cluster mode: runs are shared through Redis");
+                (cluster, Some(events))
+            }
+            None => (Arc::new(Local), None),
+        };
         let http = reqwest::Client::builder()
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let auth = crate::auth::AuthService::new(&config, store.clone(), http).await?;
         let model = model_from(&config)?;
         let assets = WebAssets::locate(config.web_dir.as_deref());
-        let run_settings = RunSettings {
+        let settings = RunSettings {
             system_prompt: config.system_prompt.clone(),
             history_messages: config.history_messages,
             idle_timeout: config.model_idle_timeout,
             flush_interval: config.flush_interval,
             coalesce_window: config.coalesce_window,
             retention: config.run_retention,
+            heartbeat_interval: config.instance_heartbeat,
+            instance_timeout: config.instance_timeout,
+            message_rate_per_minute: config.message_rate_per_minute,
+            message_rate_burst: config.message_rate_burst,
         };
-        let message_limiter = Arc::new(crate::limits::KeyedLimiter::per_minute(
-            config.message_rate_burst,
-            config.message_rate_per_minute,
-        ));
+        let clients = Arc::new(Registry::default());
+        let runs = Runs::new(
+            crate::runs::Parts {
+                instance,
+                store: store.clone(),
+                model,
+                metrics: metrics.clone(),
+                settings,
+                cluster,
+                sockets: clients.clone(),
+            },
+            events,
+        );
         Ok(Self {
             config: Arc::new(config),
             assets: Arc::new(assets),
             store,
             auth: Arc::new(auth),
-            model,
-            hub: Arc::new(Hub::default()),
-            clients: Arc::new(Registry::default()),
-            metrics: Arc::new(Metrics::new()),
-            message_limiter,
-            run_settings: Arc::new(run_settings),
+            runs,
+            clients,
+            metrics,
             shutdown: CancellationToken::new(),
             sockets: tokio_util::task::TaskTracker::new(),
         })
-    }
-
-    /// What a new run task needs.
-    pub fn run_context(&self) -> RunContext {
-        RunContext {
-            store: self.store.clone(),
-            model: self.model.clone(),
-            metrics: self.metrics.clone(),
-            hub: self.hub.clone(),
-            settings: self.run_settings.clone(),
-        }
     }
 }
 

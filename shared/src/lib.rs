@@ -15,7 +15,7 @@ mod error;
 mod ws;
 
 pub use error::{DecodeError, ErrorCode};
-pub use ws::{ActiveRun, ClientMessage, RunStatus, ServerMessage, Usage};
+pub use ws::{ActiveRun, ClientMessage, RunStatus, ServerMessage, UnknownStatus, Usage};
 
 /// The protocol version announced in `connected.protocolVersion`.
 pub const PROTOCOL_VERSION: u32 = 1;

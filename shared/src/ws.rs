@@ -220,6 +220,19 @@ impl RunStatus {
     }
 }
 
+/// A stored name that is not a run status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a run status")]
+pub struct UnknownStatus(pub String);
+
+impl TryFrom<String> for RunStatus {
+    type Error = UnknownStatus;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        Self::parse(&name).ok_or(UnknownStatus(name))
+    }
+}
+
 /// Token usage reported by the model for one run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

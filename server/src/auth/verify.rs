@@ -23,7 +23,7 @@ use uuid::Uuid;
 /// The verified identity of a request or connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthUser {
-    pub id: Uuid,
+    pub id: crate::ids::UserId,
     pub email: Option<String>,
     pub role: String,
     /// The auth session the token belongs to (Supabase's `session_id` claim).
@@ -199,6 +199,7 @@ impl Verifier {
         })?;
         let claims = data.claims;
         let id = Uuid::parse_str(&claims.sub)
+            .map(crate::ids::UserId::from)
             .map_err(|_| VerifyError::InvalidClaims("sub is not a UUID".into()))?;
         let role = claims
             .role

@@ -8,19 +8,18 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use uuid::Uuid;
 use wadi_protocol::{
     ErrorCode,
     api::{self, CreateConversation, Page, SendMessage, UpdateConversation},
 };
 
-use super::{
-    dto,
-    extract::{ApiJson, IdPath, PageQuery, decode_cursor, encode_cursor},
-};
+use super::extract::{ApiJson, IdPath, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
+    content::check_message,
+    dto,
     error::AppError,
+    ids::{ConversationId, MessageId},
     state::AppState,
     store::{ConversationCursor, ConversationRecord},
     util::now_millis,
@@ -28,10 +27,6 @@ use crate::{
 
 /// Longest title accepted, in characters.
 const MAX_TITLE_CHARS: usize = 200;
-/// Longest `clientMessageId` accepted, in characters.
-const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
-/// Length of a title derived from the first message, in characters.
-const DERIVED_TITLE_CHARS: usize = 60;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -75,7 +70,7 @@ fn parse_conversation_cursor(cursor: &str) -> Result<ConversationCursor, AppErro
     let (updated_at, id) = fields.split_once(':').ok_or_else(bad)?;
     Ok(ConversationCursor {
         updated_at: updated_at.parse().map_err(|_| bad())?,
-        id: Uuid::parse_str(id).map_err(|_| bad())?,
+        id: id.parse().map_err(|_| bad())?,
     })
 }
 
@@ -115,7 +110,7 @@ async fn create(
     let title = body.title.as_deref().map(check_title).transpose()?;
     let now = now_millis();
     let record = ConversationRecord {
-        id: Uuid::now_v7(),
+        id: ConversationId::new(),
         owner_id: user.id,
         title,
         created_at: now,
@@ -129,7 +124,7 @@ async fn create(
 pub async fn owned_conversation(
     state: &AppState,
     user: &AuthUser,
-    id: Uuid,
+    id: ConversationId,
 ) -> Result<ConversationRecord, AppError> {
     state
         .store
@@ -141,7 +136,7 @@ pub async fn owned_conversation(
 async fn fetch(
     State(state): State<AppState>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<ConversationId>,
 ) -> Result<Json<api::Conversation>, AppError> {
     let record = owned_conversation(&state, &user, id).await?;
     Ok(Json(dto::conversation(&record)))
@@ -150,7 +145,7 @@ async fn fetch(
 async fn rename(
     State(state): State<AppState>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<ConversationId>,
     ApiJson(body): ApiJson<UpdateConversation>,
 ) -> Result<Json<api::Conversation>, AppError> {
     let title = check_title(&body.title)?;
@@ -168,7 +163,7 @@ async fn rename(
 async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<ConversationId>,
 ) -> Result<StatusCode, AppError> {
     if state.store.delete_conversation(id, user.id).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -180,13 +175,14 @@ async fn remove(
 async fn list_messages(
     State(state): State<AppState>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<ConversationId>,
     page: PageQuery,
 ) -> Result<Json<Page<api::Message>>, AppError> {
     owned_conversation(&state, &user, id).await?;
     let after = match page.cursor.as_deref() {
         Some(cursor) => Some(
-            Uuid::parse_str(&decode_cursor("m", cursor)?)
+            decode_cursor("m", cursor)?
+                .parse::<MessageId>()
                 .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor"))?,
         ),
         None => None,
@@ -195,57 +191,14 @@ async fn list_messages(
     let next_cursor = next_page(&mut rows, page.limit, |last| {
         encode_cursor("m", &last.message.id.to_string())
     });
-    let items = rows.iter().map(dto::message).collect::<Result<_, _>>()?;
+    let items = rows.iter().map(dto::message).collect();
     Ok(Json(Page { items, next_cursor }))
-}
-
-/// Checks a message's content and client id; the same rules hold on the WebSocket.
-pub fn check_message(
-    content: &str,
-    client_message_id: Option<&str>,
-    max_content_bytes: usize,
-) -> Result<(), AppError> {
-    if content.trim().is_empty() {
-        return Err(AppError::invalid(
-            ErrorCode::EmptyContent,
-            "message content must not be empty",
-        ));
-    }
-    if content.len() > max_content_bytes {
-        return Err(AppError::TooLarge(format!(
-            "message content must be at most {max_content_bytes} bytes"
-        )));
-    }
-    if let Some(id) = client_message_id
-        && (id.is_empty() || id.chars().count() > MAX_CLIENT_MESSAGE_ID_CHARS)
-    {
-        return Err(AppError::invalid(
-            ErrorCode::InvalidMessage,
-            format!("clientMessageId must be 1 to {MAX_CLIENT_MESSAGE_ID_CHARS} characters"),
-        ));
-    }
-    Ok(())
-}
-
-/// The title a conversation gets from its first message: the start of its first line.
-pub fn derive_title(content: &str) -> String {
-    let line = content
-        .lines()
-        .map(str::trim)
-        .find(|line| !line.is_empty())
-        .unwrap_or_default();
-    if line.chars().count() <= DERIVED_TITLE_CHARS {
-        line.to_owned()
-    } else {
-        let cut: String = line.chars().take(DERIVED_TITLE_CHARS - 1).collect();
-        format!("{}…", cut.trim_end())
-    }
 }
 
 async fn send_message(
     State(state): State<AppState>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<ConversationId>,
     ApiJson(body): ApiJson<SendMessage>,
 ) -> Result<Response, AppError> {
     check_message(
@@ -254,27 +207,21 @@ async fn send_message(
         state.config.max_content_bytes,
     )?;
     owned_conversation(&state, &user, id).await?;
-    let sent = crate::runs::send(&state, &user, id, body.content, body.client_message_id).await?;
+    let sent = state
+        .runs
+        .send(user.id, id, body.content, body.client_message_id)
+        .await?;
     let status = if sent.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(sent.response()?)).into_response())
+    Ok((status, Json(sent.response())).into_response())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn titles_come_from_the_first_line() {
-        assert_eq!(derive_title("\n  Hello there  \nsecond"), "Hello there");
-        let long = "word ".repeat(30);
-        let title = derive_title(&long);
-        assert!(title.ends_with('…'));
-        assert!(title.chars().count() <= DERIVED_TITLE_CHARS);
-    }
 
     #[test]
     fn pages_keep_one_extra_row_as_the_signal_for_more() {

@@ -41,19 +41,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// A UUID path segment (`{id}`): `invalid_request` if it is not one.
-pub struct IdPath(pub Uuid);
+/// A UUID path segment (`{id}`) as a typed id: `invalid_request` if it is not one.
+pub struct IdPath<T>(pub T);
 
-impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+impl<S: Send + Sync, T: From<Uuid>> FromRequestParts<S> for IdPath<T> {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "missing id"))?;
-        Uuid::parse_str(&raw).map(Self).map_err(|_| {
-            AppError::invalid(ErrorCode::InvalidRequest, format!("{raw:?} is not an id"))
-        })
+        Uuid::parse_str(&raw)
+            .map(|id| Self(T::from(id)))
+            .map_err(|_| {
+                AppError::invalid(ErrorCode::InvalidRequest, format!("{raw:?} is not an id"))
+            })
     }
 }
 

@@ -1,7 +1,6 @@
 //! The HTTP surface: one router per resource, merged here, with the web app as the fallback.
 
 pub mod conversations;
-pub mod dto;
 pub mod extract;
 pub mod runs;
 pub mod static_files;
@@ -12,7 +11,7 @@ use axum::{
     Json, Router,
     extract::{ConnectInfo, FromRequestParts, State},
     http::{header, request::Parts},
-    response::IntoResponse,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use wadi_protocol::api::{ClientConfig, Me};
@@ -64,17 +63,37 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the store answers. A load balancer stops sending traffic while this fails.
-async fn readyz(State(state): State<AppState>) -> Result<&'static str, AppError> {
-    if state.shutdown.is_cancelled() {
-        return Err(AppError::Unavailable("shutting down".into()));
-    }
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|e| AppError::Unavailable(format!("store unavailable: {e}")))?;
-    Ok("ready")
+/// Readiness, as JSON: this instance's id and cluster mode, and whether the store and (in
+/// cluster mode) Redis answer. 503 while either is down or the server is shutting down, so a
+/// load balancer sends its traffic elsewhere.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let store = match state.store.ping().await {
+        Ok(()) => "up",
+        Err(error) => {
+            tracing::warn!(%error, "readiness: the store does not answer");
+            "down"
+        }
+    };
+    let bus = match state.runs.cluster.health().await {
+        crate::runs::BusHealth::Off => "off",
+        crate::runs::BusHealth::Up => "up",
+        crate::runs::BusHealth::Down => "down",
+    };
+    let shutting_down = state.shutdown.is_cancelled();
+    let ready = store == "up" && bus != "down" && !shutting_down;
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else if shutting_down { "shutting_down" } else { "unavailable" },
+        "instance": state.runs.instance,
+        "cluster": state.runs.cluster.mode(),
+        "store": store,
+        "redis": bus,
+    });
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Prometheus metrics in the text exposition format.
@@ -102,8 +121,8 @@ async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
         auth_url,
         auth_mode: state.auth.mode.as_str().to_owned(),
         anon_key,
-        model: state.model.name().to_owned(),
-        demo_model: state.model.is_demo(),
+        model: state.runs.model.name().to_owned(),
+        demo_model: state.runs.model.is_demo(),
         max_content_bytes: config.max_content_bytes,
         protocol_version: wadi_protocol::PROTOCOL_VERSION,
     })
@@ -116,7 +135,7 @@ async fn api_not_found() -> AppError {
 /// `GET /api/me`: the verified caller.
 async fn me(user: AuthUser) -> Json<Me> {
     Json(Me {
-        id: user.id,
+        id: user.id.into(),
         email: user.email,
         role: user.role,
         expires_at: user.expires_at,

@@ -1,7 +1,7 @@
 //! `/api/runs`: a run's state, its events as Server-Sent Events (for clients that cannot use
-//! WebSocket), and stop.
+//! WebSocket), and stop. Each works on any instance, whichever drives the run.
 
-use std::{convert::Infallible, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -13,12 +13,20 @@ use axum::{
     },
     routing::{get, post},
 };
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::StreamExt;
 use serde::Deserialize;
-use wadi_protocol::{ErrorCode, RunStatus, ServerMessage, api};
+use wadi_protocol::{ErrorCode, ServerMessage, api};
 
-use super::{dto, extract::IdPath};
-use crate::{auth::AuthUser, error::AppError, state::AppState, store::RunRecord};
+use super::extract::IdPath;
+use crate::{
+    auth::AuthUser,
+    dto,
+    error::AppError,
+    ids::RunId,
+    runs::{RunHandle, Runs},
+    state::AppState,
+    store::RunRecord,
+};
 
 /// How long `POST /stop` waits for the run to save before answering.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -30,31 +38,33 @@ pub fn router() -> Router<AppState> {
         .route("/api/runs/{id}/stop", post(stop))
 }
 
-async fn owned_run(
-    state: &AppState,
+async fn owned_run(runs: &Runs, user: &AuthUser, id: RunId) -> Result<RunRecord, AppError> {
+    runs.store.run(id, user.id).await?.ok_or(AppError::NotFound)
+}
+
+async fn owned_handle(
+    runs: &Arc<Runs>,
     user: &AuthUser,
-    id: uuid::Uuid,
-) -> Result<RunRecord, AppError> {
-    state
-        .store
-        .run(id, user.id)
-        .await?
-        .ok_or(AppError::NotFound)
+    id: RunId,
+) -> Result<Arc<RunHandle>, AppError> {
+    runs.find(id, user.id).await?.ok_or(AppError::NotFound)
 }
 
 async fn fetch(
-    State(state): State<AppState>,
+    State(runs): State<Arc<Runs>>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<RunId>,
 ) -> Result<Json<api::Run>, AppError> {
-    let mut run = owned_run(&state, &user, id).await?;
-    // While it streams, the store holds the last flush; memory holds every chunk.
-    if let Some(handle) = state.hub.get(id).filter(|handle| !handle.is_finished()) {
+    let mut run = owned_run(&runs, &user, id).await?;
+    // While it streams, the store holds the last checkpoint; a handle here holds every chunk.
+    if let Some(handle) = runs.hub.get(id).filter(|handle| !handle.is_finished()) {
         let (output, seq) = handle.snapshot();
-        run.output = output;
-        run.last_seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        if i64::try_from(seq).unwrap_or(i64::MAX) >= run.last_seq {
+            run.output = output;
+            run.last_seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        }
     }
-    Ok(Json(dto::run(&run)?))
+    Ok(Json(dto::run(&run)))
 }
 
 #[derive(Deserialize)]
@@ -68,7 +78,7 @@ struct EventsQuery {
 async fn events(
     State(state): State<AppState>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<RunId>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, AppError> {
@@ -87,14 +97,9 @@ async fn events(
         ),
     };
     let after_seq = last_event_id.or(query.after_seq).unwrap_or(0);
-    let run = owned_run(&state, &user, id).await?;
-    let frames: std::pin::Pin<Box<dyn Stream<Item = ServerMessage> + Send>> =
-        match state.hub.get(id) {
-            Some(handle) => Box::pin(handle.follow(after_seq, false)),
-            None => Box::pin(stream::iter([dto::complete_frame(&run)])),
-        };
+    let handle = owned_handle(&state.runs, &user, id).await?;
     let metrics = state.metrics.clone();
-    let events = frames.map(move |frame| {
+    let events = handle.follow(after_seq, false).map(move |frame| {
         let data = frame.encode();
         metrics.bytes_sent.inc_by(data.len() as u64);
         let event = match &frame {
@@ -113,29 +118,21 @@ async fn events(
         .into_response())
 }
 
-/// `POST /api/runs/{id}/stop`: stops the run (cancelling the model request), waits for it to
-/// save, and answers with the stopped run.
+/// `POST /api/runs/{id}/stop`: stops the run (cancelling the model request on whichever
+/// instance drives it), waits for it to save, and answers with the stopped run.
 async fn stop(
-    State(state): State<AppState>,
+    State(runs): State<Arc<Runs>>,
     user: AuthUser,
-    IdPath(id): IdPath,
+    IdPath(id): IdPath<RunId>,
 ) -> Result<Json<api::Run>, AppError> {
-    owned_run(&state, &user, id).await?;
-    let handle = state
-        .hub
-        .get(id)
-        .filter(|handle| !handle.is_finished())
-        .ok_or_else(|| AppError::Conflict {
-            code: ErrorCode::NoActiveRun,
-            message: "the run is not streaming".into(),
-        })?;
-    handle.stop(RunStatus::Stopped);
+    let handle = owned_handle(&runs, &user, id).await?;
+    runs.stop(&handle, user.id).await?;
     if tokio::time::timeout(STOP_WAIT, handle.finished())
         .await
         .is_err()
     {
         return Err(AppError::Unavailable("the run did not stop in time".into()));
     }
-    let run = owned_run(&state, &user, id).await?;
-    Ok(Json(dto::run(&run)?))
+    let run = owned_run(&runs, &user, id).await?;
+    Ok(Json(dto::run(&run)))
 }

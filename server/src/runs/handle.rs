@@ -5,6 +5,10 @@
 //! costs no extra copy of the text. The run appends and bumps a version number; each watcher
 //! reads what it has not seen under a short lock and then waits for the next bump. A slow watcher
 //! only falls behind; it never slows the run or the others.
+//!
+//! A handle is either the run itself, on the instance that drives it (the only writer of its
+//! seqs), or a *mirror* of a run driven elsewhere or already saved: filled in seq order from the
+//! run's shared log or the store, so that sockets follow both kinds the same way.
 
 use std::{
     collections::VecDeque,
@@ -14,8 +18,9 @@ use std::{
 use futures_util::Stream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 use wadi_protocol::{RunStatus, ServerMessage, Usage};
+
+use crate::ids::{ConversationId, InstanceId, MessageId, RunId, UserId};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +28,36 @@ pub struct Ending {
     pub status: RunStatus,
     pub usage: Option<Usage>,
     pub error: Option<String>,
+    /// The answer as saved, when it differs from the chunks in memory (a run reaped while its
+    /// owner was cut off, or a mirror whose log lost a tail): `complete` carries this, since the
+    /// saved answer is authoritative.
+    pub saved_output: Option<String>,
+}
+
+impl Ending {
+    pub fn new(status: RunStatus, usage: Option<Usage>, error: Option<String>) -> Self {
+        Self {
+            status,
+            usage,
+            error,
+            saved_output: None,
+        }
+    }
+}
+
+/// Where a handle's chunks come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This instance drives the run.
+    Owned,
+    /// A copy of a run driven by `owner` (or already finished), filled from its log.
+    Mirror { owner: Option<InstanceId> },
+}
+
+/// A mirror was handed a chunk past the one it expects: the chunks between are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub expected: u64,
 }
 
 #[derive(Default)]
@@ -34,12 +69,13 @@ struct Log {
 }
 
 pub struct RunHandle {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
-    pub owner_id: Uuid,
+    pub id: RunId,
+    pub conversation_id: ConversationId,
+    pub owner_id: UserId,
     /// The user message that started the run, and its client id if it had one.
-    pub message_id: Uuid,
+    pub message_id: MessageId,
     pub client_message_id: Option<String>,
+    pub origin: Origin,
     log: Mutex<Log>,
     /// Bumped on every change; watchers wait on it.
     version: watch::Sender<u64>,
@@ -55,20 +91,25 @@ type Batch = (Vec<(u64, String)>, Option<(Ending, String)>);
 /// Chunks read in one go by a watcher, to keep the lock short.
 const READ_BATCH: usize = 256;
 
+/// What identifies a run, for a new handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunKey {
+    pub id: RunId,
+    pub conversation_id: ConversationId,
+    pub owner_id: UserId,
+    pub message_id: MessageId,
+    pub client_message_id: Option<String>,
+}
+
 impl RunHandle {
-    pub fn new(
-        id: Uuid,
-        conversation_id: Uuid,
-        owner_id: Uuid,
-        message_id: Uuid,
-        client_message_id: Option<String>,
-    ) -> Arc<Self> {
+    pub fn new(key: RunKey, origin: Origin) -> Arc<Self> {
         Arc::new(Self {
-            id,
-            conversation_id,
-            owner_id,
-            message_id,
-            client_message_id,
+            id: key.id,
+            conversation_id: key.conversation_id,
+            owner_id: key.owner_id,
+            message_id: key.message_id,
+            client_message_id: key.client_message_id,
+            origin,
             log: Mutex::new(Log::default()),
             version: watch::Sender::new(0),
             cancel: CancellationToken::new(),
@@ -85,6 +126,30 @@ impl RunHandle {
         }
     }
 
+    pub fn is_mirror(&self) -> bool {
+        matches!(self.origin, Origin::Mirror { .. })
+    }
+
+    /// Mirrors: appends chunk `seq` if it is the next one; a seq already held is ignored (the
+    /// same seq always carries the same text).
+    pub fn push_at(&self, seq: u64, delta: &str) -> Result<(), Gap> {
+        {
+            let mut log = self.log();
+            let expected = log.ends.len() as u64 + 1;
+            if seq < expected || log.ending.is_some() {
+                return Ok(());
+            }
+            if seq > expected {
+                return Err(Gap { expected });
+            }
+            log.output.push_str(delta);
+            let end = log.output.len();
+            log.ends.push(end);
+        }
+        self.version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
     /// Appends a chunk and returns its seq.
     pub fn push(&self, delta: &str) -> u64 {
         let seq = {
@@ -98,9 +163,16 @@ impl RunHandle {
         seq
     }
 
-    /// Marks the run ended; watchers send `complete` once they have sent every chunk.
+    /// Marks the run ended; watchers send `complete` once they have sent every chunk. The first
+    /// ending wins.
     pub fn finish(&self, ending: Ending) {
-        self.log().ending = Some(ending);
+        {
+            let mut log = self.log();
+            if log.ending.is_some() {
+                return;
+            }
+            log.ending = Some(ending);
+        }
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -108,6 +180,46 @@ impl RunHandle {
     pub fn snapshot(&self) -> (String, u64) {
         let log = self.log();
         (log.output.clone(), log.ends.len() as u64)
+    }
+
+    /// The output after chunk `after` with the ends of the chunks after it (as stored), and
+    /// the last seq: what a checkpoint appends.
+    pub fn since(&self, after: u64) -> (String, Vec<usize>, u64) {
+        let log = self.log();
+        let last = log.ends.len() as u64;
+        let after = after.min(last) as usize;
+        let start = if after == 0 { 0 } else { log.ends[after - 1] };
+        (
+            log.output[start..].to_owned(),
+            log.ends[after..].to_vec(),
+            last,
+        )
+    }
+
+    /// Every chunk end, as stored.
+    pub fn ends(&self) -> Vec<usize> {
+        self.log().ends.clone()
+    }
+
+    /// Chunks with `seq > after`, at most `limit`, as `(seq, text)` (the replicator's batch).
+    pub fn chunks_after(&self, after: u64, limit: usize) -> Vec<(u64, String)> {
+        let log = self.log();
+        let last = log.ends.len() as u64;
+        let from = after.min(last);
+        let to = (from + limit as u64).min(last);
+        (from + 1..=to)
+            .map(|seq| {
+                let index = (seq - 1) as usize;
+                let start = if index == 0 { 0 } else { log.ends[index - 1] };
+                (seq, log.output[start..log.ends[index]].to_owned())
+            })
+            .collect()
+    }
+
+    /// A receiver that changes with every chunk and the ending: for tasks that follow the log
+    /// without sending frames (the replicator).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -172,7 +284,13 @@ impl RunHandle {
             chunks.push((seq, log.output[start..end].to_owned()));
         }
         let ending = match &log.ending {
-            Some(ending) if to == last => Some((ending.clone(), log.output.clone())),
+            Some(ending) if to == last => {
+                let output = ending
+                    .saved_output
+                    .clone()
+                    .unwrap_or_else(|| log.output.clone());
+                Some((ending.clone(), output))
+            }
             _ => None,
         };
         (chunks, ending)
@@ -181,9 +299,9 @@ impl RunHandle {
     /// The `start` frame of this run.
     pub fn start_frame(&self) -> ServerMessage {
         ServerMessage::Start {
-            run_id: self.id,
-            conversation_id: self.conversation_id,
-            message_id: self.message_id,
+            run_id: self.id.into(),
+            conversation_id: self.conversation_id.into(),
+            message_id: self.message_id.into(),
             client_message_id: self.client_message_id.clone(),
         }
     }
@@ -238,7 +356,7 @@ impl Follow {
             for (seq, content) in chunks {
                 self.cursor = seq;
                 self.pending.push_back(ServerMessage::Chunk {
-                    run_id: self.handle.id,
+                    run_id: self.handle.id.into(),
                     seq,
                     content,
                 });
@@ -249,11 +367,11 @@ impl Follow {
                     self.pending.push_back(ServerMessage::error(
                         wadi_protocol::ErrorCode::ModelError,
                         error,
-                        Some(self.handle.id),
+                        Some(self.handle.id.into()),
                     ));
                 }
                 self.pending.push_back(ServerMessage::Complete {
-                    run_id: self.handle.id,
+                    run_id: self.handle.id.into(),
                     full_output,
                     status: ending.status,
                     usage: ending.usage,
@@ -275,14 +393,18 @@ mod tests {
 
     use super::*;
 
+    fn key() -> RunKey {
+        RunKey {
+            id: RunId::new(),
+            conversation_id: ConversationId::new(),
+            owner_id: UserId::new(),
+            message_id: MessageId::new(),
+            client_message_id: None,
+        }
+    }
+
     fn handle() -> Arc<RunHandle> {
-        RunHandle::new(
-            Uuid::now_v7(),
-            Uuid::now_v7(),
-            Uuid::now_v7(),
-            Uuid::now_v7(),
-            None,
-        )
+        RunHandle::new(key(), Origin::Owned)
     }
 
     fn chunk_seqs(frames: &[ServerMessage]) -> Vec<u64> {
@@ -304,11 +426,7 @@ mod tests {
         tokio::task::yield_now().await;
         run.push(", ");
         run.push("world");
-        run.finish(Ending {
-            status: RunStatus::Completed,
-            usage: None,
-            error: None,
-        });
+        run.finish(Ending::new(RunStatus::Completed, None, None));
         let frames = follower.await.unwrap();
         assert_eq!(chunk_seqs(&frames), vec![2, 3, 4]);
         let text: String = frames
@@ -332,11 +450,7 @@ mod tests {
         for word in ["a", "b", "c"] {
             run.push(word);
         }
-        run.finish(Ending {
-            status: RunStatus::Stopped,
-            usage: None,
-            error: None,
-        });
+        run.finish(Ending::new(RunStatus::Stopped, None, None));
         let frames: Vec<_> = run.clone().follow(0, true).collect().await;
         assert!(matches!(frames[0], ServerMessage::Start { .. }));
         assert_eq!(chunk_seqs(&frames), vec![1, 2, 3]);
@@ -350,11 +464,11 @@ mod tests {
     async fn a_failed_run_sends_the_error_after_its_chunks_and_before_complete() {
         let run = handle();
         run.push("partial");
-        run.finish(Ending {
-            status: RunStatus::Failed,
-            usage: None,
-            error: Some("upstream broke".into()),
-        });
+        run.finish(Ending::new(
+            RunStatus::Failed,
+            None,
+            Some("upstream broke".into()),
+        ));
         let frames: Vec<_> = run.follow(0, false).collect().await;
         assert!(matches!(frames[0], ServerMessage::Chunk { seq: 1, .. }));
         assert!(matches!(
@@ -379,13 +493,39 @@ mod tests {
         for i in 0..(READ_BATCH * 2 + 7) {
             run.push(&i.to_string());
         }
-        run.finish(Ending {
-            status: RunStatus::Completed,
-            usage: None,
-            error: None,
-        });
+        run.finish(Ending::new(RunStatus::Completed, None, None));
         let frames: Vec<_> = run.follow(0, false).collect().await;
         let seqs = chunk_seqs(&frames);
         assert_eq!(seqs, (1..=(READ_BATCH * 2 + 7) as u64).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_mirror_takes_chunks_in_order_ignores_repeats_and_reports_gaps() {
+        let mirror = RunHandle::new(key(), Origin::Mirror { owner: None });
+        mirror.push_at(1, "a").unwrap();
+        mirror.push_at(1, "a").unwrap();
+        assert_eq!(mirror.push_at(3, "c"), Err(Gap { expected: 2 }));
+        mirror.push_at(2, "b").unwrap();
+        mirror.push_at(3, "c").unwrap();
+        assert_eq!(mirror.snapshot(), ("abc".to_owned(), 3));
+        assert_eq!(
+            mirror.since(1),
+            ("bc".to_owned(), vec![2, 3], 3),
+            "what a checkpoint after seq 1 appends"
+        );
+        let mut ending = Ending::new(RunStatus::Interrupted, None, None);
+        ending.saved_output = Some("ab".into());
+        mirror.finish(ending);
+        mirror.push_at(4, "late").unwrap();
+        let frames: Vec<_> = mirror.follow(0, false).collect().await;
+        assert_eq!(chunk_seqs(&frames), vec![1, 2, 3]);
+        assert!(
+            matches!(
+                frames.last(),
+                Some(ServerMessage::Complete { full_output, status: RunStatus::Interrupted, .. })
+                    if full_output == "ab"
+            ),
+            "the saved answer is authoritative"
+        );
     }
 }

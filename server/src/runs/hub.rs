@@ -1,54 +1,75 @@
-//! The runs this process is streaming, and those that ended recently (kept for exact replay).
+//! The runs this process knows in memory: those it drives (and those it drove recently, kept for
+//! exact replay), and mirrors of runs driven elsewhere that local sockets follow.
 //!
-//! Single node: fan-out is in-process, through each run's [`RunHandle`]. Running several
-//! instances adds a shared log (Redis Streams) behind the same lookups.
+//! Mirrors are held weakly: a mirror lives as long as some socket or stream follows it (its feeder
+//! stops when the last one goes), so an idle instance holds no copy of anyone else's runs.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, Weak},
     time::Duration,
 };
 
 use tokio_util::task::TaskTracker;
-use uuid::Uuid;
 use wadi_protocol::RunStatus;
 
 use super::handle::RunHandle;
+use crate::ids::{ConversationId, RunId};
 
 #[derive(Default)]
-struct Runs {
-    /// Active and recently ended runs, by run id.
-    by_id: HashMap<Uuid, Arc<RunHandle>>,
-    /// The active run of each conversation.
-    active: HashMap<Uuid, Arc<RunHandle>>,
+struct Index {
+    /// Runs driven here: starting, active and recently ended.
+    owned: HashMap<RunId, Arc<RunHandle>>,
+    /// The active run of each conversation, among those driven here (committed ones only).
+    active: HashMap<ConversationId, Arc<RunHandle>>,
+    /// Copies of runs driven elsewhere (or finished before this process knew them).
+    mirrors: HashMap<RunId, Weak<RunHandle>>,
 }
 
 #[derive(Default)]
 pub struct Hub {
-    runs: Mutex<Runs>,
+    index: Mutex<Index>,
     /// Set at shutdown: no new run may start.
     stopping: std::sync::atomic::AtomicBool,
     /// Every run task, so shutdown can wait for them to save.
     pub tasks: TaskTracker,
 }
 
+/// A mirror found, or the one just made for a run (its feeder must be started).
+pub enum Mirror {
+    Existing(Arc<RunHandle>),
+    New(Arc<RunHandle>),
+}
+
 impl Hub {
-    fn runs(&self) -> MutexGuard<'_, Runs> {
-        match self.runs.lock() {
-            Ok(runs) => runs,
+    fn index(&self) -> MutexGuard<'_, Index> {
+        match self.index.lock() {
+            Ok(index) => index,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// Registers a started run. At shutdown the run is stopped at once (as `interrupted`), so
-    /// that a run that slipped in while the others were being stopped cannot outlive them.
-    pub fn insert(&self, handle: Arc<RunHandle>) {
-        let mut runs = self.runs();
+    /// Registers a run about to be committed: from here on this process counts it as its own
+    /// (so a concurrent send never mistakes it for an orphan), though it is not yet the
+    /// conversation's active run.
+    pub fn reserve(&self, handle: Arc<RunHandle>) {
+        self.index().owned.insert(handle.id, handle);
+    }
+
+    /// A reserved run was not committed after all.
+    pub fn release(&self, id: RunId) {
+        self.index().owned.remove(&id);
+    }
+
+    /// The run was committed: it is the conversation's active run. At shutdown it is stopped
+    /// at once (as `interrupted`), so that a run that slipped in while the others were being
+    /// stopped cannot outlive them.
+    pub fn activate(&self, handle: &Arc<RunHandle>) {
+        let mut index = self.index();
         if self.is_stopping() {
             handle.stop(RunStatus::Interrupted);
         }
-        runs.active.insert(handle.conversation_id, handle.clone());
-        runs.by_id.insert(handle.id, handle);
+        index.active.insert(handle.conversation_id, handle.clone());
     }
 
     /// True once shutdown began: sends are refused.
@@ -56,30 +77,75 @@ impl Hub {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    pub fn get(&self, run_id: Uuid) -> Option<Arc<RunHandle>> {
-        self.runs().by_id.get(&run_id).cloned()
+    /// A run driven here (or recently ended here).
+    pub fn owned(&self, run_id: RunId) -> Option<Arc<RunHandle>> {
+        self.index().owned.get(&run_id).cloned()
     }
 
-    /// The conversation's run that is still streaming.
-    pub fn active_for(&self, conversation_id: Uuid) -> Option<Arc<RunHandle>> {
-        self.runs().active.get(&conversation_id).cloned()
+    /// A run driven here, or a live mirror of one driven elsewhere.
+    pub fn get(&self, run_id: RunId) -> Option<Arc<RunHandle>> {
+        let index = self.index();
+        index
+            .owned
+            .get(&run_id)
+            .cloned()
+            .or_else(|| index.mirrors.get(&run_id).and_then(Weak::upgrade))
+    }
+
+    /// The live mirror of `run`, or a new one made by `make` (registered before the lock is
+    /// released, so two callers never make two mirrors of one run).
+    pub fn mirror(&self, run_id: RunId, make: impl FnOnce() -> Arc<RunHandle>) -> Mirror {
+        let mut index = self.index();
+        if let Some(owned) = index.owned.get(&run_id) {
+            return Mirror::Existing(owned.clone());
+        }
+        if let Some(mirror) = index.mirrors.get(&run_id).and_then(Weak::upgrade) {
+            return Mirror::Existing(mirror);
+        }
+        let mirror = make();
+        index.mirrors.insert(run_id, Arc::downgrade(&mirror));
+        // Forget mirrors nobody follows any more, so the map does not grow with every run ever
+        // watched here.
+        if index.mirrors.len() > 64 && index.mirrors.len().is_power_of_two() {
+            index.mirrors.retain(|_, mirror| mirror.strong_count() > 0);
+        }
+        Mirror::New(mirror)
+    }
+
+    /// Mirrors followed right now.
+    pub fn mirror_count(&self) -> usize {
+        self.index()
+            .mirrors
+            .values()
+            .filter(|mirror| mirror.strong_count() > 0)
+            .count()
+    }
+
+    /// The conversation's run that is streaming here.
+    pub fn active_for(&self, conversation_id: ConversationId) -> Option<Arc<RunHandle>> {
+        self.index().active.get(&conversation_id).cloned()
+    }
+
+    /// The runs driven here that are streaming (committed and not ended).
+    pub fn active(&self) -> Vec<Arc<RunHandle>> {
+        self.index().active.values().cloned().collect()
     }
 
     pub fn active_count(&self) -> usize {
-        self.runs().active.len()
+        self.index().active.len()
     }
 
     /// The run ended: it is no longer the conversation's active run, and it is forgotten after
     /// `retention` (replays after that are served from the store).
     pub fn retire(self: &Arc<Self>, handle: &Arc<RunHandle>, retention: Duration) {
         {
-            let mut runs = self.runs();
-            if runs
+            let mut index = self.index();
+            if index
                 .active
                 .get(&handle.conversation_id)
                 .is_some_and(|active| Arc::ptr_eq(active, handle))
             {
-                runs.active.remove(&handle.conversation_id);
+                index.active.remove(&handle.conversation_id);
             }
         }
         let hub = Arc::downgrade(self);
@@ -87,7 +153,7 @@ impl Hub {
         tokio::spawn(async move {
             tokio::time::sleep(retention).await;
             if let Some(hub) = hub.upgrade() {
-                hub.runs().by_id.remove(&id);
+                hub.index().owned.remove(&id);
             }
         });
     }
@@ -96,11 +162,11 @@ impl Hub {
     /// save. Returns false if some did not finish in time.
     pub async fn interrupt_all(&self, grace: Duration) -> bool {
         let active: Vec<Arc<RunHandle>> = {
-            let runs = self.runs();
-            // Under the lock: any insert after this sees the flag and stops its run itself.
+            let index = self.index();
+            // Under the lock: any activation after this sees the flag and stops its run itself.
             self.stopping
                 .store(true, std::sync::atomic::Ordering::SeqCst);
-            runs.active.values().cloned().collect()
+            index.owned.values().cloned().collect()
         };
         for handle in &active {
             handle.stop(RunStatus::Interrupted);

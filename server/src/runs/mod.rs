@@ -1,30 +1,72 @@
 //! Runs: a user message starts one; it streams the model's answer to every watcher, survives
-//! its client going away, can be stopped, and is saved however it ends.
+//! its client going away, can be stopped from any instance, and is saved however it ends.
 //!
-//! Sending (REST or WebSocket) goes through [`send`]: commit the user message and the run in one
-//! transaction, then spawn the run task and announce the run to every chat socket of the
-//! conversation.
+//! [`Runs`] is the service. It owns what runs need (store, model, the in-memory [`Hub`], the
+//! [`Cluster`] that reaches other instances, the limits and settings) and knows nothing of
+//! sockets or HTTP: it tells local sockets about new runs through [`Announce`], which the socket
+//! layer implements.
+//!
+//! One instance drives each run (the one that received the message): it alone assigns seqs,
+//! checkpoints the output to the store and saves the outcome, each write fenced by its instance
+//! id. Any instance can follow a run: its own runs through their handles, others' through
+//! mirrors fed from the shared log (`cluster`) and the store (`mirror`). Instances heartbeat into
+//! the store, and any of them reaps the runs of one that stopped (`liveness`).
 
+pub mod cluster;
 pub mod handle;
 pub mod hub;
+mod liveness;
+mod mirror;
+pub mod redis;
 pub mod task;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use uuid::Uuid;
-use wadi_protocol::{ErrorCode, RunStatus, api::SentMessage};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use wadi_protocol::{ErrorCode, RunStatus, api::Role, api::SentMessage};
 
-pub use handle::RunHandle;
+pub use cluster::{BusHealth, Cluster, ClusterEvent, Lease, Local, RunStarted};
+pub use handle::{Ending, Origin, RunHandle, RunKey};
 pub use hub::Hub;
 
 use crate::{
-    auth::AuthUser,
+    content::derive_title,
+    dto,
     error::AppError,
-    http::{conversations::derive_title, dto},
-    state::AppState,
-    store::{MessageRecord, MessageRow, RunOutcome, RunRecord, StoreError},
+    ids::{ConversationId, InstanceId, MessageId, RunId, UserId},
+    limits::KeyedLimiter,
+    metrics::Metrics,
+    model::ChatModel,
+    store::{Constraint, MessageRecord, MessageRow, RunRecord, Store, StoreError},
     util::now_millis,
 };
+
+/// How runs behave; from the server configuration.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub system_prompt: Option<String>,
+    pub history_messages: u32,
+    pub idle_timeout: Duration,
+    pub flush_interval: Duration,
+    pub coalesce_window: Duration,
+    pub retention: Duration,
+    /// How often this instance heartbeats, checks its runs' stop requests, and reaps.
+    pub heartbeat_interval: Duration,
+    /// An instance silent this long is dead: its runs are reaped.
+    pub instance_timeout: Duration,
+    /// Messages per user per minute, sustained, and in a burst.
+    pub message_rate_per_minute: f64,
+    pub message_rate_burst: u32,
+}
+
+/// The local sockets, as runs see them.
+pub trait Announce: Send + Sync + 'static {
+    /// A run started: the chat sockets here showing its conversation follow it.
+    fn run_started(&self, handle: &Arc<RunHandle>);
+    /// True if a chat socket here shows the conversation.
+    fn shows(&self, conversation: ConversationId) -> bool;
+}
 
 /// The result of a send.
 pub struct Sent {
@@ -32,165 +74,415 @@ pub struct Sent {
     pub message: MessageRecord,
     /// The run that message started.
     pub run: Option<RunRecord>,
-    /// The run in memory, while it streams or is retained.
+    /// The run to follow (driven here or mirrored).
     pub handle: Option<Arc<RunHandle>>,
     /// False when a repeated `clientMessageId` made this a replay that wrote nothing.
     pub created: bool,
 }
 
 impl Sent {
-    pub fn response(&self) -> Result<SentMessage, AppError> {
-        let message = dto::message(&MessageRow {
-            message: self.message.clone(),
-            run_status: None,
-        })?;
-        let run = self.run.as_ref().map(dto::run).transpose()?;
-        Ok(SentMessage { message, run })
-    }
-}
-
-/// Commits a user message to a conversation the caller owns (the caller has checked) and starts
-/// the run answering it. A repeated `client_message_id` writes nothing and returns the message
-/// and run from the first send. A conversation with a run already streaming is refused with
-/// `run_in_progress` and nothing is written.
-pub async fn send(
-    state: &AppState,
-    user: &AuthUser,
-    conversation_id: Uuid,
-    content: String,
-    client_message_id: Option<String>,
-) -> Result<Sent, AppError> {
-    // Per user, whichever socket or request it comes from: opening more sockets does not buy
-    // more messages.
-    if !state.message_limiter.check(&user.id) {
-        return Err(AppError::RateLimited);
-    }
-    // In a task of its own: if the caller goes away (an HTTP client disconnecting), the commit
-    // and the start of the run still happen together, never one without the other.
-    let state = state.clone();
-    let user = user.clone();
-    tokio::spawn(async move {
-        commit_and_start(&state, &user, conversation_id, content, client_message_id).await
-    })
-    .await
-    .map_err(AppError::internal)?
-}
-
-async fn commit_and_start(
-    state: &AppState,
-    user: &AuthUser,
-    conversation_id: Uuid,
-    content: String,
-    client_message_id: Option<String>,
-) -> Result<Sent, AppError> {
-    if state.hub.is_stopping() {
-        return Err(AppError::ShuttingDown);
-    }
-    let now = now_millis();
-    let run_id = Uuid::now_v7();
-    let message = MessageRecord {
-        id: Uuid::now_v7(),
-        conversation_id,
-        role: "user".to_owned(),
-        content,
-        run_id: Some(run_id),
-        client_message_id,
-        created_at: now,
-    };
-    let run = RunRecord {
-        id: run_id,
-        conversation_id,
-        owner_id: user.id,
-        message_id: message.id,
-        status: RunStatus::Running.as_str().to_owned(),
-        model: state.model.name().to_owned(),
-        output: String::new(),
-        error: None,
-        prompt_tokens: None,
-        completion_tokens: None,
-        last_seq: 0,
-        started_at: now,
-        finished_at: None,
-    };
-    let title = derive_title(&message.content);
-    let mut orphan_cleared = false;
-    let (message, created) = loop {
-        match state
-            .store
-            .insert_user_message(&message, &title, Some(&run))
-            .await
-        {
-            Ok(result) => break result,
-            Err(StoreError::Conflict)
-                if !orphan_cleared && clear_orphan(state, conversation_id).await? =>
-            {
-                orphan_cleared = true;
-            }
-            Err(StoreError::Conflict) => return Err(run_in_progress()),
-            Err(error) => return Err(error.into()),
+    pub fn response(&self) -> SentMessage {
+        SentMessage {
+            message: dto::message(&MessageRow {
+                message: self.message.clone(),
+                run_status: None,
+            }),
+            run: self.run.as_ref().map(dto::run),
         }
-    };
-    if !created {
-        // A resend: answer with what the first send started.
-        let run = state.store.run_for_message(message.id).await?;
-        let handle = run.as_ref().and_then(|run| state.hub.get(run.id));
-        return Ok(Sent {
-            message,
-            run,
-            handle,
-            created: false,
+    }
+}
+
+/// What the runs service is built from.
+pub struct Parts {
+    pub instance: InstanceId,
+    pub store: Arc<dyn Store>,
+    pub model: Arc<dyn ChatModel>,
+    pub metrics: Arc<Metrics>,
+    pub settings: RunSettings,
+    pub cluster: Arc<dyn Cluster>,
+    pub sockets: Arc<dyn Announce>,
+}
+
+pub struct Runs {
+    /// This process, as the owner of the runs it drives.
+    pub instance: InstanceId,
+    pub store: Arc<dyn Store>,
+    pub model: Arc<dyn ChatModel>,
+    pub metrics: Arc<Metrics>,
+    pub settings: RunSettings,
+    pub hub: Arc<Hub>,
+    pub cluster: Arc<dyn Cluster>,
+    sockets: Arc<dyn Announce>,
+    /// Messages per user (REST and WebSocket sends alike).
+    limiter: KeyedLimiter<UserId>,
+    /// Copies of runs' logs to the shared log, so shutdown can let them finish.
+    replicators: TaskTracker,
+    liveness: liveness::Liveness,
+}
+
+impl Runs {
+    /// The service; `events` is what the cluster tells this instance (handled from here on).
+    pub fn new(parts: Parts, events: Option<mpsc::UnboundedReceiver<ClusterEvent>>) -> Arc<Self> {
+        let Parts {
+            instance,
+            store,
+            model,
+            metrics,
+            settings,
+            cluster,
+            sockets,
+        } = parts;
+        let limiter = KeyedLimiter::per_minute(
+            settings.message_rate_burst,
+            settings.message_rate_per_minute,
+        );
+        let runs = Arc::new(Self {
+            instance,
+            store,
+            model,
+            metrics,
+            settings,
+            hub: Arc::new(Hub::default()),
+            cluster,
+            sockets,
+            limiter,
+            replicators: TaskTracker::new(),
+            liveness: liveness::Liveness::default(),
         });
+        if let Some(events) = events {
+            tokio::spawn(Self::handle_events(Arc::downgrade(&runs), events));
+        }
+        runs
     }
 
-    let handle = RunHandle::new(
-        run.id,
-        conversation_id,
-        user.id,
-        message.id,
-        message.client_message_id.clone(),
-    );
-    state.hub.insert(handle.clone());
-    let context = state.run_context();
-    state.hub.tasks.spawn(task::drive(context, handle.clone()));
-    state.clients.announce_run(&handle);
-    tracing::info!(run_id = %run.id, %conversation_id, user_id = %user.id, "run started");
-    Ok(Sent {
-        message,
-        run: Some(run),
-        handle: Some(handle),
-        created: true,
-    })
-}
-
-/// A run the store says is `running` although no task drives it here (its outcome could not be
-/// saved, say) would block the conversation until the next restart: end it as `interrupted`.
-/// Returns true if there was one.
-async fn clear_orphan(state: &AppState, conversation_id: Uuid) -> Result<bool, AppError> {
-    if state.hub.active_for(conversation_id).is_some() {
-        return Ok(false);
+    /// Commits a user message to a conversation the caller owns (the caller has checked) and
+    /// starts the run answering it. A repeated `client_message_id` writes nothing and returns
+    /// the message and run from the first send. A conversation with a run already streaming (on
+    /// any instance) is refused with `run_in_progress` and nothing is written.
+    pub async fn send(
+        self: &Arc<Self>,
+        user: UserId,
+        conversation_id: ConversationId,
+        content: String,
+        client_message_id: Option<String>,
+    ) -> Result<Sent, AppError> {
+        // Per user, whichever socket or request it comes from: opening more sockets does not buy
+        // more messages.
+        if !self.limiter.check(&user) {
+            return Err(AppError::RateLimited);
+        }
+        // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
+        // commit and the start of the run still happen together, never one without the other.
+        let runs = self.clone();
+        tokio::spawn(async move {
+            runs.commit_and_start(user, conversation_id, content, client_message_id)
+                .await
+        })
+        .await
+        .map_err(AppError::internal)?
     }
-    let Some(orphan) = state.store.active_run(conversation_id).await? else {
-        return Ok(false);
-    };
-    tracing::warn!(run_id = %orphan.id, "ending a run no task was driving");
-    state
-        .store
-        .finish_run(orphan.id, &interrupted(&orphan))
-        .await?;
-    Ok(true)
-}
 
-/// How a run cut off by a stop of the server (or lost by its task) is saved.
-fn interrupted(run: &RunRecord) -> RunOutcome {
-    RunOutcome {
-        status: RunStatus::Interrupted.as_str().to_owned(),
-        output: run.output.clone(),
-        error: Some("the server stopped while this answer was streaming".into()),
-        prompt_tokens: None,
-        completion_tokens: None,
-        last_seq: run.last_seq,
-        finished_at: now_millis(),
-        message_id: Uuid::now_v7(),
+    async fn commit_and_start(
+        self: &Arc<Self>,
+        user: UserId,
+        conversation_id: ConversationId,
+        content: String,
+        client_message_id: Option<String>,
+    ) -> Result<Sent, AppError> {
+        if self.hub.is_stopping() {
+            return Err(AppError::ShuttingDown);
+        }
+        let now = now_millis();
+        let run_id = RunId::new();
+        let message = MessageRecord {
+            id: MessageId::new(),
+            conversation_id,
+            role: Role::User,
+            content,
+            run_id: Some(run_id),
+            client_message_id,
+            created_at: now,
+        };
+        let run = RunRecord {
+            id: run_id,
+            conversation_id,
+            owner_id: user,
+            message_id: message.id,
+            status: RunStatus::Running,
+            model: self.model.name().to_owned(),
+            output: String::new(),
+            chunk_ends: String::new(),
+            error: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            last_seq: 0,
+            started_at: now,
+            finished_at: None,
+            owner_instance: Some(self.instance),
+            stop_requested_at: None,
+        };
+        let handle = RunHandle::new(
+            RunKey {
+                id: run_id,
+                conversation_id,
+                owner_id: user,
+                message_id: message.id,
+                client_message_id: message.client_message_id.clone(),
+            },
+            Origin::Owned,
+        );
+        // Counted as ours before it is committed: a concurrent send that meets it in the store
+        // must never take it for an orphan.
+        self.hub.reserve(handle.clone());
+        let inserted = self.insert(&message, &run).await;
+        let (message, created) = match inserted {
+            Ok(inserted) => inserted,
+            Err(error) => {
+                self.hub.release(run_id);
+                return Err(error);
+            }
+        };
+        if !created {
+            // A resend: answer with what the first send started.
+            self.hub.release(run_id);
+            let run = self.store.run_for_message(message.id).await?;
+            let handle = run.clone().map(|run| self.handle_for(run));
+            return Ok(Sent {
+                message,
+                run,
+                handle,
+                created: false,
+            });
+        }
+
+        self.hub.activate(&handle);
+        self.start(handle.clone());
+        self.sockets.run_started(&handle);
+        let event = RunStarted {
+            instance: self.instance,
+            user,
+            conversation: conversation_id,
+            run: run_id,
+            message: message.id,
+            client_message_id: message.client_message_id.clone(),
+        };
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move { cluster.announce(&event).await });
+        tracing::info!(%run_id, %conversation_id, user_id = %user, "run started");
+        Ok(Sent {
+            message,
+            run: Some(run),
+            handle: Some(handle),
+            created: true,
+        })
+    }
+
+    /// Inserts the message and its run, clearing once an orphan that holds the conversation.
+    async fn insert(
+        self: &Arc<Self>,
+        message: &MessageRecord,
+        run: &RunRecord,
+    ) -> Result<(MessageRecord, bool), AppError> {
+        let title = derive_title(&message.content);
+        let mut cleared = false;
+        loop {
+            match self
+                .store
+                .insert_user_message(message, &title, Some(run))
+                .await
+            {
+                Ok(inserted) => return Ok(inserted),
+                Err(StoreError::Conflict(Constraint::OneActiveRun))
+                    if !cleared && self.clear_orphan(message.conversation_id).await? =>
+                {
+                    cleared = true;
+                }
+                Err(StoreError::Conflict(Constraint::OneActiveRun)) => {
+                    return Err(run_in_progress());
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Spawns the task that drives a committed run, and its copy to the shared log.
+    fn start(self: &Arc<Self>, handle: Arc<RunHandle>) {
+        self.hub
+            .tasks
+            .spawn(task::drive(self.clone(), handle.clone()));
+        let cluster = self.cluster.clone();
+        self.replicators
+            .spawn(async move { cluster.replicate(handle).await });
+    }
+
+    /// The caller's run, driven here or mirrored; `None` if there is no such run of theirs.
+    pub async fn find(
+        self: &Arc<Self>,
+        run_id: RunId,
+        user: UserId,
+    ) -> Result<Option<Arc<RunHandle>>, StoreError> {
+        if let Some(handle) = self.hub.get(run_id) {
+            return Ok((handle.owner_id == user).then_some(handle));
+        }
+        Ok(self
+            .store
+            .run(run_id, user)
+            .await?
+            .map(|record| self.handle_for(record)))
+    }
+
+    /// The conversation's run that is streaming, on whichever instance drives it.
+    pub async fn active_for(
+        self: &Arc<Self>,
+        conversation_id: ConversationId,
+    ) -> Result<Option<Arc<RunHandle>>, StoreError> {
+        if let Some(handle) = self.hub.active_for(conversation_id) {
+            return Ok(Some(handle));
+        }
+        let Some(record) = self.store.active_run(conversation_id).await? else {
+            return Ok(None);
+        };
+        if record.owner_instance == Some(self.instance) && !self.drives(record.id) {
+            // Ours in the store but driven by nothing here: an orphan the heartbeat ends.
+            return Ok(None);
+        }
+        Ok(Some(self.handle_for(record)))
+    }
+
+    /// True if a task here is streaming the run.
+    fn drives(&self, run_id: RunId) -> bool {
+        self.hub
+            .owned(run_id)
+            .is_some_and(|handle| !handle.is_finished())
+    }
+
+    /// A handle on a stored run: the one driving it here, or a mirror fed from the shared log
+    /// and the store.
+    fn handle_for(self: &Arc<Self>, record: RunRecord) -> Arc<RunHandle> {
+        let key = RunKey {
+            id: record.id,
+            conversation_id: record.conversation_id,
+            owner_id: record.owner_id,
+            message_id: record.message_id,
+            client_message_id: None,
+        };
+        let owner = record.owner_instance;
+        match self
+            .hub
+            .mirror(record.id, || RunHandle::new(key, Origin::Mirror { owner }))
+        {
+            hub::Mirror::Existing(handle) => handle,
+            hub::Mirror::New(handle) => {
+                tokio::spawn(mirror::feed(
+                    self.clone(),
+                    Arc::downgrade(&handle),
+                    Some(record),
+                ));
+                handle
+            }
+        }
+    }
+
+    /// A mirror of a run another instance announced.
+    fn handle_for_started(self: &Arc<Self>, started: &RunStarted) -> Arc<RunHandle> {
+        let key = RunKey {
+            id: started.run,
+            conversation_id: started.conversation,
+            owner_id: started.user,
+            message_id: started.message,
+            client_message_id: started.client_message_id.clone(),
+        };
+        let owner = Some(started.instance);
+        match self.hub.mirror(started.run, || {
+            RunHandle::new(key, Origin::Mirror { owner })
+        }) {
+            hub::Mirror::Existing(handle) => handle,
+            hub::Mirror::New(handle) => {
+                tokio::spawn(mirror::feed(self.clone(), Arc::downgrade(&handle), None));
+                handle
+            }
+        }
+    }
+
+    /// Stops the caller's run wherever it is driven: at once here, or through the store (which
+    /// its owner polls) and the cluster (which tells it now). Also before its first token.
+    pub async fn stop(&self, handle: &RunHandle, user: UserId) -> Result<(), AppError> {
+        if handle.owner_id != user || handle.is_finished() {
+            return Err(no_active_run());
+        }
+        if let Origin::Owned = handle.origin {
+            tracing::info!(run_id = %handle.id, "stop requested");
+            handle.stop(RunStatus::Stopped);
+            return Ok(());
+        }
+        let Some(owner) = self
+            .store
+            .request_stop(handle.id, user, now_millis())
+            .await?
+        else {
+            return Err(no_active_run());
+        };
+        tracing::info!(run_id = %handle.id, owner = ?owner, "stop requested for a run driven elsewhere");
+        match owner {
+            Some(owner) if owner == self.instance => {
+                if let Some(owned) = self.hub.owned(handle.id) {
+                    owned.stop(RunStatus::Stopped);
+                }
+            }
+            Some(owner) => self.cluster.send_stop(owner, handle.id).await,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// This instance's sockets of `user` want to learn of runs started elsewhere; resolves once
+    /// that is in place (so a run started after it is announced, and one started before it is
+    /// in the store).
+    pub async fn watch_user(&self, user: UserId) -> Lease {
+        self.cluster.watch_user(user).await
+    }
+
+    async fn handle_events(
+        runs: std::sync::Weak<Self>,
+        mut events: mpsc::UnboundedReceiver<ClusterEvent>,
+    ) {
+        while let Some(event) = events.recv().await {
+            let Some(runs) = runs.upgrade() else {
+                return;
+            };
+            match event {
+                ClusterEvent::Stop(run_id) => {
+                    if let Some(handle) = runs.hub.owned(run_id) {
+                        tracing::info!(%run_id, "stop requested from another instance");
+                        handle.stop(RunStatus::Stopped);
+                    }
+                }
+                ClusterEvent::RunStarted(started) => {
+                    if started.instance != runs.instance && runs.sockets.shows(started.conversation)
+                    {
+                        let handle = runs.handle_for_started(&started);
+                        runs.sockets.run_started(&handle);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shutdown: stops every run driven here as `interrupted` and waits up to `grace` for them
+    /// to save and reach the shared log; then this instance leaves the store's list. Returns
+    /// false if something did not finish in time.
+    pub async fn shut_down(&self, grace: Duration) -> bool {
+        let started = tokio::time::Instant::now();
+        let saved = self.hub.interrupt_all(grace).await;
+        self.replicators.close();
+        let left = grace.saturating_sub(started.elapsed());
+        let replicated = tokio::time::timeout(left, self.replicators.wait())
+            .await
+            .is_ok();
+        if let Err(error) = self.store.deregister_instance(self.instance).await {
+            tracing::warn!(%error, "cannot remove this instance from the store");
+        }
+        saved && replicated
     }
 }
 
@@ -201,14 +493,9 @@ pub fn run_in_progress() -> AppError {
     }
 }
 
-/// Marks runs a previous process left `running` (it crashed or was killed) as `interrupted`,
-/// keeping the output it had flushed. Called at startup, before serving.
-pub async fn recover_interrupted(state: &AppState) -> Result<usize, StoreError> {
-    let runs = state.store.running_runs().await?;
-    let count = runs.len();
-    for run in runs {
-        state.store.finish_run(run.id, &interrupted(&run)).await?;
-        tracing::warn!(run_id = %run.id, seq = run.last_seq, "run interrupted by a restart");
+fn no_active_run() -> AppError {
+    AppError::Conflict {
+        code: ErrorCode::NoActiveRun,
+        message: "no run is streaming".into(),
     }
-    Ok(count)
 }

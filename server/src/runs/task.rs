@@ -6,35 +6,20 @@ use std::{sync::Arc, time::Duration};
 use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
-use uuid::Uuid;
 use wadi_protocol::{RunStatus, Usage, api::Role};
 
-use super::handle::{Ending, RunHandle};
+use super::{
+    Runs,
+    handle::{Ending, RunHandle},
+};
 use crate::{
-    metrics::{Metrics, StatusLabel},
-    model::{ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream},
-    store::{RunOutcome, Store},
+    dto,
+    ids::MessageId,
+    metrics::StatusLabel,
+    model::{ChatMessage, ModelError, ModelEvent, ModelStream},
+    store::{Checkpoint, CheckpointResult, ChunkEnds, RunOutcome, StoreResult},
     util::now_millis,
 };
-
-/// Everything a run needs, cloned from the server state when it starts.
-#[derive(Clone)]
-pub struct RunContext {
-    pub store: Arc<dyn Store>,
-    pub model: Arc<dyn ChatModel>,
-    pub metrics: Arc<Metrics>,
-    pub hub: Arc<super::hub::Hub>,
-    pub settings: Arc<RunSettings>,
-}
-
-pub struct RunSettings {
-    pub system_prompt: Option<String>,
-    pub history_messages: u32,
-    pub idle_timeout: Duration,
-    pub flush_interval: Duration,
-    pub coalesce_window: Duration,
-    pub retention: Duration,
-}
 
 /// Coalescing stops at this size: one chunk is at most about this big (plus one delta).
 const MAX_CHUNK_BYTES: usize = 16 * 1024;
@@ -43,19 +28,14 @@ const MAX_CHUNK_BYTES: usize = 16 * 1024;
 /// store with its last flushed output, and becomes `interrupted` at the next start).
 const SAVE_ATTEMPTS: u32 = 5;
 
-pub async fn drive(ctx: RunContext, handle: Arc<RunHandle>) {
+pub async fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) {
     let span =
         tracing::info_span!("run", run_id = %handle.id, conversation_id = %handle.conversation_id);
     async move {
         let started = Instant::now();
         ctx.metrics.active_runs.inc();
         let (status, usage, error) = stream_answer(&ctx, &handle, started).await;
-        let ending = Ending {
-            status,
-            usage,
-            error,
-        };
-        save_outcome(&ctx, &handle, &ending).await;
+        let ending = save_outcome(&ctx, &handle, Ending::new(status, usage, error)).await;
         ctx.metrics.active_runs.dec();
         ctx.metrics
             .run_duration
@@ -63,13 +43,13 @@ pub async fn drive(ctx: RunContext, handle: Arc<RunHandle>) {
         ctx.metrics
             .runs_finished
             .get_or_create(&StatusLabel {
-                status: status.as_str(),
+                status: ending.status.as_str(),
             })
             .inc();
         match &ending.error {
-            Some(error) => tracing::warn!(status = status.as_str(), %error, "run ended"),
+            Some(error) => tracing::warn!(status = ending.status.as_str(), %error, "run ended"),
             None => tracing::info!(
-                status = status.as_str(),
+                status = ending.status.as_str(),
                 seq = handle.last_seq(),
                 "run ended"
             ),
@@ -98,7 +78,7 @@ fn failed(error: &ModelError, usage: Option<Usage>) -> Outcome {
 
 /// Streams the model's answer into the handle until it ends, fails or is stopped. Returning
 /// drops the model stream, which cancels the upstream request.
-async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -> Outcome {
+async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outcome {
     let settings = &ctx.settings;
     let cancel = handle.cancelled().clone();
     let history = match history(ctx, handle.conversation_id).await {
@@ -124,8 +104,7 @@ async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -
         settings.flush_interval,
     );
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut saved_seq = 0;
-    let mut saving: Option<tokio::task::JoinHandle<()>> = None;
+    let mut checkpoints = Checkpoints::default();
     // One deadline, moved only when the provider sends something: flush ticks must not restart
     // the idle clock.
     let mut silent_until = Instant::now() + settings.idle_timeout;
@@ -134,20 +113,7 @@ async fn stream_answer(ctx: &RunContext, handle: &RunHandle, started: Instant) -
             biased;
             () = cancel.cancelled() => return stopped(handle, usage),
             _ = flush.tick() => {
-                // Save in the background: the stream never waits on storage.
-                let idle = saving.as_ref().is_none_or(|task| task.is_finished());
-                if idle && handle.last_seq() > saved_seq {
-                    let (output, seq) = handle.snapshot();
-                    saved_seq = seq;
-                    let store = ctx.store.clone();
-                    let id = handle.id;
-                    saving = Some(tokio::spawn(async move {
-                        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-                        if let Err(error) = store.save_run_progress(id, &output, seq).await {
-                            tracing::warn!(run_id = %id, %error, "cannot save run progress");
-                        }
-                    }));
-                }
+                checkpoints.tick(ctx, handle);
                 continue;
             }
             next = tokio::time::timeout_at(silent_until, stream.next()) => match next {
@@ -230,10 +196,64 @@ impl Tail {
     }
 }
 
+/// Saves the output in the background as it grows: each checkpoint appends what is new since
+/// the last one, and the stream never waits on storage. A checkpoint the store refuses because
+/// the run is no longer ours (it was reaped while this process was paused) stops the run.
+#[derive(Default)]
+struct Checkpoints {
+    saved_seq: u64,
+    saving: Option<tokio::task::JoinHandle<(u64, StoreResult<CheckpointResult>)>>,
+}
+
+impl Checkpoints {
+    fn tick(&mut self, ctx: &Runs, handle: &RunHandle) {
+        if let Some(saving) = &self.saving {
+            if !saving.is_finished() {
+                return;
+            }
+            if let Some(Ok((to_seq, result))) =
+                self.saving.take().and_then(|task| task.now_or_never())
+            {
+                match result {
+                    Ok(CheckpointResult::Saved) => self.saved_seq = to_seq,
+                    Ok(CheckpointResult::Behind { stored_seq }) => {
+                        self.saved_seq = u64::try_from(stored_seq).unwrap_or_default();
+                    }
+                    Ok(CheckpointResult::Fenced) => {
+                        tracing::warn!("the run is no longer this instance's; cutting it off");
+                        ctx.metrics.fenced_runs.inc();
+                        handle.stop(RunStatus::Interrupted);
+                        return;
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot save run progress"),
+                }
+            }
+        }
+        if handle.last_seq() <= self.saved_seq {
+            return;
+        }
+        let (delta, ends, to_seq) = handle.since(self.saved_seq);
+        let checkpoint = Checkpoint {
+            from_seq: i64::try_from(self.saved_seq).unwrap_or(i64::MAX),
+            delta,
+            ends: ChunkEnds::encode(&ends),
+            to_seq: i64::try_from(to_seq).unwrap_or(i64::MAX),
+        };
+        let store = ctx.store.clone();
+        let (id, owner) = (handle.id, ctx.instance);
+        self.saving = Some(tokio::spawn(async move {
+            (to_seq, store.checkpoint_run(id, owner, &checkpoint).await)
+        }));
+    }
+}
+
 /// The messages sent to the model: the system prompt, then the conversation's latest messages
 /// (the new user message last). Empty answers (runs stopped before their first token) are left
 /// out.
-async fn history(ctx: &RunContext, conversation_id: Uuid) -> Result<Vec<ChatMessage>, String> {
+async fn history(
+    ctx: &Runs,
+    conversation_id: crate::ids::ConversationId,
+) -> Result<Vec<ChatMessage>, String> {
     let records = ctx
         .store
         .recent_messages(conversation_id, ctx.settings.history_messages.max(1))
@@ -247,42 +267,73 @@ async fn history(ctx: &RunContext, conversation_id: Uuid) -> Result<Vec<ChatMess
         });
     }
     history.extend(records.into_iter().filter_map(|record| {
-        let role = Role::parse(&record.role)?;
         (!record.content.trim().is_empty()).then_some(ChatMessage {
-            role,
+            role: record.role,
             content: record.content,
         })
     }));
     Ok(history)
 }
 
-async fn save_outcome(ctx: &RunContext, handle: &RunHandle, ending: &Ending) {
+/// Saves how the run ended with its whole output, retrying a failing store a few times. Returns
+/// the ending watchers get: this one, or, if the store says the run is no longer ours (it was
+/// reaped while this process was paused), the one saved by whoever reaped it.
+async fn save_outcome(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
     let (output, last_seq) = handle.snapshot();
     let outcome = RunOutcome {
-        status: ending.status.as_str().to_owned(),
+        status: ending.status,
         output,
+        chunk_ends: ChunkEnds::encode(&handle.ends()),
         error: ending.error.clone(),
         prompt_tokens: ending.usage.map(|u| i64::from(u.prompt_tokens)),
         completion_tokens: ending.usage.map(|u| i64::from(u.completion_tokens)),
         last_seq: i64::try_from(last_seq).unwrap_or(i64::MAX),
         finished_at: now_millis(),
-        message_id: Uuid::now_v7(),
+        message_id: MessageId::new(),
     };
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=SAVE_ATTEMPTS {
-        match ctx.store.finish_run(handle.id, &outcome).await {
-            Ok(true) => return,
-            Ok(false) => {
-                // Its conversation was deleted meanwhile, or another path already ended it.
-                tracing::info!("run was no longer running in the store; outcome not saved");
-                return;
-            }
+        match ctx
+            .store
+            .finish_run(handle.id, Some(ctx.instance), &outcome)
+            .await
+        {
+            Ok(true) => return ending,
+            Ok(false) => return lost_ending(ctx, handle, ending).await,
             Err(error) if attempt < SAVE_ATTEMPTS => {
                 tracing::warn!(%error, attempt, "cannot save the run's outcome; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
             Err(error) => tracing::error!(%error, "cannot save the run's outcome; giving up"),
+        }
+    }
+    ending
+}
+
+/// The store did not take our outcome: the run was reaped (or its conversation deleted). What
+/// was saved is what everyone gets.
+async fn lost_ending(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
+    match ctx.store.run_by_id(handle.id).await {
+        Ok(Some(saved)) if saved.status.is_final() => {
+            tracing::warn!(
+                status = saved.status.as_str(),
+                "the run was ended elsewhere; keeping what was saved"
+            );
+            Ending {
+                status: saved.status,
+                usage: dto::usage(saved.prompt_tokens, saved.completion_tokens),
+                error: saved.error,
+                saved_output: Some(saved.output),
+            }
+        }
+        Ok(_) => {
+            tracing::info!("run was no longer in the store; outcome not saved");
+            ending
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the run back");
+            ending
         }
     }
 }

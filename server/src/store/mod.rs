@@ -11,18 +11,20 @@ mod records;
 mod sql;
 mod sqlite;
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use records::*;
 
+use crate::ids::{ConversationId, InstanceId, MessageId, RunId, UserId};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A uniqueness rule was broken (e.g. an email that is already registered).
-    #[error("already exists")]
-    Conflict,
+    /// A uniqueness rule was broken; the rule is named, so callers never guess which.
+    #[error("already exists ({0:?})")]
+    Conflict(Constraint),
     /// A row refers to one that no longer exists (e.g. a token for a deleted session).
     #[error("referenced row does not exist")]
     MissingParent,
@@ -36,10 +38,50 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// The uniqueness rules of the schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Constraint {
+    /// `users.email`: the address is registered already.
+    UserEmail,
+    /// `runs_one_active`: the conversation has a run streaming.
+    OneActiveRun,
+    /// `(conversation_id, client_message_id)` on messages.
+    ClientMessageId,
+    /// Another rule, by the name the database gave.
+    Other(String),
+}
+
+impl Constraint {
+    /// Postgres names the constraint; SQLite names the columns ("UNIQUE constraint failed:
+    /// runs.conversation_id").
+    fn of(error: &dyn sqlx::error::DatabaseError) -> Self {
+        if let Some(name) = error.constraint() {
+            return match name {
+                "users_email_key" => Self::UserEmail,
+                "runs_one_active" => Self::OneActiveRun,
+                "messages_conversation_id_client_message_id_key" => Self::ClientMessageId,
+                other => Self::Other(other.to_owned()),
+            };
+        }
+        let columns = error
+            .message()
+            .strip_prefix("UNIQUE constraint failed: ")
+            .unwrap_or_default();
+        match columns {
+            "users.email" => Self::UserEmail,
+            "runs.conversation_id" => Self::OneActiveRun,
+            "messages.conversation_id, messages.client_message_id" => Self::ClientMessageId,
+            _ => Self::Other(error.message().to_owned()),
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
-            sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict,
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                Self::Conflict(Constraint::of(db.as_ref()))
+            }
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => Self::MissingParent,
             _ => Self::Database(error),
         }
@@ -60,11 +102,11 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- Identity (embedded auth) ----
 
-    /// Inserts a user; [`StoreError::Conflict`] if the email is taken.
+    /// Inserts a user; [`Constraint::UserEmail`] if the email is taken.
     async fn create_user(&self, user: &UserRecord) -> StoreResult<()>;
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>>;
-    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<UserRecord>>;
-    async fn record_sign_in(&self, user_id: Uuid, at: i64) -> StoreResult<()>;
+    async fn user_by_id(&self, id: UserId) -> StoreResult<Option<UserRecord>>;
+    async fn record_sign_in(&self, user_id: UserId, at: i64) -> StoreResult<()>;
 
     /// Creates a session together with its first refresh token, atomically.
     async fn create_session(
@@ -76,7 +118,7 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a session and (by cascade) its refresh tokens. True if it existed.
     async fn delete_session(&self, id: Uuid) -> StoreResult<bool>;
     /// Deletes every session of a user, except `keep` if given. Returns how many went.
-    async fn delete_user_sessions(&self, user_id: Uuid, keep: Option<Uuid>) -> StoreResult<u64>;
+    async fn delete_user_sessions(&self, user_id: UserId, keep: Option<Uuid>) -> StoreResult<u64>;
 
     async fn refresh_token_by_hash(&self, hash: &str) -> StoreResult<Option<RefreshTokenRecord>>;
     /// Revokes a token if it is not revoked yet. True if this call revoked it: of two
@@ -92,33 +134,37 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_conversation(&self, conversation: &ConversationRecord) -> StoreResult<()>;
     /// The conversation if it exists and belongs to `owner`.
-    async fn conversation(&self, id: Uuid, owner: Uuid) -> StoreResult<Option<ConversationRecord>>;
+    async fn conversation(
+        &self,
+        id: ConversationId,
+        owner: UserId,
+    ) -> StoreResult<Option<ConversationRecord>>;
     /// The owner's conversations, most recently updated first, after `cursor`.
     async fn list_conversations(
         &self,
-        owner: Uuid,
+        owner: UserId,
         cursor: Option<ConversationCursor>,
         limit: u32,
     ) -> StoreResult<Vec<ConversationRecord>>;
     /// Sets the title; false if there is no such conversation of `owner`.
     async fn rename_conversation(
         &self,
-        id: Uuid,
-        owner: Uuid,
+        id: ConversationId,
+        owner: UserId,
         title: &str,
         now: i64,
     ) -> StoreResult<bool>;
     /// Deletes the conversation with its messages and runs; false if there was none.
-    async fn delete_conversation(&self, id: Uuid, owner: Uuid) -> StoreResult<bool>;
+    async fn delete_conversation(&self, id: ConversationId, owner: UserId) -> StoreResult<bool>;
 
     // ---- Messages ----
 
     /// Commits a user message, and the run it starts if `run` is given, in one transaction.
     /// With a `client_message_id` the conversation already has, nothing is written and the
     /// existing message is returned with `false`. A new message titles an untitled
-    /// conversation with `title_if_untitled` and bumps its `updated_at`. If the run cannot be
-    /// created because the conversation already has one running, nothing is written and the
-    /// answer is [`StoreError::Conflict`].
+    /// conversation with `title_if_untitled` and bumps its `updated_at`. If the conversation
+    /// already has a run streaming, nothing is written and the answer is
+    /// [`Constraint::OneActiveRun`].
     async fn insert_user_message(
         &self,
         message: &MessageRecord,
@@ -128,37 +174,93 @@ pub trait Store: Send + Sync + 'static {
     /// Messages oldest first, after the message `after`.
     async fn list_messages(
         &self,
-        conversation_id: Uuid,
-        after: Option<Uuid>,
+        conversation_id: ConversationId,
+        after: Option<MessageId>,
         limit: u32,
     ) -> StoreResult<Vec<MessageRow>>;
 
     /// The conversation's latest `limit` messages, oldest first (the model's context).
     async fn recent_messages(
         &self,
-        conversation_id: Uuid,
+        conversation_id: ConversationId,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>>;
 
     // ---- Runs ----
 
     /// The run if it exists and belongs to `owner`.
-    async fn run(&self, id: Uuid, owner: Uuid) -> StoreResult<Option<RunRecord>>;
+    async fn run(&self, id: RunId, owner: UserId) -> StoreResult<Option<RunRecord>>;
+    /// The run, whoever it belongs to (for the server's own bookkeeping, never for a caller).
+    async fn run_by_id(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
     /// The conversation's `running` run, if any.
-    async fn active_run(&self, conversation_id: Uuid) -> StoreResult<Option<RunRecord>>;
+    async fn active_run(&self, conversation_id: ConversationId) -> StoreResult<Option<RunRecord>>;
     /// The run started by a user message, if any.
-    async fn run_for_message(&self, message_id: Uuid) -> StoreResult<Option<RunRecord>>;
-    /// Saves the output streamed so far of a run that is still `running`.
-    async fn save_run_progress(&self, id: Uuid, output: &str, last_seq: i64) -> StoreResult<()>;
-    /// Ends a `running` run and stores its answer as an assistant message, atomically. False if
-    /// the run was not running (already finished, or its conversation was deleted).
-    async fn finish_run(&self, id: Uuid, outcome: &RunOutcome) -> StoreResult<bool>;
-    /// Every run still marked `running` (used at startup: those were cut off by a crash).
-    async fn running_runs(&self) -> StoreResult<Vec<RunRecord>>;
+    async fn run_for_message(&self, message_id: MessageId) -> StoreResult<Option<RunRecord>>;
+    /// Appends a running run's new output, if `owner` still drives it and the stored output
+    /// reaches exactly `checkpoint.from_seq`.
+    async fn checkpoint_run(
+        &self,
+        id: RunId,
+        owner: InstanceId,
+        checkpoint: &Checkpoint,
+    ) -> StoreResult<CheckpointResult>;
+    /// Ends a `running` run driven by `owner` and stores its answer as an assistant message,
+    /// atomically (`None` as the owner matches any: only for rows no instance owns). False if
+    /// the run was not running with that owner (reaped, already finished, or its conversation
+    /// deleted): whoever drove it lost it and must not write it again.
+    async fn finish_run(
+        &self,
+        id: RunId,
+        owner: Option<InstanceId>,
+        outcome: &RunOutcome,
+    ) -> StoreResult<bool>;
+    /// Records a stop request for the caller's running run; answers the instance driving it
+    /// (`Some(None)` for a row from before instances were recorded), or `None` if the run is
+    /// not the caller's or not running.
+    async fn request_stop(
+        &self,
+        id: RunId,
+        owner: UserId,
+        at: i64,
+    ) -> StoreResult<Option<Option<InstanceId>>>;
+
+    // ---- Instances: ownership, liveness and recovery ----
+
+    /// Registers a starting process; its heartbeat starts now (database time).
+    async fn register_instance(&self, id: InstanceId, host: &str, pid: i64) -> StoreResult<()>;
+    /// Refreshes the heartbeat (database time). False if the row is gone: another instance
+    /// declared this one dead and reaped its runs.
+    async fn heartbeat(&self, id: InstanceId) -> StoreResult<bool>;
+    /// Removes a stopping process's row (its runs, if any are left, become reapable at once).
+    async fn deregister_instance(&self, id: InstanceId) -> StoreResult<()>;
+    /// Every registered instance.
+    async fn instances(&self) -> StoreResult<Vec<InstanceRecord>>;
+    /// True if the instance heartbeated within `timeout` (database time).
+    async fn instance_alive(&self, id: InstanceId, timeout: Duration) -> StoreResult<bool>;
+    /// The runs `owner` drives according to the store, with their stop requests.
+    async fn owned_running_runs(&self, owner: InstanceId) -> StoreResult<Vec<OwnedRun>>;
+    /// Ends up to `limit` running runs whose instance is gone (no row, no owner, or no heartbeat
+    /// within `timeout`): each is locked (skipping rows another reaper holds), `finalize` says
+    /// how it is saved, and it is saved with its assistant message, all in one transaction.
+    /// Returns the runs reaped with their outcomes. Instance rows silent for `forget_after` are
+    /// deleted.
+    async fn reap_runs(
+        &self,
+        timeout: Duration,
+        forget_after: Duration,
+        limit: u32,
+        finalize: &dyn Finalize,
+    ) -> StoreResult<Vec<(RunRecord, RunOutcome)>>;
 
     /// Every signing key, oldest first.
     async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
     async fn insert_signing_key(&self, key: &SigningKeyRecord) -> StoreResult<()>;
+}
+
+/// How a reaped run is saved (the run module knows; the store only asks, under the row lock).
+#[async_trait]
+pub trait Finalize: Send + Sync {
+    async fn finalize(&self, run: &RunRecord) -> RunOutcome;
 }
 
 /// Opens the store named by `database_url`, or a SQLite file in `data_dir` when it is `None`,

@@ -19,4 +19,10 @@ impl PgStore {
     }
 }
 
-sql_store!(PgStore, Postgres, "postgres");
+sql_store!(
+    PgStore,
+    Postgres,
+    "postgres",
+    now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    lock = " FOR UPDATE OF r SKIP LOCKED"
+);

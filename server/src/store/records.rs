@@ -1,10 +1,13 @@
 //! Rows as stored. Timestamps are Unix milliseconds; handlers map rows to protocol DTOs.
 
 use uuid::Uuid;
+use wadi_protocol::{RunStatus, api::Role};
+
+use crate::ids::{ConversationId, InstanceId, MessageId, RunId, UserId};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct UserRecord {
-    pub id: Uuid,
+    pub id: UserId,
     /// Lowercased.
     pub email: String,
     /// A PHC string (argon2id).
@@ -19,7 +22,7 @@ pub struct UserRecord {
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SessionRecord {
     pub id: Uuid,
-    pub user_id: Uuid,
+    pub user_id: UserId,
     /// How the session was established (`password`), for the `amr` claim.
     pub amr_method: String,
     /// When it was established, in Unix milliseconds (the `amr` timestamp).
@@ -52,8 +55,8 @@ pub struct SigningKeyRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ConversationRecord {
-    pub id: Uuid,
-    pub owner_id: Uuid,
+    pub id: ConversationId,
+    pub owner_id: UserId,
     /// `None` until set, or until the first message names the conversation.
     pub title: Option<String>,
     pub created_at: i64,
@@ -62,60 +65,175 @@ pub struct ConversationRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct MessageRecord {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
-    /// `user`, `assistant` or `system`.
-    pub role: String,
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
     pub content: String,
-    pub run_id: Option<Uuid>,
+    pub run_id: Option<RunId>,
     pub client_message_id: Option<String>,
     pub created_at: i64,
 }
 
 /// A message as listed: with the status of the run that produced it (assistant messages).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRow {
-    #[sqlx(flatten)]
     pub message: MessageRecord,
-    pub run_status: Option<String>,
+    pub run_status: Option<RunStatus>,
+}
+
+impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for MessageRow
+where
+    MessageRecord: sqlx::FromRow<'r, R>,
+    &'r str: sqlx::ColumnIndex<R>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+        let message = MessageRecord::from_row(row)?;
+        let run_status: Option<String> = row.try_get("run_status")?;
+        let run_status = run_status
+            .map(RunStatus::try_from)
+            .transpose()
+            .map_err(|error| sqlx::Error::ColumnDecode {
+                index: "run_status".into(),
+                source: Box::new(error),
+            })?;
+        Ok(Self {
+            message,
+            run_status,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RunRecord {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
-    pub owner_id: Uuid,
+    pub id: RunId,
+    pub conversation_id: ConversationId,
+    pub owner_id: UserId,
     /// The user message that started the run.
-    pub message_id: Uuid,
-    /// `running`, `completed`, `stopped`, `failed` or `interrupted`.
-    pub status: String,
+    pub message_id: MessageId,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
     pub model: String,
+    /// While `running`: the output saved at the last checkpoint. Then: the whole answer.
     pub output: String,
+    /// Where each chunk ends in `output` (see [`ChunkEnds`]).
+    pub chunk_ends: String,
     pub error: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub last_seq: i64,
     pub started_at: i64,
     pub finished_at: Option<i64>,
+    /// The instance driving the run (`None` on rows from before instances were recorded).
+    pub owner_instance: Option<InstanceId>,
+    /// When someone asked to stop it (the owner may be another instance).
+    pub stop_requested_at: Option<i64>,
 }
 
 /// How a run ended, written in one transaction with the assistant message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
-    pub status: String,
+    pub status: RunStatus,
     pub output: String,
+    /// Where each chunk ends in `output` (see [`ChunkEnds`]).
+    pub chunk_ends: String,
     pub error: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub last_seq: i64,
     pub finished_at: i64,
     /// The id of the assistant message holding the output.
-    pub message_id: Uuid,
+    pub message_id: MessageId,
+}
+
+/// New output of a running run since its last checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The seq the stored output reaches now (this is appended after it).
+    pub from_seq: i64,
+    /// The text of chunks `from_seq + 1 ..= to_seq`.
+    pub delta: String,
+    /// Their ends, as appended to `chunk_ends`.
+    pub ends: String,
+    pub to_seq: i64,
+}
+
+/// What a checkpoint found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointResult {
+    Saved,
+    /// The stored run reaches another seq (an earlier write whose answer was lost did land):
+    /// continue from there.
+    Behind {
+        stored_seq: i64,
+    },
+    /// The run is no longer `running` with this owner: it was reaped or its conversation
+    /// deleted. The owner must stop writing it.
+    Fenced,
+}
+
+/// A running run as its owner's heartbeat sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct OwnedRun {
+    pub id: RunId,
+    pub stop_requested: bool,
+}
+
+/// A registered server process.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct InstanceRecord {
+    pub id: InstanceId,
+    pub host: String,
+    pub pid: i64,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
 }
 
 /// Where a page of conversations continues: after this `(updated_at, id)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConversationCursor {
     pub updated_at: i64,
-    pub id: Uuid,
+    pub id: ConversationId,
+}
+
+/// The chunk boundaries of a run's output, stored as comma-terminated byte offsets (`"5,12,"`):
+/// chunk `seq` is `output[ends[seq - 2]..ends[seq - 1]]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkEnds(pub Vec<usize>);
+
+impl ChunkEnds {
+    /// Parses the stored form; `None` if it is not one (a row from before chunk ends were kept).
+    pub fn parse(text: &str) -> Option<Self> {
+        text.split_terminator(',')
+            .map(|end| end.parse().ok())
+            .collect::<Option<Vec<usize>>>()
+            .map(Self)
+    }
+
+    /// The stored form of `ends`.
+    pub fn encode(ends: &[usize]) -> String {
+        let mut text = String::with_capacity(ends.len() * 6);
+        for end in ends {
+            text.push_str(&end.to_string());
+            text.push(',');
+        }
+        text
+    }
+
+    /// The chunks of `output` with `seq > after`, as `(seq, text)`; `None` if these ends do not
+    /// fit `output`.
+    pub fn chunks_after<'a>(&self, output: &'a str, after: u64) -> Option<Vec<(u64, &'a str)>> {
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for (index, &end) in self.0.iter().enumerate() {
+            let seq = index as u64 + 1;
+            let text = output.get(start..end)?;
+            if seq > after {
+                chunks.push((seq, text));
+            }
+            start = end;
+        }
+        (start == output.len()).then_some(chunks)
+    }
 }

@@ -4,8 +4,60 @@
 //! [`Store`]: super::Store
 
 macro_rules! sql_store {
-    ($store:ty, $db:ty, $engine:literal) => {
+    // `$now`: the database's clock in Unix milliseconds (liveness uses the database's time, never
+    // a local clock). `$lock`: how the reaper locks the rows it claims, skipping those another
+    // reaper holds (nothing on SQLite, where writers are serialised anyway).
+    ($store:ty, $db:ty, $engine:literal, now = $now:literal, lock = $lock:literal) => {
         impl $store {
+            /// Saves a run's outcome with its assistant message, within `connection`'s
+            /// transaction. With `owner`, only if that instance still drives the run. Returns the
+            /// run as it was before, or `None` if it was not running (with that owner).
+            async fn save_outcome_row(
+                connection: &mut <$db as sqlx::Database>::Connection,
+                id: $crate::ids::RunId,
+                owner: Option<$crate::ids::InstanceId>,
+                outcome: &$crate::store::RunOutcome,
+            ) -> Result<Option<$crate::store::RunRecord>, sqlx::Error> {
+                let run = sqlx::query_as::<$db, $crate::store::RunRecord>(
+                    "UPDATE runs SET status = $2, output = $3, chunk_ends = $4, error = $5, \
+                     prompt_tokens = $6, completion_tokens = $7, last_seq = $8, finished_at = $9 \
+                     WHERE id = $1 AND status = 'running' \
+                     AND ($10 IS NULL OR owner_instance = $10) RETURNING *",
+                )
+                .bind(id)
+                .bind(outcome.status.as_str())
+                .bind(&outcome.output)
+                .bind(&outcome.chunk_ends)
+                .bind(&outcome.error)
+                .bind(outcome.prompt_tokens)
+                .bind(outcome.completion_tokens)
+                .bind(outcome.last_seq)
+                .bind(outcome.finished_at)
+                .bind(owner)
+                .fetch_optional(&mut *connection)
+                .await?;
+                let Some(run) = run else {
+                    return Ok(None);
+                };
+                sqlx::query(
+                    "INSERT INTO messages (id, conversation_id, role, content, run_id, \
+                     client_message_id, created_at) VALUES ($1, $2, 'assistant', $3, $4, NULL, $5)",
+                )
+                .bind(outcome.message_id)
+                .bind(run.conversation_id)
+                .bind(&outcome.output)
+                .bind(run.id)
+                .bind(outcome.finished_at)
+                .execute(&mut *connection)
+                .await?;
+                sqlx::query("UPDATE conversations SET updated_at = $2 WHERE id = $1")
+                    .bind(run.conversation_id)
+                    .bind(outcome.finished_at)
+                    .execute(&mut *connection)
+                    .await?;
+                Ok(Some(run))
+            }
+
             /// The one statement that stores a refresh token (first or rotated).
             async fn insert_refresh_token_row(
                 connection: &mut <$db as sqlx::Database>::Connection,
@@ -73,7 +125,7 @@ macro_rules! sql_store {
 
             async fn user_by_id(
                 &self,
-                id: uuid::Uuid,
+                id: $crate::ids::UserId,
             ) -> $crate::store::StoreResult<Option<$crate::store::UserRecord>> {
                 Ok(sqlx::query_as::<$db, $crate::store::UserRecord>(
                     "SELECT * FROM users WHERE id = $1",
@@ -85,7 +137,7 @@ macro_rules! sql_store {
 
             async fn record_sign_in(
                 &self,
-                user_id: uuid::Uuid,
+                user_id: $crate::ids::UserId,
                 at: i64,
             ) -> $crate::store::StoreResult<()> {
                 sqlx::query("UPDATE users SET last_sign_in_at = $2, updated_at = $2 WHERE id = $1")
@@ -141,7 +193,7 @@ macro_rules! sql_store {
 
             async fn delete_user_sessions(
                 &self,
-                user_id: uuid::Uuid,
+                user_id: $crate::ids::UserId,
                 keep: Option<uuid::Uuid>,
             ) -> $crate::store::StoreResult<u64> {
                 let done = sqlx::query(
@@ -230,8 +282,8 @@ macro_rules! sql_store {
 
             async fn conversation(
                 &self,
-                id: uuid::Uuid,
-                owner: uuid::Uuid,
+                id: $crate::ids::ConversationId,
+                owner: $crate::ids::UserId,
             ) -> $crate::store::StoreResult<Option<$crate::store::ConversationRecord>> {
                 Ok(sqlx::query_as::<$db, $crate::store::ConversationRecord>(
                     "SELECT * FROM conversations WHERE id = $1 AND owner_id = $2",
@@ -244,7 +296,7 @@ macro_rules! sql_store {
 
             async fn list_conversations(
                 &self,
-                owner: uuid::Uuid,
+                owner: $crate::ids::UserId,
                 cursor: Option<$crate::store::ConversationCursor>,
                 limit: u32,
             ) -> $crate::store::StoreResult<Vec<$crate::store::ConversationRecord>> {
@@ -263,8 +315,8 @@ macro_rules! sql_store {
 
             async fn rename_conversation(
                 &self,
-                id: uuid::Uuid,
-                owner: uuid::Uuid,
+                id: $crate::ids::ConversationId,
+                owner: $crate::ids::UserId,
                 title: &str,
                 now: i64,
             ) -> $crate::store::StoreResult<bool> {
@@ -283,8 +335,8 @@ macro_rules! sql_store {
 
             async fn delete_conversation(
                 &self,
-                id: uuid::Uuid,
-                owner: uuid::Uuid,
+                id: $crate::ids::ConversationId,
+                owner: $crate::ids::UserId,
             ) -> $crate::store::StoreResult<bool> {
                 let done = sqlx::query("DELETE FROM conversations WHERE id = $1 AND owner_id = $2")
                     .bind(id)
@@ -308,7 +360,7 @@ macro_rules! sql_store {
                 )
                 .bind(message.id)
                 .bind(message.conversation_id)
-                .bind(&message.role)
+                .bind(message.role.as_str())
                 .bind(&message.content)
                 .bind(message.run_id)
                 .bind(&message.client_message_id)
@@ -338,27 +390,31 @@ macro_rules! sql_store {
                 .await?;
                 if let Some(run) = run {
                     // The partial unique index `runs_one_active` turns a second running run into
-                    // a unique violation, i.e. StoreError::Conflict; the rollback on drop undoes
+                    // StoreError::Conflict(Constraint::OneActiveRun); the rollback on drop undoes
                     // the message too.
                     sqlx::query(
                         "INSERT INTO runs (id, conversation_id, owner_id, message_id, status, \
-                         model, output, error, prompt_tokens, completion_tokens, last_seq, \
-                         started_at, finished_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                         model, output, chunk_ends, error, prompt_tokens, completion_tokens, \
+                         last_seq, started_at, finished_at, owner_instance, stop_requested_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                         $15, $16)",
                     )
                     .bind(run.id)
                     .bind(run.conversation_id)
                     .bind(run.owner_id)
                     .bind(run.message_id)
-                    .bind(&run.status)
+                    .bind(run.status.as_str())
                     .bind(&run.model)
                     .bind(&run.output)
+                    .bind(&run.chunk_ends)
                     .bind(&run.error)
                     .bind(run.prompt_tokens)
                     .bind(run.completion_tokens)
                     .bind(run.last_seq)
                     .bind(run.started_at)
                     .bind(run.finished_at)
+                    .bind(run.owner_instance)
+                    .bind(run.stop_requested_at)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -368,8 +424,8 @@ macro_rules! sql_store {
 
             async fn list_messages(
                 &self,
-                conversation_id: uuid::Uuid,
-                after: Option<uuid::Uuid>,
+                conversation_id: $crate::ids::ConversationId,
+                after: Option<$crate::ids::MessageId>,
                 limit: u32,
             ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRow>> {
                 Ok(sqlx::query_as::<$db, $crate::store::MessageRow>(
@@ -389,7 +445,7 @@ macro_rules! sql_store {
 
             async fn recent_messages(
                 &self,
-                conversation_id: uuid::Uuid,
+                conversation_id: $crate::ids::ConversationId,
                 limit: u32,
             ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRecord>> {
                 let mut rows = sqlx::query_as::<$db, $crate::store::MessageRecord>(
@@ -405,8 +461,8 @@ macro_rules! sql_store {
 
             async fn run(
                 &self,
-                id: uuid::Uuid,
-                owner: uuid::Uuid,
+                id: $crate::ids::RunId,
+                owner: $crate::ids::UserId,
             ) -> $crate::store::StoreResult<Option<$crate::store::RunRecord>> {
                 Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
                     "SELECT * FROM runs WHERE id = $1 AND owner_id = $2",
@@ -417,9 +473,21 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn run_by_id(
+                &self,
+                id: $crate::ids::RunId,
+            ) -> $crate::store::StoreResult<Option<$crate::store::RunRecord>> {
+                Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
+                    "SELECT * FROM runs WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
             async fn active_run(
                 &self,
-                conversation_id: uuid::Uuid,
+                conversation_id: $crate::ids::ConversationId,
             ) -> $crate::store::StoreResult<Option<$crate::store::RunRecord>> {
                 Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
                     "SELECT * FROM runs WHERE conversation_id = $1 AND status = 'running'",
@@ -431,7 +499,7 @@ macro_rules! sql_store {
 
             async fn run_for_message(
                 &self,
-                message_id: uuid::Uuid,
+                message_id: $crate::ids::MessageId,
             ) -> $crate::store::StoreResult<Option<$crate::store::RunRecord>> {
                 Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
                     "SELECT * FROM runs WHERE message_id = $1",
@@ -441,76 +509,201 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn save_run_progress(
+            async fn checkpoint_run(
                 &self,
-                id: uuid::Uuid,
-                output: &str,
-                last_seq: i64,
-            ) -> $crate::store::StoreResult<()> {
-                sqlx::query(
-                    "UPDATE runs SET output = $2, last_seq = $3 \
-                     WHERE id = $1 AND status = 'running' AND last_seq <= $3",
+                id: $crate::ids::RunId,
+                owner: $crate::ids::InstanceId,
+                checkpoint: &$crate::store::Checkpoint,
+            ) -> $crate::store::StoreResult<$crate::store::CheckpointResult> {
+                // Appends, never rewrites: a long answer costs its new text per checkpoint, not
+                // its whole length.
+                let done = sqlx::query(
+                    "UPDATE runs SET output = output || $4, chunk_ends = chunk_ends || $5, \
+                     last_seq = $6 WHERE id = $1 AND status = 'running' \
+                     AND owner_instance = $2 AND last_seq = $3",
                 )
                 .bind(id)
-                .bind(output)
-                .bind(last_seq)
+                .bind(owner)
+                .bind(checkpoint.from_seq)
+                .bind(&checkpoint.delta)
+                .bind(&checkpoint.ends)
+                .bind(checkpoint.to_seq)
+                .execute(&self.pool)
+                .await?;
+                if done.rows_affected() == 1 {
+                    return Ok($crate::store::CheckpointResult::Saved);
+                }
+                let row: Option<(String, Option<$crate::ids::InstanceId>, i64)> = sqlx::query_as(
+                    "SELECT status, owner_instance, last_seq FROM runs WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(match row {
+                    Some((status, Some(driver), stored_seq))
+                        if status == "running" && driver == owner =>
+                    {
+                        $crate::store::CheckpointResult::Behind { stored_seq }
+                    }
+                    _ => $crate::store::CheckpointResult::Fenced,
+                })
+            }
+
+            async fn finish_run(
+                &self,
+                id: $crate::ids::RunId,
+                owner: Option<$crate::ids::InstanceId>,
+                outcome: &$crate::store::RunOutcome,
+            ) -> $crate::store::StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                let saved = Self::save_outcome_row(&mut tx, id, owner, outcome).await?;
+                if saved.is_none() {
+                    return Ok(false);
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn request_stop(
+                &self,
+                id: $crate::ids::RunId,
+                owner: $crate::ids::UserId,
+                at: i64,
+            ) -> $crate::store::StoreResult<Option<Option<$crate::ids::InstanceId>>> {
+                let row: Option<(Option<$crate::ids::InstanceId>,)> = sqlx::query_as(
+                    "UPDATE runs SET stop_requested_at = COALESCE(stop_requested_at, $3) \
+                     WHERE id = $1 AND owner_id = $2 AND status = 'running' \
+                     RETURNING owner_instance",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(at)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(instance,)| instance))
+            }
+
+            async fn register_instance(
+                &self,
+                id: $crate::ids::InstanceId,
+                host: &str,
+                pid: i64,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(concat!(
+                    "INSERT INTO instances (id, host, pid, started_at, heartbeat_at) \
+                     VALUES ($1, $2, $3, ", $now, ", ", $now, ")"
+                ))
+                .bind(id)
+                .bind(host)
+                .bind(pid)
                 .execute(&self.pool)
                 .await?;
                 Ok(())
             }
 
-            async fn finish_run(
+            async fn heartbeat(
                 &self,
-                id: uuid::Uuid,
-                outcome: &$crate::store::RunOutcome,
+                id: $crate::ids::InstanceId,
             ) -> $crate::store::StoreResult<bool> {
-                let mut tx = self.pool.begin().await?;
-                let run = sqlx::query_as::<$db, $crate::store::RunRecord>(
-                    "UPDATE runs SET status = $2, output = $3, error = $4, prompt_tokens = $5, \
-                     completion_tokens = $6, last_seq = $7, finished_at = $8 \
-                     WHERE id = $1 AND status = 'running' RETURNING *",
-                )
+                let done = sqlx::query(concat!(
+                    "UPDATE instances SET heartbeat_at = ", $now, " WHERE id = $1"
+                ))
                 .bind(id)
-                .bind(&outcome.status)
-                .bind(&outcome.output)
-                .bind(&outcome.error)
-                .bind(outcome.prompt_tokens)
-                .bind(outcome.completion_tokens)
-                .bind(outcome.last_seq)
-                .bind(outcome.finished_at)
-                .fetch_optional(&mut *tx)
+                .execute(&self.pool)
                 .await?;
-                let Some(run) = run else {
-                    return Ok(false);
-                };
-                sqlx::query(
-                    "INSERT INTO messages (id, conversation_id, role, content, run_id, \
-                     client_message_id, created_at) VALUES ($1, $2, 'assistant', $3, $4, NULL, $5)",
-                )
-                .bind(outcome.message_id)
-                .bind(run.conversation_id)
-                .bind(&outcome.output)
-                .bind(run.id)
-                .bind(outcome.finished_at)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("UPDATE conversations SET updated_at = $2 WHERE id = $1")
-                    .bind(run.conversation_id)
-                    .bind(outcome.finished_at)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(true)
+                Ok(done.rows_affected() == 1)
             }
 
-            async fn running_runs(
+            async fn deregister_instance(
                 &self,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::RunRecord>> {
-                Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
-                    "SELECT * FROM runs WHERE status = 'running'",
+                id: $crate::ids::InstanceId,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query("DELETE FROM instances WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn instances(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::InstanceRecord>> {
+                Ok(sqlx::query_as::<$db, $crate::store::InstanceRecord>(
+                    "SELECT * FROM instances ORDER BY started_at",
                 )
                 .fetch_all(&self.pool)
                 .await?)
+            }
+
+            async fn instance_alive(
+                &self,
+                id: $crate::ids::InstanceId,
+                timeout: std::time::Duration,
+            ) -> $crate::store::StoreResult<bool> {
+                let (count,): (i64,) = sqlx::query_as(concat!(
+                    "SELECT COUNT(*) FROM instances WHERE id = $1 AND heartbeat_at >= ",
+                    $now,
+                    " - $2"
+                ))
+                .bind(id)
+                .bind(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX))
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(count > 0)
+            }
+
+            async fn owned_running_runs(
+                &self,
+                owner: $crate::ids::InstanceId,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::OwnedRun>> {
+                Ok(sqlx::query_as::<$db, $crate::store::OwnedRun>(
+                    "SELECT id, stop_requested_at IS NOT NULL AS stop_requested FROM runs \
+                     WHERE owner_instance = $1 AND status = 'running'",
+                )
+                .bind(owner)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn reap_runs(
+                &self,
+                timeout: std::time::Duration,
+                forget_after: std::time::Duration,
+                limit: u32,
+                finalize: &dyn $crate::store::Finalize,
+            ) -> $crate::store::StoreResult<Vec<($crate::store::RunRecord, $crate::store::RunOutcome)>>
+            {
+                let millis =
+                    |duration: std::time::Duration| i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(concat!("DELETE FROM instances WHERE heartbeat_at < ", $now, " - $1"))
+                    .bind(millis(forget_after))
+                    .execute(&mut *tx)
+                    .await?;
+                let candidates = sqlx::query_as::<$db, $crate::store::RunRecord>(concat!(
+                    "SELECT r.* FROM runs r WHERE r.status = 'running' \
+                     AND (r.owner_instance IS NULL OR NOT EXISTS (SELECT 1 FROM instances i \
+                     WHERE i.id = r.owner_instance AND i.heartbeat_at >= ",
+                    $now,
+                    " - $1)) ORDER BY r.id LIMIT $2",
+                    $lock
+                ))
+                .bind(millis(timeout))
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut reaped = Vec::with_capacity(candidates.len());
+                for run in candidates {
+                    let outcome = finalize.finalize(&run).await;
+                    if Self::save_outcome_row(&mut tx, run.id, None, &outcome)
+                        .await?
+                        .is_some()
+                    {
+                        reaped.push((run, outcome));
+                    }
+                }
+                tx.commit().await?;
+                Ok(reaped)
             }
 
             async fn signing_keys(

@@ -45,4 +45,10 @@ impl SqliteStore {
     }
 }
 
-sql_store!(SqliteStore, Sqlite, "sqlite");
+sql_store!(
+    SqliteStore,
+    Sqlite,
+    "sqlite",
+    now = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+    lock = ""
+);

@@ -1,9 +1,11 @@
 //! The WebSocket endpoints: `/ws/chat/{conversationId}` and `/ws/runs/{runId}/stream`.
 //! `docs/protocol.md` is the reference for everything said on them.
 
-pub mod connection;
+mod handlers;
 mod outbox;
 pub mod registry;
+mod socket;
+mod writer;
 
 use axum::{
     Json, Router,
@@ -13,12 +15,15 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use uuid::Uuid;
 use wadi_protocol::{ErrorCode, api::ApiError};
 
 pub use registry::{Control, Endpoint, Inbox, Registry};
 
-use crate::{error::AppError, state::AppState};
+use crate::{
+    error::AppError,
+    ids::{ConversationId, RunId},
+    state::AppState,
+};
 
 /// tungstenite's 128 KiB default read buffer would make an idle socket cost ~136 KB. Browsers
 /// send small frames (the largest usual one, `auth`, is about 1 KiB); larger ones are assembled
@@ -48,7 +53,7 @@ async fn chat(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Ok(conversation_id) = Uuid::parse_str(&conversation_id) else {
+    let Ok(conversation_id) = conversation_id.parse::<ConversationId>() else {
         return AppError::invalid(ErrorCode::InvalidRequest, "not a conversation id")
             .into_response();
     };
@@ -62,7 +67,7 @@ async fn run_stream(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Ok(run_id) = Uuid::parse_str(&run_id) else {
+    let Ok(run_id) = run_id.parse::<RunId>() else {
         return AppError::invalid(ErrorCode::InvalidRequest, "not a run id").into_response();
     };
     let after_seq = match query.after_seq.as_deref().map(str::parse::<u64>) {
@@ -120,7 +125,7 @@ fn accept(
         .max_message_size(max_frame)
         .on_upgrade(move |socket| {
             let sockets = state.sockets.clone();
-            sockets.track_future(connection::serve(socket, state, endpoint))
+            sockets.track_future(socket::serve(socket, state, endpoint))
         })
 }
 

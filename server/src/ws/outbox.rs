@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use super::connection::Outbound;
+use super::writer::Outbound;
 
 /// The writer is gone: nothing more can be queued.
 #[derive(Debug, PartialEq, Eq)]

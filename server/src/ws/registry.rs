@@ -10,7 +10,10 @@ use std::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::runs::RunHandle;
+use crate::{
+    ids::{ConversationId, RunId, UserId},
+    runs::{Announce, RunHandle},
+};
 
 /// What the rest of the server tells a socket's task.
 pub enum Control {
@@ -58,8 +61,8 @@ impl Inbox {
 /// What a socket is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    Chat { conversation_id: Uuid },
-    Run { run_id: Uuid, after_seq: u64 },
+    Chat { conversation_id: ConversationId },
+    Run { run_id: RunId, after_seq: u64 },
 }
 
 impl Endpoint {
@@ -73,19 +76,23 @@ impl Endpoint {
 
 struct Entry {
     endpoint: Endpoint,
-    user: Option<Uuid>,
+    user: Option<UserId>,
     inbox: Arc<Inbox>,
 }
 
 #[derive(Default)]
 struct Index {
     clients: HashMap<Uuid, Entry>,
-    by_user: HashMap<Uuid, HashSet<Uuid>>,
-    by_conversation: HashMap<Uuid, HashSet<Uuid>>,
-    by_run: HashMap<Uuid, HashSet<Uuid>>,
+    by_user: HashMap<UserId, HashSet<Uuid>>,
+    by_conversation: HashMap<ConversationId, HashSet<Uuid>>,
+    by_run: HashMap<RunId, HashSet<Uuid>>,
 }
 
-fn remove_from(index: &mut HashMap<Uuid, HashSet<Uuid>>, key: Uuid, client: Uuid) {
+fn remove_from<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, HashSet<Uuid>>,
+    key: K,
+    client: Uuid,
+) {
     if let Some(set) = index.get_mut(&key) {
         set.remove(&client);
         if set.is_empty() {
@@ -150,7 +157,7 @@ impl Registry {
 
     /// Records who the socket belongs to once it authenticated; refused beyond `limit`
     /// sockets per user. A chat socket starts receiving its conversation's runs from here on.
-    pub fn authenticate(&self, id: Uuid, user: Uuid, limit: usize) -> Result<(), OverUserLimit> {
+    pub fn authenticate(&self, id: Uuid, user: UserId, limit: usize) -> Result<(), OverUserLimit> {
         let mut index = self.index();
         if index
             .by_user
@@ -175,21 +182,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Tells every chat socket of the run's conversation that it started.
-    pub fn announce_run(&self, handle: &Arc<RunHandle>) {
-        let index = self.index();
-        let Some(clients) = index.by_conversation.get(&handle.conversation_id) else {
-            return;
-        };
-        for client in clients {
-            if let Some(entry) = index.clients.get(client) {
-                entry.inbox.post(Control::RunStarted(handle.clone()));
-            }
-        }
-    }
-
     /// Sockets watching a conversation (tests and metrics).
-    pub fn watching_conversation(&self, conversation_id: Uuid) -> usize {
+    pub fn watching_conversation(&self, conversation_id: ConversationId) -> usize {
         self.index()
             .by_conversation
             .get(&conversation_id)
@@ -197,7 +191,7 @@ impl Registry {
     }
 
     /// Sockets of a user.
-    pub fn user_connections(&self, user: Uuid) -> usize {
+    pub fn user_connections(&self, user: UserId) -> usize {
         self.index().by_user.get(&user).map_or(0, HashSet::len)
     }
 
@@ -215,6 +209,25 @@ impl Registry {
             }
             Endpoint::Run { run_id, .. } => remove_from(&mut index.by_run, run_id, id),
         }
+    }
+}
+
+impl Announce for Registry {
+    /// Tells every chat socket of the run's conversation that it started.
+    fn run_started(&self, handle: &Arc<RunHandle>) {
+        let index = self.index();
+        let Some(clients) = index.by_conversation.get(&handle.conversation_id) else {
+            return;
+        };
+        for client in clients {
+            if let Some(entry) = index.clients.get(client) {
+                entry.inbox.post(Control::RunStarted(handle.clone()));
+            }
+        }
+    }
+
+    fn shows(&self, conversation: ConversationId) -> bool {
+        self.index().by_conversation.contains_key(&conversation)
     }
 }
 
@@ -253,8 +266,8 @@ mod tests {
     #[test]
     fn entries_are_indexed_and_always_removed() {
         let registry = Arc::new(Registry::default());
-        let conversation_id = Uuid::now_v7();
-        let user = Uuid::now_v7();
+        let conversation_id = ConversationId::new();
+        let user = UserId::new();
         let inbox = Arc::new(Inbox::default());
         let a = registry.register(
             Uuid::now_v7(),

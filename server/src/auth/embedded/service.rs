@@ -17,7 +17,8 @@ use super::{
     wire::{AuthApiError, session_json},
 };
 use crate::{
-    store::{RefreshTokenRecord, SessionRecord, Store, StoreError, UserRecord},
+    ids::UserId,
+    store::{Constraint, RefreshTokenRecord, SessionRecord, Store, StoreError, UserRecord},
     util::now_millis,
 };
 
@@ -94,7 +95,8 @@ impl EmbeddedAuth {
         self.check_password(password)?;
         let now = now_millis();
         let user = UserRecord {
-            id: Uuid::new_v4(),
+            // Random, as Supabase's are (a time-ordered id would tell when someone signed up).
+            id: UserId::from(Uuid::new_v4()),
             email,
             password_hash: hash_password(&self.hasher, password.to_owned())
                 .await
@@ -106,7 +108,7 @@ impl EmbeddedAuth {
         };
         match self.store.create_user(&user).await {
             Ok(()) => {}
-            Err(StoreError::Conflict) => {
+            Err(StoreError::Conflict(Constraint::UserEmail)) => {
                 return Err(AuthApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "user_already_exists",
@@ -321,7 +323,7 @@ impl EmbeddedAuth {
         Ok(())
     }
 
-    pub async fn user(&self, id: Uuid) -> Result<Option<UserRecord>, AuthApiError> {
+    pub async fn user(&self, id: UserId) -> Result<Option<UserRecord>, AuthApiError> {
         self.store.user_by_id(id).await.map_err(store_error)
     }
 
@@ -338,7 +340,7 @@ impl EmbeddedAuth {
     /// but this one.
     pub async fn log_out(
         &self,
-        user_id: Uuid,
+        user_id: UserId,
         session_id: Uuid,
         scope: &str,
     ) -> Result<(), AuthApiError> {

@@ -1,12 +1,9 @@
-//! Stored rows → the protocol crate's REST bodies.
+//! Stored rows → the protocol crate's REST bodies and frames. Shared by the HTTP handlers, the
+//! sockets and the runs service.
 
-use wadi_protocol::{
-    RunStatus, ServerMessage, Usage,
-    api::{self, Role},
-};
+use wadi_protocol::{RunStatus, ServerMessage, Usage, api};
 
 use crate::{
-    error::AppError,
     store::{ConversationRecord, MessageRow, RunRecord},
     util::datetime,
 };
@@ -16,40 +13,33 @@ pub const UNTITLED: &str = "New conversation";
 
 pub fn conversation(record: &ConversationRecord) -> api::Conversation {
     api::Conversation {
-        id: record.id,
+        id: record.id.into(),
         title: record.title.clone().unwrap_or_else(|| UNTITLED.to_owned()),
         created_at: datetime(record.created_at),
         updated_at: datetime(record.updated_at),
     }
 }
 
-pub fn message(row: &MessageRow) -> Result<api::Message, AppError> {
+pub fn message(row: &MessageRow) -> api::Message {
     let record = &row.message;
-    let role = Role::parse(&record.role).ok_or_else(|| {
-        AppError::internal(format!("message {} has role {:?}", record.id, record.role))
-    })?;
-    let run_status = row.run_status.as_deref().and_then(RunStatus::parse);
-    Ok(api::Message {
-        id: record.id,
-        conversation_id: record.conversation_id,
-        role,
+    api::Message {
+        id: record.id.into(),
+        conversation_id: record.conversation_id.into(),
+        role: record.role,
         content: record.content.clone(),
-        run_id: record.run_id,
-        run_status,
+        run_id: record.run_id.map(Into::into),
+        run_status: row.run_status,
         client_message_id: record.client_message_id.clone(),
         created_at: datetime(record.created_at),
-    })
+    }
 }
 
-pub fn run(record: &RunRecord) -> Result<api::Run, AppError> {
-    let status = RunStatus::parse(&record.status).ok_or_else(|| {
-        AppError::internal(format!("run {} has status {:?}", record.id, record.status))
-    })?;
-    Ok(api::Run {
-        id: record.id,
-        conversation_id: record.conversation_id,
-        message_id: record.message_id,
-        status,
+pub fn run(record: &RunRecord) -> api::Run {
+    api::Run {
+        id: record.id.into(),
+        conversation_id: record.conversation_id.into(),
+        message_id: record.message_id.into(),
+        status: record.status,
         model: record.model.clone(),
         output: record.output.clone(),
         error: record.error.clone(),
@@ -57,7 +47,7 @@ pub fn run(record: &RunRecord) -> Result<api::Run, AppError> {
         last_seq: u64::try_from(record.last_seq).unwrap_or_default(),
         started_at: datetime(record.started_at),
         finished_at: record.finished_at.map(datetime),
-    })
+    }
 }
 
 /// Token usage, when the model reported it.
@@ -71,12 +61,17 @@ pub fn usage(prompt: Option<i64>, completion: Option<i64>) -> Option<Usage> {
     })
 }
 
-/// The `complete` frame of a run as saved (a run no longer in memory).
+/// The `complete` frame of a run as saved.
 pub fn complete_frame(run: &RunRecord) -> ServerMessage {
     ServerMessage::Complete {
-        run_id: run.id,
+        run_id: run.id.into(),
         full_output: run.output.clone(),
-        status: RunStatus::parse(&run.status).unwrap_or(RunStatus::Interrupted),
+        status: match run.status {
+            // Only a run that has ended has a `complete`; one still marked running here was
+            // cut off.
+            RunStatus::Running => RunStatus::Interrupted,
+            status => status,
+        },
         usage: usage(run.prompt_tokens, run.completion_tokens),
     }
 }

@@ -1,0 +1,68 @@
+//! What a valid message is, and what a conversation is called after its first one. The same
+//! rules hold over REST and WebSocket.
+
+use wadi_protocol::ErrorCode;
+
+use crate::error::AppError;
+
+/// Longest `clientMessageId` accepted, in characters.
+const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
+/// Length of a title derived from the first message, in characters.
+const DERIVED_TITLE_CHARS: usize = 60;
+
+/// Checks a message's content and client id; the same rules hold on the WebSocket.
+pub fn check_message(
+    content: &str,
+    client_message_id: Option<&str>,
+    max_content_bytes: usize,
+) -> Result<(), AppError> {
+    if content.trim().is_empty() {
+        return Err(AppError::invalid(
+            ErrorCode::EmptyContent,
+            "message content must not be empty",
+        ));
+    }
+    if content.len() > max_content_bytes {
+        return Err(AppError::TooLarge(format!(
+            "message content must be at most {max_content_bytes} bytes"
+        )));
+    }
+    if let Some(id) = client_message_id
+        && (id.is_empty() || id.chars().count() > MAX_CLIENT_MESSAGE_ID_CHARS)
+    {
+        return Err(AppError::invalid(
+            ErrorCode::InvalidMessage,
+            format!("clientMessageId must be 1 to {MAX_CLIENT_MESSAGE_ID_CHARS} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// The title a conversation gets from its first message: the start of its first line.
+pub fn derive_title(content: &str) -> String {
+    let line = content
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or_default();
+    if line.chars().count() <= DERIVED_TITLE_CHARS {
+        line.to_owned()
+    } else {
+        let cut: String = line.chars().take(DERIVED_TITLE_CHARS - 1).collect();
+        format!("{}…", cut.trim_end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_come_from_the_first_line() {
+        assert_eq!(derive_title("\n  Hello there  \nsecond"), "Hello there");
+        let long = "word ".repeat(30);
+        let title = derive_title(&long);
+        assert!(title.ends_with('…'));
+        assert!(title.chars().count() <= DERIVED_TITLE_CHARS);
+    }
+}

@@ -1,0 +1,188 @@
+//! Feeds a mirror: a copy, on this instance, of a run driven elsewhere (or already saved), so
+//! that local sockets follow it exactly as they follow a run driven here.
+//!
+//! The feeder subscribes to the run's live events first (when there is a shared log), then
+//! reads the log and the store, so nothing appended in between is missed; it applies chunks in
+//! seq order only, and fills any gap from the log or, failing that, from the store's checkpoint
+//! (live delivery is at most once). When the run ends it takes the outcome from the store, which
+//! is authoritative. Without live events (a single instance, or the log unreachable) it reads the
+//! store every flush interval. It stops once nobody follows the mirror.
+
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use wadi_protocol::RunStatus;
+
+use super::{
+    Runs,
+    cluster::LiveEvent,
+    handle::{Ending, RunHandle},
+};
+use crate::{
+    dto,
+    store::{ChunkEnds, RunRecord},
+};
+
+/// With live events, the store is checked after this long without one (a lost end, an owner
+/// that died between saving and announcing the end).
+const WATCHDOG: Duration = Duration::from_secs(5);
+/// A log says a run ended but the store does not show it yet: asked again this often, this many
+/// times, before the watchdog takes over.
+const END_RETRY: Duration = Duration::from_millis(100);
+const END_RETRIES: u32 = 20;
+
+pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Option<RunRecord>) {
+    let Some(handle) = mirror.upgrade() else {
+        return;
+    };
+    let id = handle.id;
+    let finished_already = record
+        .as_ref()
+        .is_some_and(|record| record.status.is_final());
+    drop(handle);
+    // Subscribe before reading, so that what is appended meanwhile arrives as an event.
+    let mut watch = if finished_already {
+        None
+    } else {
+        runs.cluster.watch_run(id).await
+    };
+    runs.metrics.remote_watchers.inc();
+    let mut record = record;
+    let mut end_retries = 0;
+    'catch_up: loop {
+        let Some(handle) = mirror.upgrade() else {
+            break;
+        };
+        match catch_up(&runs, &handle, record.take()).await {
+            CatchUp::Finished => break,
+            CatchUp::EndNotSaved if end_retries < END_RETRIES => {
+                end_retries += 1;
+                drop(handle);
+                tokio::time::sleep(END_RETRY).await;
+                continue;
+            }
+            CatchUp::EndNotSaved | CatchUp::Running => {}
+        }
+        drop(handle);
+        loop {
+            let next = match watch.as_mut() {
+                Some(live) => match tokio::time::timeout(WATCHDOG, live.events.recv()).await {
+                    Ok(Some(event)) => Next::Event(event),
+                    Ok(None) => Next::Closed,
+                    Err(_) => Next::Idle,
+                },
+                None => {
+                    tokio::time::sleep(runs.settings.flush_interval).await;
+                    Next::Idle
+                }
+            };
+            let Some(handle) = mirror.upgrade() else {
+                break 'catch_up;
+            };
+            match next {
+                Next::Event(LiveEvent::Chunks { first, texts }) => {
+                    for (seq, text) in (first..).zip(&texts) {
+                        if handle.push_at(seq, text).is_err() {
+                            // A lost event: read the log from the gap.
+                            continue 'catch_up;
+                        }
+                    }
+                }
+                Next::Event(LiveEvent::End { .. } | LiveEvent::Resync) | Next::Idle => {
+                    continue 'catch_up;
+                }
+                Next::Closed => {
+                    watch = None;
+                    continue 'catch_up;
+                }
+            }
+        }
+    }
+    runs.metrics.remote_watchers.dec();
+}
+
+enum Next {
+    Event(LiveEvent),
+    /// Nothing came for the poll interval.
+    Idle,
+    /// The live channel is gone (the store is polled from now on).
+    Closed,
+}
+
+enum CatchUp {
+    /// The mirror has the whole run and its ending.
+    Finished,
+    /// The run is still going; the mirror has what the log and the store hold.
+    Running,
+    /// The log holds the run's end but the store does not show it yet.
+    EndNotSaved,
+}
+
+/// Brings the mirror up to what the shared log and the store hold, and finishes it if the run
+/// has ended.
+async fn catch_up(runs: &Runs, handle: &RunHandle, record: Option<RunRecord>) -> CatchUp {
+    let log = runs.cluster.read_log(handle.id, handle.last_seq()).await;
+    let mut complete_log = false;
+    if let Some(log) = &log {
+        complete_log = apply(handle, &log.chunks);
+    }
+    let ended_in_log = log.as_ref().is_some_and(|log| log.ended);
+    // The store: always when there is no log or it has a hole or an end; otherwise only when
+    // the caller handed over a fresh row.
+    let record = match record {
+        Some(record) => Some(record),
+        None if log.is_none() || !complete_log || ended_in_log => {
+            match runs.store.run_by_id(handle.id).await {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::warn!(run_id = %handle.id, %error, "mirror cannot read the run");
+                    return CatchUp::Running;
+                }
+            }
+        }
+        None => None,
+    };
+    let Some(record) = record else {
+        if log.is_none() {
+            // Deleted (its conversation went): nothing more will come.
+            handle.finish(Ending::new(RunStatus::Interrupted, None, None));
+            return CatchUp::Finished;
+        }
+        return CatchUp::Running;
+    };
+    if let Some(ends) = ChunkEnds::parse(&record.chunk_ends)
+        && let Some(chunks) = ends.chunks_after(&record.output, handle.last_seq())
+    {
+        for (seq, text) in chunks {
+            if handle.push_at(seq, text).is_err() {
+                break;
+            }
+        }
+    }
+    if let Some(log) = &log {
+        // The store may have closed a hole the log had: the rest of the log fits now.
+        apply(handle, &log.chunks);
+    }
+    if record.status.is_final() {
+        handle.finish(Ending {
+            status: record.status,
+            usage: dto::usage(record.prompt_tokens, record.completion_tokens),
+            error: record.error.clone(),
+            saved_output: Some(record.output),
+        });
+        return CatchUp::Finished;
+    }
+    if ended_in_log {
+        return CatchUp::EndNotSaved;
+    }
+    CatchUp::Running
+}
+
+/// Applies chunks in seq order; false if one did not follow (a hole before it).
+fn apply(handle: &RunHandle, chunks: &[(u64, String)]) -> bool {
+    chunks
+        .iter()
+        .all(|(seq, text)| handle.push_at(*seq, text).is_ok())
+}

@@ -1,0 +1,837 @@
+//! The cluster over Redis (`--redis-url`): each run's chunks in a stream whose entry ids are its
+//! seqs, live events on the run's channel, "run started" on the user's channel, and stop on the
+//! owning instance's control channel.
+//!
+//! Keys of run `R` share the hash tag `{R}`: `wadi:run:{R}:log` (a stream: chunk `n` is entry
+//! `n-0` with field `c`, the end is `n-1` with field `end`), `wadi:run:{R}:meta` (a hash: `owner`,
+//! `status`, `seq`, `stop`), and the channel `wadi:run:{R}:ev`. Only the owner appends, in one
+//! script per batch that checks it still owns the running run (the fence), that the batch
+//! follows what the log holds, and publishes what it appended. The owner never waits on Redis
+//! per token: its replicator follows the run's handle and sends whatever accumulated while the
+//! previous append was in flight. Postgres stays the source of truth: if Redis is lost, the
+//! owner re-appends from its memory and followers fall back to the store.
+//!
+//! Two connections: one multiplexed connection for commands (never a blocking command on it),
+//! and one RESP3 connection for subscriptions, re-established and resubscribed automatically;
+//! after it reconnects, every followed run reads its log again (pub/sub is at most once).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use redis::{
+    AsyncCommands, Client, ProtocolVersion, PushInfo, PushKind, Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use wadi_protocol::RunStatus;
+
+use super::{
+    cluster::{BusHealth, Cluster, ClusterEvent, Lease, LiveEvent, LogRead, RunStarted, Watch},
+    handle::RunHandle,
+};
+use crate::{
+    ids::{InstanceId, RunId, UserId},
+    metrics::Metrics,
+    store::RunRecord,
+};
+
+/// How long a run's log and meta live after the last write (sliding while it runs), and after
+/// its end: late resumes replay from here, then from the store.
+const LOG_TTL: Duration = Duration::from_secs(600);
+/// Chunks sent in one append script at most.
+const APPEND_BATCH: usize = 512;
+/// Entries read per `XRANGE`.
+const READ_BATCH: usize = 512;
+/// A Redis command that takes longer than this failed (the default of 500 ms is too tight for a
+/// busy server, and the retries make a longer one pointless).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Backoff of a failing append or end, between these bounds.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often the subscription connection is probed (a dead one is re-established, and every
+/// followed run catches up from its log).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Appends a batch of chunks. KEYS: log, meta. ARGV: owner, first seq, ttl (s), channel, texts.
+/// Returns `{last, stop}`, or `{-1, 0}` (no meta and the batch does not start at seq 1: the log
+/// was lost, resend from 1), `{-2, 0}` (fenced: not this owner's running run), `{-3, last}` (the
+/// log stops short of the batch: resend from `last + 1`). A batch already appended is a no-op,
+/// so a retry after an unknown outcome is safe.
+const APPEND: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'owner', 'status', 'seq', 'stop')
+local first = tonumber(ARGV[2])
+if not m[1] then
+  if first ~= 1 then return {-1, 0} end
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'owner', ARGV[1], 'status', 'running', 'seq', 0, 'stop', 0)
+  m = {ARGV[1], 'running', '0', '0'}
+end
+if m[1] ~= ARGV[1] or m[2] ~= 'running' then return {-2, 0} end
+local last = tonumber(m[3]) or 0
+local stop = tonumber(m[4]) or 0
+if first > last + 1 then return {-3, last} end
+local newlast = first + (#ARGV - 4) - 1
+if newlast <= last then return {last, stop} end
+local from = math.max(first, last + 1)
+local out = {}
+for s = from, newlast do
+  local text = ARGV[4 + (s - first) + 1]
+  redis.call('XADD', KEYS[1], s .. '-0', 'c', text)
+  out[#out + 1] = text
+end
+redis.call('HSET', KEYS[2], 'seq', newlast)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], cjson.encode({s = from, c = out}))
+return {newlast, stop}
+";
+
+/// Writes a run's end (after it was saved). KEYS: log, meta. ARGV: owner (empty for the
+/// reaper), status, last seq, ttl (s), channel. The owner may end only its running run; the
+/// reaper a running or fenced one. Returns the last seq, or -2 if refused.
+const END: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'owner', 'status', 'seq')
+local last = tonumber(ARGV[3])
+if m[1] then
+  if ARGV[1] ~= '' and (m[1] ~= ARGV[1] or m[2] ~= 'running') then return -2 end
+  if ARGV[1] == '' and m[2] ~= 'running' and m[2] ~= 'fenced' then return -2 end
+  local held = tonumber(m[3]) or 0
+  if held > last then last = held end
+end
+redis.call('HSET', KEYS[2], 'owner', m[1] or ARGV[1], 'status', ARGV[2], 'seq', last)
+redis.call('XADD', KEYS[1], last .. '-1', 'end', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], cjson.encode({e = ARGV[2], s = last}))
+return last
+";
+
+/// The reaper's fence: from now on the owner's appends are refused. KEYS: log, meta. ARGV: the
+/// stored checkpoint's seq, ttl (s). Returns the log's entries after the checkpoint.
+const FENCE: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'owner', 'status')
+if not m[1] then
+  redis.call('HSET', KEYS[2], 'owner', '', 'status', 'fenced', 'seq', ARGV[1], 'stop', 0)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return {}
+end
+if m[2] == 'running' then redis.call('HSET', KEYS[2], 'status', 'fenced') end
+return redis.call('XRANGE', KEYS[1], (tonumber(ARGV[1]) + 1) .. '-0', '+')
+";
+
+/// Raises a running run's stop flag (the owner sees it in its next append's answer). KEYS: meta.
+const STOP: &str = r"
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HSET', KEYS[1], 'stop', 1)
+  return 1
+end
+return 0
+";
+
+fn log_key(run: RunId) -> String {
+    format!("wadi:run:{{{run}}}:log")
+}
+
+fn meta_key(run: RunId) -> String {
+    format!("wadi:run:{{{run}}}:meta")
+}
+
+fn run_channel(run: RunId) -> String {
+    format!("wadi:run:{{{run}}}:ev")
+}
+
+fn user_channel(user: UserId) -> String {
+    format!("wadi:user:{{{user}}}:ev")
+}
+
+fn control_channel(instance: InstanceId) -> String {
+    format!("wadi:inst:{instance}:ctl")
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Append {
+    Applied {
+        last: u64,
+        stop: bool,
+    },
+    /// The log is gone (Redis lost it): resend from seq 1.
+    Missing,
+    /// The run is not ours to write any more.
+    Fenced,
+    /// The log holds up to `last`: resend from there.
+    Short {
+        last: u64,
+    },
+}
+
+/// A live event as published by the scripts.
+#[derive(Deserialize)]
+struct Published {
+    #[serde(default)]
+    s: u64,
+    #[serde(default)]
+    c: Option<Vec<String>>,
+    #[serde(default)]
+    e: Option<String>,
+}
+
+/// Where a channel's messages go.
+enum Route {
+    /// A run's followers here (several while a finished mirror's feeder winds down).
+    Run(Vec<(u64, mpsc::UnboundedSender<LiveEvent>)>),
+    /// A user's channel, or this instance's control channel: to the runs service.
+    Events,
+}
+
+enum SubscriptionOp {
+    Acquire {
+        channel: String,
+        done: oneshot::Sender<bool>,
+    },
+    Release {
+        channel: String,
+    },
+}
+
+struct Shared {
+    instance: InstanceId,
+    routes: Mutex<HashMap<String, Route>>,
+    next_route: AtomicU64,
+    events: mpsc::UnboundedSender<ClusterEvent>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn routes(&self) -> MutexGuard<'_, HashMap<String, Route>> {
+        match self.routes.lock() {
+            Ok(routes) => routes,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Tells every followed run that live events may have been lost.
+    fn resync(&self) {
+        for route in self.routes().values() {
+            if let Route::Run(followers) = route {
+                for (_, follower) in followers {
+                    let _ = follower.send(LiveEvent::Resync);
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, push: PushInfo) {
+        match push.kind {
+            PushKind::Message => {}
+            PushKind::Disconnection => {
+                tracing::warn!("lost the Redis subscription connection; followers will catch up");
+                self.metrics.redis_errors.inc();
+                self.resync();
+                return;
+            }
+            _ => return,
+        }
+        let mut data = push.data.into_iter();
+        let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+            return;
+        };
+        let (Ok(channel), Ok(payload)) = (
+            redis::from_redis_value::<String>(channel),
+            redis::from_redis_value::<String>(payload),
+        ) else {
+            return;
+        };
+        let routes = self.routes();
+        match routes.get(&channel) {
+            Some(Route::Run(followers)) => {
+                let Some(event) = live_event(&payload) else {
+                    tracing::warn!(%channel, "unreadable run event");
+                    return;
+                };
+                for (_, follower) in followers {
+                    let _ = follower.send(event.clone());
+                }
+            }
+            Some(Route::Events) => {
+                drop(routes);
+                if let Some(event) = cluster_event(&channel, &payload) {
+                    let _ = self.events.send(event);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+fn live_event(payload: &str) -> Option<LiveEvent> {
+    let published: Published = serde_json::from_str(payload).ok()?;
+    if let Some(status) = published.e {
+        return Some(LiveEvent::End {
+            status: RunStatus::parse(&status)?,
+            last_seq: published.s,
+        });
+    }
+    Some(LiveEvent::Chunks {
+        first: published.s,
+        texts: published.c.unwrap_or_default(),
+    })
+}
+
+fn cluster_event(channel: &str, payload: &str) -> Option<ClusterEvent> {
+    if channel.starts_with("wadi:inst:") {
+        let run = payload.strip_prefix("stop ")?.parse().ok()?;
+        return Some(ClusterEvent::Stop(run));
+    }
+    serde_json::from_str(payload)
+        .ok()
+        .map(ClusterEvent::RunStarted)
+}
+
+pub struct RedisCluster {
+    shared: Arc<Shared>,
+    commands: ConnectionManager,
+    subscriptions: mpsc::UnboundedSender<SubscriptionOp>,
+    append: Script,
+    end: Script,
+    fence: Script,
+    stop: Script,
+}
+
+impl RedisCluster {
+    /// Connects (failing if Redis cannot be reached now) and subscribes to this instance's
+    /// control channel. The receiver gets what other instances tell this one.
+    pub async fn connect(
+        url: &str,
+        instance: InstanceId,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<ClusterEvent>)> {
+        let client = Client::open(url)?;
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let subscriber_client = Client::open(info.set_redis_settings(resp3))?;
+        let settings = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(RETRY_MAX)
+            .set_number_of_retries(3);
+        let commands = client
+            .get_connection_manager_with_config(settings.clone())
+            .await?;
+        let (pushes_tx, pushes) = mpsc::unbounded_channel::<PushInfo>();
+        let subscriber = subscriber_client
+            .get_connection_manager_with_config(
+                settings
+                    .set_push_sender(pushes_tx)
+                    .set_automatic_resubscription(),
+            )
+            .await?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            instance,
+            routes: Mutex::new(HashMap::new()),
+            next_route: AtomicU64::new(1),
+            events: events_tx,
+            metrics,
+        });
+        tokio::spawn(dispatch(Arc::downgrade(&shared), pushes));
+        tokio::spawn(probe(Arc::downgrade(&shared), subscriber.clone()));
+        let (subscriptions, ops) = mpsc::unbounded_channel();
+        tokio::spawn(manage_subscriptions(ops, subscriber));
+        let cluster = Arc::new(Self {
+            shared,
+            commands,
+            subscriptions,
+            append: Script::new(APPEND),
+            end: Script::new(END),
+            fence: Script::new(FENCE),
+            stop: Script::new(STOP),
+        });
+        let control = control_channel(instance);
+        cluster
+            .shared
+            .routes()
+            .insert(control.clone(), Route::Events);
+        if !cluster.acquire(control).await {
+            anyhow::bail!("cannot subscribe to this instance's control channel on Redis");
+        }
+        Ok((cluster, events))
+    }
+
+    /// Subscribes (counted: the first acquirer subscribes); resolves once Redis confirmed.
+    async fn acquire(&self, channel: String) -> bool {
+        let (done, confirmed) = oneshot::channel();
+        if self
+            .subscriptions
+            .send(SubscriptionOp::Acquire { channel, done })
+            .is_err()
+        {
+            return false;
+        }
+        confirmed.await.unwrap_or(false)
+    }
+
+    fn release_lease(&self, channel: String) -> Lease {
+        let subscriptions = self.subscriptions.clone();
+        Lease::new(move || {
+            let _ = subscriptions.send(SubscriptionOp::Release { channel });
+        })
+    }
+
+    async fn append(&self, run: RunId, first: u64, texts: &[String]) -> redis::RedisResult<Append> {
+        let started = Instant::now();
+        let mut invocation = self.append.prepare_invoke();
+        invocation
+            .key(log_key(run))
+            .key(meta_key(run))
+            .arg(self.shared.instance.to_string())
+            .arg(first)
+            .arg(LOG_TTL.as_secs())
+            .arg(run_channel(run));
+        for text in texts {
+            invocation.arg(text.as_str());
+        }
+        let mut connection = self.commands.clone();
+        let (code, value): (i64, i64) = invocation.invoke_async(&mut connection).await?;
+        self.shared
+            .metrics
+            .redis_append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(match code {
+            -1 => Append::Missing,
+            -2 => Append::Fenced,
+            -3 => Append::Short {
+                last: u64::try_from(value).unwrap_or_default(),
+            },
+            last => Append::Applied {
+                last: u64::try_from(last).unwrap_or_default(),
+                stop: value == 1,
+            },
+        })
+    }
+
+    async fn write_end(
+        &self,
+        run: RunId,
+        owner: Option<InstanceId>,
+        status: RunStatus,
+        last_seq: u64,
+    ) -> redis::RedisResult<i64> {
+        let mut connection = self.commands.clone();
+        self.end
+            .key(log_key(run))
+            .key(meta_key(run))
+            .arg(owner.map(|owner| owner.to_string()).unwrap_or_default())
+            .arg(status.as_str())
+            .arg(last_seq)
+            .arg(LOG_TTL.as_secs())
+            .arg(run_channel(run))
+            .invoke_async(&mut connection)
+            .await
+    }
+
+    fn failed(&self, what: &str, error: &redis::RedisError, run: RunId) {
+        self.shared.metrics.redis_errors.inc();
+        tracing::warn!(%run, %error, "Redis {what} failed");
+    }
+}
+
+#[async_trait]
+impl Cluster for RedisCluster {
+    fn mode(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn replicate(&self, handle: Arc<RunHandle>) {
+        let run = handle.id;
+        let mut changes = handle.subscribe();
+        let mut sent = 0;
+        let mut delay = RETRY_MIN;
+        // After the run ended, retrying stops once its log would have expired anyway (the
+        // store has everything; followers read it there).
+        let mut ended_at: Option<Instant> = None;
+        loop {
+            changes.borrow_and_update();
+            let batch = handle.chunks_after(sent, APPEND_BATCH);
+            let ending = handle.ending();
+            if ending.is_some() && ended_at.is_none() {
+                ended_at = Some(Instant::now());
+            }
+            if ended_at.is_some_and(|at| at.elapsed() > LOG_TTL) {
+                tracing::warn!(%run, "giving up copying the run to Redis");
+                return;
+            }
+            let result = if let Some((first, _)) = batch.first() {
+                let first = *first;
+                let texts: Vec<String> = batch.into_iter().map(|(_, text)| text).collect();
+                self.append(run, first, &texts).await.map(|append| match append {
+                    Append::Applied { last, stop } => {
+                        sent = last;
+                        if stop && !handle.is_finished() {
+                            tracing::info!(%run, "stop flag seen in the log");
+                            handle.stop(RunStatus::Stopped);
+                        }
+                        true
+                    }
+                    Append::Missing => {
+                        tracing::warn!(%run, "the run's log is gone from Redis; writing it again");
+                        sent = 0;
+                        true
+                    }
+                    Append::Short { last } => {
+                        tracing::warn!(%run, last, "Redis lost the end of the run's log; writing it again");
+                        sent = last;
+                        true
+                    }
+                    Append::Fenced => false,
+                })
+            } else if let Some(ending) = ending {
+                match self
+                    .write_end(run, Some(self.shared.instance), ending.status, sent)
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(error) => Err(error),
+                }
+            } else {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            match result {
+                Ok(true) => delay = RETRY_MIN,
+                Ok(false) => {
+                    if !handle.is_finished() {
+                        tracing::warn!(%run, "the run was reaped while this instance was away; cutting it off");
+                        self.shared.metrics.fenced_runs.inc();
+                        handle.stop(RunStatus::Interrupted);
+                    }
+                    return;
+                }
+                Err(error) => {
+                    self.failed("append", &error, run);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn announce(&self, event: &RunStarted) {
+        let Ok(payload) = serde_json::to_string(event) else {
+            return;
+        };
+        let mut connection = self.commands.clone();
+        if let Err(error) = connection
+            .publish::<_, _, ()>(user_channel(event.user), payload)
+            .await
+        {
+            self.failed("announce", &error, event.run);
+        }
+    }
+
+    async fn send_stop(&self, owner: InstanceId, run: RunId) {
+        let mut connection = self.commands.clone();
+        if let Err(error) = self
+            .stop
+            .key(meta_key(run))
+            .invoke_async::<i64>(&mut connection)
+            .await
+        {
+            self.failed("stop flag", &error, run);
+        }
+        if let Err(error) = connection
+            .publish::<_, _, ()>(control_channel(owner), format!("stop {run}"))
+            .await
+        {
+            self.failed("stop", &error, run);
+        }
+    }
+
+    async fn watch_run(&self, run: RunId) -> Option<Watch> {
+        let channel = run_channel(run);
+        let (sender, events) = mpsc::unbounded_channel();
+        let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut routes = self.shared.routes();
+            match routes
+                .entry(channel.clone())
+                .or_insert_with(|| Route::Run(Vec::new()))
+            {
+                Route::Run(followers) => followers.push((token, sender)),
+                Route::Events => return None,
+            }
+        }
+        let shared = Arc::downgrade(&self.shared);
+        let release = self.release_lease(channel.clone());
+        let route_channel = channel.clone();
+        let lease = Lease::new(move || {
+            if let Some(shared) = shared.upgrade() {
+                let mut routes = shared.routes();
+                if let Some(Route::Run(followers)) = routes.get_mut(&route_channel) {
+                    followers.retain(|(id, _)| *id != token);
+                    if followers.is_empty() {
+                        routes.remove(&route_channel);
+                    }
+                }
+            }
+            drop(release);
+        });
+        if !self.acquire(channel).await {
+            // Dropping the lease releases the count the failed acquire took back already;
+            // releasing twice would be wrong, so forget the subscription part.
+            return None;
+        }
+        Some(Watch { events, lease })
+    }
+
+    async fn read_log(&self, run: RunId, after_seq: u64) -> Option<LogRead> {
+        let mut read = LogRead::default();
+        let mut from = after_seq + 1;
+        let mut connection = self.commands.clone();
+        loop {
+            let entries: redis::RedisResult<Value> = redis::cmd("XRANGE")
+                .arg(log_key(run))
+                .arg(format!("{from}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(READ_BATCH)
+                .query_async(&mut connection)
+                .await;
+            let entries = match entries {
+                Ok(entries) => entries,
+                Err(error) => {
+                    self.failed("read", &error, run);
+                    return None;
+                }
+            };
+            let count = parse_entries(entries, &mut read);
+            if count < READ_BATCH || read.ended {
+                return Some(read);
+            }
+            match read.chunks.last() {
+                Some((seq, _)) => from = seq + 1,
+                None => return Some(read),
+            }
+        }
+    }
+
+    async fn watch_user(&self, user: UserId) -> Lease {
+        let channel = user_channel(user);
+        self.shared
+            .routes()
+            .entry(channel.clone())
+            .or_insert(Route::Events);
+        if self.acquire(channel.clone()).await {
+            self.release_lease(channel)
+        } else {
+            Lease::none()
+        }
+    }
+
+    async fn fence(&self, run: &RunRecord) -> Vec<String> {
+        let checkpoint = u64::try_from(run.last_seq).unwrap_or_default();
+        let mut connection = self.commands.clone();
+        let entries: redis::RedisResult<Value> = self
+            .fence
+            .key(log_key(run.id))
+            .key(meta_key(run.id))
+            .arg(checkpoint)
+            .arg(LOG_TTL.as_secs())
+            .invoke_async(&mut connection)
+            .await;
+        match entries {
+            Ok(entries) => {
+                let mut read = LogRead::default();
+                parse_entries(entries, &mut read);
+                // Only what follows the checkpoint without a hole.
+                (checkpoint + 1..)
+                    .zip(read.chunks)
+                    .take_while(|(expected, (seq, _))| expected == seq)
+                    .map(|(_, (_, text))| text)
+                    .collect()
+            }
+            Err(error) => {
+                self.failed("fence", &error, run.id);
+                Vec::new()
+            }
+        }
+    }
+
+    async fn end(&self, run: RunId, status: RunStatus, last_seq: u64) {
+        if let Err(error) = self.write_end(run, None, status, last_seq).await {
+            self.failed("end", &error, run);
+        }
+    }
+
+    async fn health(&self) -> BusHealth {
+        let mut connection = self.commands.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            ping.query_async::<String>(&mut connection),
+        )
+        .await
+        {
+            Ok(Ok(_)) => BusHealth::Up,
+            _ => BusHealth::Down,
+        }
+    }
+}
+
+/// Reads `XRANGE` entries into `read`; returns how many entries there were.
+fn parse_entries(entries: Value, read: &mut LogRead) -> usize {
+    let Value::Array(entries) = entries else {
+        return 0;
+    };
+    let count = entries.len();
+    for entry in entries {
+        let Value::Array(parts) = entry else {
+            continue;
+        };
+        let mut parts = parts.into_iter();
+        let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(id) = redis::from_redis_value::<String>(id) else {
+            continue;
+        };
+        let Ok(fields) = redis::from_redis_value::<Vec<String>>(fields) else {
+            continue;
+        };
+        let Some((seq, part)) = id.split_once('-') else {
+            continue;
+        };
+        let Ok(seq) = seq.parse::<u64>() else {
+            continue;
+        };
+        match (part, fields.as_slice()) {
+            ("0", [name, text]) if name == "c" => read.chunks.push((seq, text.clone())),
+            ("1", [name, _]) if name == "end" => read.ended = true,
+            _ => {}
+        }
+    }
+    count
+}
+
+/// Routes pushed messages until the connection manager goes away.
+async fn dispatch(shared: std::sync::Weak<Shared>, mut pushes: mpsc::UnboundedReceiver<PushInfo>) {
+    while let Some(push) = pushes.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.dispatch(push);
+    }
+}
+
+/// Pings the subscription connection: a broken one is re-established by the ping (and its
+/// channels resubscribed); then every followed run catches up, since events may have been lost.
+async fn probe(shared: std::sync::Weak<Shared>, mut subscriber: ConnectionManager) {
+    let mut healthy = true;
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let ping = redis::cmd("PING");
+        let ok = matches!(
+            tokio::time::timeout(RESPONSE_TIMEOUT, ping.query_async::<Value>(&mut subscriber))
+                .await,
+            Ok(Ok(_))
+        );
+        if ok && !healthy {
+            tracing::info!("Redis subscriptions are back; followers catch up");
+            shared.resync();
+        }
+        if !ok && healthy {
+            shared.metrics.redis_errors.inc();
+            tracing::warn!("Redis subscription connection is down");
+        }
+        healthy = ok;
+    }
+}
+
+/// Subscribes and unsubscribes in order, counting acquirers per channel, so that a release and
+/// an acquire of one channel can never overtake each other on the connection.
+async fn manage_subscriptions(
+    mut ops: mpsc::UnboundedReceiver<SubscriptionOp>,
+    mut subscriber: ConnectionManager,
+) {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    while let Some(op) = ops.recv().await {
+        match op {
+            SubscriptionOp::Acquire { channel, done } => {
+                let count = counts.entry(channel.clone()).or_default();
+                *count += 1;
+                if *count > 1 {
+                    let _ = done.send(true);
+                    continue;
+                }
+                let subscribed =
+                    tokio::time::timeout(RESPONSE_TIMEOUT, subscriber.subscribe(&channel)).await;
+                let ok = matches!(subscribed, Ok(Ok(())));
+                if !ok {
+                    tracing::warn!(%channel, "cannot subscribe on Redis");
+                    counts.remove(&channel);
+                }
+                let _ = done.send(ok);
+            }
+            SubscriptionOp::Release { channel } => {
+                let Some(count) = counts.get_mut(&channel) else {
+                    continue;
+                };
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&channel);
+                    let _ =
+                        tokio::time::timeout(RESPONSE_TIMEOUT, subscriber.unsubscribe(&channel))
+                            .await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_events_parse() {
+        assert_eq!(
+            live_event(r#"{"s":3,"c":["a","b"]}"#),
+            Some(LiveEvent::Chunks {
+                first: 3,
+                texts: vec!["a".into(), "b".into()]
+            })
+        );
+        assert_eq!(
+            live_event(r#"{"e":"stopped","s":7}"#),
+            Some(LiveEvent::End {
+                status: RunStatus::Stopped,
+                last_seq: 7
+            })
+        );
+        assert_eq!(live_event("not json"), None);
+        let run = RunId::new();
+        assert_eq!(
+            cluster_event("wadi:inst:x:ctl", &format!("stop {run}")),
+            Some(ClusterEvent::Stop(run))
+        );
+    }
+}
