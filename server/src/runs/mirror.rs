@@ -124,25 +124,21 @@ enum CatchUp {
 /// has ended.
 async fn catch_up(runs: &Runs, handle: &RunHandle, record: Option<RunRecord>) -> CatchUp {
     let log = runs.cluster.read_log(handle.id, handle.last_seq()).await;
-    let mut complete_log = false;
     if let Some(log) = &log {
-        complete_log = apply(handle, &log.chunks);
+        apply(handle, &log.chunks);
     }
     let ended_in_log = log.as_ref().is_some_and(|log| log.ended);
-    // The store: always when there is no log or it has a hole or an end; otherwise only when
-    // the caller handed over a fresh row.
+    // The store too (catching up is rare: at the start, after a gap, an end, a resync or a
+    // quiet while): it may hold what the log lost, and it alone says how the run ended.
     let record = match record {
         Some(record) => Some(record),
-        None if log.is_none() || !complete_log || ended_in_log => {
-            match runs.store.run_by_id(handle.id).await {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::warn!(run_id = %handle.id, %error, "mirror cannot read the run");
-                    return CatchUp::Running;
-                }
+        None => match runs.store.run_by_id(handle.id).await {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::warn!(run_id = %handle.id, %error, "mirror cannot read the run");
+                return CatchUp::Running;
             }
-        }
-        None => None,
+        },
     };
     let Some(record) = record else {
         if log.is_none() {

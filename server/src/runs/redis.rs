@@ -466,8 +466,10 @@ impl Cluster for RedisCluster {
         let mut ended_at: Option<Instant> = None;
         loop {
             changes.borrow_and_update();
-            let batch = handle.chunks_after(sent, APPEND_BATCH);
+            // The ending first: once it is set, every chunk is in the handle, so the batch read
+            // after it is the last one.
             let ending = handle.ending();
+            let batch = handle.chunks_after(sent, APPEND_BATCH);
             if ending.is_some() && ended_at.is_none() {
                 ended_at = Some(Instant::now());
             }
@@ -602,12 +604,13 @@ impl Cluster for RedisCluster {
 
     async fn read_log(&self, run: RunId, after_seq: u64) -> Option<LogRead> {
         let mut read = LogRead::default();
-        let mut from = after_seq + 1;
+        // From `after-1`: the end entry of a run whose last chunk is `after` is `after-1`.
+        let mut from = format!("{after_seq}-1");
         let mut connection = self.commands.clone();
         loop {
             let entries: redis::RedisResult<Value> = redis::cmd("XRANGE")
                 .arg(log_key(run))
-                .arg(format!("{from}-0"))
+                .arg(&from)
                 .arg("+")
                 .arg("COUNT")
                 .arg(READ_BATCH)
@@ -625,7 +628,7 @@ impl Cluster for RedisCluster {
                 return Some(read);
             }
             match read.chunks.last() {
-                Some((seq, _)) => from = seq + 1,
+                Some((seq, _)) => from = format!("{}-0", seq + 1),
                 None => return Some(read),
             }
         }

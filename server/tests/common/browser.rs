@@ -2,24 +2,18 @@
 //! directory, a fake model upstream, an optional TCP proxy the test can cut, and headless
 //! Chromium driven over WebDriver (Debian's chromium and chromium-driver).
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, sync::Arc, time::Duration};
 
 use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
-    net::{TcpListener, TcpStream},
     process::{Child, Command},
-    task::AbortHandle,
 };
 
 use super::TIMEOUT;
+#[allow(unused_imports)]
+pub use super::net::Proxy;
 
 /// The release binary under test (set by `cargo xtask test`).
 fn binary() -> PathBuf {
@@ -98,66 +92,6 @@ impl App {
 impl Drop for App {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-    }
-}
-
-/// A TCP proxy in front of the app whose connections the test can cut, like a network drop,
-/// and which can refuse WebSocket upgrades, like a proxy that does not support them.
-pub struct Proxy {
-    pub addr: SocketAddr,
-    connections: Arc<Mutex<Vec<AbortHandle>>>,
-}
-
-impl Proxy {
-    pub async fn start(target: SocketAddr) -> Self {
-        Self::start_with(target, false).await
-    }
-
-    /// A proxy that drops every WebSocket upgrade request (plain HTTP passes).
-    pub async fn without_websockets(target: SocketAddr) -> Self {
-        Self::start_with(target, true).await
-    }
-
-    async fn start_with(target: SocketAddr, block_websockets: bool) -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let tracked = connections.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let task = tokio::spawn(async move {
-                    let mut first = vec![0u8; 16 * 1024];
-                    let Ok(read) = inbound.read(&mut first).await else {
-                        return;
-                    };
-                    first.truncate(read);
-                    let head = String::from_utf8_lossy(&first).to_ascii_lowercase();
-                    if block_websockets && head.contains("upgrade: websocket") {
-                        return;
-                    }
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        if outbound.write_all(&first).await.is_err() {
-                            return;
-                        }
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                tracked.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Self { addr, connections }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Drops every open connection (the sockets close without a close frame).
-    pub fn cut(&self) {
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
     }
 }
 

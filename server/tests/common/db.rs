@@ -12,10 +12,21 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub fn postgres_if_configured() -> Option<Self> {
-        std::env::var("WADI_TEST_POSTGRES_URL")
-            .ok()
-            .map(Self::Postgres)
+    /// The Postgres server named by `WADI_TEST_POSTGRES_URL`. Tests that need it are ignored
+    /// when it is unset (see `build.rs`), so this only runs when it is set.
+    pub fn postgres() -> Self {
+        Self::Postgres(
+            std::env::var("WADI_TEST_POSTGRES_URL")
+                .expect("WADI_TEST_POSTGRES_URL is set when Postgres tests run"),
+        )
+    }
+
+    /// The admin URL, for Postgres.
+    pub fn admin_url(&self) -> String {
+        match self {
+            Self::Postgres(url) => url.clone(),
+            Self::Sqlite => panic!("not Postgres"),
+        }
     }
 }
 
@@ -154,6 +165,19 @@ impl TestDb {
             }
         }
         run
+    }
+
+    /// A run as stored (Postgres only): status, output, last seq and chunk ends.
+    pub async fn run_row(&self, id: uuid::Uuid) -> (String, String, i64, String) {
+        let (admin_url, name) = self.postgres.as_ref().expect("Postgres only");
+        let mut conn = PgConnection::connect(&database_url(admin_url, name))
+            .await
+            .unwrap();
+        sqlx::query_as("SELECT status, output, last_seq, chunk_ends FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
     }
 
     pub async fn drop_database(self) {

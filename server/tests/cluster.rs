@@ -1,0 +1,678 @@
+//! Several real `wadi` processes on one Postgres and one Redis, behind no sticky anything: a run
+//! driven by one instance is followed, resumed, streamed over SSE and stopped from the others;
+//! instances restart, crash and stall without harming each other's runs; Redis restarts and
+//! partitions lose nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    Api, Engine, TIMEOUT, TestServer,
+    cluster::{Cluster, Options},
+    upstream::{FakeUpstream, Request, Script, Step},
+    ws::{WsClient, chunks, text},
+};
+use serde_json::{Value, json};
+
+async fn cluster(count: usize, upstream: &FakeUpstream) -> Cluster {
+    Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count,
+            redis: true,
+            proxy_first_to_redis: false,
+            model_url: &upstream.base_url,
+            env: &[],
+        },
+    )
+    .await
+}
+
+/// The same user, acting on another instance.
+fn on<'a>(server: &'a TestServer, api: &Api<'_>) -> Api<'a> {
+    Api {
+        server,
+        token: api.token.clone(),
+    }
+}
+
+fn words(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("w{i} ")).collect()
+}
+
+/// Sends each word as one upstream token.
+fn say(request: &Request, words: &[String]) {
+    for word in words {
+        request.token(word);
+    }
+}
+
+/// Reads frames until the chunks' text is `expected`; only chunk frames may come meanwhile.
+async fn read_text(ws: &mut WsClient, expected: &str) -> Vec<Value> {
+    let mut frames = Vec::new();
+    while text(&frames) != expected {
+        let frame = ws.next().await;
+        assert_eq!(frame["type"], "chunk", "{frame}");
+        frames.push(frame);
+        assert!(
+            expected.starts_with(&text(&frames)),
+            "unexpected text {:?} waiting for {expected:?}",
+            text(&frames)
+        );
+    }
+    frames
+}
+
+/// The seqs of the chunks among `frames` must be exactly `from..=to`, each once, in order.
+fn assert_contiguous(frames: &[Value], from: u64) -> u64 {
+    let seqs: Vec<u64> = chunks(frames).into_iter().map(|(seq, _)| seq).collect();
+    let expected: Vec<u64> = (from..from + seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "every seq once, in order");
+    seqs.last().copied().unwrap_or(from - 1)
+}
+
+/// Server-Sent Events as `(event, id, data)`.
+fn parse_sse(body: &str) -> Vec<(String, Option<u64>, Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut event = None;
+            let mut id = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    event = Some(value.to_owned());
+                } else if let Some(value) = line.strip_prefix("id: ") {
+                    id = value.parse().ok();
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(value).ok();
+                }
+            }
+            Some((event?, id, data?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_run_driven_by_one_instance_is_followed_resumed_and_streamed_on_the_others() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(3, &upstream).await;
+    let (a, b, c) = (cluster.at(0), cluster.at(1), cluster.at(2));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    // A chat socket on B before the run starts: it learns of the run through Redis.
+    let (mut on_b, _) = WsClient::authed(b, &chat, &token).await;
+    let (mut on_a, _) = WsClient::authed(a, &chat, &token).await;
+    on_a.send(json!({"type": "message", "content": "hello cluster", "clientMessageId": "m-1"}))
+        .await;
+    let start = on_a.next().await;
+    assert_eq!(start["type"], "start", "{start}");
+    let run_id = start["runId"].as_str().unwrap().to_owned();
+    let start_b = on_b.next().await;
+    assert_eq!(start_b["type"], "start", "{start_b}");
+    assert_eq!(start_b["runId"], run_id.as_str());
+    assert_eq!(start_b["clientMessageId"], "m-1");
+
+    let request = upstream.next_request().await;
+    let all = words(1..=30);
+    say(&request, &all[..10]);
+    let live_b = read_text(&mut on_b, &all[..10].concat()).await;
+    let seen = assert_contiguous(&live_b, 1);
+    assert!(b.metric("wadi_remote_watchers").await >= 1.0);
+
+    // A run socket on C resumes after what B saw: every later seq exactly once.
+    let (mut on_c, _) = WsClient::authed(
+        c,
+        &format!("/ws/runs/{run_id}/stream?afterSeq={seen}"),
+        &token,
+    )
+    .await;
+    say(&request, &all[10..]);
+    request.send(Step::Finish);
+    let (frames_c, close) = on_c.until_closed().await;
+    assert_eq!(close, 1000, "a run socket closes normally after complete");
+    assert_contiguous(&frames_c, seen + 1);
+    assert_eq!(text(&frames_c), all[10..].concat());
+    let complete = frames_c.last().unwrap();
+    assert_eq!(complete["type"], "complete");
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], all.concat());
+
+    // B and A get the rest live, and `complete`.
+    for (socket, from) in [(&mut on_b, seen + 1), (&mut on_a, 1)] {
+        let frames = socket.until("complete").await;
+        assert_contiguous(&frames, from);
+        assert_eq!(frames.last().unwrap()["fullOutput"], all.concat());
+    }
+
+    // SSE on B resumes after the fifth chunk.
+    let body = on(b, &api)
+        .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
+        .header("Last-Event-ID", "5")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = parse_sse(&body);
+    let ids: Vec<u64> = events.iter().filter_map(|(_, id, _)| *id).collect();
+    assert_eq!(ids.first(), Some(&6));
+    assert_eq!(ids, (6..6 + ids.len() as u64).collect::<Vec<_>>());
+    let (kind, _, last) = events.last().unwrap();
+    assert_eq!(kind, "complete");
+    assert_eq!(last["fullOutput"], all.concat());
+
+    // What was saved is what was streamed, and the owner copied it to Redis.
+    let (_, run) = on(c, &api).get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "completed");
+    assert_eq!(run["output"], all.concat());
+    assert!(a.metric("wadi_redis_append_seconds_count").await > 0.0);
+    let redis = cluster.redis.as_ref().unwrap();
+    let log_key = format!("wadi:run:{{{run_id}}}:log");
+    let entries: usize = redis.cli(&["XLEN", &log_key]).await.parse().unwrap();
+    assert_eq!(
+        entries as u64,
+        run["lastSeq"].as_u64().unwrap() + 1,
+        "every chunk and the end"
+    );
+
+    // Once the log has expired, a resume replays the same chunks from Postgres.
+    let meta_key = format!("wadi:run:{{{run_id}}}:meta");
+    redis.cli(&["DEL", &log_key, &meta_key]).await;
+    let (mut late, _) =
+        WsClient::authed(b, &format!("/ws/runs/{run_id}/stream?afterSeq=3"), &token).await;
+    let (replayed, _) = late.until_closed().await;
+    assert_contiguous(&replayed, 4);
+    let boundaries: Vec<(u64, String)> = chunks(&live_b).into_iter().skip(3).collect();
+    assert_eq!(
+        chunks(&replayed)[..boundaries.len()],
+        boundaries[..],
+        "the same seqs carry the same text"
+    );
+    assert_eq!(replayed.last().unwrap()["fullOutput"], all.concat());
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn stop_on_another_instance_cancels_the_upstream_request() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(2, &upstream).await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    let (mut on_a, _) = WsClient::authed(a, &chat, &token).await;
+
+    // Before the first token, over a chat socket on B.
+    on_a.send(json!({"type": "message", "content": "never mind"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    let (mut on_b, authenticated) = WsClient::authed(b, &chat, &token).await;
+    assert_eq!(authenticated["activeRun"]["runId"], run_id.as_str());
+    on_b.send(json!({"type": "stop", "runId": run_id})).await;
+    request.cancelled().await;
+    let frames = on_a.until("complete").await;
+    assert_eq!(frames.last().unwrap()["status"], "stopped");
+    assert_eq!(frames.last().unwrap()["fullOutput"], "");
+
+    // Mid-stream, over REST on B.
+    on_a.send(json!({"type": "message", "content": "go on"}))
+        .await;
+    let start = on_a.next().await;
+    let run_id = start["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("partial ");
+    read_text(&mut on_a, "partial ").await;
+    let (status, stopped) = on(b, &api)
+        .post(&format!("/api/runs/{run_id}/stop"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(stopped["status"], "stopped");
+    assert_eq!(stopped["output"], "partial ");
+    request.cancelled().await;
+    let frames = on_a.until("complete").await;
+    assert_eq!(frames.last().unwrap()["status"], "stopped");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_stop_whose_message_is_lost_still_stops_the_run_through_the_store() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count: 2,
+            redis: true,
+            proxy_first_to_redis: true,
+            model_url: &upstream.base_url,
+            env: &[],
+        },
+    )
+    .await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    let (mut on_a, _) = WsClient::authed(a, &chat, &token).await;
+    on_a.send(json!({"type": "message", "content": "stop me"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    // A cannot hear Redis: the stop message B publishes never reaches it.
+    cluster.redis_proxy.as_ref().unwrap().partition();
+    let (status, stopped) = on(b, &api)
+        .post(&format!("/api/runs/{run_id}/stop"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(stopped["status"], "stopped");
+    request.cancelled().await;
+    cluster.redis_proxy.as_ref().unwrap().heal();
+    let frames = on_a.until("complete").await;
+    assert_eq!(frames.last().unwrap()["status"], "stopped");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn restarting_or_crashing_one_instance_never_touches_another_ones_runs() {
+    for redis in [true, false] {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let mut cluster = Cluster::start(
+            Engine::postgres().admin_url(),
+            Options {
+                count: 2,
+                redis,
+                proxy_first_to_redis: false,
+                model_url: &upstream.base_url,
+                env: &[],
+            },
+        )
+        .await;
+        let a = TestServer::external(cluster.at(0).addr);
+        let api = a.user().await;
+        let token = api.token.clone().unwrap();
+        let conversation = api.new_conversation().await;
+        let (mut on_a, _) = WsClient::authed(&a, &format!("/ws/chat/{conversation}"), &token).await;
+        on_a.send(json!({"type": "message", "content": "long answer"}))
+            .await;
+        let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+        let request = upstream.next_request().await;
+        request.token("one ");
+        read_text(&mut on_a, "one ").await;
+
+        // B stops gracefully and starts again; then it crashes and starts again.
+        cluster.instances[1].stop().await;
+        cluster.instances[1].restart().await;
+        cluster.instances[1].kill().await;
+        cluster.instances[1].restart().await;
+        // Long enough for any instance to have reaped A's run, were it taken for dead.
+        tokio::time::sleep(common::cluster::INSTANCE_TIMEOUT * 2).await;
+        let uuid = uuid::Uuid::parse_str(&run_id).unwrap();
+        let (status, ..) = cluster.db.run_row(uuid).await;
+        assert_eq!(status, "running", "redis={redis}: A's run was touched");
+
+        request.token("two");
+        request.send(Step::Finish);
+        let frames = on_a.until("complete").await;
+        let complete = frames.last().unwrap();
+        assert_eq!(complete["status"], "completed", "redis={redis}");
+        assert_eq!(complete["fullOutput"], "one two");
+        // And B, restarted, replays it (from Redis or from the store).
+        let api_b = on(cluster.at(1), &api);
+        let body = api_b
+            .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let events = parse_sse(&body);
+        let streamed: String = events
+            .iter()
+            .filter(|(kind, ..)| kind == "chunk")
+            .map(|(_, _, data)| data["content"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(streamed, "one two", "redis={redis}");
+        cluster.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_killed_owners_run_is_reaped_and_its_watchers_told() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let mut cluster = cluster(3, &upstream).await;
+    let a = TestServer::external(cluster.at(0).addr);
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let (mut on_a, _) =
+        WsClient::authed(cluster.at(0), &format!("/ws/chat/{conversation}"), &token).await;
+    on_a.send(json!({"type": "message", "content": "crash while answering"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    let (mut on_b, _) =
+        WsClient::authed(cluster.at(1), &format!("/ws/runs/{run_id}/stream"), &token).await;
+    let said = words(1..=5);
+    say(&request, &said);
+    read_text(&mut on_b, &said.concat()).await;
+
+    cluster.instances[0].kill().await;
+    request.cancelled().await;
+    let (frames, close) = on_b.until_closed().await;
+    assert_eq!(close, 1000);
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["type"], "complete", "{frames:?}");
+    assert_eq!(complete["status"], "interrupted");
+    assert_eq!(
+        complete["fullOutput"],
+        said.concat(),
+        "what it produced is kept"
+    );
+    let (status, output, last_seq, _) = cluster
+        .db
+        .run_row(uuid::Uuid::parse_str(&run_id).unwrap())
+        .await;
+    assert_eq!(
+        (status.as_str(), output.as_str()),
+        ("interrupted", said.concat().as_str())
+    );
+    assert!(last_seq >= 1);
+    let reaped = cluster.at(1).metric("wadi_reaped_runs_total").await
+        + cluster.at(2).metric("wadi_reaped_runs_total").await;
+    assert_eq!(reaped, 1.0, "reaped once, by one instance");
+    // The conversation is free again.
+    let (status, _) = on(cluster.at(2), &api)
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "again"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_paused_owner_that_wakes_up_never_writes_the_run_it_lost() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(2, &upstream).await;
+    let api = cluster.at(0).user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let (mut on_a, _) =
+        WsClient::authed(cluster.at(0), &format!("/ws/chat/{conversation}"), &token).await;
+    on_a.send(json!({"type": "message", "content": "pause while answering"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let uuid = uuid::Uuid::parse_str(&run_id).unwrap();
+    let request = upstream.next_request().await;
+    let (mut on_b, _) =
+        WsClient::authed(cluster.at(1), &format!("/ws/runs/{run_id}/stream"), &token).await;
+    let said = words(1..=3);
+    say(&request, &said);
+    read_text(&mut on_b, &said.concat()).await;
+
+    cluster.instances[0].pause().await;
+    let frames = on_b.until("complete").await;
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "interrupted");
+    assert_eq!(complete["fullOutput"], said.concat());
+    let saved = cluster.db.run_row(uuid).await;
+    let redis = cluster.redis.as_ref().unwrap();
+    let log_key = format!("wadi:run:{{{run_id}}}:log");
+    let log_before = redis.cli(&["XLEN", &log_key]).await;
+
+    // The model kept talking while A slept; A wakes up with that in its socket.
+    say(&request, &words(4..=6));
+    cluster.instances[0].resume().await;
+    request.cancelled().await;
+    // A has cut the run off: whatever it does now, it never writes it.
+    cluster
+        .at(0)
+        .await_metric("wadi_fenced_runs_total", 1.0)
+        .await;
+    let frames = on_a.until("complete").await;
+    assert_eq!(frames.last().unwrap()["status"], "interrupted");
+    assert_eq!(
+        cluster.db.run_row(uuid).await,
+        saved,
+        "the store is untouched"
+    );
+    assert_eq!(
+        redis.cli(&["XLEN", &log_key]).await,
+        log_before,
+        "the log is untouched"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_redis_restart_mid_run_loses_and_repeats_nothing() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let mut cluster = cluster(2, &upstream).await;
+    let a = TestServer::external(cluster.at(0).addr);
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let (mut on_a, _) = WsClient::authed(&a, &format!("/ws/chat/{conversation}"), &token).await;
+    on_a.send(json!({"type": "message", "content": "survive redis"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    let (mut on_b, _) =
+        WsClient::authed(cluster.at(1), &format!("/ws/runs/{run_id}/stream"), &token).await;
+    let all = words(1..=15);
+    say(&request, &all[..5]);
+    let mut seen = read_text(&mut on_b, &all[..5].concat()).await;
+
+    let redis = cluster.redis.as_mut().unwrap();
+    redis.kill().await;
+    say(&request, &all[5..10]);
+    // A streams on without Redis; B catches up from the store.
+    seen.extend(read_text(&mut on_b, &all[5..10].concat()).await);
+    redis.start_again().await;
+    say(&request, &all[10..]);
+    request.send(Step::Finish);
+    seen.extend(on_b.until("complete").await);
+    assert_contiguous(&seen, 1);
+    assert_eq!(text(&seen), all.concat());
+    assert_eq!(seen.last().unwrap()["fullOutput"], all.concat());
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["output"], all.concat());
+    let frames = on_a.until("complete").await;
+    assert_contiguous(&frames, 1);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn an_owner_cut_off_from_redis_for_a_while_loses_and_repeats_nothing() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count: 2,
+            redis: true,
+            proxy_first_to_redis: true,
+            model_url: &upstream.base_url,
+            env: &[],
+        },
+    )
+    .await;
+    let api = cluster.at(0).user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let (mut on_a, _) =
+        WsClient::authed(cluster.at(0), &format!("/ws/chat/{conversation}"), &token).await;
+    on_a.send(json!({"type": "message", "content": "partition"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    let (mut on_b, _) =
+        WsClient::authed(cluster.at(1), &format!("/ws/runs/{run_id}/stream"), &token).await;
+    let all = words(1..=15);
+    say(&request, &all[..5]);
+    let mut seen = read_text(&mut on_b, &all[..5].concat()).await;
+    let proxy = cluster.redis_proxy.as_ref().unwrap();
+    proxy.partition();
+    say(&request, &all[5..10]);
+    // Cut off from Redis, A's appends fail; B still gets the words (from the store).
+    seen.extend(read_text(&mut on_b, &all[5..10].concat()).await);
+    proxy.heal();
+    say(&request, &all[10..]);
+    request.send(Step::Finish);
+    seen.extend(on_b.until("complete").await);
+    assert_contiguous(&seen, 1);
+    assert_eq!(text(&seen), all.concat());
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["output"], all.concat());
+    assert!(cluster.at(0).metric("wadi_redis_errors_total").await >= 1.0);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn one_active_run_per_conversation_holds_across_instances() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(2, &upstream).await;
+    let api = cluster.at(0).user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    let (mut on_a, _) = WsClient::authed(cluster.at(0), &chat, &token).await;
+    let (mut on_b, _) = WsClient::authed(cluster.at(1), &chat, &token).await;
+    for round in 1..=5 {
+        let message = json!({"type": "message", "content": format!("race {round}")});
+        tokio::join!(on_a.send(message.clone()), on_b.send(message));
+        let request = upstream.next_request().await;
+        request.send(Step::Finish);
+        let mut refused = 0;
+        let mut runs = std::collections::HashSet::new();
+        for socket in [&mut on_a, &mut on_b] {
+            for frame in socket.until("complete").await {
+                if frame["type"] == "error" {
+                    assert_eq!(frame["code"], "run_in_progress", "{frame}");
+                    refused += 1;
+                }
+                if frame["type"] == "start" {
+                    runs.insert(frame["runId"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        assert_eq!(refused, 1, "round {round}: exactly one send was refused");
+        assert_eq!(runs.len(), 1, "round {round}: both sockets saw one run");
+    }
+    let conversation_id = uuid::Uuid::parse_str(&conversation).unwrap();
+    let count = cluster
+        .db
+        .count(
+            "SELECT COUNT(*) FROM runs WHERE conversation_id = $1",
+            conversation_id,
+        )
+        .await;
+    assert_eq!(count, 5);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn readyz_names_the_instance_and_reports_redis() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let mut cluster = cluster(2, &upstream).await;
+    let (a, b) = (
+        cluster.instances[0].ready().await,
+        cluster.instances[1].ready().await,
+    );
+    assert_eq!(a["status"], "ready", "{a}");
+    assert_eq!(a["cluster"], "redis");
+    assert_eq!(a["redis"], "up");
+    assert_ne!(a["instance"], b["instance"], "each instance has its own id");
+    assert!(
+        cluster
+            .at(0)
+            .metrics_text()
+            .await
+            .contains(&format!("instance=\"{}\"", a["instance"].as_str().unwrap()))
+    );
+    cluster.redis.as_mut().unwrap().kill().await;
+    let response = cluster
+        .at(0)
+        .http
+        .get(cluster.at(0).url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["redis"], "down");
+    cluster.redis.as_mut().unwrap().start_again().await;
+    tokio::time::timeout(TIMEOUT, async {
+        while cluster.instances[0].ready().await["redis"] != "up" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("readyz never saw Redis again");
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_mode_refuses_sqlite_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_wadi"))
+        .env_clear()
+        .env("WADI_ADDR", "127.0.0.1:0")
+        .env("WADI_DATA_DIR", dir.path())
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("Postgres"), "{said}");
+    assert!(said.contains("REDIS_URL"), "{said}");
+}
