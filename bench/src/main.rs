@@ -42,6 +42,15 @@ struct Cli {
     #[arg(long, global = true)]
     server_pid: Option<u32>,
 
+    /// Start two instances sharing a Postgres database and a Redis (cluster mode): runs are
+    /// driven by the first, and the stream scenario's watchers connect to the second.
+    #[arg(long, global = true, default_value_t = 1)]
+    instances: usize,
+
+    /// Cluster mode: the Postgres (admin URL) to create the shared database on.
+    #[arg(long, global = true)]
+    postgres: Option<String>,
+
     /// The `wadi` binary to start (default: the one next to this program).
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
@@ -122,6 +131,8 @@ async fn run(cli: Cli) -> Result<bool> {
         _ => {}
     }
     let options = target::Options {
+        instances: cli.instances,
+        postgres: cli.postgres.clone(),
         url: cli.url.clone(),
         server_pid: cli.server_pid,
         server_bin: cli.server_bin.clone(),

@@ -22,6 +22,11 @@ pub fn write(out_dir: &Path, name: &str, target: &Target, result: Value) -> Resu
             "under_test": target.description,
             "url": target.http_base,
             "pid": target.server_pid,
+            "second_instance": target.second.as_ref().map(|second| json!({
+                "url": second.http_base,
+                "pid": second.pid,
+            })),
+            "redis_pid": target.redis_pid,
         },
         "result": result,
     });

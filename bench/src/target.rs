@@ -39,6 +39,10 @@ const SERVER_ENV: [(&str, &str); 8] = [
 /// Where the server under test comes from.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
+    /// Started instances: 1, or 2 sharing a Postgres database and a Redis (cluster mode).
+    pub instances: usize,
+    /// Cluster mode: the Postgres to create the shared database on (an admin URL).
+    pub postgres: Option<String>,
     /// A running server (`http://host:port`); when unset, one is started.
     pub url: Option<String>,
     /// Its process id, for memory and CPU figures.
@@ -54,6 +58,19 @@ struct Owned {
     server: Child,
     upstream: Child,
     data_dir: PathBuf,
+    /// Cluster mode: the second instance, the Redis, and the database (admin URL, name).
+    second: Option<Child>,
+    redis: Option<Child>,
+    database: Option<(String, String)>,
+}
+
+/// Another instance of the server under test (cluster mode).
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub http_base: String,
+    pub ws_base: String,
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
 }
 
 pub struct Target {
@@ -64,6 +81,10 @@ pub struct Target {
     pub addr: SocketAddr,
     pub server_pid: Option<u32>,
     pub upstream_pid: Option<u32>,
+    /// Cluster mode: the second instance (watchers connect here, runs are driven by the first).
+    pub second: Option<Instance>,
+    /// Cluster mode: the Redis both instances share.
+    pub redis_pid: Option<u32>,
     /// What is being measured, for reports: the binary or the URL.
     pub description: String,
     owned: Option<Owned>,
@@ -93,9 +114,19 @@ impl Target {
             addr,
             server_pid,
             upstream_pid: None,
+            second: None,
+            redis_pid: None,
             description: url.to_owned(),
             owned: None,
         })
+    }
+
+    /// Every server process's pid (one, or both instances).
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.server_pid
+            .into_iter()
+            .chain(self.second.as_ref().and_then(|second| second.pid))
+            .collect()
     }
 
     async fn launch(options: &Options, out_dir: &Path) -> Result<Self> {
@@ -135,29 +166,76 @@ impl Target {
         .await?;
         let upstream_url = upstream_line.trim().to_owned();
 
-        let mut server = Command::new(&bin);
-        server
-            .envs(SERVER_ENV)
-            .env("WADI_DATA_DIR", &data_dir)
-            .env("OPENAI_BASE_URL", &upstream_url);
+        let cluster = if options.instances > 1 {
+            Some(start_cluster(options, &run_dir).await?)
+        } else {
+            None
+        };
+        let mut shared_env: Vec<(String, String)> = Vec::new();
+        if let Some(cluster) = &cluster {
+            shared_env.push(("DATABASE_URL".into(), cluster.database_url.clone()));
+            shared_env.push(("REDIS_URL".into(), cluster.redis_url.clone()));
+        }
         for setting in &options.server_env {
             let Some((key, value)) = setting.split_once('=') else {
                 bail!("--server-env takes KEY=VALUE, not {setting:?}");
             };
-            server.env(key, value);
+            shared_env.push((key.to_owned(), value.to_owned()));
         }
-        let (server, line) =
-            spawn_until(server, &run_dir.join("server.log"), "WADI is running at ").await?;
+        let server_command = |name: &str| {
+            let mut server = Command::new(&bin);
+            server
+                .envs(SERVER_ENV)
+                .env("WADI_DATA_DIR", data_dir.join(name))
+                .env("OPENAI_BASE_URL", &upstream_url)
+                .envs(shared_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            server
+        };
+        let (server, line) = spawn_until(
+            server_command("a"),
+            &run_dir.join("server.log"),
+            "WADI is running at ",
+        )
+        .await?;
         let http_base = line.trim().trim_end_matches('/').to_owned();
         let mut target = Self::attach(&http_base, server.id()).await?;
+        target.ready().await?;
+        let mut second = None;
+        if cluster.is_some() {
+            let (child, line) = spawn_until(
+                server_command("b"),
+                &run_dir.join("server-b.log"),
+                "WADI is running at ",
+            )
+            .await?;
+            let base = line.trim().trim_end_matches('/').to_owned();
+            let other = Self::attach(&base, child.id()).await?;
+            other.ready().await?;
+            target.second = Some(Instance {
+                http_base: other.http_base,
+                ws_base: other.ws_base,
+                addr: other.addr,
+                pid: child.id(),
+            });
+            second = Some(child);
+        }
         target.upstream_pid = upstream.id();
         target.description = bin.display().to_string();
+        let (redis, database) = match cluster {
+            Some(cluster) => {
+                target.redis_pid = cluster.redis.id();
+                (Some(cluster.redis), Some(cluster.database))
+            }
+            None => (None, None),
+        };
         target.owned = Some(Owned {
             server,
             upstream,
             data_dir,
+            second,
+            redis,
+            database,
         });
-        target.ready().await?;
         Ok(target)
     }
 
@@ -197,28 +275,134 @@ impl Target {
         let Some(mut owned) = self.owned else {
             return Ok(());
         };
-        if let Some(pid) = owned.server.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(STOP_TIMEOUT, owned.server.wait())
-            .await
-            .is_err()
-        {
-            owned.server.kill().await?;
+        stop_gracefully(&mut owned.server).await?;
+        if let Some(second) = &mut owned.second {
+            stop_gracefully(second).await?;
         }
         owned.upstream.kill().await?;
+        if let Some(redis) = &mut owned.redis {
+            redis.kill().await?;
+        }
+        if let Some((admin, name)) = &owned.database {
+            psql(
+                admin,
+                &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            )
+            .await?;
+        }
         std::fs::remove_dir_all(&owned.data_dir)
             .with_context(|| format!("cannot remove {}", owned.data_dir.display()))?;
         Ok(())
     }
 }
 
+/// SIGTERM, then SIGKILL if it takes longer than the stop timeout.
+async fn stop_gracefully(child: &mut Child) -> Result<()> {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+        .await
+        .is_err()
+    {
+        child.kill().await?;
+    }
+    Ok(())
+}
+
+/// What two instances share.
+struct Cluster {
+    database_url: String,
+    database: (String, String),
+    redis_url: String,
+    redis: Child,
+}
+
+/// A fresh database on the Postgres at `--postgres`, and a `redis-server` of our own (so its
+/// CPU can be measured), on a free port, keeping nothing on disk.
+async fn start_cluster(options: &Options, run_dir: &Path) -> Result<Cluster> {
+    let admin = options
+        .postgres
+        .clone()
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let name = format!("wadi_bench_{}", now_micros());
+    psql(&admin, &format!("CREATE DATABASE \"{name}\"")).await?;
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    let database_url = if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut redis = Command::new("redis-server");
+    redis
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(run_dir);
+    let (redis, _) = spawn_until_contains(
+        redis,
+        &run_dir.join("redis.log"),
+        "Ready to accept connections",
+    )
+    .await
+    .context("cannot start redis-server (Debian's redis-server package)")?;
+    Ok(Cluster {
+        database_url,
+        database: (admin, name),
+        redis_url: format!("redis://127.0.0.1:{port}"),
+        redis,
+    })
+}
+
+async fn psql(url: &str, sql: &str) -> Result<()> {
+    let status = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .status()
+        .await
+        .context("cannot run psql (Debian's postgresql-client)")?;
+    if !status.success() {
+        bail!("psql failed: {sql}");
+    }
+    Ok(())
+}
+
+/// Like [`spawn_until`], for a process whose ready line has `marker` anywhere in it.
+async fn spawn_until_contains(
+    command: Command,
+    log: &Path,
+    marker: &str,
+) -> Result<(Child, String)> {
+    spawn_matching(command, log, |line| {
+        line.contains(marker).then(|| line.to_owned())
+    })
+    .await
+}
+
 /// Starts `command` with its output going to `log`, and returns once it prints a line starting
 /// with `prefix` (with the rest of that line). The rest of its output keeps going to the log.
-async fn spawn_until(mut command: Command, log: &Path, prefix: &str) -> Result<(Child, String)> {
+async fn spawn_until(command: Command, log: &Path, prefix: &str) -> Result<(Child, String)> {
+    spawn_matching(command, log, |line| {
+        line.strip_prefix(prefix).map(str::to_owned)
+    })
+    .await
+}
+
+async fn spawn_matching(
+    mut command: Command,
+    log: &Path,
+    matches: impl Fn(&str) -> Option<String>,
+) -> Result<(Child, String)> {
     let stderr =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut child = command
@@ -232,8 +416,8 @@ async fn spawn_until(mut command: Command, log: &Path, prefix: &str) -> Result<(
     let mut lines = BufReader::new(stdout).lines();
     let wait = async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return anyhow::Ok(rest.to_owned());
+            if let Some(found) = matches(&line) {
+                return anyhow::Ok(found);
             }
         }
         bail!(

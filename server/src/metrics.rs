@@ -63,7 +63,11 @@ impl Metrics {
             connections.clone(),
         );
         let active_runs = Gauge::default();
-        registry.register("active_runs", "Runs streaming now", active_runs.clone());
+        registry.register(
+            "active_runs",
+            "Runs this instance drives that are streaming now",
+            active_runs.clone(),
+        );
         let chunks_sent = Counter::default();
         registry.register(
             "chunks_sent",

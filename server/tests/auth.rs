@@ -198,8 +198,10 @@ fn jwt_parts(token: &str) -> (Value, Value) {
 
 on_both_engines!(
     signup_login_user_refresh_logout,
-    reuse_within_the_window_is_honoured,
-    reuse_outside_the_window_revokes_the_session,
+    reuse_within_the_window_returns_the_active_token,
+    the_parent_of_the_active_token_gets_it_back_and_other_reuse_revokes_the_session,
+    concurrent_refreshes_with_one_token_get_the_same_child,
+    a_replayed_token_never_forks_the_session_and_logout_ends_it_all,
     wrong_password_and_unknown_email_answer_identically,
     signup_errors_match_supabase,
     login_and_signup_are_rate_limited_per_address,
@@ -277,33 +279,49 @@ async fn signup_login_user_refresh_logout(engine: Engine) {
     server.shutdown().await.unwrap();
 }
 
-async fn reuse_within_the_window_is_honoured(engine: Engine) {
+async fn reuse_within_the_window_returns_the_active_token(engine: Engine) {
     let server = TestServer::on(engine).await;
     let session = server.sign_up().await;
     let first = session.refresh_token();
     let second: Value = refresh(&server, first).await.json().await.unwrap();
-    // Another tab still holding the first token refreshes within the 10 s window: honoured.
-    let again = refresh(&server, first).await;
-    assert_eq!(again.status(), 200);
-    let again: Value = again.json().await.unwrap();
-    assert_ne!(again["refresh_token"], second["refresh_token"]);
-    // Both tabs' tokens keep working.
+    let second = second["refresh_token"].as_str().unwrap().to_owned();
+    // Another tab still holding the first token refreshes within the 10 s window: it gets the
+    // session's active token, not a second branch.
+    let again: Value = refresh(&server, first).await.json().await.unwrap();
+    assert_eq!(again["refresh_token"], second.as_str());
+    let third: Value = refresh(&server, &second).await.json().await.unwrap();
+    let third = third["refresh_token"].as_str().unwrap().to_owned();
+    // Still within its window, the first token leads to the active one through the chain.
+    let later: Value = refresh(&server, first).await.json().await.unwrap();
+    assert_eq!(later["refresh_token"], third.as_str());
     assert_eq!(
-        refresh(&server, second["refresh_token"].as_str().unwrap())
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        refresh(&server, again["refresh_token"].as_str().unwrap())
-            .await
-            .status(),
-        200
+        session_tokens(&server, &session).await,
+        3,
+        "no token but the chain's"
     );
     server.shutdown().await.unwrap();
 }
 
-async fn reuse_outside_the_window_revokes_the_session(engine: Engine) {
+/// The refresh tokens stored for the session an access token belongs to.
+async fn session_tokens(server: &TestServer, session: &common::Session) -> i64 {
+    let claims = session.access_token().split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
+    )
+    .unwrap();
+    let id = uuid::Uuid::parse_str(claims["session_id"].as_str().unwrap()).unwrap();
+    server
+        .db()
+        .count(
+            "SELECT COUNT(*) FROM refresh_tokens WHERE session_id = $1",
+            id,
+        )
+        .await
+}
+
+async fn the_parent_of_the_active_token_gets_it_back_and_other_reuse_revokes_the_session(
+    engine: Engine,
+) {
     let server = TestServer::configured(engine, |config| {
         config.refresh_reuse_interval = std::time::Duration::ZERO;
     })
@@ -312,30 +330,90 @@ async fn reuse_outside_the_window_revokes_the_session(engine: Engine) {
     let t1 = session.refresh_token().to_owned();
     let t2: Value = refresh(&server, &t1).await.json().await.unwrap();
     let t2 = t2["refresh_token"].as_str().unwrap().to_owned();
-    // t1 is the parent of the active t2: a client that lost the response may retry it.
+    // t1 is the parent of the active t2: a client that lost the response gets t2 again, with
+    // no new token, at any time.
     let retried: Value = refresh(&server, &t1).await.json().await.unwrap();
-    let t2b = retried["refresh_token"].as_str().unwrap().to_owned();
-    // Rotate both branches on, so t1 is no longer the parent of an active token.
+    assert_eq!(retried["refresh_token"], t2.as_str());
+    assert_eq!(session_tokens(&server, &session).await, 2);
     let t3: Value = refresh(&server, &t2).await.json().await.unwrap();
     let t3 = t3["refresh_token"].as_str().unwrap().to_owned();
-    let t3b: Value = refresh(&server, &t2b).await.json().await.unwrap();
-    let t3b = t3b["refresh_token"].as_str().unwrap().to_owned();
 
-    // Reusing t1 now is theft: refused, and the whole session is revoked.
+    // Reusing t1 now (no longer the parent of the active token) is theft: refused, and the
+    // whole session is revoked, its tokens gone.
     assert_eq!(
         error_code(refresh(&server, &t1).await).await,
         (StatusCode::BAD_REQUEST, "refresh_token_already_used".into())
     );
-    for token in [&t3, &t3b] {
-        assert_eq!(
-            error_code(refresh(&server, token).await).await,
-            (StatusCode::BAD_REQUEST, "refresh_token_not_found".into())
-        );
-    }
+    assert_eq!(
+        error_code(refresh(&server, &t3).await).await,
+        (StatusCode::BAD_REQUEST, "refresh_token_not_found".into())
+    );
     assert_eq!(
         error_code(get_user(&server, session.access_token()).await).await,
         (StatusCode::FORBIDDEN, "session_not_found".into())
     );
+    assert_eq!(session_tokens(&server, &session).await, 0);
+    server.shutdown().await.unwrap();
+}
+
+async fn concurrent_refreshes_with_one_token_get_the_same_child(engine: Engine) {
+    let server = TestServer::configured(engine, |config| {
+        config.refresh_reuse_interval = std::time::Duration::ZERO;
+    })
+    .await;
+    let session = server.sign_up().await;
+    let token = session.refresh_token().to_owned();
+    let answers = futures_util::future::join_all((0..8).map(|_| async {
+        refresh(&server, &token)
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()
+    }))
+    .await;
+    let children: std::collections::HashSet<&str> = answers
+        .iter()
+        .map(|answer| answer["refresh_token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        children.len(),
+        1,
+        "every tab got the same child: {answers:?}"
+    );
+    assert_eq!(session_tokens(&server, &session).await, 2, "one rotation");
+    server.shutdown().await.unwrap();
+}
+
+async fn a_replayed_token_never_forks_the_session_and_logout_ends_it_all(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let session = server.sign_up().await;
+    let r0 = session.refresh_token().to_owned();
+    let r1: Value = refresh(&server, &r0).await.json().await.unwrap();
+    // Replaying r0 returns r1 itself, not a new r2 of its own.
+    let replayed: Value = refresh(&server, &r0).await.json().await.unwrap();
+    assert_eq!(replayed["refresh_token"], r1["refresh_token"]);
+    let r2: Value = refresh(&server, r1["refresh_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Logging out with the newest session ends every token ever issued in it.
+    let logout = server
+        .http
+        .post(server.url("/auth/v1/logout?scope=local"))
+        .bearer_auth(r2["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 204);
+    for token in [&r0, r1["refresh_token"].as_str().unwrap()] {
+        assert_eq!(
+            error_code(refresh(&server, token).await).await,
+            (StatusCode::BAD_REQUEST, "refresh_token_not_found".into()),
+            "no branch outlives the logout"
+        );
+    }
+    assert_eq!(session_tokens(&server, &session).await, 0, "pruned with it");
     server.shutdown().await.unwrap();
 }
 

@@ -9,6 +9,7 @@
 //! - `bench`: the benchmark scenarios (`docs/performance.md`).
 
 mod bench;
+mod services;
 mod tools;
 
 use std::{
@@ -134,7 +135,9 @@ fn test() -> Result<(), String> {
         )
     })?;
     step("protocol crate stays wasm-clean", &mut check_protocol_tree)?;
-    let postgres = postgres_for_tests()?;
+    step("test services (Redis, Postgres)", &mut tools::redis)?;
+    let postgres = services::postgres_for_tests()?;
+    let postgres_url = postgres.as_ref().map(|postgres| postgres.url.clone());
     step("tests", &mut || {
         let mut nextest = cmd(
             "cargo",
@@ -148,7 +151,7 @@ fn test() -> Result<(), String> {
             ],
         );
         nextest.current_dir(&root);
-        if let Some(url) = &postgres {
+        if let Some(url) = &postgres_url {
             nextest.env("WADI_TEST_POSTGRES_URL", url);
         }
         tools::status(&mut nextest)
@@ -178,6 +181,10 @@ fn test() -> Result<(), String> {
         nextest
             .current_dir(&root)
             .env("WADI_BROWSER_BINARY", binary);
+        // The same as the tests step, or the server crate would be rebuilt for another cfg.
+        if let Some(url) = &postgres_url {
+            nextest.env("WADI_TEST_POSTGRES_URL", url);
+        }
         tools::status(&mut nextest)
     })?;
     step("benchmark smoke", &mut bench::smoke)?;
@@ -190,34 +197,6 @@ fn test() -> Result<(), String> {
         println!("  {line}");
     }
     Ok(())
-}
-
-/// The Postgres server store tests also run against: `WADI_TEST_POSTGRES_URL` if set, else the
-/// local one when it answers on 127.0.0.1:5432. Under `CI=true` a missing Postgres is an error,
-/// so CI never silently skips half the store tests.
-fn postgres_for_tests() -> Result<Option<String>, String> {
-    if let Ok(url) = std::env::var("WADI_TEST_POSTGRES_URL") {
-        return Ok(Some(url));
-    }
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 5432));
-    let answers =
-        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).is_ok();
-    let in_ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
-    match (answers, in_ci) {
-        (true, _) => {
-            println!("xtask: store tests also run on Postgres at 127.0.0.1:5432");
-            Ok(Some(
-                "postgres://postgres@127.0.0.1:5432/postgres".to_owned(),
-            ))
-        }
-        (false, true) => Err("CI=true but no Postgres answers on 127.0.0.1:5432 \
-             (set WADI_TEST_POSTGRES_URL to use another)"
-            .to_owned()),
-        (false, false) => {
-            println!("xtask: no Postgres on 127.0.0.1:5432; store tests run on SQLite only");
-            Ok(None)
-        }
-    }
 }
 
 /// The protocol crate is compiled into the browser: its wasm32 dependency tree must not pull in

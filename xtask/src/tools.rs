@@ -238,13 +238,46 @@ pub fn gzip_size(path: &std::path::Path) -> Result<u64, String> {
 }
 
 /// Debian's Chromium and ChromeDriver for the browser tests, installed when missing (the tests
-/// never download a browser). Under `CI=true` a browser that cannot be installed is a failure.
+/// never download a browser).
 pub fn browser() -> Result<(), String> {
     let present = |path: &str| std::path::Path::new(path).exists();
     if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
         return Ok(());
     }
-    println!("xtask: installing chromium and chromium-driver from Debian");
+    apt_install(&["chromium", "chromium-driver"])?;
+    if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
+        Ok(())
+    } else {
+        Err("chromium and chromium-driver are not installed".to_owned())
+    }
+}
+
+/// Debian's `redis-server` (and `redis-cli`): the cluster tests start their own servers.
+pub fn redis() -> Result<(), String> {
+    if on_path("redis-server") && on_path("redis-cli") {
+        return Ok(());
+    }
+    apt_install(&["redis-server"])?;
+    if on_path("redis-server") {
+        Ok(())
+    } else {
+        Err("redis-server is not installed".to_owned())
+    }
+}
+
+/// True if `program` runs (`--version`).
+pub fn on_path(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// `apt-get install` of Debian packages (through sudo unless root).
+pub fn apt_install(packages: &[&str]) -> Result<(), String> {
+    println!("xtask: installing {} from Debian", packages.join(", "));
     let apt = |args: &[&str]| {
         let mut command = if running_as_root() {
             cmd("apt-get", args)
@@ -257,15 +290,12 @@ pub fn browser() -> Result<(), String> {
         status(&mut command)
     };
     apt(&["update"])?;
-    apt(&["install", "-y", "chromium", "chromium-driver"])?;
-    if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
-        Ok(())
-    } else {
-        Err("chromium and chromium-driver are not installed".to_owned())
-    }
+    let mut install = vec!["install", "-y"];
+    install.extend_from_slice(packages);
+    apt(&install)
 }
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -93,22 +93,57 @@ struct Sample {
     seconds: f64,
     chunks: u64,
     tokens: u64,
+    /// Every server process together.
     server: Option<procfs::Usage>,
     upstream: Option<procfs::Usage>,
     generator: Option<procfs::Usage>,
+    redis: Option<procfs::Usage>,
+}
+
+/// How a run's message is sent.
+enum Send {
+    /// On the watcher's own chat socket (the instance it is connected to drives the run).
+    Socket(String),
+    /// Over REST to another instance (cluster mode: that one drives the run, the watchers here
+    /// follow it through Redis).
+    Rest {
+        http: reqwest::Client,
+        url: String,
+        token: String,
+        prompt: String,
+    },
 }
 
 async fn watch(
     mut socket: Socket,
-    send: Option<(Instant, String)>,
+    send: Option<(Instant, Send)>,
     deadline: Instant,
     counters: Arc<Counters>,
 ) -> Watched {
     let mut seen = Watched::default();
-    if let Some((at, prompt)) = send {
+    if let Some((at, send)) = send {
         tokio::time::sleep_until(at).await;
-        let frame = json!({"type": "message", "content": prompt});
-        if let Err(error) = client::send(&mut socket, &frame).await {
+        let sent = match send {
+            Send::Socket(prompt) => {
+                let frame = json!({"type": "message", "content": prompt});
+                client::send(&mut socket, &frame).await
+            }
+            Send::Rest {
+                http,
+                url,
+                token,
+                prompt,
+            } => http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"content": prompt}))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map(|_| ())
+                .map_err(anyhow::Error::from),
+        };
+        if let Err(error) = sent {
             seen.error = Some(format!("{error:#}"));
             return seen;
         }
@@ -174,6 +209,9 @@ struct Rates {
     server_cpu_seconds_per_1000_chunks: Option<f64>,
     upstream_cores: Option<f64>,
     generator_cores: Option<f64>,
+    /// Cluster mode: the shared Redis.
+    redis_cores: Option<f64>,
+    redis_cpu_seconds_per_1000_chunks: Option<f64>,
 }
 
 fn rates(from: &Sample, to: &Sample) -> Rates {
@@ -182,7 +220,12 @@ fn rates(from: &Sample, to: &Sample) -> Rates {
     let cpu =
         |a: Option<procfs::Usage>, b: Option<procfs::Usage>| Some(b?.cpu_seconds - a?.cpu_seconds);
     let server_cpu = cpu(from.server, to.server);
+    let redis_cpu = cpu(from.redis, to.redis);
     Rates {
+        redis_cores: redis_cpu.map(|cpu| cpu / seconds),
+        redis_cpu_seconds_per_1000_chunks: redis_cpu
+            .filter(|_| chunks > 0.0)
+            .map(|cpu| cpu / chunks * 1000.0),
         seconds,
         chunks_per_second: chunks / seconds,
         tokens_per_second: to.tokens.saturating_sub(from.tokens) as f64 / seconds,
@@ -229,17 +272,23 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let ramp = args.ramp.unwrap_or(interval);
 
-    // Open every socket before any run starts.
+    // Open every socket before any run starts. In cluster mode every watcher is on the second
+    // instance and the message goes to the first, so every chunk crosses Redis.
+    let (watch_addr, watch_ws) = match &target.second {
+        Some(second) => (second.addr, second.ws_base.clone()),
+        None => (target.addr, target.ws_base.clone()),
+    };
     let mut errors = Errors::default();
     let mut sockets: Vec<Option<Socket>> = (0..runs * watchers).map(|_| None).collect();
     let mut opened = futures_util::stream::iter(0..runs * watchers)
         .map(|index| {
             let seat = &seats[index / watchers];
             let source = bench.sources.addr(index as u64);
+            let watch_ws = watch_ws.clone();
             async move {
                 let socket = client::open_chat(
-                    target.addr,
-                    &target.ws_base,
+                    watch_addr,
+                    &watch_ws,
                     &seat.conversation,
                     &seat.token,
                     source,
@@ -262,12 +311,25 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     let streaming = interval * shape.tokens;
     let deadline = t0 + ramp + streaming + COMPLETE_GRACE;
     let mut tasks = Vec::with_capacity(sockets.len());
+    let http = reqwest::Client::new();
     for (index, socket) in sockets.into_iter().enumerate() {
         let Some(socket) = socket else { continue };
         let run = index / watchers;
         let send = (index % watchers == 0).then(|| {
             let offset = ramp.mul_f64(run as f64 / runs as f64);
-            (t0 + offset, shape.prompt())
+            let send = match &target.second {
+                Some(_) => Send::Rest {
+                    http: http.clone(),
+                    url: format!(
+                        "{}/api/conversations/{}/messages",
+                        target.http_base, seats[run].conversation
+                    ),
+                    token: seats[run].token.clone(),
+                    prompt: shape.prompt(),
+                },
+                None => Send::Socket(shape.prompt()),
+            };
+            (t0 + offset, send)
         });
         tasks.push(tokio::spawn(watch(
             socket,
@@ -339,12 +401,22 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     let every_seq_once = complete == expected_watchers && errors.total == 0;
     let offered = (runs * watchers) as f64 * args.rate;
     let met = every_seq_once && latency.p99_ms < TARGET_P99_MS;
-    let cpu = match (rates.server_cores, rates.server_cpu_seconds_per_1000_chunks) {
+    let mut cpu = match (rates.server_cores, rates.server_cpu_seconds_per_1000_chunks) {
         (Some(cores), Some(per)) => format!("server {cores:.2} cores = {per:.4} CPU-s/1000 chunks"),
         _ => "server CPU unknown".to_owned(),
     };
+    if let (Some(cores), Some(per)) = (rates.redis_cores, rates.redis_cpu_seconds_per_1000_chunks) {
+        cpu.push_str(&format!(
+            ", redis {cores:.2} cores = {per:.4} CPU-s/1000 chunks"
+        ));
+    }
+    let mode = if target.second.is_some() {
+        "2 instances, watchers remote"
+    } else {
+        "1 instance"
+    };
     println!(
-        "stream step R={runs} W={watchers} T={} @{}/s: offered {offered:.0} chunks/s, delivered \
+        "stream step ({mode}) R={runs} W={watchers} T={} @{}/s: offered {offered:.0} chunks/s, delivered \
          {:.0} chunks/s ({:.0} tokens/s), {cpu}, latency p50 {:.2} ms p99 {:.2} ms max {:.1} ms, \
          every seq once: {} ({complete}/{expected_watchers} watchers), p99 < {TARGET_P99_MS} ms: {}",
         shape.tokens,
@@ -363,6 +435,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
         .max();
     Ok(Step {
         result: json!({
+            "instances": if target.second.is_some() { 2 } else { 1 },
             "runs": runs,
             "watchers": watchers,
             "tokens": shape.tokens,
@@ -392,28 +465,42 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
 }
 
 /// The pids a sampler reads, copied out of the bench so the sampler task owns them.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct SamplerTarget {
-    server: Option<u32>,
+    servers: Vec<u32>,
     upstream: Option<u32>,
+    redis: Option<u32>,
 }
 
 impl SamplerTarget {
     fn of(bench: &Bench) -> Self {
         Self {
-            server: bench.target.server_pid,
+            servers: bench.target.server_pids(),
             upstream: bench.target.upstream_pid,
+            redis: bench.target.redis_pid,
         }
     }
 
-    fn sample(self, t0: Instant, counters: &Counters) -> Sample {
+    fn sample(&self, t0: Instant, counters: &Counters) -> Sample {
+        let servers: Option<Vec<procfs::Usage>> = self
+            .servers
+            .iter()
+            .map(|pid| procfs::usage(*pid).ok())
+            .collect();
+        let server = servers
+            .filter(|all| !all.is_empty())
+            .map(|all| procfs::Usage {
+                rss_kib: all.iter().map(|u| u.rss_kib).sum(),
+                cpu_seconds: all.iter().map(|u| u.cpu_seconds).sum(),
+            });
         Sample {
             seconds: t0.elapsed().as_secs_f64(),
             chunks: counters.chunks.load(Ordering::Relaxed),
             tokens: counters.tokens.load(Ordering::Relaxed),
-            server: procfs::usage_of(self.server).ok().flatten(),
+            server,
             upstream: procfs::usage_of(self.upstream).ok().flatten(),
             generator: procfs::usage(std::process::id()).ok(),
+            redis: procfs::usage_of(self.redis).ok().flatten(),
         }
     }
 }

@@ -24,9 +24,12 @@ use crate::{
 /// Coalescing stops at this size: one chunk is at most about this big (plus one delta).
 const MAX_CHUNK_BYTES: usize = 16 * 1024;
 
-/// Attempts at saving a run's outcome before giving up (the run then stays `running` in the
-/// store with its last flushed output, and becomes `interrupted` at the next start).
-const SAVE_ATTEMPTS: u32 = 5;
+/// How long a run's final save is retried: a database outage shorter than this loses nothing.
+/// After it the run stays `running` in the store with its last checkpoint, and the heartbeat
+/// ends it as an orphan (`interrupted`) once the database answers again.
+const SAVE_PATIENCE: Duration = Duration::from_secs(60);
+/// The longest pause between two attempts.
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub async fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) {
     let span =
@@ -291,8 +294,9 @@ async fn save_outcome(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending 
         finished_at: now_millis(),
         message_id: MessageId::new(),
     };
+    let started = Instant::now();
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=SAVE_ATTEMPTS {
+    for attempt in 1.. {
         match ctx
             .store
             .finish_run(handle.id, Some(ctx.instance), &outcome)
@@ -300,12 +304,15 @@ async fn save_outcome(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending 
         {
             Ok(true) => return ending,
             Ok(false) => return lost_ending(ctx, handle, ending).await,
-            Err(error) if attempt < SAVE_ATTEMPTS => {
+            Err(error) if started.elapsed() + delay < SAVE_PATIENCE => {
                 tracing::warn!(%error, attempt, "cannot save the run's outcome; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(SAVE_RETRY_MAX);
             }
-            Err(error) => tracing::error!(%error, "cannot save the run's outcome; giving up"),
+            Err(error) => {
+                tracing::error!(%error, "cannot save the run's outcome; giving up");
+                break;
+            }
         }
     }
     ending

@@ -121,14 +121,18 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_user_sessions(&self, user_id: UserId, keep: Option<Uuid>) -> StoreResult<u64>;
 
     async fn refresh_token_by_hash(&self, hash: &str) -> StoreResult<Option<RefreshTokenRecord>>;
-    /// Revokes a token if it is not revoked yet. True if this call revoked it: of two
-    /// concurrent refreshes with one token, exactly one wins.
-    async fn revoke_refresh_token(&self, id: Uuid, at: i64) -> StoreResult<bool>;
-    /// Inserts a rotated token and bumps its session's `updated_at`.
+    /// Rotates an active token in one transaction: revokes it (keeping `next_token`, the sealed
+    /// successor), inserts `child` and bumps the session's `updated_at`. False if the token was
+    /// revoked already (a concurrent refresh won; its child is committed by the time this
+    /// returns), in which case nothing is written.
+    async fn rotate_refresh_token(
+        &self,
+        id: Uuid,
+        next_token: &str,
+        child: &RefreshTokenRecord,
+    ) -> StoreResult<bool>;
+    /// Inserts a token into an existing session and bumps the session's `updated_at`.
     async fn insert_refresh_token(&self, token: &RefreshTokenRecord) -> StoreResult<()>;
-    /// True if some unrevoked token has `parent` as its parent (i.e. `parent` is the parent of
-    /// an active token).
-    async fn has_active_child(&self, parent: Uuid) -> StoreResult<bool>;
 
     // ---- Conversations ----
 

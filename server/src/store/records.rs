@@ -43,6 +43,9 @@ pub struct RefreshTokenRecord {
     pub created_at: i64,
     /// When it was revoked (or created, while active): the start of the reuse window.
     pub updated_at: i64,
+    /// Once rotated: the successor token, sealed with a key derived from this token (see
+    /// `auth::embedded::service`).
+    pub next_token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

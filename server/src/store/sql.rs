@@ -218,20 +218,35 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn revoke_refresh_token(
+            async fn rotate_refresh_token(
                 &self,
                 id: uuid::Uuid,
-                at: i64,
+                next_token: &str,
+                child: &$crate::store::RefreshTokenRecord,
             ) -> $crate::store::StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                // Of two concurrent rotations of one token, the second waits here for the
+                // first to commit, then finds the token revoked.
                 let done = sqlx::query(
-                    "UPDATE refresh_tokens SET revoked = TRUE, updated_at = $2 \
+                    "UPDATE refresh_tokens SET revoked = TRUE, updated_at = $2, next_token = $3 \
                      WHERE id = $1 AND revoked = FALSE",
                 )
                 .bind(id)
-                .bind(at)
-                .execute(&self.pool)
+                .bind(child.created_at)
+                .bind(next_token)
+                .execute(&mut *tx)
                 .await?;
-                Ok(done.rows_affected() == 1)
+                if done.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                Self::insert_refresh_token_row(&mut tx, child).await?;
+                sqlx::query("UPDATE auth_sessions SET updated_at = $2 WHERE id = $1")
+                    .bind(child.session_id)
+                    .bind(child.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn insert_refresh_token(
@@ -247,19 +262,6 @@ macro_rules! sql_store {
                     .await?;
                 tx.commit().await?;
                 Ok(())
-            }
-
-            async fn has_active_child(
-                &self,
-                parent: uuid::Uuid,
-            ) -> $crate::store::StoreResult<bool> {
-                let found: Option<(i32,)> = sqlx::query_as(
-                    "SELECT 1 FROM refresh_tokens WHERE parent_id = $1 AND revoked = FALSE LIMIT 1",
-                )
-                .bind(parent)
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(found.is_some())
             }
 
             async fn create_conversation(

@@ -175,28 +175,30 @@ impl EmbeddedAuth {
         self.issue(user, &session, &refresh_token, now)
     }
 
-    /// `POST /token?grant_type=refresh_token`: rotates the refresh token.
+    /// `POST /token?grant_type=refresh_token`: rotates the refresh token, following GoTrue's
+    /// rules without ever forking a session:
     ///
-    /// A token used for the first time is revoked and replaced by a child. A revoked token is
-    /// still honoured (with a new child) within the reuse interval of its revocation, or while
-    /// it is the parent of an active token (a client that never saved the last response). Any
-    /// other reuse means the token leaked: the whole session is revoked.
+    /// - an active token is revoked and replaced by a child (one transaction; of two concurrent
+    ///   refreshes with one token, the second gets the child the first created);
+    /// - a revoked token that is the parent of the session's active token gets that active token
+    ///   back, with no new one (a client that never saw the last answer);
+    /// - a revoked token used again within the reuse interval of its revocation gets the
+    ///   session's active token too (tabs racing on one token);
+    /// - any other reuse means the token leaked: the whole session is revoked.
+    ///
+    /// The active token is found by following the chain of sealed successors from the token
+    /// presented (see [`seal`]), so only a holder of a token in the chain can learn it.
     pub async fn refresh(&self, token: &str) -> Result<IssuedSession, AuthApiError> {
         if token.is_empty() {
             return Err(AuthApiError::validation("Refresh token is not valid"));
         }
-        let record = self
-            .store
-            .refresh_token_by_hash(&hash_token(token))
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                AuthApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "refresh_token_not_found",
-                    "Invalid Refresh Token: Refresh Token Not Found",
-                )
-            })?;
+        let mut record = self.token_record(token).await?.ok_or_else(|| {
+            AuthApiError::new(
+                StatusCode::BAD_REQUEST,
+                "refresh_token_not_found",
+                "Invalid Refresh Token: Refresh Token Not Found",
+            )
+        })?;
         let session = self
             .store
             .session_by_id(record.session_id)
@@ -211,55 +213,95 @@ impl EmbeddedAuth {
             .ok_or_else(session_not_found)?;
         let now = now_millis();
 
-        let first_use = !record.revoked
-            && self
+        if !record.revoked {
+            let (child_token, child) = new_refresh_token(session.id, Some(record.id), now);
+            let rotated = self
                 .store
-                .revoke_refresh_token(record.id, now)
+                .rotate_refresh_token(record.id, &seal(token, &child_token), &child)
+                .await
+                .map_err(|error| match error {
+                    // The session was deleted between our read and this write (a logout).
+                    StoreError::MissingParent => session_not_found(),
+                    other => store_error(other),
+                })?;
+            if rotated {
+                return self.issue(&user, &session, &child_token, now);
+            }
+            // A concurrent refresh rotated it first: it is revoked now, with its successor.
+            record = self
+                .token_record(token)
+                .await?
+                .ok_or_else(session_not_found)?;
+        }
+
+        let reuse_window = i64::try_from(self.reuse_interval.as_millis()).unwrap_or(i64::MAX);
+        let within_window = now.saturating_sub(record.updated_at) < reuse_window;
+        let (active, steps) = self.active_successor(token, &record).await?;
+        let parent_of_active = active.is_some() && steps == 1;
+        if !within_window && !parent_of_active {
+            self.store
+                .delete_session(session.id)
                 .await
                 .map_err(store_error)?;
-        if !first_use {
-            // Either it was revoked before, or a concurrent refresh revoked it just now (then
-            // its `updated_at` is recent and the reuse window applies).
-            let current = self
-                .store
-                .refresh_token_by_hash(&record.token_hash)
-                .await
-                .map_err(store_error)?
-                .unwrap_or(record.clone());
-            let reuse_window = i64::try_from(self.reuse_interval.as_millis()).unwrap_or(i64::MAX);
-            let within_window = now.saturating_sub(current.updated_at) < reuse_window;
-            let parent_of_active = self
-                .store
-                .has_active_child(record.id)
-                .await
-                .map_err(store_error)?;
-            if !within_window && !parent_of_active {
+            tracing::warn!(
+                session_id = %session.id,
+                user_id = %user.id,
+                "refresh token reused outside the reuse window: session revoked"
+            );
+            return Err(AuthApiError::new(
+                StatusCode::BAD_REQUEST,
+                "refresh_token_already_used",
+                "Invalid Refresh Token: Already Used",
+            ));
+        }
+        match active {
+            Some(active) => self.issue(&user, &session, &active, now),
+            None => {
+                // A token rotated before successors were kept: as before, a new child.
+                let (child_token, child) = new_refresh_token(session.id, Some(record.id), now);
                 self.store
-                    .delete_session(session.id)
+                    .insert_refresh_token(&child)
                     .await
-                    .map_err(store_error)?;
-                tracing::warn!(
-                    session_id = %session.id,
-                    user_id = %user.id,
-                    "refresh token reused outside the reuse window: session revoked"
-                );
-                return Err(AuthApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "refresh_token_already_used",
-                    "Invalid Refresh Token: Already Used",
-                ));
+                    .map_err(|error| match error {
+                        StoreError::MissingParent => session_not_found(),
+                        other => store_error(other),
+                    })?;
+                self.issue(&user, &session, &child_token, now)
             }
         }
-        let (refresh_token, child) = new_refresh_token(session.id, Some(record.id), now);
+    }
+
+    async fn token_record(&self, token: &str) -> Result<Option<RefreshTokenRecord>, AuthApiError> {
         self.store
-            .insert_refresh_token(&child)
+            .refresh_token_by_hash(&hash_token(token))
             .await
-            .map_err(|error| match error {
-                // The session was deleted between our read and this insert (a logout).
-                StoreError::MissingParent => session_not_found(),
-                other => store_error(other),
-            })?;
-        self.issue(&user, &session, &refresh_token, now)
+            .map_err(store_error)
+    }
+
+    /// The session's active token, reached from the revoked `token` through the sealed
+    /// successors, and how many steps that took (1: `token` is its parent). `None` if the
+    /// chain breaks (tokens rotated before successors were kept).
+    async fn active_successor(
+        &self,
+        token: &str,
+        record: &RefreshTokenRecord,
+    ) -> Result<(Option<String>, usize), AuthApiError> {
+        let mut current = token.to_owned();
+        let mut sealed = record.next_token.clone();
+        for step in 1..=MAX_CHAIN_STEPS {
+            let Some(next) = sealed.as_deref().and_then(|next| unseal(&current, next)) else {
+                return Ok((None, step));
+            };
+            let Some(successor) = self.token_record(&next).await? else {
+                return Ok((None, step));
+            };
+            if !successor.revoked {
+                return Ok((Some(next), step));
+            }
+            current = next;
+            sealed = successor.next_token;
+        }
+        Ok((None, MAX_CHAIN_STEPS))
     }
 
     fn issue(
@@ -395,6 +437,40 @@ fn normalize_email(email: &str) -> Result<String, AuthApiError> {
     }
 }
 
+/// How many successors a reused token's chain is followed (a chain is as long as the rotations
+/// since that token; beyond the reuse window only one step is ever allowed).
+const MAX_CHAIN_STEPS: usize = 64;
+
+/// Seals `next` (a refresh token) with a key derived from `token`: the pad is
+/// `SHA-256("wadi refresh successor" || token)`, used once, since a token is rotated once. Only
+/// someone holding `token` can open it; the database holds neither token.
+fn seal(token: &str, next: &str) -> String {
+    let pad = successor_pad(token);
+    let Ok(next) = URL_SAFE_NO_PAD.decode(next) else {
+        return String::new();
+    };
+    let sealed: Vec<u8> = next.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
+    URL_SAFE_NO_PAD.encode(sealed)
+}
+
+/// The successor sealed by [`seal`], or `None` if `sealed` is not one.
+fn unseal(token: &str, sealed: &str) -> Option<String> {
+    let pad = successor_pad(token);
+    let sealed = URL_SAFE_NO_PAD.decode(sealed).ok()?;
+    if sealed.is_empty() || sealed.len() > pad.len() {
+        return None;
+    }
+    let next: Vec<u8> = sealed.iter().zip(pad.iter()).map(|(a, b)| a ^ b).collect();
+    Some(URL_SAFE_NO_PAD.encode(next))
+}
+
+fn successor_pad(token: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"wadi refresh successor");
+    hasher.update(token.as_bytes());
+    hasher.finalize().into()
+}
+
 /// A fresh opaque refresh token (128 random bits) and the record that stores its hash.
 fn new_refresh_token(
     session_id: Uuid,
@@ -412,6 +488,7 @@ fn new_refresh_token(
         revoked: false,
         created_at: now,
         updated_at: now,
+        next_token: None,
     };
     (token, record)
 }
@@ -459,6 +536,19 @@ mod tests {
         ] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_successor_opens_only_with_the_token_that_sealed_it() {
+        let session = Uuid::new_v4();
+        let (old, _) = new_refresh_token(session, None, 1);
+        let (next, _) = new_refresh_token(session, None, 1);
+        let (other, _) = new_refresh_token(session, None, 1);
+        let sealed = seal(&old, &next);
+        assert_ne!(sealed, next, "never stored in the clear");
+        assert_eq!(unseal(&old, &sealed).as_deref(), Some(next.as_str()));
+        assert_ne!(unseal(&other, &sealed).as_deref(), Some(next.as_str()));
+        assert_eq!(unseal(&old, "!!not base64"), None);
     }
 
     #[test]
