@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::util::redact_url;
+
 #[derive(Clone, Parser)]
 #[command(
     name = "wadi",
@@ -105,10 +107,49 @@ pub struct Config {
     #[arg(long, env = "WADI_AUTH_RATE_PER_MINUTE", default_value_t = 6.0)]
     pub auth_rate_per_minute: f64,
 
-    /// Take the client address from the first `X-Forwarded-For` entry (only behind a proxy you
-    /// trust to set it).
+    /// How many reverse proxies in front of the server append the address they see to
+    /// `X-Forwarded-For` (nginx alone: 1; a cloud load balancer then nginx: 2). The client is the
+    /// entry that many hops from the right; entries further left are whatever the client sent.
+    /// 0: the TCP peer is the client.
+    #[arg(long, env = "WADI_TRUSTED_PROXIES", default_value_t = 0)]
+    pub trusted_proxies: usize,
+
+    /// Or: the networks of the trusted proxies, comma-separated (`10.0.0.0/8,fd00::/8`); the
+    /// client is the right-most `X-Forwarded-For` hop outside them.
+    #[arg(long, env = "WADI_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
+    pub trusted_proxy_cidrs: Vec<crate::net::Cidr>,
+
+    /// Deprecated: the same as `--trusted-proxies 1`.
     #[arg(long, env = "WADI_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
+
+    /// Password logins one account may attempt in a burst (whatever addresses they come from)…
+    #[arg(long, env = "WADI_LOGIN_RATE_BURST", default_value_t = 10)]
+    pub login_rate_burst: u32,
+
+    /// …and per minute after it.
+    #[arg(long, env = "WADI_LOGIN_RATE_PER_MINUTE", default_value_t = 10.0)]
+    pub login_rate_per_minute: f64,
+
+    /// Refresh-token grants a client address may make in a burst…
+    #[arg(long, env = "WADI_REFRESH_RATE_BURST", default_value_t = 60)]
+    pub refresh_rate_burst: u32,
+
+    /// …and per minute after it.
+    #[arg(long, env = "WADI_REFRESH_RATE_PER_MINUTE", default_value_t = 30.0)]
+    pub refresh_rate_per_minute: f64,
+
+    /// Conversations a user may create in a burst…
+    #[arg(long, env = "WADI_CONVERSATION_RATE_BURST", default_value_t = 30)]
+    pub conversation_rate_burst: u32,
+
+    /// …and per minute after it.
+    #[arg(
+        long,
+        env = "WADI_CONVERSATION_RATE_PER_MINUTE",
+        default_value_t = 30.0
+    )]
+    pub conversation_rate_per_minute: f64,
 
     /// Largest message content accepted, in bytes (REST and WebSocket).
     #[arg(long, env = "WADI_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
@@ -203,6 +244,11 @@ pub struct Config {
     #[arg(long, env = "WADI_SEND_QUEUE", default_value_t = 256)]
     pub send_queue: usize,
 
+    /// Bytes queued per socket before the client counts as slow (one frame larger than this,
+    /// such as a long answer's `complete`, is still sent alone).
+    #[arg(long, env = "WADI_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    pub send_queue_bytes: usize,
+
     /// A socket whose queue stays full, or whose writes stall, this long is closed.
     #[arg(long, env = "WADI_SLOW_CLIENT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub slow_client_timeout: Duration,
@@ -234,7 +280,10 @@ impl std::fmt::Debug for Config {
             .field("instance_heartbeat", &self.instance_heartbeat)
             .field("instance_timeout", &self.instance_timeout)
             .field("public_url", &self.public_url)
-            .field("supabase_url", &self.supabase_url)
+            .field(
+                "supabase_url",
+                &self.supabase_url.as_deref().map(redact_url),
+            )
             .field(
                 "supabase_jwt_secret",
                 &self.supabase_jwt_secret.as_ref().map(|_| "<redacted>"),
@@ -251,13 +300,27 @@ impl std::fmt::Debug for Config {
             .field("password_min_length", &self.password_min_length)
             .field("auth_rate_burst", &self.auth_rate_burst)
             .field("auth_rate_per_minute", &self.auth_rate_per_minute)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("trusted_proxy_cidrs", &self.trusted_proxy_cidrs)
             .field("trust_forwarded_for", &self.trust_forwarded_for)
+            .field("login_rate_burst", &self.login_rate_burst)
+            .field("login_rate_per_minute", &self.login_rate_per_minute)
+            .field("refresh_rate_burst", &self.refresh_rate_burst)
+            .field("refresh_rate_per_minute", &self.refresh_rate_per_minute)
+            .field("conversation_rate_burst", &self.conversation_rate_burst)
+            .field(
+                "conversation_rate_per_minute",
+                &self.conversation_rate_per_minute,
+            )
             .field("max_content_bytes", &self.max_content_bytes)
             .field(
                 "openai_api_key",
                 &self.openai_api_key.as_ref().map(|_| "<redacted>"),
             )
-            .field("openai_base_url", &self.openai_base_url)
+            .field(
+                "openai_base_url",
+                &self.openai_base_url.as_deref().map(redact_url),
+            )
             .field("model", &self.model)
             .field("system_prompt", &self.system_prompt)
             .field("temperature", &self.temperature)
@@ -277,6 +340,7 @@ impl std::fmt::Debug for Config {
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("max_connections", &self.max_connections)
             .field("send_queue", &self.send_queue)
+            .field("send_queue_bytes", &self.send_queue_bytes)
             .field("slow_client_timeout", &self.slow_client_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("allowed_origins", &self.allowed_origins)
@@ -309,7 +373,15 @@ impl Config {
             password_min_length: 6,
             auth_rate_burst: 30,
             auth_rate_per_minute: 6.0,
+            trusted_proxies: 0,
+            trusted_proxy_cidrs: Vec::new(),
             trust_forwarded_for: false,
+            login_rate_burst: 10,
+            login_rate_per_minute: 10.0,
+            refresh_rate_burst: 60,
+            refresh_rate_per_minute: 30.0,
+            conversation_rate_burst: 30,
+            conversation_rate_per_minute: 30.0,
             max_content_bytes: 32 * 1024,
             openai_api_key: None,
             openai_base_url: None,
@@ -332,9 +404,23 @@ impl Config {
             max_connections_per_user: 100,
             max_connections: 19_000,
             send_queue: 256,
+            send_queue_bytes: 1024 * 1024,
             slow_client_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
             allowed_origins: Vec::new(),
+        }
+    }
+
+    /// Which proxies' `X-Forwarded-For` entries are believed.
+    pub fn proxy_trust(&self) -> crate::net::ProxyTrust {
+        let hops = if self.trusted_proxies == 0 && self.trust_forwarded_for {
+            1
+        } else {
+            self.trusted_proxies
+        };
+        crate::net::ProxyTrust {
+            hops,
+            networks: self.trusted_proxy_cidrs.clone(),
         }
     }
 
@@ -344,25 +430,6 @@ impl Config {
             Some(url) => format!("{}/auth/v1", url.trim_end_matches('/')),
             None => "wadi".to_owned(),
         }
-    }
-}
-
-/// Hides the password in a database URL: `postgres://user:secret@host` → `postgres://user:***@host`.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &credentials[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -422,10 +489,14 @@ mod tests {
         config.supabase_jwt_secret = Some("super-secret-value".into());
         config.openai_api_key = Some("sk-secret-key".into());
         config.database_url = Some("postgres://wadi:hunter2@db:5432/wadi".into());
+        config.redis_url = Some("redis://:redis-secret@cache:6379/0".into());
+        config.openai_base_url = Some("https://llm.example.com/v1?api-key=azure-secret".into());
         let text = format!("{config:?}");
         assert!(!text.contains("super-secret-value"), "{text}");
         assert!(!text.contains("sk-secret-key"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("redis-secret"), "{text}");
+        assert!(!text.contains("azure-secret"), "{text}");
         assert!(text.contains("postgres://wadi:***@db:5432/wadi"), "{text}");
     }
 

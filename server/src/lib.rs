@@ -10,6 +10,7 @@ pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod runs;
 pub mod state;
 pub mod store;

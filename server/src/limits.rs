@@ -1,6 +1,14 @@
-//! Token buckets: one for a single connection, and a keyed set (per client address).
+//! Rate limits: a token bucket for a single connection, and keyed limits (per client address,
+//! account or user).
 
-use std::{collections::HashMap, hash::Hash, sync::Mutex, time::Instant};
+use std::{
+    hash::Hash,
+    num::NonZeroU32,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// Allows `burst` events at once and `per_second` sustained.
 #[derive(Debug, Clone)]
@@ -42,31 +50,48 @@ impl TokenBucket {
             false
         }
     }
-
-    /// True once the bucket has refilled completely (it can be forgotten).
-    fn is_full_at(&self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens + elapsed * self.per_second >= self.capacity
-    }
 }
 
-/// One bucket per key (a client address), forgetting buckets that have refilled.
-pub struct KeyedLimiter<K> {
-    burst: u32,
-    per_second: f64,
-    buckets: Mutex<HashMap<K, TokenBucket>>,
+/// A rate limit per key (a client address, an account, a user): `governor`'s GCRA, one small
+/// state per key in a sharded map, so a check is O(1) whatever the number of keys. Keys back
+/// at a full allowance are forgotten by a janitor every minute, never during a check.
+pub struct KeyedLimiter<K: Hash + Eq + Clone + Send + Sync + 'static> {
+    limiter: Arc<DefaultKeyedRateLimiter<K>>,
 }
 
-/// Above this many tracked keys, refilled buckets are swept before adding another.
-const SWEEP_ABOVE: usize = 10_000;
+/// How often forgotten keys are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-impl<K: Eq + Hash + Clone> KeyedLimiter<K> {
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedLimiter<K> {
+    /// `burst` events at once, and `per_second` sustained (0: never more than the burst).
     pub fn new(burst: u32, per_second: f64) -> Self {
-        Self {
-            burst,
-            per_second,
-            buckets: Mutex::new(HashMap::new()),
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let period = if per_second > 0.0 && per_second.is_finite() {
+            Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1))
+        } else {
+            // No refill to speak of: a century per token.
+            Duration::from_secs(100 * 365 * 24 * 3600)
+        };
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
+        let limiter = Arc::new(RateLimiter::keyed(quota));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&limiter);
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(limiter) = weak.upgrade() else {
+                        return;
+                    };
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
+            });
         }
+        Self { limiter }
     }
 
     /// Per minute, for configuration that is easier to read that way.
@@ -74,20 +99,18 @@ impl<K: Eq + Hash + Clone> KeyedLimiter<K> {
         Self::new(burst, per_minute / 60.0)
     }
 
-    /// Takes one token from `key`'s bucket if there is one.
+    /// Takes one event from `key`'s allowance if there is one.
     pub fn check(&self, key: &K) -> bool {
-        let now = Instant::now();
-        let mut buckets = match self.buckets.lock() {
-            Ok(buckets) => buckets,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if buckets.len() > SWEEP_ABOVE {
-            buckets.retain(|_, bucket| !bucket.is_full_at(now));
-        }
-        buckets
-            .entry(key.clone())
-            .or_insert_with(|| TokenBucket::new_at(self.burst, self.per_second, now))
-            .try_take_at(now)
+        self.limiter.check_key(key).is_ok()
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
     }
 }
 
@@ -123,5 +146,16 @@ mod tests {
         assert!(limiter.check(&"a"));
         assert!(!limiter.check(&"a"));
         assert!(limiter.check(&"b"));
+    }
+
+    #[test]
+    fn a_million_keys_cost_a_check_each_and_no_sweep() {
+        let limiter = KeyedLimiter::new(2, 0.0);
+        for key in 0..1_000_000u32 {
+            assert!(limiter.check(&key));
+        }
+        assert_eq!(limiter.len(), 1_000_000);
+        assert!(limiter.check(&7), "a second event within the burst");
+        assert!(!limiter.check(&7), "a third is over it");
     }
 }

@@ -31,6 +31,8 @@ pub struct AppState {
     pub runs: Arc<Runs>,
     pub clients: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Conversations created per user.
+    pub conversation_limiter: Arc<crate::limits::KeyedLimiter<crate::ids::UserId>>,
     /// Cancelled when the server starts shutting down; sockets watch it.
     pub shutdown: CancellationToken,
     /// Every socket's task, so shutdown can wait for their close frames to go out (hyper stops
@@ -107,7 +109,12 @@ impl AppState {
             },
             events,
         );
+        let conversation_limiter = Arc::new(crate::limits::KeyedLimiter::per_minute(
+            config.conversation_rate_burst,
+            config.conversation_rate_per_minute,
+        ));
         Ok(Self {
+            conversation_limiter,
             config: Arc::new(config),
             assets: Arc::new(assets),
             store,
@@ -133,7 +140,11 @@ fn model_from(config: &Config) -> anyhow::Result<Arc<dyn ChatModel>> {
         .openai_base_url
         .clone()
         .unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
-    tracing::info!(%base_url, model = %config.model, "using an OpenAI-compatible model");
+    tracing::info!(
+        base_url = %crate::util::redact_url(&base_url),
+        model = %config.model,
+        "using an OpenAI-compatible model"
+    );
     Ok(Arc::new(OpenAiModel::new(OpenAiSettings {
         base_url,
         api_key: config.openai_api_key.clone(),

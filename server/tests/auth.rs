@@ -103,12 +103,15 @@ struct FakeJwks {
     url: String,
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
+    /// While a test holds its write half, fetches hang (a slow or stuck JWKS endpoint).
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 #[derive(Clone)]
 struct JwksState {
     keys: Arc<Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl FakeJwks {
@@ -116,10 +119,13 @@ impl FakeJwks {
         let state = JwksState {
             keys: Arc::new(Mutex::new(keys)),
             fetches: Arc::new(AtomicUsize::new(0)),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
         };
         async fn jwks(State(state): State<JwksState>) -> Json<Value> {
             state.fetches.fetch_add(1, Ordering::SeqCst);
-            Json(json!({"keys": *state.keys.lock().unwrap()}))
+            let _open = state.gate.read().await;
+            let keys = state.keys.lock().unwrap().clone();
+            Json(json!({ "keys": keys }))
         }
         let app = Router::new()
             .route("/auth/v1/.well-known/jwks.json", get(jwks))
@@ -131,6 +137,7 @@ impl FakeJwks {
             url,
             keys: state.keys,
             fetches: state.fetches,
+            gate: state.gate,
         }
     }
 
@@ -205,9 +212,14 @@ on_both_engines!(
     wrong_password_and_unknown_email_answer_identically,
     signup_errors_match_supabase,
     login_and_signup_are_rate_limited_per_address,
+    limits_key_on_the_address_a_trusted_proxy_saw_and_on_the_account,
+    refresh_grants_are_rate_limited_per_address,
     expired_tokens_are_refused_by_the_extractor,
     forged_tokens_are_refused,
     jwks_is_fetched_cached_and_refetched_on_rotation,
+    a_jwks_fetch_never_holds_up_tokens_of_known_keys,
+    long_passwords_and_large_signup_data_are_refused_before_any_work,
+    a_flood_of_logins_is_refused_once_the_hashing_queue_is_full,
     unknown_kids_refetch_at_most_once_per_interval,
     rs256_tokens_from_the_jwks_are_accepted,
     supabase_hs256_tokens_are_accepted,
@@ -417,6 +429,71 @@ async fn a_replayed_token_never_forks_the_session_and_logout_ends_it_all(engine:
     server.shutdown().await.unwrap();
 }
 
+async fn long_passwords_and_large_signup_data_are_refused_before_any_work(engine: Engine) {
+    let server = TestServer::on(engine).await;
+    let email = format!("long-{}@example.com", Uuid::new_v4());
+    server.sign_up_as(&email, "correct horse battery").await;
+    // 100 KiB of password at sign-in is refused as such, never hashed (a hash would answer
+    // `invalid_credentials`).
+    let huge = "p".repeat(100 * 1024);
+    assert_eq!(
+        error_code(login(&server, &email, &huge).await).await,
+        (StatusCode::BAD_REQUEST, "validation_failed".into())
+    );
+    assert_eq!(
+        error_code(login(&server, &email, &"p".repeat(73)).await).await,
+        (StatusCode::BAD_REQUEST, "validation_failed".into())
+    );
+    // Signup `data` is copied into every token: 16 KiB at most.
+    let signup = |data: Value| {
+        server
+            .http
+            .post(server.url("/auth/v1/signup"))
+            .json(&json!({
+                "email": format!("data-{}@example.com", Uuid::new_v4()),
+                "password": "correct horse battery",
+                "data": data,
+            }))
+            .send()
+    };
+    let response = signup(json!({"bio": "x".repeat(17 * 1024)})).await.unwrap();
+    assert_eq!(
+        error_code(response).await,
+        (StatusCode::BAD_REQUEST, "validation_failed".into())
+    );
+    let response = signup(json!({"bio": "x".repeat(8 * 1024)})).await.unwrap();
+    assert_eq!(response.status(), 200);
+    server.shutdown().await.unwrap();
+}
+
+async fn a_flood_of_logins_is_refused_once_the_hashing_queue_is_full(engine: Engine) {
+    let server = TestServer::configured(engine, |config| {
+        config.auth_rate_burst = 10_000;
+        config.login_rate_burst = 10_000;
+    })
+    .await;
+    let email = format!("flood-{}@example.com", Uuid::new_v4());
+    server.sign_up_as(&email, "correct horse battery").await;
+    let statuses = futures_util::future::join_all((0..120).map(|_| async {
+        login(&server, &email, "correct horse battery")
+            .await
+            .status()
+    }))
+    .await;
+    let refused = statuses
+        .iter()
+        .filter(|status| **status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(refused > 0, "a full queue answers 429: {statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|status| *status == StatusCode::OK || *status == StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    server.shutdown().await.unwrap();
+}
+
 async fn wrong_password_and_unknown_email_answer_identically(engine: Engine) {
     let server = TestServer::on(engine).await;
     let email = format!("known-{}@example.com", Uuid::new_v4());
@@ -571,10 +648,116 @@ async fn login_and_signup_are_rate_limited_per_address(engine: Engine) {
             "over_request_rate_limit".into()
         )
     );
-    // Refreshing is not rate-limited (a 429 there would sign users out).
+    // Refreshing has a limit of its own: logins used up do not stop a session's refresh.
     assert_eq!(
         refresh(&server, session.refresh_token()).await.status(),
         200
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// A login from `client` as a proxy in front of the server would forward it: the client sent
+/// `spoofed` as its own `X-Forwarded-For`, and the proxy appended the address it saw.
+async fn login_via_proxy(
+    server: &TestServer,
+    email: &str,
+    spoofed: &str,
+    client: &str,
+) -> reqwest::Response {
+    server
+        .http
+        .post(server.url("/auth/v1/token?grant_type=password"))
+        .header("X-Forwarded-For", format!("{spoofed}, {client}"))
+        .json(&json!({"email": email, "password": "wrong password"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn limits_key_on_the_address_a_trusted_proxy_saw_and_on_the_account(engine: Engine) {
+    let server = TestServer::configured(engine, |config| {
+        config.trusted_proxies = 1;
+        config.auth_rate_burst = 2;
+        config.auth_rate_per_minute = 0.0;
+        config.login_rate_burst = 5;
+        config.login_rate_per_minute = 0.0;
+    })
+    .await;
+    let email = format!("target-{}@example.com", Uuid::new_v4());
+    // A client that makes up a new first X-Forwarded-For entry each time is still one client.
+    for spoofed in ["1.1.1.1", "2.2.2.2"] {
+        assert_eq!(
+            login_via_proxy(&server, &email, spoofed, "203.0.113.5")
+                .await
+                .status(),
+            400
+        );
+    }
+    assert_eq!(
+        error_code(login_via_proxy(&server, &email, "3.3.3.3", "203.0.113.5").await).await,
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "over_request_rate_limit".into()
+        )
+    );
+    // Another client behind the same proxy is not locked out by it.
+    assert_eq!(
+        login_via_proxy(&server, &email, "3.3.3.3", "198.51.100.7")
+            .await
+            .status(),
+        400
+    );
+    // IPv6 addresses of one /64 are one client.
+    for host in ["2001:db8:5:6::1", "2001:db8:5:6::2"] {
+        assert_eq!(
+            login_via_proxy(&server, &email, "x", host).await.status(),
+            400,
+            "{host}"
+        );
+    }
+    assert_eq!(
+        login_via_proxy(&server, &email, "x", "2001:db8:5:6:ffff::3")
+            .await
+            .status(),
+        429,
+        "the same /64"
+    );
+    // But one account is guessed at from many addresses: it has its own limit (5 so far).
+    assert_eq!(
+        error_code(login_via_proxy(&server, &email, "x", "192.0.2.99").await).await,
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "over_request_rate_limit".into()
+        )
+    );
+    let other = format!("other-{}@example.com", Uuid::new_v4());
+    assert_eq!(
+        login_via_proxy(&server, &other, "x", "192.0.2.98")
+            .await
+            .status(),
+        400,
+        "another account is not affected"
+    );
+    server.shutdown().await.unwrap();
+}
+
+async fn refresh_grants_are_rate_limited_per_address(engine: Engine) {
+    let server = TestServer::configured(engine, |config| {
+        config.refresh_rate_burst = 2;
+        config.refresh_rate_per_minute = 0.0;
+    })
+    .await;
+    let session = server.sign_up().await;
+    let token = session.refresh_token().to_owned();
+    let next: Value = refresh(&server, &token).await.json().await.unwrap();
+    let next = next["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(refresh(&server, &next).await.status(), 200);
+    assert_eq!(
+        error_code(refresh(&server, &next).await).await,
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "over_request_rate_limit".into()
+        )
     );
     server.shutdown().await.unwrap();
 }
@@ -683,6 +866,13 @@ async fn forged_tokens_are_refused(engine: Engine) {
     let mut service_role = good.clone();
     service_role["role"] = json!("service_role");
     unauthorized(me(&hs_server, &sign_hs(&service_role)).await.status());
+    // No issuer at all, and one that is not valid yet.
+    let mut no_issuer = good.clone();
+    no_issuer.as_object_mut().unwrap().remove("iss");
+    unauthorized(me(&hs_server, &sign_hs(&no_issuer)).await.status());
+    let mut not_yet = good.clone();
+    not_yet["nbf"] = json!(now() + 600);
+    unauthorized(me(&hs_server, &sign_hs(&not_yet)).await.status());
     // The public-key confusion token fails there too (its HMAC secret is not the configured one).
     unauthorized(me(&hs_server, &confused).await.status());
 
@@ -709,6 +899,46 @@ async fn supabase_server(
         config.jwks_refetch_interval = refetch;
     })
     .await
+}
+
+async fn a_jwks_fetch_never_holds_up_tokens_of_known_keys(engine: Engine) {
+    let key_a = EcKey::generate("key-a");
+    let key_b = EcKey::generate("key-b");
+    let jwks = FakeJwks::start(vec![key_a.jwk.clone()]).await;
+    let server = supabase_server(engine, &jwks, std::time::Duration::ZERO).await;
+    let issuer = format!("{}/auth/v1", jwks.url);
+    let claims = supabase_claims(&issuer, Uuid::new_v4(), now() + 600);
+    assert_eq!(me(&server, &key_a.sign(&claims)).await.status(), 200);
+
+    // The JWKS endpoint hangs; a token with a new kid waits for it…
+    let stuck = jwks.gate.write().await;
+    jwks.keys.lock().unwrap().push(key_b.jwk.clone());
+    let waiting = tokio::spawn({
+        let url = server.url("/api/me");
+        let token = key_b.sign(&claims);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    while jwks.fetches() < 2 {
+        tokio::task::yield_now().await;
+    }
+    // …while tokens of the known key go through as usual.
+    for _ in 0..3 {
+        let known = tokio::time::timeout(common::TIMEOUT, me(&server, &key_a.sign(&claims)))
+            .await
+            .expect("a known key waited for the JWKS fetch");
+        assert_eq!(known.status(), 200);
+    }
+    drop(stuck);
+    assert_eq!(waiting.await.unwrap(), 200, "the new key, once fetched");
+    server.shutdown().await.unwrap();
 }
 
 async fn jwks_is_fetched_cached_and_refetched_on_rotation(engine: Engine) {

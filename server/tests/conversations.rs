@@ -19,7 +19,26 @@ on_both_engines!(
     deleting_a_conversation_deletes_its_messages,
     another_users_conversation_is_a_404_on_every_route,
     bad_input_gets_a_json_4xx_and_writes_nothing,
+    conversation_creation_is_rate_limited_per_user,
 );
+
+async fn conversation_creation_is_rate_limited_per_user(engine: Engine) {
+    let server = TestServer::configured(engine, |config| {
+        config.conversation_rate_burst = 3;
+        config.conversation_rate_per_minute = 0.0;
+    })
+    .await;
+    let api = server.user().await;
+    for _ in 0..3 {
+        api.new_conversation().await;
+    }
+    let (status, body) = api.post("/api/conversations", json!({})).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited");
+    // Another user is not affected.
+    server.user().await.new_conversation().await;
+    server.shutdown().await.unwrap();
+}
 
 async fn crud_round_trip(engine: Engine) {
     let server = TestServer::on(engine).await;

@@ -1044,11 +1044,67 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
 }
 
 #[tokio::test]
+async fn resumes_in_flight_on_a_socket_are_capped() {
+    // Long finished answers: each resume of one queues the whole answer again.
+    let big = "r".repeat(16 * 1024);
+    let upstream = FakeUpstream::start(Script::Tokens {
+        tokens: vec![big; 64],
+        pace: Duration::ZERO,
+    })
+    .await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.ws_rate_burst = 100;
+        config.message_rate_burst = 100;
+        // Only the new message: earlier megabyte answers stay out of each request.
+        config.history_messages = 1;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let mut runs = Vec::new();
+    for i in 0..12 {
+        let sent = api
+            .send_and_finish(&conversation, &format!("long {i}"))
+            .await;
+        runs.push(sent["run"]["id"].as_str().unwrap().to_owned());
+    }
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    // Twelve resumes sent before reading anything: the watchers of the first ones are still
+    // busy handing over their megabyte when the last ones arrive.
+    for run in &runs {
+        ws.send(json!({"type": "resume", "runId": run, "afterSeq": 0}))
+            .await;
+    }
+    let mut refused = 0;
+    let mut completes = 0;
+    while completes + refused < runs.len() {
+        let frame = ws.next().await;
+        match frame["type"].as_str().unwrap() {
+            "complete" => completes += 1,
+            "error" => {
+                assert_eq!(frame["code"], "rate_limited", "{frame}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(refused >= 4, "at most 8 in flight: {refused} refused");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn readyz_and_metrics_report_the_server() {
     let upstream = FakeUpstream::start(tokens(&["a", "b"])).await;
     let server = setup(Engine::Sqlite, &upstream, |_| {}).await;
     let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["cluster"], "local");
+    assert_eq!(ready["store"], "up");
+    assert_eq!(ready["redis"], "off");
+    assert!(ready["instance"].is_string());
     let api = server.user().await;
     let conversation = api.new_conversation().await;
     let (mut ws, _) =

@@ -186,3 +186,23 @@ async fn hashed_assets_are_cached_and_compressed_and_the_page_is_revalidated() {
     }
     server.shutdown().await.unwrap();
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_directory_and_database_are_private_to_the_server_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let data_dir = parent.path().join("fresh-data");
+    let mut config = wadi_server::Config::for_tests(data_dir.clone());
+    config.addr = "127.0.0.1:0".parse().unwrap();
+    let mut server = TestServer::start_with(config).await;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data_dir), 0o700, "the data directory");
+    assert_eq!(mode(&data_dir.join("wadi.db")), 0o600, "the database");
+    let wal = data_dir.join("wadi.db-wal");
+    if wal.exists() {
+        assert_eq!(mode(&wal), 0o600, "its write-ahead log");
+    }
+    server.stop().await.unwrap();
+}

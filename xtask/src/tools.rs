@@ -144,9 +144,18 @@ pub fn setup() -> Result<(), String> {
 
     match version_of("trunk") {
         Some(version) if version.starts_with(TRUNK_MINOR) => {}
+        // A debug build: trunk only orchestrates (measured here: it builds the app as fast as a
+        // release trunk, and installs in 2.5 minutes instead of 10).
         _ => status(&mut cmd(
             "cargo",
-            &["install", "trunk", "--version", TRUNK_VERSION, "--locked"],
+            &[
+                "install",
+                "trunk",
+                "--version",
+                TRUNK_VERSION,
+                "--locked",
+                "--debug",
+            ],
         ))?,
     }
 

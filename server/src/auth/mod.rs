@@ -92,14 +92,27 @@ impl AuthService {
             Some(config.jwt_issuer.clone().unwrap_or(issuer)),
             config.jwt_leeway,
         ));
-        let limiter = KeyedLimiter::per_minute(config.auth_rate_burst, config.auth_rate_per_minute);
+        let limits = embedded::Limits {
+            per_address: KeyedLimiter::per_minute(
+                config.auth_rate_burst,
+                config.auth_rate_per_minute,
+            ),
+            per_account: KeyedLimiter::per_minute(
+                config.login_rate_burst,
+                config.login_rate_per_minute,
+            ),
+            refresh: KeyedLimiter::per_minute(
+                config.refresh_rate_burst,
+                config.refresh_rate_per_minute,
+            ),
+        };
         Ok(Self {
             mode: AuthMode::Embedded,
             verifier: verifier.clone(),
             embedded: Some(embedded::EmbeddedState {
                 auth: Arc::new(service),
                 verifier,
-                limiter: Arc::new(limiter),
+                limits: Arc::new(limits),
             }),
         })
     }

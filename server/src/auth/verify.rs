@@ -17,7 +17,6 @@ use jsonwebtoken::{
     jwk::{AlgorithmParameters, Jwk, JwkSet},
 };
 use serde::Deserialize;
-use tokio::sync::RwLock;
 use uuid::Uuid;
 
 /// The verified identity of a request or connection.
@@ -178,7 +177,9 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.leeway.as_secs();
         validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        // `iss` must be present (and, below, be ours); `nbf`, when present, must have passed.
+        validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+        validation.validate_nbf = true;
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
         }
@@ -271,18 +272,26 @@ impl RawHeader {
 /// A remote JWKS, cached by `kid`. An unknown `kid` triggers a refetch at most once per
 /// `refetch_interval`; the whole set is refreshed when older than [`JWKS_TTL`] (Supabase's own
 /// clients cache for the same time), keeping the old keys if the refresh fails.
-pub struct JwksCache {
+///
+/// Fetches are single-flight and never hold the keys' lock: while one request fetches (an
+/// unknown `kid` waits for it), every other verification reads the cached keys as usual.
+#[derive(Clone)]
+pub struct JwksCache(Arc<Jwks>);
+
+struct Jwks {
     url: String,
     http: reqwest::Client,
     refetch_interval: Duration,
-    state: RwLock<JwksState>,
+    keys: std::sync::RwLock<Cached>,
+    /// Held by the one task fetching; others with an unknown `kid` wait here.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// Supabase's edge and clients cache the JWKS for 10 minutes; so do we.
 const JWKS_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
-struct JwksState {
+struct Cached {
     keys: HashMap<String, VerifyKey>,
     fetched_at: Option<Instant>,
     last_attempt: Option<Instant>,
@@ -290,52 +299,101 @@ struct JwksState {
 
 impl JwksCache {
     pub fn new(url: String, http: reqwest::Client, refetch_interval: Duration) -> Self {
-        Self {
+        Self(Arc::new(Jwks {
             url,
             http,
             refetch_interval,
-            state: RwLock::new(JwksState::default()),
-        }
+            keys: std::sync::RwLock::new(Cached::default()),
+            fetching: tokio::sync::Mutex::new(()),
+        }))
     }
 
     async fn key(&self, kid: &str) -> Result<VerifyKey, VerifyError> {
+        let jwks = &self.0;
+        let (known, stale) = {
+            let cached = jwks.cached();
+            (
+                cached.keys.get(kid).cloned(),
+                cached.fetched_at.is_none_or(|at| at.elapsed() >= JWKS_TTL),
+            )
+        };
+        match known {
+            Some(key) if !stale => return Ok(key),
+            // Known but old: answer with it now, and refresh in the background.
+            Some(key) => {
+                let jwks = self.0.clone();
+                tokio::spawn(async move {
+                    if let Ok(_fetching) = jwks.fetching.try_lock() {
+                        jwks.refetch().await;
+                    }
+                });
+                return Ok(key);
+            }
+            None => {}
+        }
+        // Unknown: wait for the one fetch in flight (or make it), then look again.
         {
-            let state = self.state.read().await;
-            let fresh = state.fetched_at.is_some_and(|at| at.elapsed() < JWKS_TTL);
-            if let Some(key) = state.keys.get(kid)
-                && fresh
-            {
-                return Ok(key.clone());
+            let _fetching = jwks.fetching.lock().await;
+            if !jwks.cached().keys.contains_key(kid) {
+                jwks.refetch().await;
             }
         }
-        let mut state = self.state.write().await;
-        let stale = state.fetched_at.is_none_or(|at| at.elapsed() >= JWKS_TTL);
-        let may_refetch = state
+        let cached = jwks.cached();
+        match cached.keys.get(kid) {
+            Some(key) => Ok(key.clone()),
+            None if cached.fetched_at.is_none() => Err(VerifyError::KeysUnavailable(
+                "the JWKS could not be fetched".into(),
+            )),
+            None => Err(VerifyError::UnknownKid(kid.to_owned())),
+        }
+    }
+}
+
+impl Jwks {
+    fn cached(&self) -> std::sync::RwLockReadGuard<'_, Cached> {
+        match self.keys.read() {
+            Ok(keys) => keys,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Fetches the set unless the last attempt was within the refetch interval; keeps the old
+    /// keys if it fails. Called with `fetching` held.
+    async fn refetch(&self) {
+        let may = self
+            .cached()
             .last_attempt
             .is_none_or(|at| at.elapsed() >= self.refetch_interval);
-        // Another task may have refetched while this one waited for the lock.
-        let unknown = !state.keys.contains_key(kid);
-        if (stale || unknown) && may_refetch {
-            state.last_attempt = Some(Instant::now());
-            match self.fetch().await {
-                Ok(keys) => {
-                    tracing::info!(url = %self.url, keys = keys.len(), "fetched JWKS");
-                    state.keys = keys;
-                    state.fetched_at = Some(Instant::now());
-                }
-                Err(error) => {
-                    tracing::warn!(url = %self.url, %error, "cannot fetch JWKS");
-                    if state.keys.is_empty() {
-                        return Err(VerifyError::KeysUnavailable(error));
-                    }
-                }
-            }
+        if !may {
+            return;
         }
-        state
-            .keys
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| VerifyError::UnknownKid(kid.to_owned()))
+        {
+            let mut cached = match self.keys.write() {
+                Ok(cached) => cached,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            cached.last_attempt = Some(Instant::now());
+        }
+        match self.fetch().await {
+            Ok(keys) => {
+                tracing::info!(
+                    url = %crate::util::redact_url(&self.url),
+                    keys = keys.len(),
+                    "fetched JWKS"
+                );
+                let mut cached = match self.keys.write() {
+                    Ok(cached) => cached,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                cached.keys = keys;
+                cached.fetched_at = Some(Instant::now());
+            }
+            Err(error) => tracing::warn!(
+                url = %crate::util::redact_url(&self.url),
+                %error,
+                "cannot fetch JWKS"
+            ),
+        }
     }
 
     async fn fetch(&self) -> Result<HashMap<String, VerifyKey>, String> {

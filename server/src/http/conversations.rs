@@ -108,6 +108,9 @@ async fn create(
     ApiJson(body): ApiJson<CreateConversation>,
 ) -> Result<Response, AppError> {
     let title = body.title.as_deref().map(check_title).transpose()?;
+    if !state.conversation_limiter.check(&user.id) {
+        return Err(AppError::RateLimited);
+    }
     let now = now_millis();
     let record = ConversationRecord {
         id: ConversationId::new(),

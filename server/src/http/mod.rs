@@ -5,7 +5,10 @@ pub mod extract;
 pub mod runs;
 pub mod static_files;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use axum::{
     Json, Router,
@@ -16,7 +19,7 @@ use axum::{
 };
 use wadi_protocol::api::{ClientConfig, Me};
 
-use crate::{auth::AuthUser, error::AppError, state::AppState};
+use crate::{auth::AuthUser, error::AppError, net::ProxyTrust, state::AppState};
 
 pub fn router(state: AppState) -> Router {
     // Room for the largest content even if every character is JSON-escaped, plus the envelope.
@@ -44,7 +47,7 @@ pub fn router(state: AppState) -> Router {
     if let Some(embedded) = state.auth.embedded.clone() {
         router = router.nest("/auth/v1", crate::auth::embedded::router(embedded));
     }
-    let trust = TrustForwardedFor(state.config.trust_forwarded_for);
+    let trust = Arc::new(state.config.proxy_trust());
     // The app's files are compressed (once per request; browsers cache the hashed ones for a
     // year). Brotli and gzip at a moderate level: their highest levels take seconds on the wasm.
     let compression = tower_http::compression::CompressionLayer::new()
@@ -142,36 +145,26 @@ async fn me(user: AuthUser) -> Json<Me> {
     })
 }
 
-/// The client's address, for per-address limits: the peer address, or the first
-/// `X-Forwarded-For` entry when the server is configured to trust its proxy.
+/// The client's address, for per-address limits (see `crate::net`): the peer, or behind
+/// trusted proxies the right-most hop they vouch for.
 pub struct ClientAddr(pub IpAddr);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let trust_forwarded = parts
-            .extensions
-            .get::<TrustForwardedFor>()
-            .is_some_and(|trust| trust.0);
-        if trust_forwarded
-            && let Some(addr) = parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.split(',').next())
-                .and_then(|first| first.trim().parse::<IpAddr>().ok())
-        {
-            return Ok(Self(addr));
-        }
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
-        Ok(Self(peer))
+            .map_or(crate::net::UNKNOWN, |info| info.0.ip());
+        let forwarded_for = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|value| value.to_str().ok());
+        let addr = match parts.extensions.get::<Arc<ProxyTrust>>() {
+            Some(trust) => trust.client_addr(peer, forwarded_for),
+            None => peer,
+        };
+        Ok(Self(addr))
     }
 }
-
-/// Request extension carrying the `--trust-forwarded-for` setting to [`ClientAddr`].
-#[derive(Clone, Copy)]
-pub struct TrustForwardedFor(pub bool);

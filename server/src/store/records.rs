@@ -5,7 +5,7 @@ use wadi_protocol::{RunStatus, api::Role};
 
 use crate::ids::{ConversationId, InstanceId, MessageId, RunId, UserId};
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct UserRecord {
     pub id: UserId,
     /// Lowercased.
@@ -48,7 +48,7 @@ pub struct RefreshTokenRecord {
     pub next_token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SigningKeyRecord {
     pub kid: String,
     /// PKCS#8 PEM of the P-256 private key.
@@ -76,6 +76,32 @@ pub struct MessageRecord {
     pub run_id: Option<RunId>,
     pub client_message_id: Option<String>,
     pub created_at: i64,
+}
+
+impl std::fmt::Debug for UserRecord {
+    // By hand: the password hash never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("password_hash", &"<redacted>")
+            .field("user_metadata", &self.user_metadata)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .field("last_sign_in_at", &self.last_sign_in_at)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SigningKeyRecord {
+    // By hand: the private key never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyRecord")
+            .field("kid", &self.kid)
+            .field("private_key_pem", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .finish()
+    }
 }
 
 /// A message as listed: with the status of the run that produced it (assistant messages).
@@ -238,5 +264,49 @@ impl ChunkEnds {
             start = end;
         }
         (start == output.len()).then_some(chunks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_records_never_reach_debug_output() {
+        let user = UserRecord {
+            id: UserId::new(),
+            email: "a@example.com".into(),
+            password_hash: "$argon2id$v=19$secret-hash".into(),
+            user_metadata: "{}".into(),
+            created_at: 1,
+            updated_at: 1,
+            last_sign_in_at: None,
+        };
+        let key = SigningKeyRecord {
+            kid: "k".into(),
+            private_key_pem: "-----BEGIN PRIVATE KEY-----secret".into(),
+            created_at: 1,
+        };
+        let text = format!("{user:?} {key:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("a@example.com"));
+    }
+
+    #[test]
+    fn chunk_ends_slice_the_output_into_its_chunks() {
+        let ends = ChunkEnds::parse("3,5,9,").unwrap();
+        assert_eq!(ChunkEnds::encode(&ends.0), "3,5,9,");
+        assert_eq!(
+            ends.chunks_after("Hello, wo", 1),
+            Some(vec![(2, "lo"), (3, ", wo")])
+        );
+        assert_eq!(ends.chunks_after("short!", 0), None, "ends past the text");
+        assert_eq!(
+            ends.chunks_after("longer than that", 0),
+            None,
+            "text past the ends"
+        );
+        assert_eq!(ChunkEnds::parse("3,x,"), None);
+        assert_eq!(ChunkEnds::parse("").map(|ends| ends.0), Some(vec![]));
     }
 }

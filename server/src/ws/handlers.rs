@@ -329,6 +329,13 @@ async fn resume(socket: &Socket, session: &mut Session, run_id: RunId, after_seq
             "run sockets resume with ?afterSeq= on their URL",
         );
     };
+    if !session.follows(run_id) && session.following() >= MAX_FOLLOWED {
+        // Each resume of a finished run queues its whole answer: bounded per socket.
+        return socket.send_error(
+            ErrorCode::RateLimited,
+            format!("at most {MAX_FOLLOWED} runs are followed at once on a socket"),
+        );
+    }
     match socket.state.runs.find(run_id, session.user.id).await {
         Ok(Some(handle)) if handle.conversation_id == conversation_id => {
             session.watch(socket, handle, after_seq, false);
@@ -339,7 +346,19 @@ async fn resume(socket: &Socket, session: &mut Session, run_id: RunId, after_seq
     }
 }
 
+/// Runs a socket may follow at once through `resume` (a conversation has one active run; a
+/// handful more covers replays of finished ones).
+const MAX_FOLLOWED: usize = 8;
+
 impl Session {
+    /// Runs this socket is following now.
+    fn following(&self) -> usize {
+        self.watchers
+            .values()
+            .filter(|watcher| !watcher.is_finished())
+            .count()
+    }
+
     fn follows(&self, run: RunId) -> bool {
         self.watchers
             .get(&run)

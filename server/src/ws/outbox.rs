@@ -25,6 +25,8 @@ pub enum TryPushError {
 
 /// Room beyond the capacity for the socket's own frames (see [`Outbox::try_push`]).
 const RESERVE: usize = 16;
+/// Bytes of room beyond the byte capacity for the socket's own frames (they are small).
+const RESERVE_BYTES: usize = 64 * 1024;
 
 /// What [`Outbox::offer`] did.
 pub enum Offer {
@@ -36,12 +38,32 @@ pub enum Offer {
 #[derive(Default)]
 struct State {
     items: VecDeque<Outbound>,
+    /// Bytes of text queued.
+    bytes: usize,
     closed: bool,
 }
 
+impl State {
+    /// Whether `size` more bytes fit under `frames` / `bytes`. An empty queue takes any one
+    /// frame, however large (a `complete` carries a whole answer).
+    fn fits(&self, size: usize, frames: usize, bytes: usize) -> bool {
+        self.items.len() < frames && (self.items.is_empty() || self.bytes + size <= bytes)
+    }
+}
+
+fn size_of(item: &Outbound) -> usize {
+    match item {
+        Outbound::Text(text) => text.len(),
+        Outbound::Ping | Outbound::Close(..) => 0,
+    }
+}
+
+/// A socket's send queue, bounded in frames and in bytes: a client that does not read can pin
+/// at most this much of the server's memory.
 pub struct Outbox {
     state: Mutex<State>,
     capacity: usize,
+    byte_capacity: usize,
     /// Signalled when an item is queued (the writer waits on it).
     queued: Notify,
     /// Signalled when room frees up (senders wait on it).
@@ -51,10 +73,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, byte_capacity: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
             capacity: capacity.max(1),
+            byte_capacity: byte_capacity.max(1),
             queued: Notify::new(),
             room: Notify::new(),
             gone: Notify::new(),
@@ -72,7 +95,11 @@ impl Outbox {
     /// counting a small reserve beyond the capacity: a queue that run chunks filled a moment ago
     /// must not make a healthy client look slow.
     pub fn try_push(&self, item: Outbound) -> Result<(), TryPushError> {
-        match self.offer_within(item, self.capacity + RESERVE) {
+        match self.offer_within(
+            item,
+            self.capacity + RESERVE,
+            self.byte_capacity + RESERVE_BYTES,
+        ) {
             Offer::Queued => Ok(()),
             Offer::Full(_) => Err(TryPushError::Full),
             Offer::Closed => Err(TryPushError::Closed),
@@ -82,18 +109,20 @@ impl Outbox {
     /// Queues a run's frame if there is room, else hands it back (so a sender can wait with it
     /// without setting a timer for every frame that fits at once).
     pub fn offer(&self, item: Outbound) -> Offer {
-        self.offer_within(item, self.capacity)
+        self.offer_within(item, self.capacity, self.byte_capacity)
     }
 
-    fn offer_within(&self, item: Outbound, limit: usize) -> Offer {
+    fn offer_within(&self, item: Outbound, frames: usize, bytes: usize) -> Offer {
         {
             let mut state = self.state();
             if state.closed {
                 return Offer::Closed;
             }
-            if state.items.len() >= limit {
+            let size = size_of(&item);
+            if !state.fits(size, frames, bytes) {
                 return Offer::Full(item);
             }
+            state.bytes += size;
             state.items.push_back(item);
         }
         self.queued.notify_one();
@@ -112,8 +141,10 @@ impl Outbox {
                 if state.closed {
                     return Err(Closed);
                 }
-                if state.items.len() < self.capacity {
+                let size = item.as_ref().map_or(0, size_of);
+                if state.fits(size, self.capacity, self.byte_capacity) {
                     if let Some(item) = item.take() {
+                        state.bytes += size;
                         state.items.push_back(item);
                     }
                     drop(state);
@@ -135,6 +166,8 @@ impl Outbox {
                 let mut state = self.state();
                 let count = state.items.len().min(max);
                 if count > 0 {
+                    let taken: usize = state.items.iter().take(count).map(size_of).sum();
+                    state.bytes -= taken;
                     into.extend(state.items.drain(..count));
                     if state.items.is_empty() && state.items.capacity() > self.capacity {
                         // Give back a burst's memory.
@@ -192,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_come_out_in_order_and_the_bound_holds() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, 1 << 20);
         assert!(matches!(outbox.offer(frame("a")), Offer::Queued));
         assert!(matches!(outbox.offer(frame("b")), Offer::Queued));
         assert!(matches!(outbox.offer(frame("c")), Offer::Full(_)));
@@ -210,9 +243,33 @@ mod tests {
         assert_eq!(text(&batch[1]), "b");
     }
 
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_too_but_always_takes_one_frame() {
+        let outbox = Outbox::new(100, 10);
+        let big = "x".repeat(50);
+        assert!(
+            matches!(outbox.offer(frame(&big)), Offer::Queued),
+            "an empty queue takes one frame of any size"
+        );
+        assert!(
+            matches!(outbox.offer(frame("y")), Offer::Full(_)),
+            "over 10 bytes"
+        );
+        let mut batch = Vec::new();
+        outbox.pop_many(&mut batch, 10).await;
+        for _ in 0..2 {
+            assert!(matches!(outbox.offer(frame("12345")), Offer::Queued));
+        }
+        assert!(
+            matches!(outbox.offer(frame("z")), Offer::Full(_)),
+            "10 bytes queued"
+        );
+        outbox.try_push(frame("own")).unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_outbox_makes_senders_wait_until_the_writer_takes_frames() {
-        let outbox = Arc::new(Outbox::new(1));
+        let outbox = Arc::new(Outbox::new(1, 1 << 20));
         assert!(matches!(outbox.offer(frame("first")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();
@@ -230,7 +287,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_releases_senders_and_the_writer() {
-        let outbox = Arc::new(Outbox::new(1));
+        let outbox = Arc::new(Outbox::new(1, 1 << 20));
         assert!(matches!(outbox.offer(frame("x")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();

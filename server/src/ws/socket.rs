@@ -97,7 +97,10 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
     gauge.inc();
 
     let (sink, mut stream) = socket.split();
-    let out = Arc::new(Outbox::new(state.config.send_queue));
+    let out = Arc::new(Outbox::new(
+        state.config.send_queue,
+        state.config.send_queue_bytes,
+    ));
     let writer = tokio::spawn(write_loop(
         sink,
         out.clone(),

@@ -91,8 +91,15 @@ async fn write_all(
                     break;
                 }
             };
-            if sink.feed(message).await.is_err() {
-                return;
+            // Under the same patience as the flush: feeding a full write buffer waits for the
+            // socket too.
+            match tokio::time::timeout(stall, sink.feed(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    inbox.post(Control::SlowConsumer);
+                    return;
+                }
             }
         }
         match tokio::time::timeout(stall, sink.flush()).await {

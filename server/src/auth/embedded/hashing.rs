@@ -89,17 +89,33 @@ pub fn verify(password: &[u8], stored: &str) -> Result<bool, String> {
 /// Threads hashing passwords: enough for logins not to queue behind each other for long on a
 /// small machine, few enough to bound the memory they keep.
 const HASHING_THREADS: usize = 2;
+/// Jobs that may wait for a hashing thread. A hash takes ~50 ms here, so a full queue is about a
+/// second of work; beyond it a signup or login is refused at once (429) instead of piling up.
+const QUEUE: usize = 32;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Why a job did not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HashError {
+    #[error("too many passwords are being checked; try again shortly")]
+    Busy,
+    #[error("the password hashing threads stopped")]
+    Stopped,
+}
+
 /// The hashing threads; they end when this is dropped.
 pub struct Hasher {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::SyncSender<Job>,
 }
 
 impl Hasher {
     pub fn start() -> std::io::Result<Self> {
-        let (jobs, receiver) = mpsc::channel::<Job>();
+        Self::with_queue(QUEUE)
+    }
+
+    fn with_queue(queue: usize) -> std::io::Result<Self> {
+        let (jobs, receiver) = mpsc::sync_channel::<Job>(queue);
         let receiver = Arc::new(Mutex::new(receiver));
         for index in 0..HASHING_THREADS {
             let receiver = receiver.clone();
@@ -122,21 +138,25 @@ impl Hasher {
         Ok(Self { jobs })
     }
 
-    /// Runs `work` on a hashing thread and returns its result.
+    /// Runs `work` on a hashing thread and returns its result; [`HashError::Busy`] at once if
+    /// the queue is full. If the caller goes away (a client that disconnected) before a thread
+    /// takes the job, the work is skipped.
     pub async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, HashError> {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move || {
+            if reply.is_closed() {
+                return;
+            }
             let _ = reply.send(work());
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| "the password hashing threads stopped".to_owned())?;
-        result
-            .await
-            .map_err(|_| "a password hashing job was lost".to_owned())
+        self.jobs.try_send(job).map_err(|error| match error {
+            mpsc::TrySendError::Full(_) => HashError::Busy,
+            mpsc::TrySendError::Disconnected(_) => HashError::Stopped,
+        })?;
+        result.await.map_err(|_| HashError::Stopped)
     }
 }
 
@@ -176,6 +196,50 @@ mod tests {
                 .verify_password(b"correct horse", &parsed)
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_abandoned_jobs_are_skipped() {
+        let hasher = Arc::new(Hasher::with_queue(1).unwrap());
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        // Occupy both threads.
+        let mut busy = Vec::new();
+        for _ in 0..HASHING_THREADS {
+            let gate = gate.clone();
+            let (started, running) = oneshot::channel();
+            let hasher = hasher.clone();
+            busy.push(tokio::spawn(async move {
+                let _ = hasher
+                    .run(move || {
+                        let _ = started.send(());
+                        let _ = gate.lock().unwrap().recv();
+                    })
+                    .await;
+            }));
+            running.await.unwrap();
+        }
+        // One job fits in the queue; its caller gives up before a thread is free.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let queued = hasher.run(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+        let mut queued = Box::pin(queued);
+        assert!(futures_util::poll!(&mut queued).is_pending());
+        // The next one is refused at once.
+        assert_eq!(hasher.run(|| ()).await, Err(HashError::Busy));
+        drop(queued);
+        for _ in 0..HASHING_THREADS {
+            release.send(()).unwrap();
+        }
+        for task in busy {
+            task.await.unwrap();
+        }
+        // A job after those (once the queue has room) proves the abandoned one was taken, and
+        // skipped, first.
+        while hasher.run(|| ()).await == Err(HashError::Busy) {
+            tokio::task::yield_now().await;
+        }
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]

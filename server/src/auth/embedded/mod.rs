@@ -31,6 +31,7 @@ use crate::{
     auth::verify::{AuthUser, Verifier, VerifyError},
     http::ClientAddr,
     limits::KeyedLimiter,
+    net::limit_key,
 };
 
 /// GoTrue caps request bodies at 1 MB.
@@ -40,8 +41,19 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct EmbeddedState {
     pub auth: Arc<EmbeddedAuth>,
     pub verifier: Arc<Verifier>,
+    pub limits: Arc<Limits>,
+}
+
+/// The auth service's rate limits. Addresses are keys as `net::limit_key` makes them (IPv6 by
+/// /64), behind trusted proxies the right-most untrusted hop.
+pub struct Limits {
     /// Signups and password logins per client address.
-    pub limiter: Arc<KeyedLimiter<IpAddr>>,
+    pub per_address: KeyedLimiter<IpAddr>,
+    /// Password logins per account (lowercased email), from anywhere: guessing one account's
+    /// password from many addresses is slow too.
+    pub per_account: KeyedLimiter<String>,
+    /// Refresh-token grants per client address.
+    pub refresh: KeyedLimiter<IpAddr>,
 }
 
 pub fn router<S: Clone + Send + Sync + 'static>(state: EmbeddedState) -> Router<S> {
@@ -132,6 +144,9 @@ struct Credentials {
     refresh_token: Option<String>,
 }
 
+/// Largest `data` (user metadata) accepted at signup, as JSON text.
+const MAX_USER_METADATA_BYTES: usize = 16 * 1024;
+
 async fn signup(
     State(state): State<EmbeddedState>,
     ClientAddr(addr): ClientAddr,
@@ -159,13 +174,20 @@ async fn signup(
             "Phone signups are disabled",
         ));
     }
-    if !state.limiter.check(&addr) {
+    if !state.limits.per_address.check(&limit_key(addr)) {
         return Err(AuthApiError::rate_limited());
     }
     let metadata = match body.data {
         Some(Value::Object(map)) => Value::Object(map),
         _ => Value::Object(serde_json::Map::new()),
     };
+    // It is copied into every access token of the user: keep tokens (and headers) small.
+    if metadata.to_string().len() > MAX_USER_METADATA_BYTES {
+        return Err(AuthApiError::validation(format!(
+            "User metadata (data) must be at most {} KiB of JSON",
+            MAX_USER_METADATA_BYTES / 1024
+        )));
+    }
     let password = body.password.unwrap_or_default();
     let session = state.auth.sign_up(&email, &password, metadata).await?;
     Ok(Json(session.json).into_response())
@@ -196,13 +218,18 @@ async fn token(
             if email.is_empty() {
                 return Err(AuthApiError::validation("missing email or phone"));
             }
-            if !state.limiter.check(&addr) {
+            if !state.limits.per_address.check(&limit_key(addr))
+                || !state.limits.per_account.check(&email.trim().to_lowercase())
+            {
                 return Err(AuthApiError::rate_limited());
             }
             let password = body.password.unwrap_or_default();
             state.auth.sign_in(&email, &password).await?
         }
         "refresh_token" => {
+            if !state.limits.refresh.check(&limit_key(addr)) {
+                return Err(AuthApiError::rate_limited());
+            }
             let token = body.refresh_token.unwrap_or_default();
             state.auth.refresh(&token).await?
         }

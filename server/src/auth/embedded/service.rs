@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{
-    hashing::Hasher,
+    hashing::{HashError, Hasher},
     keys::SigningKeys,
     wire::{AuthApiError, session_json},
 };
@@ -63,7 +63,7 @@ impl EmbeddedAuth {
             .map_err(|e| StoreError::Corrupt(format!("cannot start hashing threads: {e}")))?;
         let dummy_hash = hash_password(&hasher, "wadi-dummy-password".to_owned())
             .await
-            .map_err(StoreError::Corrupt)?;
+            .map_err(|e| StoreError::Corrupt(format!("cannot hash: {}", e.message)))?;
         Ok(Self {
             store,
             keys,
@@ -98,9 +98,7 @@ impl EmbeddedAuth {
             // Random, as Supabase's are (a time-ordered id would tell when someone signed up).
             id: UserId::from(Uuid::new_v4()),
             email,
-            password_hash: hash_password(&self.hasher, password.to_owned())
-                .await
-                .map_err(AuthApiError::unexpected)?,
+            password_hash: hash_password(&self.hasher, password.to_owned()).await?,
             user_metadata: metadata.to_string(),
             created_at: now,
             updated_at: now,
@@ -128,6 +126,12 @@ impl EmbeddedAuth {
         email: &str,
         password: &str,
     ) -> Result<IssuedSession, AuthApiError> {
+        // Checked before any hashing: a megabyte of "password" costs nothing to refuse.
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(AuthApiError::validation(format!(
+                "Password cannot be longer than {MAX_PASSWORD_BYTES} characters"
+            )));
+        }
         let email = email.trim().to_lowercase();
         let user = self
             .store
@@ -138,9 +142,7 @@ impl EmbeddedAuth {
             || self.dummy_hash.clone(),
             |user| user.password_hash.clone(),
         );
-        let matches = verify_password(&self.hasher, password.to_owned(), hash)
-            .await
-            .map_err(AuthApiError::unexpected)?;
+        let matches = verify_password(&self.hasher, password.to_owned(), hash).await?;
         let Some(mut user) = user.filter(|_| matches) else {
             return Err(AuthApiError::invalid_credentials());
         };
@@ -499,20 +501,36 @@ fn hash_token(token: &str) -> String {
 }
 
 /// argon2id with the crate's default (OWASP) parameters, on a hashing thread.
-async fn hash_password(hasher: &Hasher, password: String) -> Result<String, String> {
+async fn hash_password(hasher: &Hasher, password: String) -> Result<String, AuthApiError> {
     hasher
         .run(move || {
             let mut salt = [0u8; 16];
             rand_core::OsRng.fill_bytes(&mut salt);
             super::hashing::hash(password.as_bytes(), &salt)
         })
-        .await?
+        .await
+        .map_err(hash_error)?
+        .map_err(AuthApiError::unexpected)
 }
 
-async fn verify_password(hasher: &Hasher, password: String, hash: String) -> Result<bool, String> {
+async fn verify_password(
+    hasher: &Hasher,
+    password: String,
+    hash: String,
+) -> Result<bool, AuthApiError> {
     hasher
         .run(move || super::hashing::verify(password.as_bytes(), &hash))
-        .await?
+        .await
+        .map_err(hash_error)?
+        .map_err(AuthApiError::unexpected)
+}
+
+/// A full hashing queue is a rate limit (429, at once); stopped threads are a server failure.
+fn hash_error(error: HashError) -> AuthApiError {
+    match error {
+        HashError::Busy => AuthApiError::rate_limited(),
+        HashError::Stopped => AuthApiError::unexpected(error),
+    }
 }
 
 #[cfg(test)]
