@@ -25,8 +25,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Server settings for benchmarks: many users are signed up from one address, each user holds
 /// many sockets, creates many conversations and starts many runs at once, and the total cap
 /// sits just under the process's 20 000 open files.
-const SERVER_ENV: [(&str, &str); 10] = [
+const SERVER_ENV: [(&str, &str); 13] = [
     ("WADI_ADDR", "127.0.0.1:0"),
+    ("WADI_MAX_CONNECTIONS_PER_ADDRESS", "1000000"),
+    ("WADI_MAX_PENDING_CONNECTIONS", "1000000"),
+    ("WADI_MAX_PENDING_PER_ADDRESS", "1000000"),
     ("WADI_AUTH_RATE_BURST", "1000000"),
     ("WADI_LOGIN_RATE_BURST", "1000000"),
     ("WADI_CONVERSATION_RATE_BURST", "1000000"),

@@ -240,6 +240,24 @@ pub struct Config {
     #[arg(long, env = "WADI_MAX_CONNECTIONS", default_value_t = 19_000)]
     pub max_connections: usize,
 
+    /// Open sockets allowed per client address (IPv6: per /64; behind trusted proxies, the
+    /// address they saw). Raise it for many users behind one NAT.
+    #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1000)]
+    pub max_connections_per_address: usize,
+
+    /// Sockets that have not authenticated yet, in total: a flood of them cannot take the
+    /// places of authenticated users.
+    #[arg(long, env = "WADI_MAX_PENDING_CONNECTIONS", default_value_t = 2000)]
+    pub max_pending_connections: usize,
+
+    /// …and per client address.
+    #[arg(long, env = "WADI_MAX_PENDING_PER_ADDRESS", default_value_t = 100)]
+    pub max_pending_per_address: usize,
+
+    /// Server-Sent Events streams (`/api/runs/{id}/events`) open at once per user.
+    #[arg(long, env = "WADI_MAX_SSE_PER_USER", default_value_t = 16)]
+    pub max_sse_per_user: usize,
+
     /// Frames queued per socket before the client counts as slow.
     #[arg(long, env = "WADI_SEND_QUEUE", default_value_t = 256)]
     pub send_queue: usize,
@@ -256,6 +274,14 @@ pub struct Config {
     /// Interval of server pings; a socket silent for two intervals is closed.
     #[arg(long, env = "WADI_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub heartbeat_interval: Duration,
+
+    /// Serve `/metrics` on this address only (e.g. `127.0.0.1:9090`), off the public port.
+    #[arg(long, env = "WADI_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Require `Authorization: Bearer <this>` for `/metrics`.
+    #[arg(long, env = "WADI_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 
     /// Browser origins allowed to open sockets, comma-separated (`*` for any). The server's own
     /// origin is always allowed; clients that send no `Origin` (non-browsers) are too.
@@ -339,10 +365,22 @@ impl std::fmt::Debug for Config {
             .field("message_rate_burst", &self.message_rate_burst)
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
+            .field("max_pending_connections", &self.max_pending_connections)
+            .field("max_pending_per_address", &self.max_pending_per_address)
+            .field("max_sse_per_user", &self.max_sse_per_user)
             .field("send_queue", &self.send_queue)
             .field("send_queue_bytes", &self.send_queue_bytes)
             .field("slow_client_timeout", &self.slow_client_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("metrics_addr", &self.metrics_addr)
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
@@ -403,10 +441,16 @@ impl Config {
             message_rate_burst: 10,
             max_connections_per_user: 100,
             max_connections: 19_000,
+            max_connections_per_address: 1000,
+            max_pending_connections: 2000,
+            max_pending_per_address: 100,
+            max_sse_per_user: 16,
             send_queue: 256,
             send_queue_bytes: 1024 * 1024,
             slow_client_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
+            metrics_addr: None,
+            metrics_token: None,
             allowed_origins: Vec::new(),
         }
     }

@@ -92,6 +92,7 @@ impl IntoResponse for AppError {
         let body = ApiError {
             code: self.code(),
             message,
+            request_id: crate::http::request_log::request_id(),
         };
         (status, Json(body)).into_response()
     }

@@ -51,6 +51,21 @@ pub async fn run(
         cluster = state.runs.cluster.mode(),
         "instance ready"
     );
+    if let Some(addr) = state.config.metrics_addr {
+        let metrics = TcpListener::bind(addr)
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot listen for metrics on {addr}: {error}"))?;
+        tracing::info!(addr = %metrics.local_addr()?, "metrics on their own listener");
+        let router = http::metrics_router(state.clone());
+        let stop = state.shutdown.clone();
+        tokio::spawn(async move {
+            let serving = axum::serve(metrics, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(error) = serving.await {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+    }
     let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let listener = listener.tap_io(|tcp| {
         // Tokens are small and latency matters more than packet count.

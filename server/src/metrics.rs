@@ -45,6 +45,8 @@ pub struct Metrics {
     pub fenced_runs: Counter,
     pub redis_append_seconds: Histogram,
     pub redis_errors: Counter,
+    pub csp_violations: Counter,
+    pub refused_connections: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,6 +157,18 @@ impl Metrics {
             "Redis commands that failed and connections that broke",
             redis_errors.clone(),
         );
+        let csp_violations = Counter::default();
+        registry.register(
+            "csp_violations",
+            "Content-Security-Policy violations reported by browsers",
+            csp_violations.clone(),
+        );
+        let refused_connections = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Sockets and streams refused by a cap, by which (total, address, unauthenticated, sse)",
+            refused_connections.clone(),
+        );
         Self {
             registry,
             connections,
@@ -172,7 +186,15 @@ impl Metrics {
             fenced_runs,
             redis_append_seconds,
             redis_errors,
+            csp_violations,
+            refused_connections,
         }
+    }
+
+    pub fn refused_connection(&self, reason: &'static str) {
+        self.refused_connections
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Names this instance in the exposition (`wadi_instance_info{instance=…,mode=…} 1`).

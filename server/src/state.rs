@@ -81,7 +81,8 @@ impl AppState {
         let http = reqwest::Client::builder()
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let auth = crate::auth::AuthService::new(&config, store.clone(), http).await?;
+        let clock = crate::util::Clock::system();
+        let auth = crate::auth::AuthService::new(&config, store.clone(), http, clock).await?;
         let model = model_from(&config)?;
         let assets = WebAssets::locate(config.web_dir.as_deref());
         let settings = RunSettings {

@@ -2,6 +2,36 @@
 
 use time::OffsetDateTime;
 
+/// The time tokens are checked and timed against: the system's time when the clock was made,
+/// advanced by tokio's clock since. In production the two move together; under a paused tokio
+/// clock (tests), advancing tokio's time advances this too, so token expiry is tested without
+/// waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base_ms: i64,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn system() -> Self {
+        Self {
+            base_ms: now_millis(),
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Now, in Unix milliseconds.
+    pub fn now_millis(&self) -> i64 {
+        let elapsed = i64::try_from(self.base.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.base_ms.saturating_add(elapsed)
+    }
+
+    /// Now, in Unix seconds.
+    pub fn now_secs(&self) -> i64 {
+        self.now_millis().div_euclid(1000)
+    }
+}
+
 /// Now, in Unix milliseconds (how every timestamp is stored).
 pub fn now_millis() -> i64 {
     let now = OffsetDateTime::now_utc();

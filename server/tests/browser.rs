@@ -127,8 +127,36 @@ async fn the_one_binary_chats_streams_and_keeps_everything_across_a_reload() {
             .await;
         // Started alone in an empty directory, it made its own database there.
         assert!(app.dir.path().join("wadi-data").join("wadi.db").is_file());
+        // All of it ran under the strict Content-Security-Policy, breaking none of it.
+        assert_no_csp_violation(&app).await;
     })
     .await;
+}
+
+/// The page is served under a strict policy, and no browser reported a violation of it (a
+/// blocked script, style or connection is reported to `/api/csp-report` and counted).
+async fn assert_no_csp_violation(app: &App) {
+    let page = reqwest::get(app.url()).await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self' 'wasm-unsafe-eval' 'sha256-"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+    let metrics = reqwest::get(format!("{}/metrics", app.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("wadi_csp_violations_total 0"),
+        "a CSP violation was reported:\n{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -294,6 +322,15 @@ async fn html_in_model_output_is_shown_as_text_and_runs_nothing() {
             browser.js("return typeof window.__pwned").await,
             serde_json::json!("undefined")
         );
+        // And a script injected past the sanitiser would not run: the policy forbids inline
+        // scripts (this one is reported as a violation).
+        let injected = browser
+            .js(
+                "const s = document.createElement('script'); s.textContent = 'window.__pwned = 4'; \
+                 document.body.appendChild(s); return typeof window.__pwned",
+            )
+            .await;
+        assert_eq!(injected, serde_json::json!("undefined"));
     })
     .await;
 }

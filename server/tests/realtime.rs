@@ -59,6 +59,8 @@ async fn read_text(ws: &mut WsClient, expected: &str) -> Vec<Value> {
 }
 
 on_both_engines!(
+    a_provider_that_sends_garbage_or_breaks_mid_event_fails_the_run_cleanly,
+    concurrent_sends_start_one_run_and_never_end_it_as_an_orphan,
     a_silent_provider_fails_the_run_after_the_idle_timeout,
     a_resend_gets_its_start_even_when_the_socket_already_follows_the_run,
     a_running_run_no_task_drives_does_not_block_the_conversation,
@@ -73,6 +75,88 @@ on_both_engines!(
     a_resend_with_the_same_client_message_id_starts_nothing_new,
     shutdown_interrupts_and_saves_active_runs,
 );
+
+async fn a_provider_that_sends_garbage_or_breaks_mid_event_fails_the_run_cleanly(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    for (case, breakage) in [
+        (
+            "garbage",
+            vec![Step::Raw("data: {this is not json]\n\n".into())],
+        ),
+        (
+            "half an event",
+            vec![
+                Step::Raw("data: {\"id\":\"chatcmpl-fake\",\"choi".into()),
+                Step::Fail,
+            ],
+        ),
+    ] {
+        ws.send(json!({"type": "message", "content": case})).await;
+        let start = ws.next().await;
+        let request = upstream.next_request().await;
+        request.token("kept ");
+        read_text(&mut ws, "kept ").await;
+        for step in breakage {
+            request.send(step);
+        }
+        let frames = ws.until("complete").await;
+        let error = frames.iter().find(|f| f["type"] == "error").unwrap();
+        assert_eq!(error["code"], "model_error", "{case}");
+        assert_eq!(
+            error["message"], "the model provider's answer was cut off",
+            "{case}"
+        );
+        let complete = frames.last().unwrap();
+        assert_eq!(complete["status"], "failed", "{case}");
+        assert_eq!(complete["fullOutput"], "kept ", "{case}: what came is kept");
+        let (_, run) = api
+            .get(&format!("/api/runs/{}", start["runId"].as_str().unwrap()))
+            .await;
+        assert_eq!(run["status"], "failed", "{case}");
+        assert_eq!(run["output"], "kept ", "{case}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+async fn concurrent_sends_start_one_run_and_never_end_it_as_an_orphan(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |config| {
+        config.message_rate_burst = 100;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    // Twenty sends at once: each that meets the new run in the store before this process has
+    // registered it must see it as this process's, never as an orphan to end.
+    let path = format!("/api/conversations/{conversation}/messages");
+    let answers = futures_util::future::join_all(
+        (0..20).map(|i| api.post(&path, json!({"content": format!("race {i}")}))),
+    )
+    .await;
+    let created: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 201)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(created.len(), 1, "exactly one run: {answers:?}");
+    for (status, body) in &answers {
+        assert!(
+            *status == 201 || body["code"] == "run_in_progress",
+            "{status} {body}"
+        );
+    }
+    let run = created[0]["run"]["id"].as_str().unwrap();
+    let (_, stored) = api.get(&format!("/api/runs/{run}")).await;
+    assert_eq!(stored["status"], "running", "the new run was not ended");
+    let request = upstream.next_request().await;
+    request.send(Step::Finish);
+    server.shutdown().await.unwrap();
+}
 
 async fn the_full_flow_streams_saves_and_matches(engine: Engine) {
     let upstream = FakeUpstream::start(tokens(&["Hel", "lo", ", ", "world", "!"])).await;
@@ -498,7 +582,9 @@ async fn upstream_failure_mid_stream_fails_the_run_and_keeps_the_output(engine: 
     let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
     assert_eq!(run["status"], "failed");
     assert_eq!(run["output"], "partial");
-    assert!(run["error"].as_str().is_some_and(|e| !e.is_empty()));
+    // What users see is the kind of failure, never the provider's words or address.
+    assert_eq!(error["message"], "the model provider's answer was cut off");
+    assert_eq!(run["error"], error["message"]);
 
     // A provider that keeps answering 500 is retried with backoff before the first token, then
     // the run fails.
@@ -508,12 +594,29 @@ async fn upstream_failure_mid_stream_fails_the_run_and_keeps_the_output(engine: 
     let frames = ws.until("complete").await;
     assert_eq!(frames.last().unwrap()["status"], "failed");
     assert_eq!(frames.last().unwrap()["fullOutput"], "");
-    assert!(frames.iter().any(|f| f["code"] == "model_error"));
+    let error = frames.iter().find(|f| f["code"] == "model_error").unwrap();
+    assert_eq!(
+        error["message"],
+        "the model provider is unavailable; try again in a moment"
+    );
     assert_eq!(
         upstream.statuses_served(),
         vec![500, 500, 500, 500],
         "1 try + 3 retries"
     );
+
+    // A refusal (a bad key, say): the provider's message stays in the log.
+    upstream.set_script(Script::Status(401));
+    ws.send(json!({"type": "message", "content": "once more"}))
+        .await;
+    let frames = ws.until("complete").await;
+    let error = frames.iter().find(|f| f["code"] == "model_error").unwrap();
+    assert_eq!(error["message"], "the model provider refused the request");
+    for frame in &frames {
+        let text = frame.to_string();
+        assert!(!text.contains("fake upstream error"), "{text}");
+        assert!(!text.contains("127.0.0.1"), "{text}");
+    }
     server.shutdown().await.unwrap();
 }
 
@@ -695,11 +798,27 @@ async fn minting_server(user: uuid::Uuid) -> (TestServer, FakeUpstream, String) 
     (server, upstream, conversation)
 }
 
+/// Moves tokio's clock (which the server's timers and its token clock follow) by `by`, at
+/// once, letting every timer due meanwhile fire.
+async fn fast_forward(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
+}
+
+/// The next frame after a `ping` of ours: a `pong` if the socket is open and had nothing else to
+/// say, or whatever came first.
+async fn next_after_ping(ws: &mut WsClient) -> common::ws::Incoming {
+    ws.send(json!({"type": "ping"})).await;
+    ws.incoming().await
+}
+
 #[tokio::test]
 async fn an_expired_token_closes_the_socket_with_4001() {
     let user = uuid::Uuid::new_v4();
     let (server, _upstream, conversation) = minting_server(user).await;
-    let exp = now() + 1;
+    // `now()` is whole seconds: this token has between 9 and 10 seconds left.
+    let exp = now() + 10;
     let (mut ws, authenticated) = WsClient::authed(
         &server,
         &format!("/ws/chat/{conversation}"),
@@ -707,6 +826,13 @@ async fn an_expired_token_closes_the_socket_with_4001() {
     )
     .await;
     assert_eq!(authenticated["expiresAt"], exp);
+    // Still open well before `exp`…
+    fast_forward(Duration::from_secs(8)).await;
+    assert!(
+        matches!(next_after_ping(&mut ws).await, common::ws::Incoming::Frame(f) if f["type"] == "pong")
+    );
+    // …and closed once it has passed, without anyone waiting for it.
+    fast_forward(Duration::from_secs(3)).await;
     let (frames, code) = ws.until_closed().await;
     assert_eq!(frames[0]["code"], "token_expired");
     assert_eq!(code, 4001);
@@ -753,13 +879,13 @@ async fn an_in_band_refresh_extends_the_socket_without_interrupting_the_stream()
     assert!(refreshed["expiresAt"].as_i64().unwrap() > expires + 500);
     assert!(refreshed["activeRun"].is_object());
 
-    // Past the first token's expiry nothing closes the socket…
-    let quiet = tokio::time::timeout(Duration::from_millis(3200), ws.incoming()).await;
-    assert!(
-        quiet.is_err(),
-        "the socket must stay silent and open: {quiet:?}"
-    );
-    assert!(now() > expires);
+    // Past the first token's expiry nothing closes the socket: the next frame after a ping is
+    // its pong, not a close.
+    fast_forward(Duration::from_secs(3)).await;
+    match next_after_ping(&mut ws).await {
+        common::ws::Incoming::Frame(frame) => assert_eq!(frame["type"], "pong", "{frame}"),
+        other => panic!("the socket closed at the old token's expiry: {other:?}"),
+    }
     // …and the stream carries on to the end.
     request.token("after");
     request.send(Step::Finish);
@@ -1040,6 +1166,138 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
     );
     assert_eq!(server.metric("wadi_slow_client_closes_total").await, 1.0);
     drop(stalled);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_address_cannot_fill_the_server_and_pending_sockets_never_crowd_out_users() {
+    let upstream = FakeUpstream::start(tokens(&["hi"])).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.trusted_proxies = 1;
+        config.max_connections_per_address = 4;
+        config.max_pending_per_address = 2;
+        config.max_pending_connections = 3;
+        config.max_sse_per_user = 1;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let path = format!("/ws/chat/{conversation}");
+    let auth = json!({"type": "auth", "token": token(&api)});
+    // Two sockets from one address that never authenticate: its third is refused.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(
+            WsClient::connect_from(&server, &path, "203.0.113.9")
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        WsClient::connect_from(&server, &path, "203.0.113.9")
+            .await
+            .err(),
+        Some(429)
+    );
+    // Another address still gets in, and once it authenticates it is not pending any more.
+    let mut user = WsClient::connect_from(&server, &path, "198.51.100.2")
+        .await
+        .unwrap();
+    user.send(auth.clone()).await;
+    assert_eq!(user.next().await["type"], "authenticated");
+    // Three pending sockets in all: a third address waits for them to go.
+    idle.push(
+        WsClient::connect_from(&server, &path, "192.0.2.3")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        WsClient::connect_from(&server, &path, "192.0.2.4")
+            .await
+            .err(),
+        Some(429),
+        "no room for another unauthenticated socket"
+    );
+    drop(idle);
+    // One address holds at most 4 sockets, authenticated or not.
+    let mut held = vec![user];
+    while held.len() < 4 {
+        let mut next = tokio::time::timeout(TIMEOUT, async {
+            loop {
+                // The dropped sockets leave the registry as their tasks notice.
+                if let Ok(socket) = WsClient::connect_from(&server, &path, "198.51.100.2").await {
+                    return socket;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the dropped sockets never left");
+        next.send(auth.clone()).await;
+        assert_eq!(next.next().await["type"], "authenticated");
+        held.push(next);
+    }
+    assert_eq!(
+        WsClient::connect_from(&server, &path, "198.51.100.2")
+            .await
+            .err(),
+        Some(429)
+    );
+    assert!(
+        server
+            .metric("wadi_refused_connections_total{reason=\"address\"}")
+            .await
+            >= 1.0
+    );
+
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn server_sent_event_streams_are_capped_per_user() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.max_sse_per_user = 1;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "stream it"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let run = sent["run"]["id"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    let events = format!("/api/runs/{run}/events");
+    let first = api
+        .request(reqwest::Method::GET, &events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let (status, body) = api.get(&events).await;
+    assert_eq!(
+        status, 429,
+        "a second stream while the first is open: {body}"
+    );
+    request.token("done");
+    request.send(Step::Finish);
+    let body = tokio::time::timeout(TIMEOUT, first.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.contains("event: complete"), "{body}");
+    // The first stream ended: its place is free again.
+    tokio::time::timeout(TIMEOUT, async {
+        while api.get(&events).await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the ended stream was never uncounted");
     server.shutdown().await.unwrap();
 }
 

@@ -25,7 +25,10 @@ async fn healthz_answers_ok() {
 #[tokio::test]
 async fn serves_the_web_app_with_a_fallback_for_client_routes() {
     let data = tempfile::tempdir().unwrap();
-    let web = tempfile::tempdir().unwrap();
+    // The web directory, with a secret planted beside it.
+    let root = tempfile::tempdir().unwrap();
+    let web = tempfile::TempDir::new_in(root.path()).unwrap();
+    std::fs::write(root.path().join("secret.txt"), "TOP SECRET").unwrap();
     std::fs::write(
         web.path().join("index.html"),
         "<!doctype html><title>app</title>",
@@ -66,15 +69,47 @@ async fn serves_the_web_app_with_a_fallback_for_client_routes() {
     assert_eq!(route.status(), StatusCode::OK);
     assert!(route.text().await.unwrap().contains("<title>app</title>"));
 
-    let traversal = server
-        .http
-        .get(server.url("/../Cargo.toml"))
-        .send()
-        .await
-        .unwrap();
-    assert!(!traversal.text().await.unwrap().contains("[package]"));
+    // Raw request lines, since HTTP clients normalise `..` away before sending.
+    for target in [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E%2Fsecret.txt",
+        "/..%2fsecret.txt",
+        "/app/../../secret.txt",
+        "/..\\secret.txt",
+        "//../secret.txt",
+    ] {
+        let (status, body) = raw_get(&server, target).await;
+        assert!(
+            !body.contains("TOP SECRET"),
+            "{target} leaked the file ({status})"
+        );
+    }
 
     server.shutdown().await.unwrap();
+}
+
+/// `GET <target>` sent byte for byte; the status and body.
+async fn raw_get(server: &TestServer, target: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(common::TIMEOUT, tcp.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (status, text)
 }
 
 #[tokio::test]
@@ -205,4 +240,136 @@ async fn the_data_directory_and_database_are_private_to_the_server_user() {
         assert_eq!(mode(&wal), 0o600, "its write-ahead log");
     }
     server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_can_require_a_token_or_live_on_their_own_listener() {
+    let mut guarded = TestServer::configured(common::Engine::Sqlite, |config| {
+        config.metrics_token = Some("metrics-secret".into());
+    })
+    .await;
+    let url = guarded.url("/metrics");
+    let anonymous = guarded.http.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let wrong = guarded
+        .http
+        .get(&url)
+        .bearer_auth("guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let allowed = guarded
+        .http
+        .get(&url)
+        .bearer_auth("metrics-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+    assert!(allowed.text().await.unwrap().contains("wadi_active_runs"));
+    guarded.stop().await.unwrap();
+
+    let metrics_port = common::net::free_port();
+    let mut split = TestServer::configured(common::Engine::Sqlite, |config| {
+        config.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    })
+    .await;
+    let public = split.http.get(split.url("/metrics")).send().await.unwrap();
+    assert_eq!(
+        public.status(),
+        StatusCode::NOT_FOUND,
+        "not on the public port"
+    );
+    let private = split
+        .http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(private.status(), StatusCode::OK);
+    assert!(private.text().await.unwrap().contains("wadi_instance_info"));
+    split.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_response_names_its_request_and_errors_quote_it() {
+    let server = TestServer::start().await;
+    let response = server
+        .http
+        .get(server.url("/api/conversations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["requestId"], id.as_str());
+    // A proxy's id is kept; a malformed one is replaced.
+    let response = server
+        .http
+        .get(server.url("/healthz"))
+        .header("X-Request-Id", "edge-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "edge-42");
+    let response = server
+        .http
+        .get(server.url("/healthz"))
+        .header("X-Request-Id", "bad id\twith tabs")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.headers()["x-request-id"], "bad id\twith tabs");
+    // The embedded auth service's errors carry it too.
+    let response = server
+        .http
+        .post(server.url("/auth/v1/token?grant_type=password"))
+        .json(&serde_json::json!({"email": "nobody@example.com", "password": "nope nope"}))
+        .send()
+        .await
+        .unwrap();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["request_id"], id.as_str());
+}
+
+#[tokio::test]
+async fn responses_carry_security_headers() {
+    let server = TestServer::start().await;
+    for path in ["/", "/api/config", "/c/some-client-route"] {
+        let response = server.http.get(server.url(path)).send().await.unwrap();
+        let headers = response.headers();
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'"), "{path}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(headers["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert!(
+            headers.get("strict-transport-security").is_none(),
+            "plain http"
+        );
+    }
+    let report = server
+        .http
+        .post(server.url("/api/csp-report"))
+        .header("content-type", "application/csp-report")
+        .body(r#"{"csp-report":{"violated-directive":"script-src"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status(), StatusCode::NO_CONTENT);
+    assert_eq!(server.metric("wadi_csp_violations_total").await, 1.0);
 }

@@ -7,11 +7,15 @@ use uuid::Uuid;
 
 use crate::{ErrorCode, RunStatus, Usage};
 
-/// The body of every REST error: a machine-readable code and a sentence for people.
+/// The body of every REST error: a machine-readable code, a sentence for people, and the
+/// request's id (also in the `X-Request-Id` header) to quote to whoever runs the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// One page of a cursor-paginated list. Pass `nextCursor` back as `?cursor=` for the next page;

@@ -49,6 +49,7 @@ impl AuthService {
         config: &Config,
         store: Arc<dyn Store>,
         http: reqwest::Client,
+        clock: crate::util::Clock,
     ) -> Result<Self, StoreError> {
         let secret = config.supabase_jwt_secret.as_deref();
         if let Some(url) = &config.supabase_url {
@@ -67,6 +68,7 @@ impl AuthService {
                 verify::KeySource::Remote(jwks),
                 Some(issuer),
                 config.jwt_leeway,
+                clock,
             );
             tracing::info!(supabase = %url, "accepting Supabase users");
             return Ok(Self {
@@ -83,6 +85,7 @@ impl AuthService {
                 access_ttl: config.access_token_ttl,
                 reuse_interval: config.refresh_reuse_interval,
                 password_min_length: config.password_min_length,
+                clock,
             },
         )
         .await?;
@@ -91,6 +94,7 @@ impl AuthService {
             verify::KeySource::Static(service.keys().verify_keys()),
             Some(config.jwt_issuer.clone().unwrap_or(issuer)),
             config.jwt_leeway,
+            clock,
         ));
         let limits = embedded::Limits {
             per_address: KeyedLimiter::per_minute(
@@ -130,7 +134,11 @@ impl FromRequestParts<AppState> for AuthUser {
                 message: "this endpoint requires an Authorization: Bearer token".into(),
             });
         };
-        state.auth.verifier.verify(token).await.map_err(|error| {
+        let verified = state.auth.verifier.verify(token).await;
+        if let Ok(user) = &verified {
+            crate::http::request_log::set_user(user.id);
+        }
+        verified.map_err(|error| {
             tracing::info!(reason = error.reason(), "request with a bad token");
             let code = match error {
                 VerifyError::Expired => ErrorCode::TokenExpired,

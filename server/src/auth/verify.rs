@@ -119,6 +119,8 @@ struct Claims {
     sub: String,
     exp: i64,
     #[serde(default)]
+    nbf: Option<i64>,
+    #[serde(default)]
     email: Option<String>,
     #[serde(default)]
     role: Option<String>,
@@ -132,6 +134,8 @@ pub struct Verifier {
     audience: String,
     issuer: Option<String>,
     leeway: Duration,
+    /// What `exp` and `nbf` are checked against.
+    clock: crate::util::Clock,
 }
 
 impl Verifier {
@@ -140,6 +144,7 @@ impl Verifier {
         keys: KeySource,
         issuer: Option<String>,
         leeway: Duration,
+        clock: crate::util::Clock,
     ) -> Self {
         Self {
             hmac: hmac_secret.map(|secret| DecodingKey::from_secret(secret.as_bytes())),
@@ -147,7 +152,13 @@ impl Verifier {
             audience: "authenticated".to_owned(),
             issuer,
             leeway,
+            clock,
         }
+    }
+
+    /// The clock tokens are checked against.
+    pub fn clock(&self) -> crate::util::Clock {
+        self.clock
     }
 
     /// Verifies signature and claims and returns who the token is for.
@@ -175,11 +186,12 @@ impl Verifier {
         };
 
         let mut validation = Validation::new(algorithm);
-        validation.leeway = self.leeway.as_secs();
         validation.set_audience(&[&self.audience]);
-        // `iss` must be present (and, below, be ours); `nbf`, when present, must have passed.
+        // `iss` must be present (and, below, be ours). `exp` and `nbf` are checked below, on
+        // the verifier's clock.
         validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
-        validation.validate_nbf = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
         }
@@ -199,6 +211,17 @@ impl Verifier {
             _ => VerifyError::Malformed,
         })?;
         let claims = data.claims;
+        let now = self.clock.now_secs();
+        let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX);
+        if claims.exp.saturating_add(leeway) <= now {
+            return Err(VerifyError::Expired);
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf.saturating_sub(leeway) > now)
+        {
+            return Err(VerifyError::InvalidClaims("not yet valid".into()));
+        }
         let id = Uuid::parse_str(&claims.sub)
             .map(crate::ids::UserId::from)
             .map_err(|_| VerifyError::InvalidClaims("sub is not a UUID".into()))?;

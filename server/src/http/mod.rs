@@ -2,7 +2,9 @@
 
 pub mod conversations;
 pub mod extract;
+pub mod request_log;
 pub mod runs;
+pub mod security;
 pub mod static_files;
 
 use std::{
@@ -27,6 +29,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/me", get(me))
         .route("/api/config", get(client_config))
+        .route(security::REPORT_PATH, axum::routing::post(security::report))
         .merge(conversations::router())
         .merge(runs::router())
         // Unknown API paths answer JSON 404s, not the web app's index page.
@@ -36,10 +39,16 @@ pub fn router(state: AppState) -> Router {
             body_limit,
             extract::reject_declared_oversized,
         ));
+    // On a listener of its own when `--metrics-addr` is set; never served from the web app.
+    let metrics_here = if state.config.metrics_addr.is_none() {
+        get(metrics)
+    } else {
+        get(api_not_found)
+    };
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", metrics_here)
         .merge(api)
         .merge(crate::ws::router())
         .route("/auth/{*rest}", axum::routing::any(api_not_found))
@@ -55,8 +64,17 @@ pub fn router(state: AppState) -> Router {
     let web_app = axum::routing::any(static_files::serve)
         .layer(compression)
         .with_state(state.clone());
+    let security = Arc::new(security::SecurityHeaders::new(
+        &state.config,
+        state.assets.index_html().as_deref(),
+    ));
     router
         .fallback_service(web_app)
+        .layer(axum::middleware::from_fn_with_state(
+            security,
+            security::layer,
+        ))
+        .layer(axum::middleware::from_fn(request_log::layer))
         .layer(axum::Extension(trust))
         .with_state(state)
 }
@@ -99,15 +117,40 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Prometheus metrics in the text exposition format.
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
+/// Prometheus metrics in the text exposition format; behind `--metrics-token` when set.
+async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, AppError> {
+    if let Some(expected) = &state.config.metrics_token {
+        let given = crate::auth::embedded::bearer_token(&headers).unwrap_or_default();
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Err(AppError::Unauthorized {
+                code: wadi_protocol::ErrorCode::InvalidToken,
+                message: "metrics need the Authorization: Bearer token the server was given".into(),
+            });
+        }
+    }
+    Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.metrics.render(),
     )
+        .into_response())
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The router of `--metrics-addr`: `/metrics` only.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 /// `GET /api/config`: what the browser needs before sign-in (public, no secrets).

@@ -98,8 +98,17 @@ async fn events(
     };
     let after_seq = last_event_id.or(query.after_seq).unwrap_or(0);
     let handle = owned_handle(&state.runs, &user, id).await?;
+    let Some(counted) = state
+        .clients
+        .open_sse(user.id, state.config.max_sse_per_user)
+    else {
+        state.metrics.refused_connection("sse");
+        return Err(AppError::RateLimited);
+    };
     let metrics = state.metrics.clone();
     let events = handle.follow(after_seq, false).map(move |frame| {
+        // Counted while the stream lives.
+        let _counted = &counted;
         let data = frame.encode();
         metrics.bytes_sent.inc_by(data.len() as u64);
         let event = match &frame {

@@ -51,6 +51,18 @@ impl WebAssets {
     }
 }
 
+impl WebAssets {
+    /// The app's page, as served.
+    pub fn index_html(&self) -> Option<String> {
+        match self {
+            Self::Dir(dir) => std::fs::read_to_string(dir.join("index.html")).ok(),
+            Self::Embedded => Embedded::get("index.html")
+                .map(|file| String::from_utf8_lossy(&file.data).into_owned()),
+            Self::Missing => None,
+        }
+    }
+}
+
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const REVALIDATE: &str = "no-cache";
 

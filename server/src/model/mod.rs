@@ -27,14 +27,39 @@ pub enum ModelEvent {
     Usage(Usage),
 }
 
+/// Why a model failed: a kind users may see (the `Display` text, sent in `error` frames and
+/// saved with the run), and a detail for operators (logged, never sent: it can name the
+/// provider's URL, its request ids, or echo the prompt).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
-    /// The provider answered with an error or broke the stream.
-    #[error("model provider error: {0}")]
-    Provider(String),
+    /// The provider could not be reached (connection refused, DNS, TLS, connect timeout).
+    #[error("the model provider could not be reached")]
+    Unreachable { detail: String },
+    /// The provider refused the request (bad key, unknown model, context too long, quota).
+    #[error("the model provider refused the request")]
+    Refused { detail: String },
+    /// The provider is overloaded or failing (429 or 5xx after the retries).
+    #[error("the model provider is unavailable; try again in a moment")]
+    Unavailable { detail: String },
+    /// The stream broke or carried something that is not an answer.
+    #[error("the model provider's answer was cut off")]
+    Broken { detail: String },
     /// Nothing arrived for longer than the idle timeout.
     #[error("the model provider stopped responding")]
     Timeout,
+}
+
+impl ModelError {
+    /// What operators see: the underlying error, for the log.
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::Unreachable { detail }
+            | Self::Refused { detail }
+            | Self::Unavailable { detail }
+            | Self::Broken { detail } => detail,
+            Self::Timeout => "no data within the idle timeout",
+        }
+    }
 }
 
 pub type ModelStream = Pin<Box<dyn Stream<Item = Result<ModelEvent, ModelError>> + Send>>;

@@ -42,7 +42,9 @@ impl OpenAiModel {
             .connect_timeout(settings.connect_timeout)
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ModelError::Provider(e.to_string()))?;
+            .map_err(|e| ModelError::Unreachable {
+                detail: e.to_string(),
+            })?;
         let mut config = OpenAIConfig::new().with_api_base(settings.base_url.trim_end_matches('/'));
         if let Some(key) = settings.api_key {
             config = config.with_api_key(key);
@@ -92,10 +94,10 @@ impl ChatModel for OpenAiModel {
             .chat()
             .create_stream(request)
             .await
-            .map_err(|e| ModelError::Provider(e.to_string()))?;
+            .map_err(|e| classify(&e))?;
         let events = stream.flat_map(|item| {
             let events: Vec<Result<ModelEvent, ModelError>> = match item {
-                Err(error) => vec![Err(ModelError::Provider(error.to_string()))],
+                Err(error) => vec![Err(classify(&error))],
                 Ok(chunk) => {
                     let mut events: Vec<_> = chunk
                         .choices
@@ -118,5 +120,32 @@ impl ChatModel for OpenAiModel {
             futures_util::stream::iter(events)
         });
         Ok(Box::pin(events))
+    }
+}
+
+/// The public kind of an async-openai error, keeping its text as the detail.
+fn classify(error: &async_openai::error::OpenAIError) -> ModelError {
+    use async_openai::error::OpenAIError;
+    let detail = error.to_string();
+    match error {
+        OpenAIError::Reqwest(inner) if inner.is_connect() || inner.is_timeout() => {
+            ModelError::Unreachable { detail }
+        }
+        OpenAIError::Reqwest(inner) => match inner.status() {
+            Some(status) if status.as_u16() == 429 || status.is_server_error() => {
+                ModelError::Unavailable { detail }
+            }
+            Some(status) if status.is_client_error() => ModelError::Refused { detail },
+            _ => ModelError::Broken { detail },
+        },
+        OpenAIError::ApiError(response) => {
+            let status = response.status_code;
+            if status.as_u16() == 429 || status.is_server_error() {
+                ModelError::Unavailable { detail }
+            } else {
+                ModelError::Refused { detail }
+            }
+        }
+        _ => ModelError::Broken { detail },
     }
 }

@@ -75,7 +75,10 @@ fn stopped(handle: &RunHandle, usage: Option<Usage>) -> Outcome {
     )
 }
 
+/// A model failure: users get its kind (saved with the run, sent in `error`), the log gets the
+/// provider's own words.
 fn failed(error: &ModelError, usage: Option<Usage>) -> Outcome {
+    tracing::warn!(kind = %error, detail = error.detail(), "the model failed");
     (RunStatus::Failed, usage, Some(error.to_string()))
 }
 
@@ -261,7 +264,10 @@ async fn history(
         .store
         .recent_messages(conversation_id, ctx.settings.history_messages.max(1))
         .await
-        .map_err(|e| format!("cannot load the conversation: {e}"))?;
+        .map_err(|error| {
+            tracing::error!(%error, "cannot load the conversation for the model");
+            "the server could not load the conversation; try again".to_owned()
+        })?;
     let mut history = Vec::with_capacity(records.len() + 1);
     if let Some(prompt) = &ctx.settings.system_prompt {
         history.push(ChatMessage {

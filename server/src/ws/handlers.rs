@@ -144,7 +144,7 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
             )),
         ));
     }
-    let expires = expiry_instant(user.expires_at, socket.state.config.jwt_leeway);
+    let expires = expiry_instant(socket, user.expires_at);
     let mut session = match socket.endpoint {
         Endpoint::Chat { conversation_id } => {
             // Subscribed before the active run is looked up: a run started after the lookup is
@@ -196,7 +196,7 @@ async fn refresh(socket: &Socket, session: &mut Session, token: &str) -> Flow {
             "a refreshed token must belong to the same user",
         );
     }
-    session.expires = expiry_instant(user.expires_at, socket.state.config.jwt_leeway);
+    session.expires = expiry_instant(socket, user.expires_at);
     session.user = user;
     let active = match socket.endpoint {
         Endpoint::Chat { conversation_id } => socket
@@ -418,9 +418,11 @@ impl Session {
     }
 }
 
-/// The instant a token stops being accepted: its `exp` plus the verifier's leeway.
-fn expiry_instant(exp: i64, leeway: Duration) -> Instant {
-    let now = crate::util::now_millis();
+/// The instant a token stops being accepted: its `exp` plus the verifier's leeway, on the
+/// verifier's clock.
+fn expiry_instant(socket: &Socket, exp: i64) -> Instant {
+    let leeway = socket.state.config.jwt_leeway;
+    let now = socket.state.auth.verifier.clock().now_millis();
     let remaining_ms = exp
         .saturating_mul(1000)
         .saturating_add(i64::try_from(leeway.as_millis()).unwrap_or(0))

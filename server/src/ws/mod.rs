@@ -17,10 +17,11 @@ use axum::{
 use serde::Deserialize;
 use wadi_protocol::{ErrorCode, api::ApiError};
 
-pub use registry::{Control, Endpoint, Inbox, Registry};
+pub use registry::{Caps, Control, Endpoint, Inbox, Refusal, Registry};
 
 use crate::{
     error::AppError,
+    http::ClientAddr,
     ids::{ConversationId, RunId},
     state::AppState,
 };
@@ -50,6 +51,7 @@ struct StreamQuery {
 async fn chat(
     State(state): State<AppState>,
     Path(conversation_id): Path<String>,
+    ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
@@ -57,13 +59,20 @@ async fn chat(
         return AppError::invalid(ErrorCode::InvalidRequest, "not a conversation id")
             .into_response();
     };
-    accept(state, &headers, upgrade, Endpoint::Chat { conversation_id })
+    accept(
+        state,
+        &headers,
+        addr,
+        upgrade,
+        Endpoint::Chat { conversation_id },
+    )
 }
 
 async fn run_stream(
     State(state): State<AppState>,
     Path(run_id): Path<String>,
     Query(query): Query<StreamQuery>,
+    ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
@@ -81,15 +90,17 @@ async fn run_stream(
     accept(
         state,
         &headers,
+        addr,
         upgrade,
         Endpoint::Run { run_id, after_seq },
     )
 }
 
-/// Checks the origin and the connection cap, then upgrades with lean buffers.
+/// Checks the origin and the connection caps, then upgrades with lean buffers.
 fn accept(
     state: AppState,
     headers: &HeaderMap,
+    addr: std::net::IpAddr,
     upgrade: WebSocketUpgrade,
     endpoint: Endpoint,
 ) -> Response {
@@ -100,23 +111,52 @@ fn accept(
             Json(ApiError {
                 code: ErrorCode::InvalidRequest,
                 message: "this origin may not open sockets here".into(),
+                request_id: crate::http::request_log::request_id(),
             }),
         )
             .into_response();
     }
-    if state.clients.len() >= state.config.max_connections {
+    let addr = crate::net::limit_key(addr);
+    let caps = Caps {
+        total: state.config.max_connections,
+        per_address: state.config.max_connections_per_address,
+        pending: state.config.max_pending_connections,
+        pending_per_address: state.config.max_pending_per_address,
+    };
+    if let Err(refusal) = state.clients.admit(addr, &caps) {
+        let (status, reason, message) = match refusal {
+            Refusal::Total => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "total",
+                "the server has too many open connections; try again shortly",
+            ),
+            Refusal::Address => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "address",
+                "too many open connections from your address",
+            ),
+            Refusal::Pending => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "unauthenticated",
+                "too many connections waiting to authenticate; try again shortly",
+            ),
+        };
         state.metrics.close(wadi_protocol::close::TRY_AGAIN_LATER);
+        state.metrics.refused_connection(reason);
+        tracing::info!(%addr, reason, "socket refused: over a connection cap");
         return (
-            StatusCode::SERVICE_UNAVAILABLE,
+            status,
             [(header::RETRY_AFTER, "5")],
             Json(ApiError {
                 code: ErrorCode::TooManyConnections,
-                message: "the server has too many open connections; try again shortly".into(),
+                message: message.into(),
+                request_id: crate::http::request_log::request_id(),
             }),
         )
             .into_response();
     }
     let max_frame = state.config.max_frame_bytes;
+    let request = tracing::Span::current();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -125,7 +165,11 @@ fn accept(
         .max_message_size(max_frame)
         .on_upgrade(move |socket| {
             let sockets = state.sockets.clone();
-            sockets.track_future(socket::serve(socket, state, endpoint))
+            // The upgraded socket runs in a task of its own: it takes the request's span along.
+            sockets.track_future(tracing::Instrument::instrument(
+                socket::serve(socket, state, endpoint, addr),
+                request,
+            ))
         })
 }
 

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -78,6 +79,15 @@ struct Entry {
     endpoint: Endpoint,
     user: Option<UserId>,
     inbox: Arc<Inbox>,
+    /// The client's address, as limits key it.
+    addr: IpAddr,
+}
+
+/// Sockets of one address: open, and of those not authenticated yet.
+#[derive(Default, Clone, Copy)]
+struct AddressCount {
+    open: usize,
+    pending: usize,
 }
 
 #[derive(Default)]
@@ -86,6 +96,32 @@ struct Index {
     by_user: HashMap<UserId, HashSet<Uuid>>,
     by_conversation: HashMap<ConversationId, HashSet<Uuid>>,
     by_run: HashMap<RunId, HashSet<Uuid>>,
+    by_addr: HashMap<IpAddr, AddressCount>,
+    /// Sockets not authenticated yet, in total.
+    pending: usize,
+    /// Open Server-Sent Event streams per user.
+    sse: HashMap<UserId, usize>,
+}
+
+/// How many sockets may be open, per address and before authentication.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    pub per_address: usize,
+    /// Sockets that have not authenticated yet (an authenticated user never waits for them).
+    pub pending: usize,
+    pub pending_per_address: usize,
+}
+
+/// Why a new socket is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server is full.
+    Total,
+    /// This address holds its share.
+    Address,
+    /// Too many sockets (of this address, or in all) have not authenticated yet.
+    Pending,
 }
 
 fn remove_from<K: std::hash::Hash + Eq>(
@@ -127,12 +163,29 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Adds a socket (not yet authenticated). Its entry lives as long as the returned guard.
+    /// Whether a new socket from `addr` fits under `caps` (checked before the upgrade).
+    pub fn admit(&self, addr: IpAddr, caps: &Caps) -> Result<(), Refusal> {
+        let index = self.index();
+        let count = index.by_addr.get(&addr).copied().unwrap_or_default();
+        if index.clients.len() >= caps.total {
+            Err(Refusal::Total)
+        } else if count.open >= caps.per_address {
+            Err(Refusal::Address)
+        } else if index.pending >= caps.pending || count.pending >= caps.pending_per_address {
+            Err(Refusal::Pending)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Adds a socket (not yet authenticated) from `addr`. Its entry lives as long as the
+    /// returned guard.
     pub fn register(
         self: &Arc<Self>,
         id: Uuid,
         endpoint: Endpoint,
         inbox: Arc<Inbox>,
+        addr: IpAddr,
     ) -> Registration {
         let mut index = self.index();
         index.clients.insert(
@@ -141,8 +194,13 @@ impl Registry {
                 endpoint,
                 user: None,
                 inbox,
+                addr,
             },
         );
+        index.pending += 1;
+        let count = index.by_addr.entry(addr).or_default();
+        count.open += 1;
+        count.pending += 1;
         match endpoint {
             Endpoint::Chat { .. } => {}
             Endpoint::Run { run_id, .. } => {
@@ -169,8 +227,16 @@ impl Registry {
         let Some(entry) = index.clients.get_mut(&id) else {
             return Ok(());
         };
+        let was_pending = entry.user.is_none();
         entry.user = Some(user);
         let endpoint = entry.endpoint;
+        let addr = entry.addr;
+        if was_pending {
+            index.pending = index.pending.saturating_sub(1);
+            if let Some(count) = index.by_addr.get_mut(&addr) {
+                count.pending = count.pending.saturating_sub(1);
+            }
+        }
         index.by_user.entry(user).or_default().insert(id);
         if let Endpoint::Chat { conversation_id } = endpoint {
             index
@@ -202,6 +268,17 @@ impl Registry {
         };
         if let Some(user) = entry.user {
             remove_from(&mut index.by_user, user, id);
+        } else {
+            index.pending = index.pending.saturating_sub(1);
+        }
+        if let Some(count) = index.by_addr.get_mut(&entry.addr) {
+            count.open = count.open.saturating_sub(1);
+            if entry.user.is_none() {
+                count.pending = count.pending.saturating_sub(1);
+            }
+            if count.open == 0 {
+                index.by_addr.remove(&entry.addr);
+            }
         }
         match entry.endpoint {
             Endpoint::Chat { conversation_id } => {
@@ -228,6 +305,41 @@ impl Announce for Registry {
 
     fn shows(&self, conversation: ConversationId) -> bool {
         self.index().by_conversation.contains_key(&conversation)
+    }
+}
+
+impl Registry {
+    /// Counts an open Server-Sent Events stream of `user`; refused beyond `cap`. The stream
+    /// holds the returned guard.
+    pub fn open_sse(self: &Arc<Self>, user: UserId, cap: usize) -> Option<SseStream> {
+        let mut index = self.index();
+        let open = index.sse.entry(user).or_default();
+        if *open >= cap {
+            return None;
+        }
+        *open += 1;
+        Some(SseStream {
+            registry: self.clone(),
+            user,
+        })
+    }
+}
+
+/// An open SSE stream, counted until dropped.
+pub struct SseStream {
+    registry: Arc<Registry>,
+    user: UserId,
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        let mut index = self.registry.index();
+        if let Some(open) = index.sse.get_mut(&self.user) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                index.sse.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -269,15 +381,18 @@ mod tests {
         let conversation_id = ConversationId::new();
         let user = UserId::new();
         let inbox = Arc::new(Inbox::default());
+        let addr = IpAddr::from([192, 0, 2, 1]);
         let a = registry.register(
             Uuid::now_v7(),
             Endpoint::Chat { conversation_id },
             inbox.clone(),
+            addr,
         );
         let b = registry.register(
             Uuid::now_v7(),
             Endpoint::Chat { conversation_id },
             inbox.clone(),
+            addr,
         );
         assert_eq!(registry.len(), 2);
         assert_eq!(
@@ -288,7 +403,12 @@ mod tests {
         registry.authenticate(a.id, user, 2).unwrap();
         registry.authenticate(b.id, user, 2).unwrap();
         assert_eq!(registry.watching_conversation(conversation_id), 2);
-        let c = registry.register(Uuid::now_v7(), Endpoint::Chat { conversation_id }, inbox);
+        let c = registry.register(
+            Uuid::now_v7(),
+            Endpoint::Chat { conversation_id },
+            inbox,
+            addr,
+        );
         assert!(
             registry.authenticate(c.id, user, 2).is_err(),
             "over the per-user limit"
@@ -298,7 +418,60 @@ mod tests {
         assert_eq!(registry.user_connections(user), 1);
         drop(b);
         assert!(registry.is_empty());
+        let caps = Caps {
+            total: 10,
+            per_address: 10,
+            pending: 10,
+            pending_per_address: 10,
+        };
+        assert_eq!(registry.admit(addr, &caps), Ok(()), "nothing left counted");
         assert_eq!(registry.watching_conversation(conversation_id), 0);
         assert_eq!(registry.user_connections(user), 0);
+    }
+
+    #[test]
+    fn caps_count_per_address_and_before_authentication() {
+        let registry = Arc::new(Registry::default());
+        let here = IpAddr::from([192, 0, 2, 1]);
+        let there = IpAddr::from([192, 0, 2, 2]);
+        let caps = Caps {
+            total: 5,
+            per_address: 3,
+            pending: 3,
+            pending_per_address: 2,
+        };
+        let inbox = Arc::new(Inbox::default());
+        let endpoint = Endpoint::Chat {
+            conversation_id: ConversationId::new(),
+        };
+        let first = registry.register(Uuid::now_v7(), endpoint, inbox.clone(), here);
+        let _second = registry.register(Uuid::now_v7(), endpoint, inbox.clone(), here);
+        assert_eq!(registry.admit(here, &caps), Err(Refusal::Pending));
+        assert_eq!(registry.admit(there, &caps), Ok(()));
+        // Authenticated sockets no longer count as pending, but still as the address's.
+        registry.authenticate(first.id, UserId::new(), 10).unwrap();
+        assert_eq!(registry.admit(here, &caps), Ok(()));
+        let _third = registry.register(Uuid::now_v7(), endpoint, inbox.clone(), here);
+        assert_eq!(registry.admit(here, &caps), Err(Refusal::Address));
+        let _fourth = registry.register(Uuid::now_v7(), endpoint, inbox.clone(), there);
+        assert_eq!(
+            registry.admit(there, &caps),
+            Err(Refusal::Pending),
+            "three pending in all"
+        );
+        let _fifth = registry.register(Uuid::now_v7(), endpoint, inbox, there);
+        assert_eq!(registry.admit(there, &caps), Err(Refusal::Total));
+    }
+
+    #[test]
+    fn sse_streams_are_counted_per_user_until_dropped() {
+        let registry = Arc::new(Registry::default());
+        let user = UserId::new();
+        let a = registry.open_sse(user, 2).unwrap();
+        let _b = registry.open_sse(user, 2).unwrap();
+        assert!(registry.open_sse(user, 2).is_none());
+        assert!(registry.open_sse(UserId::new(), 2).is_some());
+        drop(a);
+        assert!(registry.open_sse(user, 2).is_some());
     }
 }

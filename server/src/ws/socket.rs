@@ -82,11 +82,11 @@ struct Connection {
 }
 
 /// Runs a socket to its end. Whatever ends it, its registry entry and watcher tasks go.
-pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint) {
+pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr: std::net::IpAddr) {
     let id = Uuid::now_v7();
     let span = tracing::info_span!("ws", client_id = %id, endpoint = endpoint.label());
     let inbox = Arc::new(Inbox::default());
-    let _registration = state.clients.register(id, endpoint, inbox.clone());
+    let _registration = state.clients.register(id, endpoint, inbox.clone(), addr);
     let gauge = state
         .metrics
         .connections

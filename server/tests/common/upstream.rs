@@ -44,6 +44,8 @@ pub enum Step {
     Finish,
     /// Break the connection mid-stream.
     Fail,
+    /// Send these bytes as they are (garbage, half an event).
+    Raw(String),
 }
 
 /// One request the fake received.
@@ -258,6 +260,7 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
             let (item, sent, done) = match step {
                 None => (Ok(Bytes::from_static(b": keepalive\n\n")), sent, false),
                 Some(Some(Step::Token(text))) => (Ok(sse(&delta(&text))), sent + 1, false),
+                Some(Some(Step::Raw(bytes))) => (Ok(Bytes::from(bytes)), sent, false),
                 Some(Some(Step::Finish) | None) => {
                     guard.finished = true;
                     let mut bytes = sse(&usage(sent)).to_vec();

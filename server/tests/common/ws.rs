@@ -39,6 +39,33 @@ impl WsClient {
         client
     }
 
+    /// Opens a socket as a proxy in front of the server would, with `X-Forwarded-For: <from>`;
+    /// the HTTP status if the upgrade is refused.
+    pub async fn connect_from(server: &TestServer, path: &str, from: &str) -> Result<Self, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}{path}", server.addr)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", from.parse().unwrap());
+        match tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("connect timed out")
+        {
+            Ok((socket, _)) => {
+                let mut client = Self { socket };
+                let connected = client.next().await;
+                assert_eq!(connected["type"], "connected", "{connected}");
+                Ok(client)
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(error) => panic!("connect failed: {error}"),
+        }
+    }
+
     /// Opens a socket and authenticates; returns the `authenticated` frame too.
     pub async fn authed(server: &TestServer, path: &str, token: &str) -> (Self, Value) {
         let mut client = Self::connect(server, path).await;

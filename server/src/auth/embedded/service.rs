@@ -34,6 +34,7 @@ pub struct EmbeddedAuth {
     access_ttl: Duration,
     reuse_interval: Duration,
     password_min_length: usize,
+    clock: crate::util::Clock,
     /// Verified against when an email is unknown, so that a wrong email costs the same time as
     /// a wrong password.
     dummy_hash: String,
@@ -45,6 +46,8 @@ pub struct Settings {
     pub access_ttl: Duration,
     pub reuse_interval: Duration,
     pub password_min_length: usize,
+    /// What tokens are timed with (the verifier's clock).
+    pub clock: crate::util::Clock,
 }
 
 /// What a successful signup, login or refresh returns.
@@ -71,6 +74,7 @@ impl EmbeddedAuth {
             access_ttl: settings.access_ttl,
             reuse_interval: settings.reuse_interval,
             password_min_length: settings.password_min_length,
+            clock: settings.clock,
             dummy_hash,
             hasher,
         })
@@ -93,7 +97,7 @@ impl EmbeddedAuth {
     ) -> Result<IssuedSession, AuthApiError> {
         let email = normalize_email(email)?;
         self.check_password(password)?;
-        let now = now_millis();
+        let now = self.clock.now_millis();
         let user = UserRecord {
             // Random, as Supabase's are (a time-ordered id would tell when someone signed up).
             id: UserId::from(Uuid::new_v4()),
@@ -146,7 +150,7 @@ impl EmbeddedAuth {
         let Some(mut user) = user.filter(|_| matches) else {
             return Err(AuthApiError::invalid_credentials());
         };
-        let now = now_millis();
+        let now = self.clock.now_millis();
         self.store
             .record_sign_in(user.id, now)
             .await
@@ -213,7 +217,7 @@ impl EmbeddedAuth {
             .await
             .map_err(store_error)?
             .ok_or_else(session_not_found)?;
-        let now = now_millis();
+        let now = self.clock.now_millis();
 
         if !record.revoked {
             let (child_token, child) = new_refresh_token(session.id, Some(record.id), now);

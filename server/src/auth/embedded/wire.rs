@@ -77,6 +77,9 @@ impl IntoResponse for AuthApiError {
         if let Some(reasons) = self.weak_reasons {
             body["weak_password"] = json!({ "reasons": reasons });
         }
+        if let Some(id) = crate::http::request_log::request_id() {
+            body["request_id"] = json!(id);
+        }
         let mut response = (self.status, Json(body)).into_response();
         response
             .headers_mut()
