@@ -275,6 +275,16 @@ pub struct Config {
     #[arg(long, env = "WADI_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub heartbeat_interval: Duration,
 
+    /// Past this many runs driven by this instance at once, new messages are refused with
+    /// `overloaded` (and a retry hint) while the running answers go on (0: no cap).
+    #[arg(long, env = "WADI_MAX_ACTIVE_RUNS", default_value_t = 0)]
+    pub max_active_runs: usize,
+
+    /// Past this much event-loop lag, new messages are refused with `overloaded` (0: not
+    /// checked). The running answers' chunks are delayed by that much already.
+    #[arg(long, env = "WADI_MAX_LOOP_LAG", value_parser = parse_duration, default_value = "100ms")]
+    pub max_loop_lag: Duration,
+
     /// Serve `/metrics` on this address only (e.g. `127.0.0.1:9090`), off the public port.
     #[arg(long, env = "WADI_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -376,6 +386,8 @@ impl std::fmt::Debug for Config {
             .field("send_queue_bytes", &self.send_queue_bytes)
             .field("slow_client_timeout", &self.slow_client_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("max_active_runs", &self.max_active_runs)
+            .field("max_loop_lag", &self.max_loop_lag)
             .field("metrics_addr", &self.metrics_addr)
             .field(
                 "metrics_token",
@@ -449,6 +461,8 @@ impl Config {
             send_queue_bytes: 1024 * 1024,
             slow_client_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
+            max_active_runs: 0,
+            max_loop_lag: Duration::ZERO,
             metrics_addr: None,
             metrics_token: None,
             allowed_origins: Vec::new(),

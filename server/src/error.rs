@@ -30,6 +30,9 @@ pub enum AppError {
     /// The server is shutting down and starts nothing new.
     #[error("the server is shutting down; try again in a moment")]
     ShuttingDown,
+    /// Too busy to start anything more now; retry after the given time.
+    #[error("the server is busy; try again in a moment")]
+    Overloaded { retry_after: std::time::Duration },
     /// A dependency (database, model) is not available right now.
     #[error("{0}")]
     Unavailable(String),
@@ -58,7 +61,9 @@ impl AppError {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::ShuttingDown | Self::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +77,7 @@ impl AppError {
             Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::RateLimited => ErrorCode::RateLimited,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::Overloaded { .. } => ErrorCode::Overloaded,
             Self::Unavailable(_) | Self::Internal(_) => ErrorCode::InternalError,
         }
     }
@@ -80,7 +86,13 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let message = if status.is_server_error() && !matches!(self, Self::ShuttingDown) {
+        let retry_after = match &self {
+            Self::Overloaded { retry_after } => Some(retry_after.as_secs().max(1)),
+            _ => None,
+        };
+        let message = if status.is_server_error()
+            && !matches!(self, Self::ShuttingDown | Self::Overloaded { .. })
+        {
             tracing::error!(error = %self, "request failed");
             match self {
                 Self::Unavailable(_) => "the service is temporarily unavailable".to_owned(),
@@ -94,7 +106,14 @@ impl IntoResponse for AppError {
             message,
             request_id: crate::http::request_log::request_id(),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        response
     }
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod content;
 pub mod dto;
 pub mod error;
+pub mod fuzzing;
 pub mod http;
 pub mod ids;
 pub mod limits;

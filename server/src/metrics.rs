@@ -47,6 +47,7 @@ pub struct Metrics {
     pub redis_errors: Counter,
     pub csp_violations: Counter,
     pub refused_connections: Family<ReasonLabel, Counter>,
+    pub overload_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -169,6 +170,12 @@ impl Metrics {
             "Sockets and streams refused by a cap, by which (total, address, unauthenticated, sse)",
             refused_connections.clone(),
         );
+        let overload_refusals = Counter::default();
+        registry.register(
+            "overload_refusals",
+            "New runs refused because this instance was past its load limits",
+            overload_refusals.clone(),
+        );
         Self {
             registry,
             connections,
@@ -188,6 +195,7 @@ impl Metrics {
             redis_errors,
             csp_violations,
             refused_connections,
+            overload_refusals,
         }
     }
 

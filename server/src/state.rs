@@ -96,6 +96,8 @@ impl AppState {
             instance_timeout: config.instance_timeout,
             message_rate_per_minute: config.message_rate_per_minute,
             message_rate_burst: config.message_rate_burst,
+            max_active_runs: config.max_active_runs,
+            max_loop_lag: config.max_loop_lag,
         };
         let clients = Arc::new(Registry::default());
         let runs = Runs::new(

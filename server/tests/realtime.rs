@@ -1302,6 +1302,72 @@ async fn server_sent_event_streams_are_capped_per_user() {
 }
 
 #[tokio::test]
+async fn past_its_load_limit_a_server_refuses_new_runs_and_keeps_the_running_one() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.max_active_runs = 1;
+    })
+    .await;
+    let api = server.user().await;
+    let busy = api.new_conversation().await;
+    let other = api.new_conversation().await;
+    let (mut running, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{busy}"), &token(&api)).await;
+    running
+        .send(json!({"type": "message", "content": "the one that runs"}))
+        .await;
+    assert_eq!(running.next().await["type"], "start");
+    let request = upstream.next_request().await;
+    request.token("steady ");
+    read_text(&mut running, "steady ").await;
+
+    // A second answer, elsewhere: refused at once, with a hint, over the socket…
+    let (mut refused, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{other}"), &token(&api)).await;
+    refused
+        .send(json!({"type": "message", "content": "one more"}))
+        .await;
+    let error = refused.next().await;
+    assert_eq!(error["code"], "overloaded", "{error}");
+    assert_eq!(error["retryAfterMs"], 2000);
+    // …and over REST, with nothing written.
+    let response = api
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/conversations/{other}/messages"),
+        )
+        .json(&json!({"content": "one more"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "2");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "overloaded");
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{other}/messages"))
+        .await;
+    assert_eq!(
+        messages["items"].as_array().unwrap().len(),
+        0,
+        "nothing saved"
+    );
+
+    // The running answer goes on untouched, and once it ends there is room again.
+    request.token("done");
+    request.send(Step::Finish);
+    let frames = running.until("complete").await;
+    assert_eq!(frames.last().unwrap()["fullOutput"], "steady done");
+    refused
+        .send(json!({"type": "message", "content": "now?"}))
+        .await;
+    assert_eq!(refused.next().await["type"], "start");
+    assert_eq!(server.metric("wadi_overload_refusals_total").await, 2.0);
+    upstream.next_request().await.send(Step::Finish);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn resumes_in_flight_on_a_socket_are_capped() {
     // Long finished answers: each resume of one queues the whole answer again.
     let big = "r".repeat(16 * 1024);

@@ -58,6 +58,9 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The client did not read its frames fast enough and is being disconnected.
     SlowConsumer,
+    /// The server is too busy to start another answer now; the running ones go on. Retry after
+    /// `retryAfterMs`.
+    Overloaded,
 
     // Everything else.
     /// The server is shutting down; reconnect shortly.
@@ -68,7 +71,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation checks and exhaustive tests.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -90,6 +93,7 @@ impl ErrorCode {
         Self::RateLimited,
         Self::TooManyConnections,
         Self::SlowConsumer,
+        Self::Overloaded,
         Self::ShuttingDown,
         Self::InternalError,
     ];
@@ -118,6 +122,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::TooManyConnections => "too_many_connections",
             Self::SlowConsumer => "slow_consumer",
+            Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
             Self::InternalError => "internal_error",
         }

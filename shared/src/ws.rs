@@ -134,6 +134,9 @@ pub enum ServerMessage {
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         run_id: Option<Uuid>,
+        /// With `overloaded` (and other refusals worth retrying): when to try again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// Answer to `ping`.
     Pong,
@@ -146,6 +149,7 @@ impl ServerMessage {
             code,
             message: message.into(),
             run_id,
+            retry_after_ms: None,
         }
     }
 

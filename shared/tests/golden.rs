@@ -192,6 +192,15 @@ fn server_frames_have_pinned_json() {
             ServerMessage::error(ErrorCode::ModelError, "upstream failed", Some(RUN)),
             json!({"type": "error", "code": "model_error", "message": "upstream failed", "runId": RUN}),
         ),
+        (
+            ServerMessage::Error {
+                code: ErrorCode::Overloaded,
+                message: "busy".into(),
+                run_id: None,
+                retry_after_ms: Some(2000),
+            },
+            json!({"type": "error", "code": "overloaded", "message": "busy", "retryAfterMs": 2000}),
+        ),
         (ServerMessage::Pong, json!({"type": "pong"})),
     ];
     for (frame, expected) in cases {

@@ -9,6 +9,7 @@
 //! - `bench`: the benchmark scenarios (`docs/performance.md`).
 
 mod bench;
+mod fuzz;
 mod services;
 mod tools;
 
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         "run" => run(rest),
         "test" => test(),
         "bench" => bench::run(rest),
+        "fuzz" => fuzz::run(rest),
         "dist" => dist().map(|path| println!("built {}", path.display())),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
@@ -53,6 +55,7 @@ const HELP: &str = "usage: cargo xtask <command>
   test        everything CI checks: fmt, clippy, tests, wasm build, browser tests, bench smoke
   dist        the one binary (web app embedded) into target/dist/
   bench ...   benchmarks: idle, stream, churn, smoke (see docs/performance.md)
+  fuzz [--time S] [TARGET...]  the fuzz targets (fuzz/), S seconds each; the corpus grows
   setup       install the wasm target, trunk and wasm-bindgen-cli";
 
 /// Builds the web app, then runs the server in release mode (the app embedded) until Ctrl-C.

@@ -63,6 +63,25 @@ pub fn output(command: &mut Command) -> Result<String, String> {
     }
 }
 
+/// Runs a command showing its output as it goes, and returns its standard error too (libFuzzer
+/// prints its statistics there); an error if it fails.
+pub fn output_and_stderr(command: &mut Command) -> Result<String, String> {
+    let text = describe(command);
+    println!("$ {text}");
+    let output = command
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run `{text}`: {e}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    eprint!("{stderr}");
+    if output.status.success() {
+        Ok(stderr)
+    } else {
+        Err(format!("`{text}` failed ({})", output.status))
+    }
+}
+
 /// The first line a tool prints for `--version`, or `None` if it is not installed.
 fn version_of(program: &str) -> Option<String> {
     let output = Command::new(program)

@@ -75,9 +75,19 @@ struct Counters {
     tokens: AtomicU64,
 }
 
+/// A run the server refused as `overloaded`: its sender sets it, the other watchers of the run
+/// stop waiting for a `start` that will never come.
+#[derive(Default)]
+struct Refusal {
+    refused: std::sync::atomic::AtomicBool,
+    told: tokio::sync::Notify,
+}
+
 /// What one watcher saw.
 #[derive(Default)]
 struct Watched {
+    /// The run was refused as `overloaded` (after this many microseconds, for its sender).
+    refused: Option<Option<u64>>,
     started: bool,
     chunks: u64,
     tokens: u64,
@@ -119,10 +129,13 @@ async fn watch(
     send: Option<(Instant, Send)>,
     deadline: Instant,
     counters: Arc<Counters>,
+    refusal: Arc<Refusal>,
 ) -> Watched {
     let mut seen = Watched::default();
+    let mut sent_at = None;
     if let Some((at, send)) = send {
         tokio::time::sleep_until(at).await;
+        sent_at = Some(stamp::now_micros());
         let sent = match send {
             Send::Socket(prompt) => {
                 let frame = json!({"type": "message", "content": prompt});
@@ -143,14 +156,37 @@ async fn watch(
                 .map(|_| ())
                 .map_err(anyhow::Error::from),
         };
-        if let Err(error) = sent {
-            seen.error = Some(format!("{error:#}"));
-            return seen;
+        match sent {
+            Ok(()) => {}
+            Err(error) if format!("{error:#}").contains("503") => {
+                // A REST send refused as overloaded (cluster mode sends over REST).
+                seen.refused = Some(sent_at.map(|at| stamp::now_micros().saturating_sub(at)));
+                refusal.refused.store(true, Ordering::SeqCst);
+                refusal.told.notify_waiters();
+                client::close(socket).await;
+                return seen;
+            }
+            Err(error) => {
+                seen.error = Some(format!("{error:#}"));
+                return seen;
+            }
         }
     }
     let mut last_seq = 0;
     loop {
-        let text = match tokio::time::timeout_at(deadline, client::next_text(&mut socket)).await {
+        // Registered before the flag is read, so a refusal in between still wakes us.
+        let told = refusal.told.notified();
+        tokio::pin!(told);
+        told.as_mut().enable();
+        if !seen.started && refusal.refused.load(Ordering::SeqCst) {
+            seen.refused = Some(None);
+            break;
+        }
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, client::next_text(&mut socket)) => next,
+            () = &mut told, if !seen.started => continue,
+        };
+        let text = match next {
             Ok(Ok(text)) => text,
             Ok(Err(error)) => {
                 seen.error = Some(format!("{error:#}"));
@@ -189,6 +225,12 @@ async fn watch(
             }
             "complete" => {
                 seen.status = Some(frame.status.as_deref().unwrap_or("?").to_owned());
+                break;
+            }
+            "error" if frame.code.as_deref() == Some("overloaded") && !seen.started => {
+                seen.refused = Some(sent_at.map(|at| received.saturating_sub(at)));
+                refusal.refused.store(true, Ordering::SeqCst);
+                refusal.told.notify_waiters();
                 break;
             }
             "error" => seen.error = Some(frame.describe()),
@@ -312,6 +354,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     let deadline = t0 + ramp + streaming + COMPLETE_GRACE;
     let mut tasks = Vec::with_capacity(sockets.len());
     let http = reqwest::Client::new();
+    let refusals: Vec<Arc<Refusal>> = (0..runs).map(|_| Arc::default()).collect();
     for (index, socket) in sockets.into_iter().enumerate() {
         let Some(socket) = socket else { continue };
         let run = index / watchers;
@@ -336,6 +379,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
             send,
             deadline,
             counters.clone(),
+            refusals[run].clone(),
         )));
     }
 
@@ -361,9 +405,20 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     let mut latencies = Latencies::default();
     let (mut complete, mut watched, mut seq_errors, mut tokens) = (0usize, 0usize, 0u64, 0u64);
     let mut chunks = 0u64;
+    let (mut refused_watchers, mut refused_runs) = (0usize, 0usize);
+    let mut refusal_latencies = Latencies::default();
     for task in tasks {
         let seen = task.await.map_err(|e| anyhow!("a watcher panicked: {e}"))?;
         watched += 1;
+        if let Some(after) = seen.refused {
+            // Refused as overloaded: expected past the server's limit, measured, not an error.
+            refused_watchers += 1;
+            if let Some(micros) = after {
+                refused_runs += 1;
+                refusal_latencies.record(micros);
+            }
+            continue;
+        }
         seq_errors += seen.seq_errors;
         tokens += seen.tokens;
         chunks += seen.chunks;
@@ -397,8 +452,9 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     );
     let rates = window(&samples, steady);
     let latency: Summary = latencies.summary();
-    let expected_watchers = runs * watchers;
+    let expected_watchers = runs * watchers - refused_watchers;
     let every_seq_once = complete == expected_watchers && errors.total == 0;
+    let refusal = refusal_latencies.summary();
     let offered = (runs * watchers) as f64 * args.rate;
     let met = every_seq_once && latency.p99_ms < TARGET_P99_MS;
     let mut cpu = match (rates.server_cores, rates.server_cpu_seconds_per_1000_chunks) {
@@ -408,6 +464,12 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     if let (Some(cores), Some(per)) = (rates.redis_cores, rates.redis_cpu_seconds_per_1000_chunks) {
         cpu.push_str(&format!(
             ", redis {cores:.2} cores = {per:.4} CPU-s/1000 chunks"
+        ));
+    }
+    if refused_runs > 0 {
+        cpu.push_str(&format!(
+            ", {refused_runs} runs refused as overloaded (error after p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms)",
+            refusal.p50_ms, refusal.p99_ms, refusal.max_ms
         ));
     }
     let mode = if target.second.is_some() {
@@ -449,6 +511,8 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
             "tokens_received": tokens,
             "watchers_complete": complete,
             "watchers_expected": expected_watchers,
+            "runs_refused": refused_runs,
+            "refusal_latency": refusal,
             "watched": watched,
             "seq_errors": seq_errors,
             "every_seq_exactly_once": every_seq_once,

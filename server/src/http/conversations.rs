@@ -64,7 +64,8 @@ async fn list(
     }))
 }
 
-fn parse_conversation_cursor(cursor: &str) -> Result<ConversationCursor, AppError> {
+/// A conversations page cursor (`?cursor=` of `GET /api/conversations`).
+pub fn parse_conversation_cursor(cursor: &str) -> Result<ConversationCursor, AppError> {
     let fields = decode_cursor("c", cursor)?;
     let bad = || AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor");
     let (updated_at, id) = fields.split_once(':').ok_or_else(bad)?;

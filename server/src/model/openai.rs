@@ -14,6 +14,7 @@ use async_openai::{
         ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
         ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
         ChatCompletionStreamOptions, CreateChatCompletionRequest,
+        CreateChatCompletionStreamResponse,
     },
 };
 use async_trait::async_trait;
@@ -98,29 +99,32 @@ impl ChatModel for OpenAiModel {
         let events = stream.flat_map(|item| {
             let events: Vec<Result<ModelEvent, ModelError>> = match item {
                 Err(error) => vec![Err(classify(&error))],
-                Ok(chunk) => {
-                    let mut events: Vec<_> = chunk
-                        .choices
-                        .into_iter()
-                        .filter(|choice| choice.index == 0)
-                        .filter_map(|choice| choice.delta.content)
-                        .filter(|content| !content.is_empty())
-                        .map(|content| Ok(ModelEvent::Delta(content)))
-                        .collect();
-                    if let Some(usage) = chunk.usage {
-                        events.push(Ok(ModelEvent::Usage(Usage {
-                            prompt_tokens: usage.prompt_tokens,
-                            completion_tokens: usage.completion_tokens,
-                            total_tokens: usage.total_tokens,
-                        })));
-                    }
-                    events
-                }
+                Ok(chunk) => events_of(chunk).into_iter().map(Ok).collect(),
             };
             futures_util::stream::iter(events)
         });
         Ok(Box::pin(events))
     }
+}
+
+/// What one streamed chunk says: the first choice's text, and the usage when it is reported.
+pub fn events_of(chunk: CreateChatCompletionStreamResponse) -> Vec<ModelEvent> {
+    let mut events: Vec<_> = chunk
+        .choices
+        .into_iter()
+        .filter(|choice| choice.index == 0)
+        .filter_map(|choice| choice.delta.content)
+        .filter(|content| !content.is_empty())
+        .map(ModelEvent::Delta)
+        .collect();
+    if let Some(usage) = chunk.usage {
+        events.push(ModelEvent::Usage(Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens,
+        }));
+    }
+    events
 }
 
 /// The public kind of an async-openai error, keeping its text as the detail.

@@ -528,4 +528,73 @@ mod tests {
             "the saved answer is authoritative"
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// However the chunks and the ending interleave with a follower's start, it gets
+            /// each seq after its own exactly once, in order, then `complete` with the whole
+            /// output.
+            #[test]
+            fn follow_from_any_seq_yields_each_later_seq_once(
+                chunks in proptest::collection::vec("[a-z ]{1,6}", 0..40),
+                follow_at in 0usize..45,
+                after in 0u64..45,
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let frames = runtime.block_on(async {
+                    let run = handle();
+                    let mut follower = None;
+                    for (index, chunk) in chunks.iter().enumerate() {
+                        if index == follow_at {
+                            follower = Some(tokio::spawn(run.clone().follow(after, false).collect::<Vec<_>>()));
+                            tokio::task::yield_now().await;
+                        }
+                        run.push(chunk);
+                    }
+                    let follower = match follower {
+                        Some(follower) => follower,
+                        None => tokio::spawn(run.clone().follow(after, false).collect::<Vec<_>>()),
+                    };
+                    run.finish(Ending::new(RunStatus::Completed, None, None));
+                    follower.await.unwrap()
+                });
+                let n = chunks.len() as u64;
+                let expected: Vec<u64> = (after.min(n) + 1..=n).collect();
+                prop_assert_eq!(chunk_seqs(&frames), expected);
+                let full: String = chunks.concat();
+                let completed = matches!(
+                    frames.last(),
+                    Some(ServerMessage::Complete { full_output, .. }) if *full_output == full
+                );
+                prop_assert!(completed, "complete with the whole output");
+            }
+
+            /// A mirror fed the same chunks in any order, with repeats, and filled from the log
+            /// after every gap, ends up holding exactly the run.
+            #[test]
+            fn a_mirror_fed_in_any_order_ends_up_exact(
+                chunks in proptest::collection::vec("[a-z]{1,4}", 1..30),
+                deliveries in proptest::collection::vec(0usize..30, 0..80),
+            ) {
+                let mirror = RunHandle::new(key(), Origin::Mirror { owner: None });
+                for index in deliveries {
+                    let Some(text) = chunks.get(index) else { continue };
+                    if mirror.push_at(index as u64 + 1, text).is_err() {
+                        // A gap: read the log from the last seq held.
+                        for (seq, text) in chunks.iter().enumerate().skip(mirror.last_seq() as usize) {
+                            mirror.push_at(seq as u64 + 1, text).unwrap();
+                        }
+                    }
+                }
+                for (seq, text) in chunks.iter().enumerate().skip(mirror.last_seq() as usize) {
+                    mirror.push_at(seq as u64 + 1, text).unwrap();
+                }
+                prop_assert_eq!(mirror.snapshot(), (chunks.concat(), chunks.len() as u64));
+            }
+        }
+    }
 }

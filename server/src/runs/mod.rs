@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod handle;
 pub mod hub;
 mod liveness;
+mod load;
 mod mirror;
 pub mod redis;
 pub mod task;
@@ -58,6 +59,10 @@ pub struct RunSettings {
     /// Messages per user per minute, sustained, and in a burst.
     pub message_rate_per_minute: f64,
     pub message_rate_burst: u32,
+    /// Past this many runs driven here, new ones are refused as `overloaded` (0: no cap).
+    pub max_active_runs: usize,
+    /// Past this much event-loop lag, new runs are refused as `overloaded` (0: not checked).
+    pub max_loop_lag: Duration,
 }
 
 /// The local sockets, as runs see them.
@@ -118,6 +123,7 @@ pub struct Runs {
     /// Copies of runs' logs to the shared log, so shutdown can let them finish.
     replicators: TaskTracker,
     liveness: liveness::Liveness,
+    load: load::Load,
 }
 
 impl Runs {
@@ -148,7 +154,9 @@ impl Runs {
             limiter,
             replicators: TaskTracker::new(),
             liveness: liveness::Liveness::default(),
+            load: load::Load::default(),
         });
+        runs.load.watch_lag(runs.settings.max_loop_lag);
         if let Some(events) = events {
             tokio::spawn(Self::handle_events(Arc::downgrade(&runs), events));
         }
@@ -191,6 +199,10 @@ impl Runs {
     ) -> Result<Sent, AppError> {
         if self.hub.is_stopping() {
             return Err(AppError::ShuttingDown);
+        }
+        if let Some(retry_after) = self.overloaded() {
+            self.metrics.overload_refusals.inc();
+            return Err(AppError::Overloaded { retry_after });
         }
         let now = now_millis();
         let run_id = RunId::new();
@@ -313,6 +325,17 @@ impl Runs {
         let cluster = self.cluster.clone();
         self.replicators
             .spawn(async move { cluster.replicate(handle).await });
+    }
+
+    /// `Some(retry after)` if a new run must be refused now: too many running here, or the event
+    /// loop lagging (the runs it already has would suffer).
+    fn overloaded(&self) -> Option<Duration> {
+        let max = self.settings.max_active_runs;
+        if max > 0 && self.hub.active_count() >= max {
+            return Some(load::RETRY_AFTER);
+        }
+        let lag_cap = self.settings.max_loop_lag;
+        (!lag_cap.is_zero() && self.load.lag() > lag_cap).then_some(load::RETRY_AFTER)
     }
 
     /// The caller's run, driven here or mirrored; `None` if there is no such run of theirs.

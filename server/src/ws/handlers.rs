@@ -228,6 +228,14 @@ fn authenticated_frame(session: &Session, active: Option<&RunHandle>) -> ServerM
 /// An `error` frame for a failed server operation, without internal details.
 fn send_app_error(socket: &Socket, error: AppError) -> Flow {
     let code = error.code();
+    if let AppError::Overloaded { retry_after } = &error {
+        return socket.send(&ServerMessage::Error {
+            code,
+            message: error.to_string(),
+            run_id: None,
+            retry_after_ms: Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
+        });
+    }
     let message = if error.status_code().is_server_error() && code != ErrorCode::ShuttingDown {
         tracing::error!(%error, "socket request failed");
         "the server could not do that; try again".to_owned()

@@ -259,6 +259,7 @@ impl ChatState {
                 code,
                 message,
                 run_id,
+                ..
             } => {
                 self.on_error(code, message, run_id);
                 Vec::new()
@@ -350,6 +351,7 @@ impl ChatState {
                 | ErrorCode::TooLarge
                 | ErrorCode::InvalidMessage
                 | ErrorCode::RateLimited
+                | ErrorCode::Overloaded
         );
         if refuses_a_send && run_id.is_none() && !self.pending.is_empty() {
             let pending = self.pending.remove(0);
@@ -382,6 +384,7 @@ pub fn human_error(code: ErrorCode, message: &str) -> String {
         ErrorCode::TooLarge => "That message is too long.".into(),
         ErrorCode::EmptyContent => "Type a message first.".into(),
         ErrorCode::RateLimited => "You are sending too fast. Try again in a moment.".into(),
+        ErrorCode::Overloaded => "The server is busy right now. Try again in a moment.".into(),
         ErrorCode::ModelError => format!("The model failed to answer: {message}"),
         ErrorCode::NotFound => "This conversation no longer exists.".into(),
         ErrorCode::TooManyConnections => {
@@ -659,5 +662,42 @@ mod tests {
         assert_eq!(chat.messages[0].pending, None);
         assert_eq!(chat.messages[1].key, "c-keep");
         assert_eq!(chat.unacknowledged().len(), 1);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Chunks arriving in any order, repeated or missing, with a resume from the last
+            /// applied seq after every gap (the server replays what follows it, in order):
+            /// the text shown is exactly the answer, each chunk once.
+            #[test]
+            fn any_delivery_with_resume_on_gaps_shows_the_exact_answer(
+                chunks in proptest::collection::vec("[a-z ]{1,5}", 1..40),
+                deliveries in proptest::collection::vec(0usize..40, 0..100),
+            ) {
+                let mut streaming = Streaming::new(run());
+                let resume = |streaming: &mut Streaming, after: u64| {
+                    for (index, text) in chunks.iter().enumerate().skip(after as usize) {
+                        assert_eq!(
+                            streaming.apply(index as u64 + 1, text),
+                            ChunkOutcome::Applied
+                        );
+                    }
+                };
+                for index in deliveries {
+                    let Some(text) = chunks.get(index) else { continue };
+                    if let ChunkOutcome::Gap { after } = streaming.apply(index as u64 + 1, text) {
+                        resume(&mut streaming, after);
+                    }
+                }
+                let after = streaming.applied;
+                resume(&mut streaming, after);
+                prop_assert_eq!(&streaming.text, &chunks.concat());
+                prop_assert_eq!(streaming.applied, chunks.len() as u64);
+            }
+        }
     }
 }

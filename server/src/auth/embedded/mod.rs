@@ -113,7 +113,9 @@ fn too_large() -> AuthApiError {
 }
 
 /// Parses a JSON body the way GoTrue does: unknown fields and `null`s are ignored.
-fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, AuthApiError> {
+pub fn json_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, AuthApiError> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
@@ -136,7 +138,7 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result
 /// Fields are all optional here so that a missing one gets GoTrue's message, not serde's.
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct Credentials {
+pub struct Credentials {
     email: Option<String>,
     phone: Option<String>,
     password: Option<String>,

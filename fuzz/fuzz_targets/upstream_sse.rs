@@ -1,0 +1,4 @@
+//! Fuzzes `wadi_server::fuzzing::upstream_sse` (see there for what it checks).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| wadi_server::fuzzing::upstream_sse(data));
