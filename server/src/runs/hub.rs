@@ -24,6 +24,8 @@ struct Index {
     active: HashMap<ConversationId, Arc<RunHandle>>,
     /// Copies of runs driven elsewhere (or finished before this process knew them).
     mirrors: HashMap<RunId, Weak<RunHandle>>,
+    /// Runs reserved and not ended yet (starting or streaming).
+    live: usize,
 }
 
 #[derive(Default)]
@@ -51,14 +53,30 @@ impl Hub {
 
     /// Registers a run about to be committed: from here on this process counts it as its own
     /// (so a concurrent send never mistakes it for an orphan), though it is not yet the
-    /// conversation's active run.
-    pub fn reserve(&self, handle: Arc<RunHandle>) {
-        self.index().owned.insert(handle.id, handle);
+    /// conversation's active run. Refused (false) if `max` runs (0: no cap) are starting or
+    /// streaming already: the count and the check are one step, so concurrent sends never
+    /// overshoot it.
+    pub fn reserve(&self, handle: Arc<RunHandle>, max: usize) -> bool {
+        let mut index = self.index();
+        if max > 0 && index.live >= max {
+            return false;
+        }
+        index.live += 1;
+        index.owned.insert(handle.id, handle);
+        true
+    }
+
+    /// Runs starting or streaming here.
+    pub fn live(&self) -> usize {
+        self.index().live
     }
 
     /// A reserved run was not committed after all.
     pub fn release(&self, id: RunId) {
-        self.index().owned.remove(&id);
+        let mut index = self.index();
+        if index.owned.remove(&id).is_some() {
+            index.live = index.live.saturating_sub(1);
+        }
     }
 
     /// The run was committed: it is the conversation's active run. At shutdown it is stopped
@@ -140,6 +158,7 @@ impl Hub {
     pub fn retire(self: &Arc<Self>, handle: &Arc<RunHandle>, retention: Duration) {
         {
             let mut index = self.index();
+            index.live = index.live.saturating_sub(1);
             if index
                 .active
                 .get(&handle.conversation_id)

@@ -179,6 +179,14 @@ impl Runs {
         if !self.limiter.check(&user) {
             return Err(AppError::RateLimited);
         }
+        // Refused at once when full, before any work (the exact check is at the reservation).
+        let max = self.settings.max_active_runs;
+        if max > 0 && self.hub.live() >= max {
+            self.metrics.overload_refusals.inc();
+            return Err(AppError::Overloaded {
+                retry_after: load::RETRY_AFTER,
+            });
+        }
         // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
         // commit and the start of the run still happen together, never one without the other.
         let runs = self.clone();
@@ -200,7 +208,7 @@ impl Runs {
         if self.hub.is_stopping() {
             return Err(AppError::ShuttingDown);
         }
-        if let Some(retry_after) = self.overloaded() {
+        if let Some(retry_after) = self.lagging() {
             self.metrics.overload_refusals.inc();
             return Err(AppError::Overloaded { retry_after });
         }
@@ -244,8 +252,16 @@ impl Runs {
             Origin::Owned,
         );
         // Counted as ours before it is committed: a concurrent send that meets it in the store
-        // must never take it for an orphan.
-        self.hub.reserve(handle.clone());
+        // must never take it for an orphan. Past the cap on runs here, refused.
+        if !self
+            .hub
+            .reserve(handle.clone(), self.settings.max_active_runs)
+        {
+            self.metrics.overload_refusals.inc();
+            return Err(AppError::Overloaded {
+                retry_after: load::RETRY_AFTER,
+            });
+        }
         let inserted = self.insert(&message, &run).await;
         let (message, created) = match inserted {
             Ok(inserted) => inserted,
@@ -327,13 +343,9 @@ impl Runs {
             .spawn(async move { cluster.replicate(handle).await });
     }
 
-    /// `Some(retry after)` if a new run must be refused now: too many running here, or the event
-    /// loop lagging (the runs it already has would suffer).
-    fn overloaded(&self) -> Option<Duration> {
-        let max = self.settings.max_active_runs;
-        if max > 0 && self.hub.active_count() >= max {
-            return Some(load::RETRY_AFTER);
-        }
+    /// `Some(retry after)` if the event loop lags past its limit: a new run now would make the
+    /// running ones suffer. (The cap on runs is checked as a run is reserved.)
+    fn lagging(&self) -> Option<Duration> {
         let lag_cap = self.settings.max_loop_lag;
         (!lag_cap.is_zero() && self.load.lag() > lag_cap).then_some(load::RETRY_AFTER)
     }
