@@ -78,7 +78,8 @@ impl AppError {
             Self::RateLimited => ErrorCode::RateLimited,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::Overloaded { .. } => ErrorCode::Overloaded,
-            Self::Unavailable(_) | Self::Internal(_) => ErrorCode::InternalError,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Internal(_) => ErrorCode::InternalError,
         }
     }
 }
@@ -95,7 +96,11 @@ impl IntoResponse for AppError {
         {
             tracing::error!(error = %self, "request failed");
             match self {
-                Self::Unavailable(_) => "the service is temporarily unavailable".to_owned(),
+                Self::Unavailable(_) => {
+                    "the server cannot reach its storage right now; nothing was saved, try again \
+                     shortly"
+                        .to_owned()
+                }
                 _ => "internal server error".to_owned(),
             }
         } else {
@@ -125,9 +130,10 @@ impl From<crate::store::StoreError> for AppError {
                 code: ErrorCode::InvalidRequest,
                 message: "that already exists".into(),
             },
-            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-                Self::Unavailable(error.to_string())
-            }
+            StoreError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+            )
+            | StoreError::Full => Self::Unavailable(error.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -14,9 +14,12 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.addr))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
-    // Printed plainly as well as logged, so `cargo xtask run` users see where to go.
-    println!("WADI is running at http://{addr}/");
-    wadi_server::run(config, listener, shutdown_signal()).await
+    wadi_server::run_notifying(config, listener, shutdown_signal(), move || {
+        // Printed plainly as well as logged, once it serves, so `cargo xtask run` users (and the
+        // harnesses that start it) see where to go.
+        println!("WADI is running at http://{addr}/");
+    })
+    .await
 }
 
 fn init_tracing(format: LogFormat) {

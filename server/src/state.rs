@@ -46,18 +46,51 @@ impl FromRef<AppState> for Arc<Runs> {
     }
 }
 
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A service it needs (the database, Redis) does not answer yet: worth retrying.
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+    /// The configuration cannot work: retrying would not help.
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StartError {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Fatal(error)
+    }
+}
+
+impl From<crate::store::StoreError> for StartError {
+    fn from(error: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match error {
+            StoreError::Database(_) | StoreError::Full => Self::Unreachable(error.into()),
+            other => Self::Fatal(other.into()),
+        }
+    }
+}
+
 impl AppState {
     /// Opens the store (applying migrations), joins the cluster when `REDIS_URL` is set, and
     /// sets up auth and the model.
-    pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let store = crate::store::connect(config.database_url.as_deref(), &config.data_dir).await?;
+    pub async fn new(config: Config) -> Result<Self, StartError> {
+        let store = crate::store::connect(config.database_url.as_deref(), &config.data_dir)
+            .await
+            .map_err(|error| match (&error, &config.database_url) {
+                // A local file that cannot be opened will not fix itself.
+                (_, None) => StartError::Fatal(error.into()),
+                _ => error.into(),
+            })?;
         tracing::info!(engine = store.engine(), "store ready");
         if config.redis_url.is_some() && store.engine() != "postgres" {
-            anyhow::bail!(
+            return Err(StartError::Fatal(anyhow::anyhow!(
                 "REDIS_URL turns on cluster mode, which needs a Postgres DATABASE_URL that every \
                  instance shares; SQLite is one process's file (unset REDIS_URL, or set \
                  DATABASE_URL=postgres://…)"
-            );
+            )));
         }
         let instance = InstanceId::new();
         let mode = if config.redis_url.is_some() {
@@ -72,7 +105,11 @@ impl AppState {
             Some(url) => {
                 let (cluster, events) = RedisCluster::connect(url, instance, metrics.clone())
                     .await
-                    .map_err(|error| anyhow::anyhow!("cannot use Redis at REDIS_URL: {error}"))?;
+                    .map_err(|error| {
+                        StartError::Unreachable(anyhow::anyhow!(
+                            "cannot use Redis at REDIS_URL: {error}"
+                        ))
+                    })?;
                 tracing::info!("cluster mode: runs are shared through Redis");
                 (cluster, Some(events))
             }
@@ -80,10 +117,11 @@ impl AppState {
         };
         let http = reqwest::Client::builder()
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .build()
+            .map_err(|error| StartError::Fatal(error.into()))?;
         let clock = crate::util::Clock::system();
         let auth = crate::auth::AuthService::new(&config, store.clone(), http, clock).await?;
-        let model = model_from(&config)?;
+        let model = model_from(&config).map_err(StartError::Fatal)?;
         let assets = WebAssets::locate(config.web_dir.as_deref());
         let settings = RunSettings {
             system_prompt: config.system_prompt.clone(),

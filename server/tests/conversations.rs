@@ -419,3 +419,107 @@ fn base64_url(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
+
+/// A tmpfs of `size` mounted on a fresh directory (needs root: the test says so and stops if it
+/// cannot mount), unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|status| status.success());
+        mounted.then_some(Self { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the server's last file handles may still be closing.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_clearly_and_half_writes_nothing() {
+    let Some(disk) = SmallDisk::mount("8m") else {
+        eprintln!("cannot mount a small tmpfs here (not root?): the disk-full test did not run");
+        return;
+    };
+    let data = disk.dir.path().join("data");
+    let mut config = wadi_server::Config::for_tests(data.clone());
+    config.message_rate_burst = 1000;
+    let upstream = common::upstream::FakeUpstream::start(common::upstream::Script::Tokens {
+        tokens: vec!["ok".into()],
+        pace: std::time::Duration::ZERO,
+    })
+    .await;
+    upstream.configure(&mut config);
+    let server = TestServer::start_with(config).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    api.send_and_finish(&conversation, "before").await;
+
+    // Fill the disk to the last byte.
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
+        let _ = file.sync_all();
+    }
+    // Messages until one is refused (the database may still have room in pages it holds).
+    let path = format!("/api/conversations/{conversation}/messages");
+    let mut refused = None;
+    for i in 0..200 {
+        let content = format!("during {i} {}", "x".repeat(16 * 1024));
+        let (status, body) = api.post(&path, json!({"content": content})).await;
+        if status != 201 {
+            refused = Some((i, status, body));
+            break;
+        }
+        let run = body["run"]["id"].as_str().unwrap();
+        // Let each answer end (and fail to save, once the disk is full) before the next.
+        let _ = api
+            .request(reqwest::Method::GET, &format!("/api/runs/{run}/events"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await;
+    }
+    let (index, status, body) = refused.expect("the full disk never refused a message");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
+
+    // Room again: it works, and the refused message left no trace.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, _) = api.post(&path, json!({"content": "after"})).await;
+    assert_eq!(status, 201);
+    let (_, messages) = api.get(&format!("{path}?limit=100")).await;
+    let items = messages["items"].as_array().unwrap();
+    assert!(
+        items.iter().all(|m| !m["content"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("during {index} "))),
+        "the refused message was not stored"
+    );
+    // Every user message stored has its run (nothing half-written).
+    for message in items.iter().filter(|m| m["role"] == "user") {
+        assert!(message["runId"].is_string(), "{message}");
+    }
+    server.shutdown().await.unwrap();
+    drop(disk);
+}

@@ -1367,6 +1367,167 @@ async fn past_its_load_limit_a_server_refuses_new_runs_and_keeps_the_running_one
     server.shutdown().await.unwrap();
 }
 
+/// `postgres://user@host:port/db` with `host:port` swapped for `addr`.
+fn through(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (credentials, rest) = rest.split_once('@').unwrap();
+    let path = &rest[rest.find('/').unwrap()..];
+    format!("{scheme}://{credentials}@{addr}{path}")
+}
+
+fn postgres_addr(url: &str) -> std::net::SocketAddr {
+    let rest = url.split_once('@').unwrap().1;
+    let host = &rest[..rest.find('/').unwrap_or(rest.len())];
+    host.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_database_outage_mid_run_loses_nothing_and_refuses_new_messages_clearly() {
+    let engine = Engine::postgres();
+    let proxy = common::net::Proxy::start(postgres_addr(&engine.admin_url())).await;
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |config| {
+        let url = config.database_url.clone().unwrap();
+        config.database_url = Some(through(&url, proxy.addr));
+        config.flush_interval = Duration::from_millis(100);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "before the outage"}))
+        .await;
+    let start = ws.next().await;
+    let run = start["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("one ");
+    read_text(&mut ws, "one ").await;
+    // A second tab, open before the outage (authenticating needs the database).
+    let (mut other, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+
+    proxy.partition();
+    // The answer streams on from memory.
+    request.token("two ");
+    read_text(&mut ws, "two ").await;
+    // Readiness says so, quickly.
+    let ready = tokio::time::timeout(TIMEOUT, server.http.get(server.url("/readyz")).send())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["store"], "down");
+    // A new message is refused clearly, and nothing of it is kept.
+    other
+        .send(json!({"type": "message", "content": "during", "clientMessageId": "during-1"}))
+        .await;
+    let refused = loop {
+        let frame = other.next().await;
+        if frame["type"] == "error" {
+            break frame;
+        }
+    };
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was saved"),
+        "{refused}"
+    );
+    request.token("three");
+    request.send(Step::Finish);
+
+    // The database comes back: the answer's save, retried meanwhile, lands, and `complete`
+    // carries all of it.
+    proxy.heal();
+    let frames = ws.until("complete").await;
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], "one two three");
+    let (_, stored) = api.get(&format!("/api/runs/{run}")).await;
+    assert_eq!(stored["output"], "one two three");
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    let contents: Vec<&str> = messages["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        contents,
+        ["before the outage", "one two three"],
+        "nothing half-written"
+    );
+    // And it serves again without a restart.
+    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    drop(other);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_server_started_while_its_database_is_down_waits_for_it_and_says_so() {
+    let engine = Engine::postgres();
+    let proxy = common::net::Proxy::start(postgres_addr(&engine.admin_url())).await;
+    proxy.partition();
+    let db = common::TestDb::create(engine).await;
+    let mut config = db.config();
+    let url = config.database_url.clone().unwrap();
+    config.database_url = Some(through(&url, proxy.addr));
+    // It listens and is alive, but not ready, and says why.
+    let server = TestServer::start_unready(config).await;
+    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "starting");
+    assert_eq!(ready["store"], "down");
+    let signup = server
+        .http
+        .post(server.url("/auth/v1/signup"))
+        .json(&json!({"email": "early@example.com", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signup.status(), 503);
+    let body: Value = signup.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable");
+
+    // The database answers: no restart needed.
+    proxy.heal();
+    tokio::time::timeout(TIMEOUT, async {
+        while server
+            .http
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            != 200
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the server never became ready");
+    let api = server.user().await;
+    api.new_conversation().await;
+    server.shutdown().await.unwrap();
+    db.drop_database().await;
+}
+
 #[tokio::test]
 async fn resumes_in_flight_on_a_socket_are_capped() {
     // Long finished answers: each resume of one queues the whole answer again.

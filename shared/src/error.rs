@@ -63,6 +63,8 @@ pub enum ErrorCode {
     Overloaded,
 
     // Everything else.
+    /// The server cannot reach its database right now; nothing was written. Retry shortly.
+    Unavailable,
     /// The server is shutting down; reconnect shortly.
     ShuttingDown,
     /// An unexpected server failure; details are in the server log, never on the wire.
@@ -71,7 +73,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation checks and exhaustive tests.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -94,6 +96,7 @@ impl ErrorCode {
         Self::TooManyConnections,
         Self::SlowConsumer,
         Self::Overloaded,
+        Self::Unavailable,
         Self::ShuttingDown,
         Self::InternalError,
     ];
@@ -123,6 +126,7 @@ impl ErrorCode {
             Self::TooManyConnections => "too_many_connections",
             Self::SlowConsumer => "slow_consumer",
             Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::InternalError => "internal_error",
         }

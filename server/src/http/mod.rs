@@ -79,19 +79,66 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What the listener serves: the app once it has started, and until then `/healthz`, a
+/// `/readyz` that says it is starting, and `503 unavailable` for the rest.
+pub fn front(app: Arc<std::sync::OnceLock<Router>>) -> Router {
+    use tower::ServiceExt;
+    let dispatch = tower::service_fn(move |request: axum::extract::Request| {
+        let app = app.clone();
+        async move {
+            match app.get() {
+                Some(router) => router.clone().oneshot(request).await,
+                None => Ok(starting(request.uri().path())),
+            }
+        }
+    });
+    Router::new().fallback_service(dispatch)
+}
+
+/// The answer while the server cannot reach its database yet.
+fn starting(path: &str) -> Response {
+    match path {
+        "/healthz" => "ok".into_response(),
+        "/readyz" => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "starting", "store": "down"})),
+        )
+            .into_response(),
+        _ => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(wadi_protocol::api::ApiError {
+                code: wadi_protocol::ErrorCode::Unavailable,
+                message: "the server is starting and cannot reach its database yet; try again \
+                          shortly"
+                    .into(),
+                request_id: None,
+            }),
+        )
+            .into_response(),
+    }
+}
+
 /// Liveness: the process is up and serving HTTP.
 async fn healthz() -> &'static str {
     "ok"
 }
 
+/// How long readiness waits for the store.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Readiness, as JSON: this instance's id and cluster mode, and whether the store and (in
 /// cluster mode) Redis answer. 503 while either is down or the server is shutting down, so a
 /// load balancer sends its traffic elsewhere.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let store = match state.store.ping().await {
-        Ok(()) => "up",
-        Err(error) => {
+    let store = match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => "up",
+        Ok(Err(error)) => {
             tracing::warn!(%error, "readiness: the store does not answer");
+            "down"
+        }
+        Err(_) => {
+            tracing::warn!("readiness: the store did not answer in time");
             "down"
         }
     };

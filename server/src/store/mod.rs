@@ -36,6 +36,9 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database's disk is full: nothing was written.
+    #[error("the database's disk is full")]
+    Full,
 }
 
 /// The uniqueness rules of the schema.
@@ -83,12 +86,21 @@ impl From<sqlx::Error> for StoreError {
                 Self::Conflict(Constraint::of(db.as_ref()))
             }
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => Self::MissingParent,
+            // SQLITE_FULL (13), and Postgres's disk_full (53100).
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("13") | Some("53100")) =>
+            {
+                Self::Full
+            }
             _ => Self::Database(error),
         }
     }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How long a request waits for a database connection before it fails (as unavailable).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything WADI keeps. Methods are small and each is one statement or one transaction, so
 /// both engines implement them identically.

@@ -236,7 +236,11 @@ fn send_app_error(socket: &Socket, error: AppError) -> Flow {
             retry_after_ms: Some(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)),
         });
     }
-    let message = if error.status_code().is_server_error() && code != ErrorCode::ShuttingDown {
+    let message = if matches!(error, AppError::Unavailable(_)) {
+        tracing::warn!(%error, "socket request failed: storage unavailable");
+        "the server cannot reach its storage right now; nothing was saved, try again shortly"
+            .to_owned()
+    } else if error.status_code().is_server_error() && code != ErrorCode::ShuttingDown {
         tracing::error!(%error, "socket request failed");
         "the server could not do that; try again".to_owned()
     } else {

@@ -76,13 +76,38 @@ impl TestServer {
     }
 
     /// Starts a server with the given configuration; its `addr` is ignored in favour of port 0.
+    /// Returns once it serves its app.
     pub async fn start_with(config: Config) -> Self {
+        let (started, ready) = oneshot::channel::<()>();
+        let server = Self::spawn(config, move || {
+            let _ = started.send(());
+        })
+        .await;
+        tokio::time::timeout(TIMEOUT, ready)
+            .await
+            .expect("the server did not start in time")
+            .expect("the server stopped before it started");
+        server
+    }
+
+    /// Starts a server that may not be able to start yet (its database down): returns once it
+    /// listens.
+    pub async fn start_unready(config: Config) -> Self {
+        Self::spawn(config, || {}).await
+    }
+
+    async fn spawn(config: Config, started: impl FnOnce() + Send + 'static) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(wadi_server::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(wadi_server::run_notifying(
+            config,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            started,
+        ));
         let server = Self {
             addr,
             http: reqwest::Client::new(),
@@ -90,8 +115,7 @@ impl TestServer {
             task: Some(task),
             db: None,
         };
-        // The listener is bound already, so this waits (in the accept backlog) exactly until the
-        // server has finished starting: migrations, key loading, recovery.
+        // The listener is bound already: this answers as soon as it serves.
         let health = tokio::time::timeout(TIMEOUT, server.http.get(server.url("/healthz")).send())
             .await
             .expect("the server did not start in time")

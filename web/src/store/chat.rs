@@ -352,6 +352,7 @@ impl ChatState {
                 | ErrorCode::InvalidMessage
                 | ErrorCode::RateLimited
                 | ErrorCode::Overloaded
+                | ErrorCode::Unavailable
         );
         if refuses_a_send && run_id.is_none() && !self.pending.is_empty() {
             let pending = self.pending.remove(0);
