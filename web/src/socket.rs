@@ -429,25 +429,27 @@ impl Driver {
         let Ok(token) = self.api.auth.valid_token().await else {
             return Ended::SignedOut;
         };
-        if send(&mut sink, &ClientMessage::Auth { token })
-            .await
-            .is_err()
+        if send(
+            &mut sink,
+            &ClientMessage::Auth {
+                token: token.clone(),
+            },
+        )
+        .await
+        .is_err()
         {
             return Ended::Closed {
                 authenticated,
                 code: 1006,
             };
         }
+        // The token this socket was last given. The refresh timer is armed once and re-armed
+        // only when it fires: rebuilding it on every frame would postpone it forever while an
+        // answer streams faster than its floor, and the server would close the socket when the
+        // token expires.
+        let mut sent = token;
+        let mut refresh = refresh_timer(&self.api, Duration::ZERO);
         loop {
-            let wait = self
-                .api
-                .auth
-                .current()
-                .map_or(Duration::from_secs(3600), |s| {
-                    timing::refresh_delay(s.issued_at, s.expires_at, auth::now())
-                });
-            let mut refresh =
-                gloo_timers::future::sleep(wait.max(Duration::from_millis(500))).fuse();
             futures::select! {
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
@@ -497,22 +499,26 @@ impl Driver {
                     }
                 },
                 () = refresh => {
-                    // Refresh before expiry and hand the new token to the open socket.
-                    let before = self.api.auth.current().map(|s| s.access_token);
-                    if self.api.auth.refresh().await.is_err() {
+                    // Refresh before expiry (unless another part of the app already did) and
+                    // hand the new token to the open socket.
+                    let Ok(token) = self.api.auth.valid_token().await else {
                         return Ended::SignedOut;
-                    }
-                    let session = self.api.auth.current();
-                    let refreshed = session.as_ref().map(|s| &s.access_token) != before.as_ref();
-                    if let Some(session) = session.filter(|_| refreshed) {
-                        let frame = ClientMessage::Auth { token: session.access_token };
+                    };
+                    let renewed = token != sent;
+                    if renewed {
+                        let frame = ClientMessage::Auth { token: token.clone() };
                         if send(&mut sink, &frame).await.is_err() {
                             return Ended::Closed { authenticated, code: 1006 };
                         }
+                        sent = token;
                     }
                     // A refresh that failed for now (network, 5xx, 429) is retried in 5 s, not
                     // at once.
-                    let retry_after = if refreshed { Duration::ZERO } else { Duration::from_secs(5) };
+                    let retry_after = if renewed {
+                        Duration::ZERO
+                    } else {
+                        timing::REFRESH_RETRY
+                    };
                     refresh = refresh_timer(&self.api, retry_after);
                 },
             }

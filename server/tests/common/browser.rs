@@ -250,8 +250,13 @@ impl Browser {
 
     /// Waits until the JS expression `script` is truthy and returns its value.
     pub async fn until(&self, what: &str, script: &str) -> Value {
+        self.until_within(what, script, TIMEOUT * 3).await
+    }
+
+    /// [`Browser::until`] with a limit of its own, for what takes longer by design.
+    pub async fn until_within(&self, what: &str, script: &str, limit: Duration) -> Value {
         let body = format!("return ({script});");
-        let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let value = self.js(&body).await;
             let truthy = match &value {

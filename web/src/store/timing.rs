@@ -7,6 +7,9 @@ use std::time::Duration;
 /// How long before expiry a normal (hour-long) token is refreshed.
 pub const REFRESH_MARGIN_SECS: i64 = 60;
 
+/// How long a refresh that failed for now (network, 5xx, 429) waits before the next attempt.
+pub const REFRESH_RETRY: Duration = Duration::from_secs(5);
+
 /// The margin for a token valid from `issued_at` to `expires_at` (Unix seconds): a minute, or a
 /// quarter of its lifetime when that is shorter (at least one second).
 pub fn margin(issued_at: i64, expires_at: i64) -> i64 {
