@@ -1,19 +1,75 @@
-//! Server configuration: CLI flags, each with an environment variable, and defaults that work on
-//! a fresh machine with nothing else running.
+//! Server configuration. Every setting is written once, as a clap argument in the settings struct
+//! of the subsystem that uses it ([`AuthSettings`], [`RunSettings`], …, flattened into
+//! [`Config`]); from that one definition come the flag, its environment variable, its default,
+//! its key in a `--config` file, its line in `wadi config print`, the redacting `Debug`, and the
+//! defaults tests start from ([`Config::for_tests`]).
+//!
+//! Precedence: flags, then environment variables, then the `--config` file, then the defaults.
+//! The defaults work on a fresh machine with nothing else running.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::OsString,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
-use clap::{Parser, ValueEnum};
+use clap::{Arg, ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use crate::util::redact_url;
+pub use crate::{
+    auth::AuthSettings, model::ProviderSettings, net::ProxySettings, runs::RunSettings,
+    ws::SocketSettings,
+};
 
-#[derive(Clone, Parser)]
+/// The `wadi` command line: the server's settings, and what to do (serve, by default).
+#[derive(Clone, Debug, Parser)]
 #[command(
     name = "wadi",
     version,
-    about = "WADI: a self-hosted real-time AI chat server"
+    about = "WADI: a self-hosted real-time AI chat server",
+    after_help = "Every setting can also come from its environment variable or a --config file \
+                  (flags win over the environment, which wins over the file)."
 )]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serve (what `wadi` alone does).
+    Serve,
+    /// The effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Operator tasks on the database this configuration points at.
+    #[command(subcommand)]
+    Admin(crate::admin::AdminCommand),
+    /// Exit 0 if the server at `--addr` answers `/healthz` (for container health checks).
+    Healthcheck,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Print every setting's effective value and where it came from, secrets redacted, as a
+    /// TOML file `--config` accepts.
+    Print,
+    /// Print every setting as the README's Markdown tables.
+    Table,
+}
+
+#[derive(Clone, Debug, Args)]
 pub struct Config {
+    /// A TOML file of settings: the flags' names as keys (`max-connections = 19000` or
+    /// `max_connections = 19000`). Flags and environment variables override it.
+    #[arg(long, env = "WADI_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on.
     #[arg(long, env = "WADI_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
@@ -38,252 +94,19 @@ pub struct Config {
     /// `postgres://…` to store everything in Postgres (several instances can share it), or
     /// `sqlite:…`. Default: `wadi.db` in the data directory.
     #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretUrl>,
 
     /// `redis://…`: cluster mode. Several instances on one Postgres share each run's live log,
     /// "run started" and stop through this Redis, so any instance can follow, resume or stop
     /// any run. Requires a Postgres `DATABASE_URL`.
     #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
-
-    /// How often this instance heartbeats into the database, checks its runs for stop requests,
-    /// and reaps the runs of instances that stopped heartbeating.
-    #[arg(long, env = "WADI_INSTANCE_HEARTBEAT", value_parser = parse_duration, default_value = "2s")]
-    pub instance_heartbeat: Duration,
-
-    /// An instance that has not heartbeated for this long is dead: another instance saves its
-    /// runs as `interrupted` with what they had produced, and it may never write them again.
-    #[arg(long, env = "WADI_INSTANCE_TIMEOUT", value_parser = parse_duration, default_value = "15s")]
-    pub instance_timeout: Duration,
+    pub redis_url: Option<SecretUrl>,
 
     /// The URL users reach this server at (e.g. `https://chat.example.com`). Used as the
-    /// embedded auth service's token issuer (`{public_url}/auth/v1`).
+    /// embedded auth service's token issuer (`{public_url}/auth/v1`), and turns on HSTS when it
+    /// is `https://`.
     #[arg(long, env = "WADI_PUBLIC_URL")]
     pub public_url: Option<String>,
-
-    /// A Supabase project URL. When set, WADI accepts that project's users (verifying their
-    /// tokens with the project's JWKS) instead of running its embedded auth service.
-    #[arg(long, env = "SUPABASE_URL")]
-    pub supabase_url: Option<String>,
-
-    /// The project's legacy JWT secret, to accept HS256 access tokens.
-    #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
-    pub supabase_jwt_secret: Option<String>,
-
-    /// The project's anon (publishable) key, handed to the browser for its auth calls.
-    #[arg(long, env = "SUPABASE_ANON_KEY", hide_env_values = true)]
-    pub supabase_anon_key: Option<String>,
-
-    /// Required `iss` of access tokens. Default: `{SUPABASE_URL}/auth/v1` with Supabase, the
-    /// embedded service's own issuer otherwise.
-    #[arg(long, env = "WADI_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-
-    /// Clock skew tolerated when checking a token's `exp`.
-    #[arg(long, env = "WADI_JWT_LEEWAY", value_parser = parse_duration, default_value = "10s")]
-    pub jwt_leeway: Duration,
-
-    /// Shortest time between two JWKS fetches triggered by an unknown `kid`.
-    #[arg(long, env = "WADI_JWKS_REFETCH_INTERVAL", value_parser = parse_duration, default_value = "60s")]
-    pub jwks_refetch_interval: Duration,
-
-    /// Lifetime of access tokens issued by the embedded auth service.
-    #[arg(long, env = "WADI_ACCESS_TOKEN_TTL", value_parser = parse_duration, default_value = "3600s")]
-    pub access_token_ttl: Duration,
-
-    /// How long after a refresh the previous refresh token may still be used (concurrent tabs).
-    #[arg(long, env = "WADI_REFRESH_REUSE_INTERVAL", value_parser = parse_duration, default_value = "10s")]
-    pub refresh_reuse_interval: Duration,
-
-    /// Shortest password the embedded auth service accepts (Supabase's default is 6).
-    #[arg(long, env = "WADI_PASSWORD_MIN_LENGTH", default_value_t = 6)]
-    pub password_min_length: usize,
-
-    /// Signups and password logins a client address may make in a burst.
-    #[arg(long, env = "WADI_AUTH_RATE_BURST", default_value_t = 30)]
-    pub auth_rate_burst: u32,
-
-    /// Signups and password logins a client address regains per minute after a burst.
-    #[arg(long, env = "WADI_AUTH_RATE_PER_MINUTE", default_value_t = 6.0)]
-    pub auth_rate_per_minute: f64,
-
-    /// How many reverse proxies in front of the server append the address they see to
-    /// `X-Forwarded-For` (nginx alone: 1; a cloud load balancer then nginx: 2). The client is the
-    /// entry that many hops from the right; entries further left are whatever the client sent.
-    /// 0: the TCP peer is the client.
-    #[arg(long, env = "WADI_TRUSTED_PROXIES", default_value_t = 0)]
-    pub trusted_proxies: usize,
-
-    /// Or: the networks of the trusted proxies, comma-separated (`10.0.0.0/8,fd00::/8`); the
-    /// client is the right-most `X-Forwarded-For` hop outside them.
-    #[arg(long, env = "WADI_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
-    pub trusted_proxy_cidrs: Vec<crate::net::Cidr>,
-
-    /// Deprecated: the same as `--trusted-proxies 1`.
-    #[arg(long, env = "WADI_TRUST_FORWARDED_FOR")]
-    pub trust_forwarded_for: bool,
-
-    /// Password logins one account may attempt in a burst (whatever addresses they come from)…
-    #[arg(long, env = "WADI_LOGIN_RATE_BURST", default_value_t = 10)]
-    pub login_rate_burst: u32,
-
-    /// …and per minute after it.
-    #[arg(long, env = "WADI_LOGIN_RATE_PER_MINUTE", default_value_t = 10.0)]
-    pub login_rate_per_minute: f64,
-
-    /// Refresh-token grants a client address may make in a burst…
-    #[arg(long, env = "WADI_REFRESH_RATE_BURST", default_value_t = 60)]
-    pub refresh_rate_burst: u32,
-
-    /// …and per minute after it.
-    #[arg(long, env = "WADI_REFRESH_RATE_PER_MINUTE", default_value_t = 30.0)]
-    pub refresh_rate_per_minute: f64,
-
-    /// Conversations a user may create in a burst…
-    #[arg(long, env = "WADI_CONVERSATION_RATE_BURST", default_value_t = 30)]
-    pub conversation_rate_burst: u32,
-
-    /// …and per minute after it.
-    #[arg(
-        long,
-        env = "WADI_CONVERSATION_RATE_PER_MINUTE",
-        default_value_t = 30.0
-    )]
-    pub conversation_rate_per_minute: f64,
-
-    /// Largest message content accepted, in bytes (REST and WebSocket).
-    #[arg(long, env = "WADI_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
-    pub max_content_bytes: usize,
-
-    // ---- Model ----
-    /// API key of an OpenAI-compatible provider. With neither this nor a base URL, the demo
-    /// model answers.
-    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
-    pub openai_api_key: Option<String>,
-
-    /// Base URL of an OpenAI-compatible API (e.g. `http://localhost:11434/v1` for Ollama).
-    #[arg(long, env = "OPENAI_BASE_URL")]
-    pub openai_base_url: Option<String>,
-
-    /// The model to ask.
-    #[arg(long, env = "WADI_MODEL", default_value = "gpt-4o-mini")]
-    pub model: String,
-
-    /// A system prompt sent before the conversation.
-    #[arg(long, env = "WADI_SYSTEM_PROMPT")]
-    pub system_prompt: Option<String>,
-
-    /// Sampling temperature (0–2); the provider's default when unset.
-    #[arg(long, env = "WADI_TEMPERATURE")]
-    pub temperature: Option<f32>,
-
-    /// How many of the conversation's latest messages are sent to the model.
-    #[arg(long, env = "WADI_HISTORY_MESSAGES", default_value_t = 20)]
-    pub history_messages: u32,
-
-    /// Time allowed to connect to the model provider.
-    #[arg(long, env = "WADI_MODEL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    pub model_connect_timeout: Duration,
-
-    /// A run fails if the provider sends nothing for this long (including before the first token).
-    #[arg(long, env = "WADI_MODEL_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
-    pub model_idle_timeout: Duration,
-
-    /// Pause between the demo model's words.
-    #[arg(long, env = "WADI_DEMO_PACE", value_parser = parse_duration, default_value = "40ms")]
-    pub demo_pace: Duration,
-
-    // ---- Streaming ----
-    /// Extra time to gather deltas into one chunk for very fast models (0: only deltas already
-    /// waiting are merged, adding no delay).
-    #[arg(long, env = "WADI_COALESCE_WINDOW", value_parser = parse_duration, default_value = "0s")]
-    pub coalesce_window: Duration,
-
-    /// How often a streaming run's output is saved (it is always saved when the run ends).
-    #[arg(long, env = "WADI_FLUSH_INTERVAL", value_parser = parse_duration, default_value = "1s")]
-    pub flush_interval: Duration,
-
-    /// How long a finished run's chunks stay in memory for exact replay (`afterSeq`).
-    #[arg(long, env = "WADI_RUN_RETENTION", value_parser = parse_duration, default_value = "10m")]
-    pub run_retention: Duration,
-
-    // ---- WebSocket limits ----
-    /// A socket must authenticate within this time.
-    #[arg(long, env = "WADI_AUTH_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    pub auth_timeout: Duration,
-
-    /// Largest WebSocket frame accepted, in bytes.
-    #[arg(long, env = "WADI_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
-    pub max_frame_bytes: usize,
-
-    /// Frames a socket may send per second, sustained…
-    #[arg(long, env = "WADI_WS_RATE_PER_SECOND", default_value_t = 10.0)]
-    pub ws_rate_per_second: f64,
-
-    /// …and in a burst.
-    #[arg(long, env = "WADI_WS_RATE_BURST", default_value_t = 20)]
-    pub ws_rate_burst: u32,
-
-    /// Messages a user may send per minute, sustained (REST and WebSocket together)…
-    #[arg(long, env = "WADI_MESSAGE_RATE_PER_MINUTE", default_value_t = 20.0)]
-    pub message_rate_per_minute: f64,
-
-    /// …and in a burst.
-    #[arg(long, env = "WADI_MESSAGE_RATE_BURST", default_value_t = 10)]
-    pub message_rate_burst: u32,
-
-    /// Open sockets allowed per user.
-    #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
-    pub max_connections_per_user: usize,
-
-    /// Open sockets allowed in total.
-    #[arg(long, env = "WADI_MAX_CONNECTIONS", default_value_t = 19_000)]
-    pub max_connections: usize,
-
-    /// Open sockets allowed per client address (IPv6: per /64; behind trusted proxies, the
-    /// address they saw). Raise it for many users behind one NAT.
-    #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1000)]
-    pub max_connections_per_address: usize,
-
-    /// Sockets that have not authenticated yet, in total: a flood of them cannot take the
-    /// places of authenticated users.
-    #[arg(long, env = "WADI_MAX_PENDING_CONNECTIONS", default_value_t = 2000)]
-    pub max_pending_connections: usize,
-
-    /// …and per client address.
-    #[arg(long, env = "WADI_MAX_PENDING_PER_ADDRESS", default_value_t = 100)]
-    pub max_pending_per_address: usize,
-
-    /// Server-Sent Events streams (`/api/runs/{id}/events`) open at once per user.
-    #[arg(long, env = "WADI_MAX_SSE_PER_USER", default_value_t = 16)]
-    pub max_sse_per_user: usize,
-
-    /// Frames queued per socket before the client counts as slow.
-    #[arg(long, env = "WADI_SEND_QUEUE", default_value_t = 256)]
-    pub send_queue: usize,
-
-    /// Bytes queued per socket before the client counts as slow (one frame larger than this,
-    /// such as a long answer's `complete`, is still sent alone).
-    #[arg(long, env = "WADI_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024)]
-    pub send_queue_bytes: usize,
-
-    /// A socket whose queue stays full, or whose writes stall, this long is closed.
-    #[arg(long, env = "WADI_SLOW_CLIENT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    pub slow_client_timeout: Duration,
-
-    /// Interval of server pings; a socket silent for two intervals is closed.
-    #[arg(long, env = "WADI_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
-    pub heartbeat_interval: Duration,
-
-    /// Past this many runs driven by this instance at once, new messages are refused with
-    /// `overloaded` (and a retry hint) while the running answers go on (0: no cap).
-    #[arg(long, env = "WADI_MAX_ACTIVE_RUNS", default_value_t = 0)]
-    pub max_active_runs: usize,
-
-    /// Past this much event-loop lag, new messages are refused with `overloaded` (0: not
-    /// checked). The running answers' chunks are delayed by that much already.
-    #[arg(long, env = "WADI_MAX_LOOP_LAG", value_parser = parse_duration, default_value = "100ms")]
-    pub max_loop_lag: Duration,
 
     /// Serve `/metrics` on this address only (e.g. `127.0.0.1:9090`), off the public port.
     #[arg(long, env = "WADI_METRICS_ADDR")]
@@ -291,195 +114,355 @@ pub struct Config {
 
     /// Require `Authorization: Bearer <this>` for `/metrics`.
     #[arg(long, env = "WADI_METRICS_TOKEN", hide_env_values = true)]
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<Secret>,
 
-    /// Browser origins allowed to open sockets, comma-separated (`*` for any). The server's own
-    /// origin is always allowed; clients that send no `Origin` (non-browsers) are too.
-    #[arg(long, env = "WADI_ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Vec<String>,
+    #[command(flatten, next_help_heading = "Auth")]
+    pub auth: AuthSettings,
+
+    #[command(flatten, next_help_heading = "Reverse proxies")]
+    pub proxies: ProxySettings,
+
+    #[command(flatten, next_help_heading = "Model")]
+    pub provider: ProviderSettings,
+
+    #[command(flatten, next_help_heading = "Runs and messages")]
+    pub runs: RunSettings,
+
+    #[command(flatten, next_help_heading = "Sockets")]
+    pub sockets: SocketSettings,
 }
 
-impl std::fmt::Debug for Config {
-    // Written out by hand so that secrets added to the config are redacted, never logged.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("addr", &self.addr)
-            .field("data_dir", &self.data_dir)
-            .field("web_dir", &self.web_dir)
-            .field("log_format", &self.log_format)
-            .field("shutdown_grace", &self.shutdown_grace)
-            .field(
-                "database_url",
-                &self.database_url.as_deref().map(redact_url),
-            )
-            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
-            .field("instance_heartbeat", &self.instance_heartbeat)
-            .field("instance_timeout", &self.instance_timeout)
-            .field("public_url", &self.public_url)
-            .field(
-                "supabase_url",
-                &self.supabase_url.as_deref().map(redact_url),
-            )
-            .field(
-                "supabase_jwt_secret",
-                &self.supabase_jwt_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field(
-                "supabase_anon_key",
-                &self.supabase_anon_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field("jwt_issuer", &self.jwt_issuer)
-            .field("jwt_leeway", &self.jwt_leeway)
-            .field("jwks_refetch_interval", &self.jwks_refetch_interval)
-            .field("access_token_ttl", &self.access_token_ttl)
-            .field("refresh_reuse_interval", &self.refresh_reuse_interval)
-            .field("password_min_length", &self.password_min_length)
-            .field("auth_rate_burst", &self.auth_rate_burst)
-            .field("auth_rate_per_minute", &self.auth_rate_per_minute)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .field("trusted_proxy_cidrs", &self.trusted_proxy_cidrs)
-            .field("trust_forwarded_for", &self.trust_forwarded_for)
-            .field("login_rate_burst", &self.login_rate_burst)
-            .field("login_rate_per_minute", &self.login_rate_per_minute)
-            .field("refresh_rate_burst", &self.refresh_rate_burst)
-            .field("refresh_rate_per_minute", &self.refresh_rate_per_minute)
-            .field("conversation_rate_burst", &self.conversation_rate_burst)
-            .field(
-                "conversation_rate_per_minute",
-                &self.conversation_rate_per_minute,
-            )
-            .field("max_content_bytes", &self.max_content_bytes)
-            .field(
-                "openai_api_key",
-                &self.openai_api_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field(
-                "openai_base_url",
-                &self.openai_base_url.as_deref().map(redact_url),
-            )
-            .field("model", &self.model)
-            .field("system_prompt", &self.system_prompt)
-            .field("temperature", &self.temperature)
-            .field("history_messages", &self.history_messages)
-            .field("model_connect_timeout", &self.model_connect_timeout)
-            .field("model_idle_timeout", &self.model_idle_timeout)
-            .field("demo_pace", &self.demo_pace)
-            .field("coalesce_window", &self.coalesce_window)
-            .field("flush_interval", &self.flush_interval)
-            .field("run_retention", &self.run_retention)
-            .field("auth_timeout", &self.auth_timeout)
-            .field("max_frame_bytes", &self.max_frame_bytes)
-            .field("ws_rate_per_second", &self.ws_rate_per_second)
-            .field("ws_rate_burst", &self.ws_rate_burst)
-            .field("message_rate_per_minute", &self.message_rate_per_minute)
-            .field("message_rate_burst", &self.message_rate_burst)
-            .field("max_connections_per_user", &self.max_connections_per_user)
-            .field("max_connections", &self.max_connections)
-            .field(
-                "max_connections_per_address",
-                &self.max_connections_per_address,
-            )
-            .field("max_pending_connections", &self.max_pending_connections)
-            .field("max_pending_per_address", &self.max_pending_per_address)
-            .field("max_sse_per_user", &self.max_sse_per_user)
-            .field("send_queue", &self.send_queue)
-            .field("send_queue_bytes", &self.send_queue_bytes)
-            .field("slow_client_timeout", &self.slow_client_timeout)
-            .field("heartbeat_interval", &self.heartbeat_interval)
-            .field("max_active_runs", &self.max_active_runs)
-            .field("max_loop_lag", &self.max_loop_lag)
-            .field("metrics_addr", &self.metrics_addr)
-            .field(
-                "metrics_token",
-                &self.metrics_token.as_ref().map(|_| "<redacted>"),
-            )
-            .field("allowed_origins", &self.allowed_origins)
-            .finish()
+/// A secret setting (an API key, a token): shown as `<redacted>` by `Debug` and `config print`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
     }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+/// A URL that may carry credentials (`postgres://user:password@…`, `?api-key=…`): shown with
+/// them redacted by `Debug`, `Display` and `config print`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL with its credentials, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+/// The command line resolved against the environment and the `--config` file.
+pub struct Loaded {
+    pub cli: Cli,
+    matches: ArgMatches,
+    command: clap::Command,
+    /// The settings the file gave (their ids).
+    from_file: BTreeSet<String>,
+}
+
+impl Cli {
+    /// Parses the process's arguments, environment and `--config` file; exits with a message
+    /// (or the help) when they are wrong.
+    pub fn load_or_exit() -> Loaded {
+        Self::load(std::env::args_os(), true).unwrap_or_else(|error| error.exit())
+    }
+
+    /// Parses `args` (the program name first), with the process environment when `env` is true,
+    /// and the `--config` file they (or `WADI_CONFIG`) name.
+    pub fn load(
+        args: impl IntoIterator<Item = impl Into<OsString>>,
+        env: bool,
+    ) -> Result<Loaded, clap::Error> {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let mut command = Self::command();
+        if !env {
+            command = command.mut_args(|arg| arg.env(None));
+        }
+        // First pass: only to find the file (errors are reported by the second pass).
+        let file = command
+            .clone()
+            .ignore_errors(true)
+            .try_get_matches_from(&args)
+            .ok()
+            .and_then(|matches| matches.get_one::<PathBuf>("config").cloned());
+        let mut from_file = BTreeSet::new();
+        if let Some(path) = file {
+            let values = read_file(&command, &path)?;
+            for (id, values) in values {
+                command = command.mut_arg(&id, |arg| arg.default_values(values));
+                from_file.insert(id);
+            }
+        }
+        let matches = command.clone().try_get_matches_from(&args)?;
+        let cli = Self::from_arg_matches(&matches).map_err(|error| error.format(&mut command))?;
+        Ok(Loaded {
+            cli,
+            matches,
+            command,
+            from_file,
+        })
+    }
+}
+
+/// The settings of a `--config` file as clap default values, by argument id. Unknown keys,
+/// tables and unreadable files are errors (a typo must not be ignored silently).
+fn read_file(
+    command: &clap::Command,
+    path: &Path,
+) -> Result<BTreeMap<String, Vec<String>>, clap::Error> {
+    let fail = |message: String| {
+        command
+            .clone()
+            .error(clap::error::ErrorKind::InvalidValue, message)
+    };
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        fail(format!(
+            "cannot read the config file {}: {error}",
+            path.display()
+        ))
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|error| fail(format!("{} is not valid TOML: {error}", path.display())))?;
+    let settings: BTreeMap<&str, &Arg> = settings(command)
+        .map(|arg| (arg.get_id().as_str(), arg))
+        .collect();
+    let mut values = BTreeMap::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        if id == "config" || !settings.contains_key(id.as_str()) {
+            return Err(fail(format!(
+                "{}: unknown setting {key:?} (the keys are the flags of `wadi --help`)",
+                path.display()
+            )));
+        }
+        let strings = match value {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|item| scalar(&key, item))
+                .collect::<Result<Vec<_>, _>>(),
+            other => scalar(&key, other).map(|one| vec![one]),
+        }
+        .map_err(|message| fail(format!("{}: {message}", path.display())))?;
+        values.insert(id, strings);
+    }
+    Ok(values)
+}
+
+fn scalar(key: &str, value: toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(text) => Ok(text),
+        toml::Value::Integer(number) => Ok(number.to_string()),
+        toml::Value::Float(number) => Ok(number.to_string()),
+        toml::Value::Boolean(flag) => Ok(flag.to_string()),
+        other => Err(format!(
+            "{key:?} must be a string, number, boolean or a list of them, not {}",
+            other.type_str()
+        )),
+    }
+}
+
+/// The server's settings among a command's arguments (not `--help`, `--version`).
+fn settings(command: &clap::Command) -> impl Iterator<Item = &Arg> {
+    command.get_arguments().filter(|arg| {
+        arg.get_long().is_some()
+            && !matches!(arg.get_action(), ArgAction::Help | ArgAction::Version)
+    })
+}
+
+impl Loaded {
+    /// `wadi config print`: every setting as a TOML line `--config` accepts, with where its
+    /// value came from; secrets redacted.
+    pub fn print(&self) -> String {
+        let mut out = String::from(
+            "# The effective configuration of wadi (secrets redacted). Each line says where its\n\
+             # value came from: flag, env (its variable), file, or default.\n",
+        );
+        if let Some(path) = &self.cli.config.config {
+            out.push_str(&format!("# file: {}\n", path.display()));
+        }
+        for arg in settings(&self.command) {
+            let id = arg.get_id().as_str();
+            let Some(key) = arg.get_long() else { continue };
+            if id == "config" {
+                continue;
+            }
+            let source = match self.matches.value_source(id) {
+                Some(clap::parser::ValueSource::CommandLine) => "flag".to_owned(),
+                Some(clap::parser::ValueSource::EnvVariable) => format!(
+                    "env {}",
+                    arg.get_env()
+                        .map(|e| e.to_string_lossy())
+                        .unwrap_or_default()
+                ),
+                _ if self.from_file.contains(id) => "file".to_owned(),
+                _ => "default".to_owned(),
+            };
+            let raw: Vec<String> = self
+                .matches
+                .get_raw(id)
+                .map(|values| values.map(|v| v.to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            let secret = arg.is_hide_env_values_set();
+            let flag = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
+            let shown = |value: &str| -> String {
+                if secret {
+                    return "\"<redacted>\"".to_owned();
+                }
+                let number = !value.is_empty()
+                    && value.chars().all(|c| c.is_ascii_digit() || c == '.')
+                    && value.parse::<f64>().is_ok();
+                if flag || number {
+                    return value.to_owned();
+                }
+                toml::Value::String(redact_url(value)).to_string()
+            };
+            let line = match raw.as_slice() {
+                [] => {
+                    out.push_str(&format!("# {key} is unset\n"));
+                    continue;
+                }
+                [one] if arg.get_value_delimiter().is_none() => {
+                    format!("{key} = {}", shown(one))
+                }
+                many => format!(
+                    "{key} = [{}]",
+                    many.iter().map(|v| shown(v)).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            out.push_str(&format!("{line:<60} # {source}\n"));
+        }
+        out
+    }
+}
+
+/// Every setting as Markdown tables (one per help heading): flag, environment variable,
+/// default, meaning. The README holds exactly this (a test checks it).
+pub fn settings_table() -> String {
+    let command = Cli::command();
+    let mut out = String::new();
+    let mut heading = None;
+    for arg in settings(&command) {
+        let Some(long) = arg.get_long() else { continue };
+        if arg.get_help_heading() != heading || out.is_empty() {
+            heading = arg.get_help_heading();
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!(
+                "**{}**\n\n| Flag | Environment | Default | Meaning |\n|---|---|---|---|\n",
+                heading.unwrap_or("Server")
+            ));
+        }
+        let env = arg
+            .get_env()
+            .map_or_else(String::new, |env| format!("`{}`", env.to_string_lossy()));
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|value| value.to_string_lossy().into_owned())
+            .collect();
+        let default = if defaults.is_empty() {
+            "unset".to_owned()
+        } else {
+            format!("`{}`", defaults.join(","))
+        };
+        let help = arg
+            .get_long_help()
+            .or_else(|| arg.get_help())
+            .map(|help| help.to_string())
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace('|', "\\|");
+        out.push_str(&format!("| `--{long}` | {env} | {default} | {help} |\n"));
+    }
+    out
 }
 
 impl Config {
-    /// A configuration for tests: every default, data in `data_dir`.
-    pub fn for_tests(data_dir: PathBuf) -> Self {
-        Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir,
-            web_dir: None,
-            log_format: LogFormat::Text,
-            shutdown_grace: Duration::from_secs(5),
-            database_url: None,
-            redis_url: None,
-            instance_heartbeat: Duration::from_millis(200),
-            instance_timeout: Duration::from_secs(2),
-            public_url: None,
-            supabase_url: None,
-            supabase_jwt_secret: None,
-            supabase_anon_key: None,
-            jwt_issuer: None,
-            jwt_leeway: Duration::from_secs(10),
-            jwks_refetch_interval: Duration::from_secs(60),
-            access_token_ttl: Duration::from_secs(3600),
-            refresh_reuse_interval: Duration::from_secs(10),
-            password_min_length: 6,
-            auth_rate_burst: 30,
-            auth_rate_per_minute: 6.0,
-            trusted_proxies: 0,
-            trusted_proxy_cidrs: Vec::new(),
-            trust_forwarded_for: false,
-            login_rate_burst: 10,
-            login_rate_per_minute: 10.0,
-            refresh_rate_burst: 60,
-            refresh_rate_per_minute: 30.0,
-            conversation_rate_burst: 30,
-            conversation_rate_per_minute: 30.0,
-            max_content_bytes: 32 * 1024,
-            openai_api_key: None,
-            openai_base_url: None,
-            model: "gpt-4o-mini".to_owned(),
-            system_prompt: None,
-            temperature: None,
-            history_messages: 20,
-            model_connect_timeout: Duration::from_secs(10),
-            model_idle_timeout: Duration::from_secs(60),
-            demo_pace: Duration::from_millis(1),
-            coalesce_window: Duration::ZERO,
-            flush_interval: Duration::from_secs(1),
-            run_retention: Duration::from_secs(600),
-            auth_timeout: Duration::from_secs(10),
-            max_frame_bytes: 64 * 1024,
-            ws_rate_per_second: 10.0,
-            ws_rate_burst: 20,
-            message_rate_per_minute: 20.0,
-            message_rate_burst: 10,
-            max_connections_per_user: 100,
-            max_connections: 19_000,
-            max_connections_per_address: 1000,
-            max_pending_connections: 2000,
-            max_pending_per_address: 100,
-            max_sse_per_user: 16,
-            send_queue: 256,
-            send_queue_bytes: 1024 * 1024,
-            slow_client_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(30),
-            max_active_runs: 0,
-            max_loop_lag: Duration::ZERO,
-            metrics_addr: None,
-            metrics_token: None,
-            allowed_origins: Vec::new(),
+    /// The defaults, as `wadi` alone would start with no environment and no file.
+    pub fn defaults() -> Self {
+        match Cli::load(["wadi"], false) {
+            Ok(loaded) => loaded.cli.config,
+            Err(error) => unreachable!("the defaults must parse: {error}"),
         }
     }
 
-    /// Which proxies' `X-Forwarded-For` entries are believed.
-    pub fn proxy_trust(&self) -> crate::net::ProxyTrust {
-        let hops = if self.trusted_proxies == 0 && self.trust_forwarded_for {
-            1
-        } else {
-            self.trusted_proxies
-        };
-        crate::net::ProxyTrust {
-            hops,
-            networks: self.trusted_proxy_cidrs.clone(),
-        }
+    /// A configuration for tests: the defaults, data in `data_dir`, a free port, and what tests
+    /// need quicker (instance liveness, the demo model) or off (the event-loop lag guard, which
+    /// a loaded test machine would trip).
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        let mut config = Self::defaults();
+        config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.data_dir = data_dir;
+        config.shutdown_grace = Duration::from_secs(5);
+        config.runs.instance_heartbeat = Duration::from_millis(200);
+        config.runs.instance_timeout = Duration::from_secs(2);
+        config.runs.max_loop_lag = Duration::ZERO;
+        config.provider.demo_pace = Duration::from_millis(1);
+        config
     }
 
     /// The issuer the embedded auth service writes into its tokens.
@@ -530,6 +513,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    fn load(args: &[&str]) -> Loaded {
+        let args = std::iter::once("wadi").chain(args.iter().copied());
+        Cli::load(args, false).unwrap()
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+        file
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
@@ -544,24 +538,175 @@ mod tests {
     #[test]
     fn debug_output_redacts_secrets() {
         let mut config = Config::for_tests("data".into());
-        config.supabase_jwt_secret = Some("super-secret-value".into());
-        config.openai_api_key = Some("sk-secret-key".into());
+        config.auth.supabase_jwt_secret = Some("super-secret-value".into());
+        config.provider.openai_api_key = Some("sk-secret-key".into());
         config.database_url = Some("postgres://wadi:hunter2@db:5432/wadi".into());
         config.redis_url = Some("redis://:redis-secret@cache:6379/0".into());
-        config.openai_base_url = Some("https://llm.example.com/v1?api-key=azure-secret".into());
+        config.provider.openai_base_url =
+            Some("https://llm.example.com/v1?api-key=azure-secret".into());
+        config.metrics_token = Some("metrics-secret".into());
         let text = format!("{config:?}");
-        assert!(!text.contains("super-secret-value"), "{text}");
-        assert!(!text.contains("sk-secret-key"), "{text}");
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(!text.contains("redis-secret"), "{text}");
-        assert!(!text.contains("azure-secret"), "{text}");
+        for secret in [
+            "super-secret-value",
+            "sk-secret-key",
+            "hunter2",
+            "redis-secret",
+            "azure-secret",
+            "metrics-secret",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
         assert!(text.contains("postgres://wadi:***@db:5432/wadi"), "{text}");
     }
 
     #[test]
     fn defaults_need_no_configuration() {
-        let config = Config::try_parse_from(["wadi"]).unwrap();
+        let config = Config::defaults();
         assert_eq!(config.addr.port(), 8080);
         assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.sockets.max_connections, 19_000);
+        assert!(config.database_url.is_none());
+    }
+
+    #[test]
+    fn a_config_file_sets_defaults_that_flags_override() {
+        let file = toml_file(
+            "addr = \"0.0.0.0:9000\"\n\
+             max-connections = 500\n\
+             flush_interval = \"250ms\"\n\
+             temperature = 0.5\n\
+             trust-forwarded-for = true\n\
+             allowed-origins = [\"https://a.example\", \"https://b.example\"]\n\
+             openai-api-key = \"sk-from-file\"\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let loaded = load(&["--config", path, "--max-connections", "700"]);
+        let config = &loaded.cli.config;
+        assert_eq!(config.addr, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.sockets.max_connections, 700, "the flag wins");
+        assert_eq!(config.runs.flush_interval, Duration::from_millis(250));
+        assert_eq!(config.provider.temperature, Some(0.5));
+        assert!(config.proxies.trust_forwarded_for);
+        assert_eq!(
+            config.sockets.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(
+            config.provider.openai_api_key.as_ref().map(Secret::expose),
+            Some("sk-from-file")
+        );
+        assert_eq!(
+            config.sockets.send_queue, 256,
+            "untouched settings keep their defaults"
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        // Through clap's own precedence: an argument's environment variable beats its default
+        // value, which is where the file's values go. Checked without touching the process
+        // environment (tests run in parallel): the file must land as a default value.
+        let file = toml_file("max-connections = 500\n");
+        let path = file.path().to_str().unwrap();
+        let loaded = load(&["--config", path]);
+        assert_eq!(loaded.cli.config.sockets.max_connections, 500);
+        assert_eq!(
+            loaded.matches.value_source("max_connections"),
+            Some(clap::parser::ValueSource::DefaultValue)
+        );
+        let env = Cli::command()
+            .get_arguments()
+            .find(|arg| arg.get_id() == "max_connections")
+            .and_then(|arg| arg.get_env().map(|e| e.to_os_string()));
+        assert_eq!(
+            env.as_deref(),
+            Some(std::ffi::OsStr::new("WADI_MAX_CONNECTIONS"))
+        );
+    }
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_or_bad_value_is_refused() {
+        let typo = toml_file("max-conections = 5\n");
+        let error = Cli::load(["wadi", "--config", typo.path().to_str().unwrap()], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("unknown setting \"max-conections\""),
+            "{error}"
+        );
+
+        let bad = toml_file("max-connections = \"many\"\n");
+        let error = Cli::load(["wadi", "--config", bad.path().to_str().unwrap()], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("many"), "{error}");
+
+        let table = toml_file("[auth]\nx = 1\n");
+        assert!(Cli::load(["wadi", "--config", table.path().to_str().unwrap()], false).is_err());
+
+        let missing = Cli::load(["wadi", "--config", "/nonexistent/wadi.toml"], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(missing.contains("cannot read the config file"), "{missing}");
+    }
+
+    #[test]
+    fn config_print_redacts_secrets_says_where_values_came_from_and_reads_back() {
+        let file = toml_file(
+            "max-connections = 500\n\
+             database-url = \"postgres://wadi:hunter2@db/wadi\"\n\
+             allowed-origins = [\"https://a.example\"]\n",
+        );
+        let path = file.path().to_str().unwrap();
+        let loaded = load(&[
+            "--config",
+            path,
+            "--openai-api-key",
+            "sk-secret",
+            "--flush-interval",
+            "2s",
+        ]);
+        let printed = loaded.print();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("sk-secret"), "{printed}");
+        let line = |key: &str| {
+            printed
+                .lines()
+                .find(|line| line.starts_with(&format!("{key} ")))
+                .unwrap_or_else(|| panic!("no {key} in {printed}"))
+                .to_owned()
+        };
+        assert!(line("max-connections").contains("= 500"), "{printed}");
+        assert!(line("max-connections").ends_with("# file"), "{printed}");
+        assert!(line("flush-interval").contains("\"2s\""), "{printed}");
+        assert!(line("flush-interval").ends_with("# flag"), "{printed}");
+        assert!(line("send-queue").ends_with("# default"), "{printed}");
+        assert!(line("openai-api-key").contains("<redacted>"), "{printed}");
+        assert!(printed.contains("# web-dir is unset"), "{printed}");
+
+        // Printed without secrets, it is a file `--config` reads to the same configuration.
+        let plain = load(&["--config", path, "--flush-interval", "2s"]);
+        let again = toml_file(&plain.print());
+        let reread = load(&["--config", again.path().to_str().unwrap()]);
+        let mut expected = plain.cli.config.clone();
+        expected.config = reread.cli.config.config.clone();
+        assert_eq!(format!("{:?}", reread.cli.config), format!("{expected:?}"));
+        // …except the redacted URL's password, which the printout never holds.
+        assert!(!plain.print().contains("hunter2"));
+    }
+
+    #[test]
+    fn the_readme_lists_every_setting_as_defined() {
+        let readme = include_str!("../../README.md");
+        let table = settings_table();
+        assert!(table.contains("| `--max-connections` | `WADI_MAX_CONNECTIONS` | `19000` |"));
+        assert!(
+            readme.contains(&table),
+            "README's configuration tables differ from the settings: paste the output of \
+             `cargo run -p wadi-server -- config table` into README.md"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! WADI's server. [`run`] is the whole server; `main.rs` only parses configuration and binds.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod content;

@@ -2,13 +2,45 @@
 //! [`wadi_server::run`].
 
 use anyhow::Context;
-use clap::Parser;
-use wadi_server::config::{Config, LogFormat};
+use wadi_server::config::{Cli, Command, Config, ConfigCommand, LogFormat};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    init_tracing(config.log_format);
+fn main() -> anyhow::Result<()> {
+    let loaded = Cli::load_or_exit();
+    let config = loaded.cli.config.clone();
+    match loaded.cli.command.clone() {
+        None | Some(Command::Serve) => {
+            init_tracing(config.log_format, "info,tower_http=warn,sqlx=warn");
+            runtime()?.block_on(serve(config))
+        }
+        Some(Command::Config(ConfigCommand::Print)) => {
+            print!("{}", loaded.print());
+            Ok(())
+        }
+        Some(Command::Config(ConfigCommand::Table)) => {
+            print!("{}", wadi_server::config::settings_table());
+            Ok(())
+        }
+        Some(Command::Admin(command)) => {
+            init_tracing(config.log_format, "warn,sqlx=error");
+            runtime()?.block_on(async {
+                let stdin = std::io::stdin();
+                let mut input = stdin.lock();
+                let mut out = std::io::stdout();
+                wadi_server::admin::run(command, &config, &mut input, &mut out).await
+            })
+        }
+        Some(Command::Healthcheck) => wadi_server::admin::healthcheck(config.addr),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.addr))?;
@@ -22,13 +54,16 @@ async fn main() -> anyhow::Result<()> {
     .await
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to standard error (standard output carries what commands print), filtered by
+/// `RUST_LOG` or `default_filter`.
+fn init_tracing(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,sqlx=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let logs = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => fmt().with_env_filter(filter).init(),
-        LogFormat::Json => fmt().json().with_env_filter(filter).init(),
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
     }
 }
 

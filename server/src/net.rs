@@ -5,6 +5,26 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// Which reverse proxies are believed about the client's address. Part of [`crate::Config`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProxySettings {
+    /// How many reverse proxies in front of the server append the address they see to
+    /// `X-Forwarded-For` (nginx alone: 1; a cloud load balancer then nginx: 2). The client is the
+    /// entry that many hops from the right; entries further left are whatever the client sent.
+    /// 0: the TCP peer is the client.
+    #[arg(long, env = "WADI_TRUSTED_PROXIES", default_value_t = 0)]
+    pub trusted_proxies: usize,
+
+    /// Or: the networks of the trusted proxies, comma-separated (`10.0.0.0/8,fd00::/8`); the
+    /// client is the right-most `X-Forwarded-For` hop outside them.
+    #[arg(long, env = "WADI_TRUSTED_PROXY_CIDRS", value_delimiter = ',')]
+    pub trusted_proxy_cidrs: Vec<Cidr>,
+
+    /// Deprecated: the same as `--trusted-proxies 1`.
+    #[arg(long, env = "WADI_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+}
+
 /// An IP network (`10.0.0.0/8`, `fd00::/8`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -121,6 +141,21 @@ pub fn limit_key(addr: IpAddr) -> IpAddr {
 
 /// The address reported when the peer is unknown (never in practice: axum provides it).
 pub const UNKNOWN: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+impl ProxySettings {
+    /// Which proxies' `X-Forwarded-For` entries are believed.
+    pub fn trust(&self) -> ProxyTrust {
+        let hops = if self.trusted_proxies == 0 && self.trust_forwarded_for {
+            1
+        } else {
+            self.trusted_proxies
+        };
+        ProxyTrust {
+            hops,
+            networks: self.trusted_proxy_cidrs.clone(),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

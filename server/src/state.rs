@@ -8,16 +8,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::AuthService,
-    config::Config,
+    config::{Config, SecretUrl},
     http::static_files::WebAssets,
     ids::InstanceId,
     metrics::Metrics,
-    model::{
-        ChatModel,
-        demo::DemoModel,
-        openai::{OpenAiModel, OpenAiSettings},
-    },
-    runs::{Cluster, Local, RunSettings, Runs, redis::RedisCluster},
+    model::{ChatModel, demo::DemoModel, openai::OpenAiModel},
+    runs::{Cluster, Local, Runs, redis::RedisCluster},
     store::Store,
     ws::Registry,
 };
@@ -77,13 +73,16 @@ impl AppState {
     /// Opens the store (applying migrations), joins the cluster when `REDIS_URL` is set, and
     /// sets up auth and the model.
     pub async fn new(config: Config) -> Result<Self, StartError> {
-        let store = crate::store::connect(config.database_url.as_deref(), &config.data_dir)
-            .await
-            .map_err(|error| match (&error, &config.database_url) {
-                // A local file that cannot be opened will not fix itself.
-                (_, None) => StartError::Fatal(error.into()),
-                _ => error.into(),
-            })?;
+        let store = crate::store::connect(
+            config.database_url.as_ref().map(SecretUrl::expose),
+            &config.data_dir,
+        )
+        .await
+        .map_err(|error| match (&error, &config.database_url) {
+            // A local file that cannot be opened will not fix itself.
+            (_, None) => StartError::Fatal(error.into()),
+            _ => error.into(),
+        })?;
         tracing::info!(engine = store.engine(), "store ready");
         if config.redis_url.is_some() && store.engine() != "postgres" {
             return Err(StartError::Fatal(anyhow::anyhow!(
@@ -103,13 +102,14 @@ impl AppState {
         let metrics = Arc::new(metrics);
         let (cluster, events): (Arc<dyn Cluster>, _) = match &config.redis_url {
             Some(url) => {
-                let (cluster, events) = RedisCluster::connect(url, instance, metrics.clone())
-                    .await
-                    .map_err(|error| {
-                        StartError::Unreachable(anyhow::anyhow!(
-                            "cannot use Redis at REDIS_URL: {error}"
-                        ))
-                    })?;
+                let (cluster, events) =
+                    RedisCluster::connect(url.expose(), instance, metrics.clone())
+                        .await
+                        .map_err(|error| {
+                            StartError::Unreachable(anyhow::anyhow!(
+                                "cannot use Redis at REDIS_URL: {error}"
+                            ))
+                        })?;
                 tracing::info!("cluster mode: runs are shared through Redis");
                 (cluster, Some(events))
             }
@@ -123,20 +123,7 @@ impl AppState {
         let auth = crate::auth::AuthService::new(&config, store.clone(), http, clock).await?;
         let model = model_from(&config).map_err(StartError::Fatal)?;
         let assets = WebAssets::locate(config.web_dir.as_deref());
-        let settings = RunSettings {
-            system_prompt: config.system_prompt.clone(),
-            history_messages: config.history_messages,
-            idle_timeout: config.model_idle_timeout,
-            flush_interval: config.flush_interval,
-            coalesce_window: config.coalesce_window,
-            retention: config.run_retention,
-            heartbeat_interval: config.instance_heartbeat,
-            instance_timeout: config.instance_timeout,
-            message_rate_per_minute: config.message_rate_per_minute,
-            message_rate_burst: config.message_rate_burst,
-            max_active_runs: config.max_active_runs,
-            max_loop_lag: config.max_loop_lag,
-        };
+        let settings = config.runs.clone();
         let clients = Arc::new(Registry::default());
         let runs = Runs::new(
             crate::runs::Parts {
@@ -151,8 +138,8 @@ impl AppState {
             events,
         );
         let conversation_limiter = Arc::new(crate::limits::KeyedLimiter::per_minute(
-            config.conversation_rate_burst,
-            config.conversation_rate_per_minute,
+            config.runs.conversation_rate_burst,
+            config.runs.conversation_rate_per_minute,
         ));
         Ok(Self {
             conversation_limiter,
@@ -171,26 +158,17 @@ impl AppState {
 
 /// The OpenAI-compatible model when a key or base URL is configured, else the demo model.
 fn model_from(config: &Config) -> anyhow::Result<Arc<dyn ChatModel>> {
-    if config.openai_api_key.is_none() && config.openai_base_url.is_none() {
+    let provider = &config.provider;
+    if provider.openai_api_key.is_none() && provider.openai_base_url.is_none() {
         tracing::warn!(
             "no model configured (OPENAI_API_KEY / OPENAI_BASE_URL): using the demo model"
         );
-        return Ok(Arc::new(DemoModel::new(config.demo_pace)));
+        return Ok(Arc::new(DemoModel::new(provider.demo_pace)));
     }
-    let base_url = config
-        .openai_base_url
-        .clone()
-        .unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
     tracing::info!(
-        base_url = %crate::util::redact_url(&base_url),
-        model = %config.model,
+        base_url = %provider.base_url(),
+        model = %provider.model,
         "using an OpenAI-compatible model"
     );
-    Ok(Arc::new(OpenAiModel::new(OpenAiSettings {
-        base_url,
-        api_key: config.openai_api_key.clone(),
-        model: config.model.clone(),
-        temperature: config.temperature,
-        connect_timeout: config.model_connect_timeout,
-    })?))
+    Ok(Arc::new(OpenAiModel::new(provider)?))
 }

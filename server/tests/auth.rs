@@ -335,7 +335,7 @@ async fn the_parent_of_the_active_token_gets_it_back_and_other_reuse_revokes_the
     engine: Engine,
 ) {
     let server = TestServer::configured(engine, |config| {
-        config.refresh_reuse_interval = std::time::Duration::ZERO;
+        config.auth.refresh_reuse_interval = std::time::Duration::ZERO;
     })
     .await;
     let session = server.sign_up().await;
@@ -370,7 +370,7 @@ async fn the_parent_of_the_active_token_gets_it_back_and_other_reuse_revokes_the
 
 async fn concurrent_refreshes_with_one_token_get_the_same_child(engine: Engine) {
     let server = TestServer::configured(engine, |config| {
-        config.refresh_reuse_interval = std::time::Duration::ZERO;
+        config.auth.refresh_reuse_interval = std::time::Duration::ZERO;
     })
     .await;
     let session = server.sign_up().await;
@@ -468,8 +468,8 @@ async fn long_passwords_and_large_signup_data_are_refused_before_any_work(engine
 
 async fn a_flood_of_logins_is_refused_once_the_hashing_queue_is_full(engine: Engine) {
     let server = TestServer::configured(engine, |config| {
-        config.auth_rate_burst = 10_000;
-        config.login_rate_burst = 10_000;
+        config.auth.auth_rate_burst = 10_000;
+        config.auth.login_rate_burst = 10_000;
     })
     .await;
     let email = format!("flood-{}@example.com", Uuid::new_v4());
@@ -632,8 +632,8 @@ async fn signup_errors_match_supabase(engine: Engine) {
 
 async fn login_and_signup_are_rate_limited_per_address(engine: Engine) {
     let server = TestServer::configured(engine, |config| {
-        config.auth_rate_burst = 3;
-        config.auth_rate_per_minute = 0.0;
+        config.auth.auth_rate_burst = 3;
+        config.auth.auth_rate_per_minute = 0.0;
     })
     .await;
     let session = server.sign_up().await; // 1
@@ -680,11 +680,11 @@ async fn login_via_proxy(
 
 async fn limits_key_on_the_address_a_trusted_proxy_saw_and_on_the_account(engine: Engine) {
     let server = TestServer::configured(engine, |config| {
-        config.trusted_proxies = 1;
-        config.auth_rate_burst = 2;
-        config.auth_rate_per_minute = 0.0;
-        config.login_rate_burst = 5;
-        config.login_rate_per_minute = 0.0;
+        config.proxies.trusted_proxies = 1;
+        config.auth.auth_rate_burst = 2;
+        config.auth.auth_rate_per_minute = 0.0;
+        config.auth.login_rate_burst = 5;
+        config.auth.login_rate_per_minute = 0.0;
     })
     .await;
     let email = format!("target-{}@example.com", Uuid::new_v4());
@@ -747,8 +747,8 @@ async fn limits_key_on_the_address_a_trusted_proxy_saw_and_on_the_account(engine
 
 async fn refresh_grants_are_rate_limited_per_address(engine: Engine) {
     let server = TestServer::configured(engine, |config| {
-        config.refresh_rate_burst = 2;
-        config.refresh_rate_per_minute = 0.0;
+        config.auth.refresh_rate_burst = 2;
+        config.auth.refresh_rate_per_minute = 0.0;
     })
     .await;
     let session = server.sign_up().await;
@@ -769,7 +769,7 @@ async fn refresh_grants_are_rate_limited_per_address(engine: Engine) {
 async fn expired_tokens_are_refused_by_the_extractor(engine: Engine) {
     let secret = "a-shared-secret-of-at-least-32-characters!";
     let server = TestServer::configured(engine, |config| {
-        config.supabase_jwt_secret = Some(secret.into());
+        config.auth.supabase_jwt_secret = Some(secret.into());
     })
     .await;
     let key = EncodingKey::from_secret(secret.as_bytes());
@@ -852,7 +852,7 @@ async fn forged_tokens_are_refused(engine: Engine) {
     // second server accepts), so only the claim is wrong.
     let secret = "another-shared-secret-of-32-characters!!";
     let hs_server = TestServer::configured(Engine::Sqlite, |config| {
-        config.supabase_jwt_secret = Some(secret.into());
+        config.auth.supabase_jwt_secret = Some(secret.into());
     })
     .await;
     let hs_key = EncodingKey::from_secret(secret.as_bytes());
@@ -899,8 +899,8 @@ async fn supabase_server(
 ) -> TestServer {
     let url = jwks.url.clone();
     TestServer::configured(engine, move |config| {
-        config.supabase_url = Some(url);
-        config.jwks_refetch_interval = refetch;
+        config.auth.supabase_url = Some(url);
+        config.auth.jwks_refetch_interval = refetch;
     })
     .await
 }
@@ -1021,8 +1021,8 @@ async fn supabase_hs256_tokens_are_accepted(engine: Engine) {
     let jwks = FakeJwks::start(vec![]).await;
     let url = jwks.url.clone();
     let server = TestServer::configured(engine, |config| {
-        config.supabase_url = Some(url);
-        config.supabase_jwt_secret = Some(secret.into());
+        config.auth.supabase_url = Some(url);
+        config.auth.supabase_jwt_secret = Some(secret.into());
     })
     .await;
     let user = Uuid::new_v4();

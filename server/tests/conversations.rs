@@ -24,8 +24,8 @@ on_both_engines!(
 
 async fn conversation_creation_is_rate_limited_per_user(engine: Engine) {
     let server = TestServer::configured(engine, |config| {
-        config.conversation_rate_burst = 3;
-        config.conversation_rate_per_minute = 0.0;
+        config.runs.conversation_rate_burst = 3;
+        config.runs.conversation_rate_per_minute = 0.0;
     })
     .await;
     let api = server.user().await;
@@ -311,7 +311,8 @@ async fn another_users_conversation_is_a_404_on_every_route(engine: Engine) {
 }
 
 async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
-    let server = TestServer::configured(engine, |config| config.max_content_bytes = 1000).await;
+    let server =
+        TestServer::configured(engine, |config| config.runs.max_content_bytes = 1000).await;
     let api = server.user().await;
     let id = api.new_conversation().await;
     let messages = format!("/api/conversations/{id}/messages");
@@ -456,7 +457,7 @@ async fn a_full_disk_refuses_writes_clearly_and_half_writes_nothing() {
     };
     let data = disk.dir.path().join("data");
     let mut config = wadi_server::Config::for_tests(data.clone());
-    config.message_rate_burst = 1000;
+    config.runs.message_rate_burst = 1000;
     let upstream = common::upstream::FakeUpstream::start(common::upstream::Script::Tokens {
         tokens: vec!["ok".into()],
         pace: std::time::Duration::ZERO,

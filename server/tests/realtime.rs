@@ -126,7 +126,7 @@ async fn a_provider_that_sends_garbage_or_breaks_mid_event_fails_the_run_cleanly
 async fn concurrent_sends_start_one_run_and_never_end_it_as_an_orphan(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |config| {
-        config.message_rate_burst = 100;
+        config.runs.message_rate_burst = 100;
     })
     .await;
     let api = server.user().await;
@@ -699,7 +699,7 @@ on_both_engines!(
 async fn auth_deadline_bad_tokens_and_frames_before_auth(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |config| {
-        config.auth_timeout = Duration::from_millis(300);
+        config.sockets.auth_timeout = Duration::from_millis(300);
     })
     .await;
     let api = server.user().await;
@@ -786,8 +786,8 @@ fn mint(user: uuid::Uuid, exp: i64) -> String {
 async fn minting_server(user: uuid::Uuid) -> (TestServer, FakeUpstream, String) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.supabase_jwt_secret = Some(SECRET.into());
-        config.jwt_leeway = Duration::ZERO;
+        config.auth.supabase_jwt_secret = Some(SECRET.into());
+        config.auth.jwt_leeway = Duration::ZERO;
     })
     .await;
     let api = Api {
@@ -901,8 +901,8 @@ async fn each_bad_frame_gets_a_typed_error_and_the_socket_stays_usable() {
     use tokio_tungstenite::tungstenite::Message;
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.max_content_bytes = 100;
-        config.ws_rate_burst = 100;
+        config.runs.max_content_bytes = 100;
+        config.sockets.ws_rate_burst = 100;
     })
     .await;
     let api = server.user().await;
@@ -994,7 +994,7 @@ async fn oversized_frames_and_invalid_utf8_close_with_their_codes() {
     };
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.max_frame_bytes = 1024;
+        config.sockets.max_frame_bytes = 1024;
     })
     .await;
     let api = server.user().await;
@@ -1022,8 +1022,8 @@ async fn the_rate_limit_drops_frames_and_keeps_the_socket() {
     use tokio_tungstenite::tungstenite::Message;
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.ws_rate_burst = 5;
-        config.ws_rate_per_second = 0.01;
+        config.sockets.ws_rate_burst = 5;
+        config.sockets.ws_rate_per_second = 0.01;
     })
     .await;
     let api = server.user().await;
@@ -1057,7 +1057,7 @@ async fn the_rate_limit_drops_frames_and_keeps_the_socket() {
 async fn connection_caps_per_user_and_in_total() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.max_connections_per_user = 2;
+        config.sockets.max_connections_per_user = 2;
     })
     .await;
     let api = server.user().await;
@@ -1074,7 +1074,7 @@ async fn connection_caps_per_user_and_in_total() {
 
     // In total: the upgrade itself is refused.
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.max_connections = 2;
+        config.sockets.max_connections = 2;
     })
     .await;
     let api = server.user().await;
@@ -1102,8 +1102,8 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
     })
     .await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.send_queue = 4;
-        config.slow_client_timeout = Duration::from_millis(500);
+        config.sockets.send_queue = 4;
+        config.sockets.slow_client_timeout = Duration::from_millis(500);
     })
     .await;
     let api = server.user().await;
@@ -1173,11 +1173,11 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
 async fn one_address_cannot_fill_the_server_and_pending_sockets_never_crowd_out_users() {
     let upstream = FakeUpstream::start(tokens(&["hi"])).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.trusted_proxies = 1;
-        config.max_connections_per_address = 4;
-        config.max_pending_per_address = 2;
-        config.max_pending_connections = 3;
-        config.max_sse_per_user = 1;
+        config.proxies.trusted_proxies = 1;
+        config.sockets.max_connections_per_address = 4;
+        config.sockets.max_pending_per_address = 2;
+        config.sockets.max_pending_connections = 3;
+        config.sockets.max_sse_per_user = 1;
     })
     .await;
     let api = server.user().await;
@@ -1257,7 +1257,7 @@ async fn one_address_cannot_fill_the_server_and_pending_sockets_never_crowd_out_
 async fn server_sent_event_streams_are_capped_per_user() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.max_sse_per_user = 1;
+        config.sockets.max_sse_per_user = 1;
     })
     .await;
     let api = server.user().await;
@@ -1305,7 +1305,7 @@ async fn server_sent_event_streams_are_capped_per_user() {
 async fn past_its_load_limit_a_server_refuses_new_runs_and_keeps_the_running_one() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.max_active_runs = 1;
+        config.runs.max_active_runs = 1;
     })
     .await;
     let api = server.user().await;
@@ -1392,8 +1392,8 @@ async fn a_database_outage_mid_run_loses_nothing_and_refuses_new_messages_clearl
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |config| {
         let url = config.database_url.clone().unwrap();
-        config.database_url = Some(through(&url, proxy.addr));
-        config.flush_interval = Duration::from_millis(100);
+        config.database_url = Some(through(url.expose(), proxy.addr).into());
+        config.runs.flush_interval = Duration::from_millis(100);
     })
     .await;
     let api = server.user().await;
@@ -1486,7 +1486,7 @@ async fn a_server_started_while_its_database_is_down_waits_for_it_and_says_so() 
     let db = common::TestDb::create(engine).await;
     let mut config = db.config();
     let url = config.database_url.clone().unwrap();
-    config.database_url = Some(through(&url, proxy.addr));
+    config.database_url = Some(through(url.expose(), proxy.addr).into());
     // It listens and is alive, but not ready, and says why.
     let server = TestServer::start_unready(config).await;
     let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
@@ -1538,10 +1538,10 @@ async fn resumes_in_flight_on_a_socket_are_capped() {
     })
     .await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.ws_rate_burst = 100;
-        config.message_rate_burst = 100;
+        config.sockets.ws_rate_burst = 100;
+        config.runs.message_rate_burst = 100;
         // Only the new message: earlier megabyte answers stay out of each request.
-        config.history_messages = 1;
+        config.runs.history_messages = 1;
     })
     .await;
     let api = server.user().await;
@@ -1730,7 +1730,7 @@ async fn a_crash_leaves_runs_interrupted_with_their_flushed_output() {
 async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.heartbeat_interval = Duration::from_millis(100);
+        config.sockets.heartbeat_interval = Duration::from_millis(100);
     })
     .await;
     let api = server.user().await;
@@ -1768,7 +1768,7 @@ async fn sockets_from_foreign_origins_are_refused() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.allowed_origins = vec!["http://localhost:8081".into()];
+        config.sockets.allowed_origins = vec!["http://localhost:8081".into()];
     })
     .await;
     let api = server.user().await;
@@ -1800,9 +1800,9 @@ async fn sockets_from_foreign_origins_are_refused() {
 async fn a_silent_provider_fails_the_run_after_the_idle_timeout(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |config| {
-        config.model_idle_timeout = Duration::from_millis(400);
+        config.runs.model_idle_timeout = Duration::from_millis(400);
         // Flushes tick far more often than the idle timeout; they must not reset it.
-        config.flush_interval = Duration::from_millis(50);
+        config.runs.flush_interval = Duration::from_millis(50);
     })
     .await;
     let api = server.user().await;
@@ -1876,8 +1876,8 @@ async fn a_running_run_no_task_drives_does_not_block_the_conversation(engine: En
 async fn messages_are_rate_limited_per_user_across_sockets_and_rest() {
     let upstream = FakeUpstream::start(tokens(&["ok"])).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.message_rate_burst = 2;
-        config.message_rate_per_minute = 0.01;
+        config.runs.message_rate_burst = 2;
+        config.runs.message_rate_per_minute = 0.01;
     })
     .await;
     let api = server.user().await;

@@ -4,7 +4,7 @@
 pub mod embedded;
 pub mod verify;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use wadi_protocol::ErrorCode;
@@ -12,12 +12,79 @@ use wadi_protocol::ErrorCode;
 pub use verify::{AuthUser, Verifier, VerifyError};
 
 use crate::{
-    config::Config,
+    config::{Config, Secret},
     error::AppError,
     limits::KeyedLimiter,
     state::AppState,
     store::{Store, StoreError},
 };
+
+/// How users are authenticated: a Supabase project, or the embedded service and its limits.
+/// Part of [`crate::Config`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct AuthSettings {
+    /// A Supabase project URL. When set, WADI accepts that project's users (verifying their
+    /// tokens with the project's JWKS) instead of running its embedded auth service.
+    #[arg(long, env = "SUPABASE_URL")]
+    pub supabase_url: Option<String>,
+
+    /// The project's legacy JWT secret, to accept HS256 access tokens.
+    #[arg(long, env = "SUPABASE_JWT_SECRET", hide_env_values = true)]
+    pub supabase_jwt_secret: Option<Secret>,
+
+    /// The project's anon (publishable) key, handed to the browser for its auth calls.
+    #[arg(long, env = "SUPABASE_ANON_KEY", hide_env_values = true)]
+    pub supabase_anon_key: Option<Secret>,
+
+    /// Required `iss` of access tokens. Default: `{SUPABASE_URL}/auth/v1` with Supabase, the
+    /// embedded service's own issuer otherwise.
+    #[arg(long, env = "WADI_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew tolerated when checking a token's `exp`.
+    #[arg(long, env = "WADI_JWT_LEEWAY", value_parser = crate::config::parse_duration, default_value = "10s")]
+    pub jwt_leeway: Duration,
+
+    /// Shortest time between two JWKS fetches triggered by an unknown `kid`.
+    #[arg(long, env = "WADI_JWKS_REFETCH_INTERVAL", value_parser = crate::config::parse_duration, default_value = "60s")]
+    pub jwks_refetch_interval: Duration,
+
+    /// Lifetime of access tokens issued by the embedded auth service.
+    #[arg(long, env = "WADI_ACCESS_TOKEN_TTL", value_parser = crate::config::parse_duration, default_value = "3600s")]
+    pub access_token_ttl: Duration,
+
+    /// How long after a refresh the previous refresh token may still be used (concurrent tabs).
+    #[arg(long, env = "WADI_REFRESH_REUSE_INTERVAL", value_parser = crate::config::parse_duration, default_value = "10s")]
+    pub refresh_reuse_interval: Duration,
+
+    /// Shortest password the embedded auth service accepts (Supabase's default is 6).
+    #[arg(long, env = "WADI_PASSWORD_MIN_LENGTH", default_value_t = 6)]
+    pub password_min_length: usize,
+
+    /// Signups and password logins a client address may make in a burst.
+    #[arg(long, env = "WADI_AUTH_RATE_BURST", default_value_t = 30)]
+    pub auth_rate_burst: u32,
+
+    /// Signups and password logins a client address regains per minute after a burst.
+    #[arg(long, env = "WADI_AUTH_RATE_PER_MINUTE", default_value_t = 6.0)]
+    pub auth_rate_per_minute: f64,
+
+    /// Password logins one account may attempt in a burst (whatever addresses they come from)…
+    #[arg(long, env = "WADI_LOGIN_RATE_BURST", default_value_t = 10)]
+    pub login_rate_burst: u32,
+
+    /// …and per minute after it.
+    #[arg(long, env = "WADI_LOGIN_RATE_PER_MINUTE", default_value_t = 10.0)]
+    pub login_rate_per_minute: f64,
+
+    /// Refresh-token grants a client address may make in a burst…
+    #[arg(long, env = "WADI_REFRESH_RATE_BURST", default_value_t = 60)]
+    pub refresh_rate_burst: u32,
+
+    /// …and per minute after it.
+    #[arg(long, env = "WADI_REFRESH_RATE_PER_MINUTE", default_value_t = 30.0)]
+    pub refresh_rate_per_minute: f64,
+}
 
 /// Which users the server accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,15 +118,16 @@ impl AuthService {
         http: reqwest::Client,
         clock: crate::util::Clock,
     ) -> Result<Self, StoreError> {
-        let secret = config.supabase_jwt_secret.as_deref();
-        if let Some(url) = &config.supabase_url {
+        let secret = config.auth.supabase_jwt_secret.as_ref().map(Secret::expose);
+        if let Some(url) = &config.auth.supabase_url {
             let url = url.trim_end_matches('/');
             let jwks = verify::JwksCache::new(
                 format!("{url}/auth/v1/.well-known/jwks.json"),
                 http,
-                config.jwks_refetch_interval,
+                config.auth.jwks_refetch_interval,
             );
             let issuer = config
+                .auth
                 .jwt_issuer
                 .clone()
                 .unwrap_or_else(|| format!("{url}/auth/v1"));
@@ -67,7 +135,7 @@ impl AuthService {
                 secret,
                 verify::KeySource::Remote(jwks),
                 Some(issuer),
-                config.jwt_leeway,
+                config.auth.jwt_leeway,
                 clock,
             );
             tracing::info!(supabase = %url, "accepting Supabase users");
@@ -78,36 +146,27 @@ impl AuthService {
             });
         }
         let issuer = config.embedded_issuer();
-        let service = embedded::EmbeddedAuth::new(
-            store,
-            embedded::Settings {
-                issuer: issuer.clone(),
-                access_ttl: config.access_token_ttl,
-                reuse_interval: config.refresh_reuse_interval,
-                password_min_length: config.password_min_length,
-                clock,
-            },
-        )
-        .await?;
+        let service =
+            embedded::EmbeddedAuth::new(store, &config.auth, issuer.clone(), clock).await?;
         let verifier = Arc::new(Verifier::new(
             secret,
-            verify::KeySource::Static(service.keys().verify_keys()),
-            Some(config.jwt_issuer.clone().unwrap_or(issuer)),
-            config.jwt_leeway,
+            verify::KeySource::Local(service.keys().clone()),
+            Some(config.auth.jwt_issuer.clone().unwrap_or(issuer)),
+            config.auth.jwt_leeway,
             clock,
         ));
         let limits = embedded::Limits {
             per_address: KeyedLimiter::per_minute(
-                config.auth_rate_burst,
-                config.auth_rate_per_minute,
+                config.auth.auth_rate_burst,
+                config.auth.auth_rate_per_minute,
             ),
             per_account: KeyedLimiter::per_minute(
-                config.login_rate_burst,
-                config.login_rate_per_minute,
+                config.auth.login_rate_burst,
+                config.auth.login_rate_per_minute,
             ),
             refresh: KeyedLimiter::per_minute(
-                config.refresh_rate_burst,
-                config.refresh_rate_per_minute,
+                config.auth.refresh_rate_burst,
+                config.auth.refresh_rate_per_minute,
             ),
         };
         Ok(Self {

@@ -106,8 +106,10 @@ impl VerifyKey {
 
 /// Where asymmetric keys come from.
 pub enum KeySource {
-    /// Known at startup (the embedded auth service's own keys).
+    /// A fixed set (none, for the fuzz targets).
     Static(HashMap<String, VerifyKey>),
+    /// The embedded auth service's keys, as the store holds them.
+    Local(Arc<crate::auth::embedded::KeyRing>),
     /// A remote JWKS (Supabase), cached by `kid`.
     Remote(JwksCache),
 }
@@ -255,6 +257,7 @@ impl Verifier {
                 .get(kid)
                 .cloned()
                 .ok_or_else(|| VerifyError::UnknownKid(kid.to_owned())),
+            KeySource::Local(ring) => ring.verify_key(kid).await,
             KeySource::Remote(cache) => cache.key(kid).await,
         }
     }

@@ -208,7 +208,7 @@ async fn send_message(
     check_message(
         &body.content,
         body.client_message_id.as_deref(),
-        state.config.max_content_bytes,
+        state.config.runs.max_content_bytes,
     )?;
     owned_conversation(&state, &user, id).await?;
     let sent = state

@@ -25,7 +25,7 @@ use crate::{auth::AuthUser, error::AppError, net::ProxyTrust, state::AppState};
 
 pub fn router(state: AppState) -> Router {
     // Room for the largest content even if every character is JSON-escaped, plus the envelope.
-    let body_limit = state.config.max_content_bytes.saturating_mul(6) + 16 * 1024;
+    let body_limit = state.config.runs.max_content_bytes.saturating_mul(6) + 16 * 1024;
     let api = Router::new()
         .route("/api/me", get(me))
         .route("/api/config", get(client_config))
@@ -56,7 +56,7 @@ pub fn router(state: AppState) -> Router {
     if let Some(embedded) = state.auth.embedded.clone() {
         router = router.nest("/auth/v1", crate::auth::embedded::router(embedded));
     }
-    let trust = Arc::new(state.config.proxy_trust());
+    let trust = Arc::new(state.config.proxies.trust());
     // The app's files are compressed (once per request; browsers cache the hashed ones for a
     // year). Brotli and gzip at a moderate level: their highest levels take seconds on the wasm.
     let compression = tower_http::compression::CompressionLayer::new()
@@ -171,7 +171,7 @@ async fn metrics(
 ) -> Result<Response, AppError> {
     if let Some(expected) = &state.config.metrics_token {
         let given = crate::auth::embedded::bearer_token(&headers).unwrap_or_default();
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if !constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
             return Err(AppError::Unauthorized {
                 code: wadi_protocol::ErrorCode::InvalidToken,
                 message: "metrics need the Authorization: Bearer token the server was given".into(),
@@ -203,10 +203,15 @@ pub fn metrics_router(state: AppState) -> Router {
 /// `GET /api/config`: what the browser needs before sign-in (public, no secrets).
 async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
     let config = &state.config;
-    let (auth_url, anon_key) = match &config.supabase_url {
+    let (auth_url, anon_key) = match &config.auth.supabase_url {
         Some(url) => (
             format!("{}/auth/v1", url.trim_end_matches('/')),
-            config.supabase_anon_key.clone().unwrap_or_default(),
+            config
+                .auth
+                .supabase_anon_key
+                .as_ref()
+                .map(|key| key.expose().to_owned())
+                .unwrap_or_default(),
         ),
         None => ("/auth/v1".to_owned(), String::new()),
     };
@@ -216,7 +221,7 @@ async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
         anon_key,
         model: state.runs.model.name().to_owned(),
         demo_model: state.runs.model.is_demo(),
-        max_content_bytes: config.max_content_bytes,
+        max_content_bytes: config.runs.max_content_bytes,
         protocol_version: wadi_protocol::PROTOCOL_VERSION,
     })
 }

@@ -100,7 +100,7 @@ async fn events(
     let handle = owned_handle(&state.runs, &user, id).await?;
     let Some(counted) = state
         .clients
-        .open_sse(user.id, state.config.max_sse_per_user)
+        .open_sse(user.id, state.config.sockets.max_sse_per_user)
     else {
         state.metrics.refused_connection("sse");
         return Err(AppError::RateLimited);

@@ -38,7 +38,7 @@ impl SecurityHeaders {
             scripts.push_str(&format!(" 'sha256-{hash}'"));
         }
         let mut connect = String::from("'self'");
-        if let Some(origin) = config.supabase_url.as_deref().and_then(origin_of) {
+        if let Some(origin) = config.auth.supabase_url.as_deref().and_then(origin_of) {
             connect.push(' ');
             connect.push_str(&origin);
         }
@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn the_policy_allows_supabase_and_https_gets_hsts() {
         let mut config = Config::for_tests("data".into());
-        config.supabase_url = Some("https://abc.supabase.co/".into());
+        config.auth.supabase_url = Some("https://abc.supabase.co/".into());
         config.public_url = Some("https://chat.example.com".into());
         let security = SecurityHeaders::new(&config, Some("<script>x()</script>"));
         let csp = security

@@ -5,11 +5,45 @@
 pub mod demo;
 pub mod openai;
 
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
+
+use crate::config::{Secret, SecretUrl};
 
 use async_trait::async_trait;
 use futures_util::Stream;
 use wadi_protocol::{Usage, api::Role};
+
+/// OpenAI's API, the provider when only a key is configured.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// The model provider. Part of [`crate::Config`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProviderSettings {
+    /// API key of an OpenAI-compatible provider. With neither this nor a base URL, the demo
+    /// model answers.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<Secret>,
+
+    /// Base URL of an OpenAI-compatible API (e.g. `http://localhost:11434/v1` for Ollama).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<SecretUrl>,
+
+    /// The model to ask.
+    #[arg(long, env = "WADI_MODEL", default_value = "gpt-4o-mini")]
+    pub model: String,
+
+    /// Sampling temperature (0–2); the provider's default when unset.
+    #[arg(long, env = "WADI_TEMPERATURE")]
+    pub temperature: Option<f32>,
+
+    /// Time allowed to connect to the model provider.
+    #[arg(long, env = "WADI_MODEL_CONNECT_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
+    pub model_connect_timeout: Duration,
+
+    /// Pause between the demo model's words.
+    #[arg(long, env = "WADI_DEMO_PACE", value_parser = crate::config::parse_duration, default_value = "40ms")]
+    pub demo_pace: Duration,
+}
 
 /// One message of the history sent to the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,4 +111,13 @@ pub trait ChatModel: Send + Sync + 'static {
     /// Starts an answer to `history` (oldest first, the new user message last). Dropping the
     /// returned future or stream cancels the request upstream: nothing more is produced or billed.
     async fn stream(&self, history: Vec<ChatMessage>) -> Result<ModelStream, ModelError>;
+}
+
+impl ProviderSettings {
+    /// The provider's base URL, credentials redacted (for logs).
+    pub fn base_url(&self) -> String {
+        self.openai_base_url
+            .as_ref()
+            .map_or_else(|| OPENAI_BASE_URL.to_owned(), ToString::to_string)
+    }
 }

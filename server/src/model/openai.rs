@@ -5,8 +5,6 @@
 //! After that a failure ends the run. Dropping the stream drops the HTTP response, which closes
 //! the connection: the provider stops generating.
 
-use std::time::Duration;
-
 use async_openai::{
     Client,
     config::OpenAIConfig,
@@ -21,7 +19,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use wadi_protocol::{Usage, api::Role};
 
-use super::{ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream};
+use super::{ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream, ProviderSettings};
+use crate::config::SecretUrl;
 
 pub struct OpenAiModel {
     client: Client<OpenAIConfig>,
@@ -29,30 +28,26 @@ pub struct OpenAiModel {
     temperature: Option<f32>,
 }
 
-pub struct OpenAiSettings {
-    pub base_url: String,
-    pub api_key: Option<String>,
-    pub model: String,
-    pub temperature: Option<f32>,
-    pub connect_timeout: Duration,
-}
-
 impl OpenAiModel {
-    pub fn new(settings: OpenAiSettings) -> Result<Self, ModelError> {
+    pub fn new(settings: &ProviderSettings) -> Result<Self, ModelError> {
         let http = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
+            .connect_timeout(settings.model_connect_timeout)
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ModelError::Unreachable {
                 detail: e.to_string(),
             })?;
-        let mut config = OpenAIConfig::new().with_api_base(settings.base_url.trim_end_matches('/'));
-        if let Some(key) = settings.api_key {
-            config = config.with_api_key(key);
+        let base_url = settings
+            .openai_base_url
+            .as_ref()
+            .map_or(super::OPENAI_BASE_URL, SecretUrl::expose);
+        let mut config = OpenAIConfig::new().with_api_base(base_url.trim_end_matches('/'));
+        if let Some(key) = &settings.openai_api_key {
+            config = config.with_api_key(key.expose());
         }
         Ok(Self {
             client: Client::with_config(config).with_http_client(http),
-            model: settings.model,
+            model: settings.model.clone(),
             temperature: settings.temperature,
         })
     }

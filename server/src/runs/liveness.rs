@@ -108,7 +108,7 @@ impl Runs {
     /// `shutdown`.
     pub fn keep_alive(self: &Arc<Self>, shutdown: CancellationToken) {
         let runs = Arc::downgrade(self);
-        let every = self.settings.heartbeat_interval;
+        let every = self.settings.instance_heartbeat;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -43,26 +43,77 @@ use crate::{
     util::now_millis,
 };
 
-/// How runs behave; from the server configuration.
-#[derive(Debug, Clone)]
+/// How messages are accepted and runs behave. Part of [`crate::Config`].
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunSettings {
+    /// A system prompt sent before the conversation.
+    #[arg(long, env = "WADI_SYSTEM_PROMPT")]
     pub system_prompt: Option<String>,
+
+    /// How many of the conversation's latest messages are sent to the model.
+    #[arg(long, env = "WADI_HISTORY_MESSAGES", default_value_t = 20)]
     pub history_messages: u32,
-    pub idle_timeout: Duration,
-    pub flush_interval: Duration,
+
+    /// A run fails if the provider sends nothing for this long (including before the first token).
+    #[arg(long, env = "WADI_MODEL_IDLE_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "60s")]
+    pub model_idle_timeout: Duration,
+
+    /// Extra time to gather deltas into one chunk for very fast models (0: only deltas already
+    /// waiting are merged, adding no delay).
+    #[arg(long, env = "WADI_COALESCE_WINDOW", value_parser = crate::config::parse_duration, default_value = "0s")]
     pub coalesce_window: Duration,
-    pub retention: Duration,
-    /// How often this instance heartbeats, checks its runs' stop requests, and reaps.
-    pub heartbeat_interval: Duration,
-    /// An instance silent this long is dead: its runs are reaped.
+
+    /// How often a streaming run's output is saved (it is always saved when the run ends).
+    #[arg(long, env = "WADI_FLUSH_INTERVAL", value_parser = crate::config::parse_duration, default_value = "1s")]
+    pub flush_interval: Duration,
+
+    /// How long a finished run's chunks stay in memory for exact replay (`afterSeq`).
+    #[arg(long, env = "WADI_RUN_RETENTION", value_parser = crate::config::parse_duration, default_value = "10m")]
+    pub run_retention: Duration,
+
+    /// How often this instance heartbeats into the database, checks its runs for stop requests,
+    /// and reaps the runs of instances that stopped heartbeating.
+    #[arg(long, env = "WADI_INSTANCE_HEARTBEAT", value_parser = crate::config::parse_duration, default_value = "2s")]
+    pub instance_heartbeat: Duration,
+
+    /// An instance that has not heartbeated for this long is dead: another instance saves its
+    /// runs as `interrupted` with what they had produced, and it may never write them again.
+    #[arg(long, env = "WADI_INSTANCE_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "15s")]
     pub instance_timeout: Duration,
-    /// Messages per user per minute, sustained, and in a burst.
+
+    /// Messages a user may send per minute, sustained (REST and WebSocket together)…
+    #[arg(long, env = "WADI_MESSAGE_RATE_PER_MINUTE", default_value_t = 20.0)]
     pub message_rate_per_minute: f64,
+
+    /// …and in a burst.
+    #[arg(long, env = "WADI_MESSAGE_RATE_BURST", default_value_t = 10)]
     pub message_rate_burst: u32,
-    /// Past this many runs driven here, new ones are refused as `overloaded` (0: no cap).
+
+    /// Past this many runs driven by this instance at once, new messages are refused with
+    /// `overloaded` (and a retry hint) while the running answers go on (0: no cap).
+    #[arg(long, env = "WADI_MAX_ACTIVE_RUNS", default_value_t = 0)]
     pub max_active_runs: usize,
-    /// Past this much event-loop lag, new runs are refused as `overloaded` (0: not checked).
+
+    /// Past this much event-loop lag, new messages are refused with `overloaded` (0: not
+    /// checked). The running answers' chunks are delayed by that much already.
+    #[arg(long, env = "WADI_MAX_LOOP_LAG", value_parser = crate::config::parse_duration, default_value = "100ms")]
     pub max_loop_lag: Duration,
+
+    /// Largest message content accepted, in bytes (REST and WebSocket).
+    #[arg(long, env = "WADI_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
+    pub max_content_bytes: usize,
+
+    /// Conversations a user may create in a burst…
+    #[arg(long, env = "WADI_CONVERSATION_RATE_BURST", default_value_t = 30)]
+    pub conversation_rate_burst: u32,
+
+    /// …and per minute after it.
+    #[arg(
+        long,
+        env = "WADI_CONVERSATION_RATE_PER_MINUTE",
+        default_value_t = 30.0
+    )]
+    pub conversation_rate_per_minute: f64,
 }
 
 /// The local sockets, as runs see them.

@@ -59,7 +59,7 @@ pub async fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) {
         }
         // Watchers send `complete` only now, so `complete` always means "saved".
         handle.finish(ending);
-        ctx.hub.retire(&handle, ctx.settings.retention);
+        ctx.hub.retire(&handle, ctx.settings.run_retention);
     }
     .instrument(span)
     .await;
@@ -94,7 +94,7 @@ async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outc
     let mut stream: ModelStream = tokio::select! {
         biased;
         () = cancel.cancelled() => return stopped(handle, None),
-        result = tokio::time::timeout(settings.idle_timeout, ctx.model.stream(history)) => {
+        result = tokio::time::timeout(settings.model_idle_timeout, ctx.model.stream(history)) => {
             match result {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => return failed(&error, None),
@@ -113,7 +113,7 @@ async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outc
     let mut checkpoints = Checkpoints::default();
     // One deadline, moved only when the provider sends something: flush ticks must not restart
     // the idle clock.
-    let mut silent_until = Instant::now() + settings.idle_timeout;
+    let mut silent_until = Instant::now() + settings.model_idle_timeout;
     loop {
         let event = tokio::select! {
             biased;
@@ -127,7 +127,7 @@ async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outc
                 Ok(event) => event,
             },
         };
-        silent_until = Instant::now() + settings.idle_timeout;
+        silent_until = Instant::now() + settings.model_idle_timeout;
         let mut text = match event {
             None => return (RunStatus::Completed, usage, None),
             Some(Err(error)) => return failed(&error, usage),

@@ -271,6 +271,22 @@ pub trait Store: Send + Sync + 'static {
     /// Every signing key, oldest first.
     async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
     async fn insert_signing_key(&self, key: &SigningKeyRecord) -> StoreResult<()>;
+    /// In one transaction: retires every key in use (at `key.created_at`), deletes keys
+    /// retired before `forget_before`, and adds `key`.
+    async fn rotate_signing_key(
+        &self,
+        key: &SigningKeyRecord,
+        forget_before: i64,
+    ) -> StoreResult<()>;
+
+    // ---- Administration ----
+    /// Every account, oldest first, with its session and conversation counts.
+    async fn list_users(&self) -> StoreResult<Vec<UserSummary>>;
+    /// Deletes an account with its sessions and conversations. False if there was none.
+    async fn delete_user(&self, id: UserId) -> StoreResult<bool>;
+    /// Sets an account's password hash and ends all its sessions, in one transaction. False if
+    /// there was no such account.
+    async fn reset_password(&self, id: UserId, password_hash: &str, at: i64) -> StoreResult<bool>;
 }
 
 /// How a reaped run is saved (the run module knows; the store only asks, under the row lock).

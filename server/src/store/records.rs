@@ -54,6 +54,9 @@ pub struct SigningKeyRecord {
     /// PKCS#8 PEM of the P-256 private key.
     pub private_key_pem: String,
     pub created_at: i64,
+    /// When `wadi admin rotate-signing-key` retired it: it signs nothing more and verifies
+    /// until the tokens it signed have expired.
+    pub retired_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -100,8 +103,21 @@ impl std::fmt::Debug for SigningKeyRecord {
             .field("kid", &self.kid)
             .field("private_key_pem", &"<redacted>")
             .field("created_at", &self.created_at)
+            .field("retired_at", &self.retired_at)
             .finish()
     }
+}
+
+/// An account as `wadi admin users` lists it (no password hash).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserSummary {
+    pub id: UserId,
+    pub email: String,
+    pub created_at: i64,
+    pub last_sign_in_at: Option<i64>,
+    pub sessions: i64,
+    pub conversations: i64,
 }
 
 /// A message as listed: with the status of the run that produced it (assistant messages).
@@ -286,6 +302,7 @@ mod tests {
             kid: "k".into(),
             private_key_pem: "-----BEGIN PRIVATE KEY-----secret".into(),
             created_at: 1,
+            retired_at: None,
         };
         let text = format!("{user:?} {key:?}");
         assert!(!text.contains("secret"), "{text}");

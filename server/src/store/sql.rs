@@ -733,6 +733,90 @@ macro_rules! sql_store {
                 .await?;
                 Ok(())
             }
+
+            async fn rotate_signing_key(
+                &self,
+                key: &$crate::store::SigningKeyRecord,
+                forget_before: i64,
+            ) -> $crate::store::StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "UPDATE auth_signing_keys SET retired_at = $1 WHERE retired_at IS NULL",
+                )
+                .bind(key.created_at)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM auth_signing_keys WHERE retired_at < $1")
+                    .bind(forget_before)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO auth_signing_keys (kid, private_key_pem, created_at) \
+                     VALUES ($1, $2, $3)",
+                )
+                .bind(&key.kid)
+                .bind(&key.private_key_pem)
+                .bind(key.created_at)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn list_users(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::UserSummary>> {
+                Ok(sqlx::query_as::<$db, $crate::store::UserSummary>(
+                    "SELECT u.id, u.email, u.created_at, u.last_sign_in_at, \
+                     (SELECT COUNT(*) FROM auth_sessions s WHERE s.user_id = u.id) AS sessions, \
+                     (SELECT COUNT(*) FROM conversations c WHERE c.owner_id = u.id) \
+                     AS conversations FROM users u ORDER BY u.created_at, u.id",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn delete_user(
+                &self,
+                id: $crate::ids::UserId,
+            ) -> $crate::store::StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                // Messages and runs go with their conversations; sessions and refresh tokens
+                // with the user.
+                sqlx::query("DELETE FROM conversations WHERE owner_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                let done = sqlx::query("DELETE FROM users WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn reset_password(
+                &self,
+                id: $crate::ids::UserId,
+                password_hash: &str,
+                at: i64,
+            ) -> $crate::store::StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                let done = sqlx::query(
+                    "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(password_hash)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM auth_sessions WHERE user_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected() == 1)
+            }
         }
     };
 }

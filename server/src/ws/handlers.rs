@@ -132,7 +132,7 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
         .authenticate(
             socket.id,
             user.id,
-            socket.state.config.max_connections_per_user,
+            socket.state.config.sockets.max_connections_per_user,
         )
         .is_err()
     {
@@ -264,7 +264,7 @@ async fn send(
     if let Err(error) = check_message(
         &content,
         client_message_id.as_deref(),
-        socket.state.config.max_content_bytes,
+        socket.state.config.runs.max_content_bytes,
     ) {
         return send_app_error(socket, error);
     }
@@ -395,7 +395,7 @@ impl Session {
         let out = socket.out.clone();
         let inbox = socket.inbox.clone();
         let metrics = socket.state.metrics.clone();
-        let patience = socket.state.config.slow_client_timeout;
+        let patience = socket.state.config.sockets.slow_client_timeout;
         let run_socket = matches!(socket.endpoint, Endpoint::Run { .. });
         let task = tokio::spawn(async move {
             let mut frames = pin!(handle.follow(after_seq, with_start));
@@ -433,7 +433,7 @@ impl Session {
 /// The instant a token stops being accepted: its `exp` plus the verifier's leeway, on the
 /// verifier's clock.
 fn expiry_instant(socket: &Socket, exp: i64) -> Instant {
-    let leeway = socket.state.config.jwt_leeway;
+    let leeway = socket.state.config.auth.jwt_leeway;
     let now = socket.state.auth.verifier.clock().now_millis();
     let remaining_ms = exp
         .saturating_mul(1000)

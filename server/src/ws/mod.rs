@@ -7,6 +7,8 @@ pub mod registry;
 mod socket;
 mod writer;
 
+use std::time::Duration;
+
 use axum::{
     Json, Router,
     extract::{Path, Query, State, WebSocketUpgrade},
@@ -25,6 +27,74 @@ use crate::{
     ids::{ConversationId, RunId},
     state::AppState,
 };
+
+/// WebSocket and SSE limits. Part of [`crate::Config`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct SocketSettings {
+    /// A socket must authenticate within this time.
+    #[arg(long, env = "WADI_AUTH_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
+    pub auth_timeout: Duration,
+
+    /// Largest WebSocket frame accepted, in bytes.
+    #[arg(long, env = "WADI_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Frames a socket may send per second, sustained…
+    #[arg(long, env = "WADI_WS_RATE_PER_SECOND", default_value_t = 10.0)]
+    pub ws_rate_per_second: f64,
+
+    /// …and in a burst.
+    #[arg(long, env = "WADI_WS_RATE_BURST", default_value_t = 20)]
+    pub ws_rate_burst: u32,
+
+    /// Open sockets allowed per user.
+    #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
+
+    /// Open sockets allowed in total.
+    #[arg(long, env = "WADI_MAX_CONNECTIONS", default_value_t = 19_000)]
+    pub max_connections: usize,
+
+    /// Open sockets allowed per client address (IPv6: per /64; behind trusted proxies, the
+    /// address they saw). Raise it for many users behind one NAT.
+    #[arg(long, env = "WADI_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1000)]
+    pub max_connections_per_address: usize,
+
+    /// Sockets that have not authenticated yet, in total: a flood of them cannot take the
+    /// places of authenticated users.
+    #[arg(long, env = "WADI_MAX_PENDING_CONNECTIONS", default_value_t = 2000)]
+    pub max_pending_connections: usize,
+
+    /// …and per client address.
+    #[arg(long, env = "WADI_MAX_PENDING_PER_ADDRESS", default_value_t = 100)]
+    pub max_pending_per_address: usize,
+
+    /// Server-Sent Events streams (`/api/runs/{id}/events`) open at once per user.
+    #[arg(long, env = "WADI_MAX_SSE_PER_USER", default_value_t = 16)]
+    pub max_sse_per_user: usize,
+
+    /// Frames queued per socket before the client counts as slow.
+    #[arg(long, env = "WADI_SEND_QUEUE", default_value_t = 256)]
+    pub send_queue: usize,
+
+    /// Bytes queued per socket before the client counts as slow (one frame larger than this,
+    /// such as a long answer's `complete`, is still sent alone).
+    #[arg(long, env = "WADI_SEND_QUEUE_BYTES", default_value_t = 1024 * 1024)]
+    pub send_queue_bytes: usize,
+
+    /// A socket whose queue stays full, or whose writes stall, this long is closed.
+    #[arg(long, env = "WADI_SLOW_CLIENT_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
+    pub slow_client_timeout: Duration,
+
+    /// Interval of server pings; a socket silent for two intervals is closed.
+    #[arg(long, env = "WADI_HEARTBEAT_INTERVAL", value_parser = crate::config::parse_duration, default_value = "30s")]
+    pub heartbeat_interval: Duration,
+
+    /// Browser origins allowed to open sockets, comma-separated (`*` for any). The server's own
+    /// origin is always allowed; clients that send no `Origin` (non-browsers) are too.
+    #[arg(long, env = "WADI_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+}
 
 /// tungstenite's 128 KiB default read buffer would make an idle socket cost ~136 KB. Browsers
 /// send small frames (the largest usual one, `auth`, is about 1 KiB); larger ones are assembled
@@ -104,7 +174,7 @@ fn accept(
     upgrade: WebSocketUpgrade,
     endpoint: Endpoint,
 ) -> Response {
-    if !origin_allowed(headers, &state.config.allowed_origins) {
+    if !origin_allowed(headers, &state.config.sockets.allowed_origins) {
         tracing::info!(origin = ?headers.get(header::ORIGIN), "socket refused: origin not allowed");
         return (
             StatusCode::FORBIDDEN,
@@ -118,10 +188,10 @@ fn accept(
     }
     let addr = crate::net::limit_key(addr);
     let caps = Caps {
-        total: state.config.max_connections,
-        per_address: state.config.max_connections_per_address,
-        pending: state.config.max_pending_connections,
-        pending_per_address: state.config.max_pending_per_address,
+        total: state.config.sockets.max_connections,
+        per_address: state.config.sockets.max_connections_per_address,
+        pending: state.config.sockets.max_pending_connections,
+        pending_per_address: state.config.sockets.max_pending_per_address,
     };
     if let Err(refusal) = state.clients.admit(addr, &caps) {
         let (status, reason, message) = match refusal {
@@ -155,7 +225,7 @@ fn accept(
         )
             .into_response();
     }
-    let max_frame = state.config.max_frame_bytes;
+    let max_frame = state.config.sockets.max_frame_bytes;
     let request = tracing::Span::current();
     upgrade
         .read_buffer_size(READ_BUFFER)

@@ -98,16 +98,19 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
 
     let (sink, mut stream) = socket.split();
     let out = Arc::new(Outbox::new(
-        state.config.send_queue,
-        state.config.send_queue_bytes,
+        state.config.sockets.send_queue,
+        state.config.sockets.send_queue_bytes,
     ));
     let writer = tokio::spawn(write_loop(
         sink,
         out.clone(),
-        state.config.slow_client_timeout,
+        state.config.sockets.slow_client_timeout,
         inbox.clone(),
     ));
-    let rate = TokenBucket::new(state.config.ws_rate_burst, state.config.ws_rate_per_second);
+    let rate = TokenBucket::new(
+        state.config.sockets.ws_rate_burst,
+        state.config.sockets.ws_rate_per_second,
+    );
     let mut connection = Connection {
         socket: Socket {
             id,
@@ -167,7 +170,7 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
             // A run socket closing normally may still be sending a large `complete`: give it
             // the same patience as any frame. Other closes need only a moment.
             let grace = if code == close::NORMAL {
-                state.config.slow_client_timeout
+                state.config.sockets.slow_client_timeout
             } else {
                 CLOSE_GRACE
             };
@@ -190,8 +193,9 @@ impl Connection {
         }
         let config = self.socket.state.config.clone();
         let shutdown = self.socket.state.shutdown.clone();
-        let mut deadline: std::pin::Pin<&mut Sleep> = pin!(tokio::time::sleep(config.auth_timeout));
-        let heartbeat_every = config.heartbeat_interval;
+        let mut deadline: std::pin::Pin<&mut Sleep> =
+            pin!(tokio::time::sleep(config.sockets.auth_timeout));
+        let heartbeat_every = config.sockets.heartbeat_interval;
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

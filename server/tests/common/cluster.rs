@@ -179,7 +179,10 @@ impl Cluster {
             _ => None,
         };
         let mut settings: Vec<(String, String)> = vec![
-            ("DATABASE_URL".into(), db.config().database_url.unwrap()),
+            (
+                "DATABASE_URL".into(),
+                db.config().database_url.unwrap().expose().to_owned(),
+            ),
             ("OPENAI_BASE_URL".into(), model_url.into()),
             ("OPENAI_API_KEY".into(), "sk-test".into()),
             ("WADI_MODEL".into(), "fake-model".into()),

@@ -66,7 +66,7 @@ impl TestDb {
     pub fn config(&self) -> Config {
         let mut config = Config::for_tests(self.data_dir.path().to_path_buf());
         if let Some((admin_url, name)) = &self.postgres {
-            config.database_url = Some(database_url(admin_url, name));
+            config.database_url = Some(database_url(admin_url, name).into());
         }
         config
     }

@@ -158,9 +158,9 @@ impl FakeUpstream {
 
     /// Configures a server to use this fake.
     pub fn configure(&self, config: &mut wadi_server::Config) {
-        config.openai_base_url = Some(self.base_url.clone());
-        config.openai_api_key = Some("sk-test".into());
-        config.model = "fake-model".into();
+        config.provider.openai_base_url = Some(self.base_url.clone().into());
+        config.provider.openai_api_key = Some("sk-test".into());
+        config.provider.model = "fake-model".into();
     }
 }
 

@@ -2,8 +2,8 @@
 //! client needs, wire-compatible so `@supabase/supabase-js` works against it unchanged.
 //! Served when `SUPABASE_URL` is not set. `docs/auth.md` lists what is and is not implemented.
 
-mod hashing;
-mod keys;
+pub mod hashing;
+pub mod keys;
 mod service;
 mod wire;
 
@@ -24,7 +24,8 @@ use tower_http::{
     set_header::SetResponseHeaderLayer,
 };
 
-pub use service::{EmbeddedAuth, Settings};
+pub use keys::KeyRing;
+pub use service::{EmbeddedAuth, MAX_PASSWORD_BYTES, keep_retired_keys};
 use wire::{API_VERSION, API_VERSION_HEADER, AuthApiError, user_json};
 
 use crate::{
@@ -338,7 +339,7 @@ async fn logout(
 async fn jwks(State(state): State<EmbeddedState>) -> Response {
     (
         [(header::CACHE_CONTROL, "public, max-age=600")],
-        Json(state.auth.keys().jwks()),
+        Json(state.auth.keys().current().jwks()),
     )
         .into_response()
 }

@@ -13,13 +13,13 @@ use uuid::Uuid;
 
 use super::{
     hashing::{HashError, Hasher},
-    keys::SigningKeys,
+    keys::KeyRing,
     wire::{AuthApiError, session_json},
 };
 use crate::{
+    auth::AuthSettings,
     ids::UserId,
     store::{Constraint, RefreshTokenRecord, SessionRecord, Store, StoreError, UserRecord},
-    util::now_millis,
 };
 
 /// Passwords longer than this are refused, as Supabase does (bcrypt's limit, kept for
@@ -29,7 +29,7 @@ const MAX_EMAIL_BYTES: usize = 255;
 
 pub struct EmbeddedAuth {
     store: Arc<dyn Store>,
-    keys: SigningKeys,
+    keys: Arc<KeyRing>,
     issuer: String,
     access_ttl: Duration,
     reuse_interval: Duration,
@@ -41,18 +41,15 @@ pub struct EmbeddedAuth {
     hasher: Hasher,
 }
 
-pub struct Settings {
-    pub issuer: String,
-    pub access_ttl: Duration,
-    pub reuse_interval: Duration,
-    pub password_min_length: usize,
-    /// What tokens are timed with (the verifier's clock).
-    pub clock: crate::util::Clock,
-}
-
 /// What a successful signup, login or refresh returns.
 pub struct IssuedSession {
     pub json: Value,
+}
+
+/// How long a retired signing key keeps verifying: the tokens it signed live for the access
+/// token lifetime (plus leeway), and an instance may sign with it until it re-reads the keys.
+pub fn keep_retired_keys(settings: &AuthSettings) -> Duration {
+    settings.access_token_ttl + settings.jwt_leeway + super::keys::RELOAD_EVERY
 }
 
 fn store_error(error: StoreError) -> AuthApiError {
@@ -60,8 +57,15 @@ fn store_error(error: StoreError) -> AuthApiError {
 }
 
 impl EmbeddedAuth {
-    pub async fn new(store: Arc<dyn Store>, settings: Settings) -> Result<Self, StoreError> {
-        let keys = SigningKeys::load_or_create(store.as_ref(), now_millis()).await?;
+    /// The service for `settings`, issuing tokens as `issuer`, timed by `clock` (the
+    /// verifier's).
+    pub async fn new(
+        store: Arc<dyn Store>,
+        settings: &AuthSettings,
+        issuer: String,
+        clock: crate::util::Clock,
+    ) -> Result<Self, StoreError> {
+        let keys = KeyRing::open(store.clone(), keep_retired_keys(settings)).await?;
         let hasher = Hasher::start()
             .map_err(|e| StoreError::Corrupt(format!("cannot start hashing threads: {e}")))?;
         let dummy_hash = hash_password(&hasher, "wadi-dummy-password".to_owned())
@@ -70,17 +74,17 @@ impl EmbeddedAuth {
         Ok(Self {
             store,
             keys,
-            issuer: settings.issuer,
-            access_ttl: settings.access_ttl,
-            reuse_interval: settings.reuse_interval,
+            issuer,
+            access_ttl: settings.access_token_ttl,
+            reuse_interval: settings.refresh_reuse_interval,
             password_min_length: settings.password_min_length,
-            clock: settings.clock,
+            clock,
             dummy_hash,
             hasher,
         })
     }
 
-    pub fn keys(&self) -> &SigningKeys {
+    pub fn keys(&self) -> &Arc<KeyRing> {
         &self.keys
     }
 
@@ -339,8 +343,9 @@ impl EmbeddedAuth {
             "is_anonymous": false,
         });
         let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.keys.kid.clone());
-        let access_token = jsonwebtoken::encode(&header, &claims, &self.keys.encoding)
+        let keys = self.keys.current();
+        header.kid = Some(keys.kid.clone());
+        let access_token = jsonwebtoken::encode(&header, &claims, &keys.encoding)
             .map_err(AuthApiError::unexpected)?;
         Ok(IssuedSession {
             json: session_json(&access_token, expires_at, now, refresh_token, user),
