@@ -116,6 +116,16 @@ pub struct Config {
     #[arg(long, env = "WADI_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<Secret>,
 
+    /// Export traces (HTTP requests, sockets, runs, and what they log) to this OpenTelemetry
+    /// endpoint over OTLP/HTTP with JSON, e.g. `http://otel-collector:4318` (spans go to
+    /// `/v1/traces`).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` of exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "wadi")]
+    pub otlp_service_name: String,
+
     #[command(flatten, next_help_heading = "Auth")]
     pub auth: AuthSettings,
 

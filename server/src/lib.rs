@@ -16,6 +16,7 @@ pub mod net;
 pub mod runs;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod util;
 pub mod ws;
 

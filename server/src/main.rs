@@ -8,10 +8,21 @@ fn main() -> anyhow::Result<()> {
     let loaded = Cli::load_or_exit();
     let config = loaded.cli.config.clone();
     match loaded.cli.command.clone() {
-        None | Some(Command::Serve) => {
-            init_tracing(config.log_format, "info,tower_http=warn,sqlx=warn");
-            runtime()?.block_on(serve(config))
-        }
+        None | Some(Command::Serve) => runtime()?.block_on(async {
+            let exporter = init_tracing(
+                config.log_format,
+                "info,tower_http=warn,sqlx=warn",
+                config
+                    .otlp_endpoint
+                    .as_deref()
+                    .map(|endpoint| (endpoint, config.otlp_service_name.as_str())),
+            );
+            let served = serve(config).await;
+            if let Some(exporter) = exporter {
+                exporter.flush(std::time::Duration::from_secs(5)).await;
+            }
+            served
+        }),
         Some(Command::Config(ConfigCommand::Print)) => {
             print!("{}", loaded.print());
             Ok(())
@@ -21,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Admin(command)) => {
-            init_tracing(config.log_format, "warn,sqlx=error");
+            init_tracing(config.log_format, "warn,sqlx=error", None);
             runtime()?.block_on(async {
                 let stdin = std::io::stdin();
                 let mut input = stdin.lock();
@@ -55,16 +66,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Logs to standard error (standard output carries what commands print), filtered by
-/// `RUST_LOG` or `default_filter`.
-fn init_tracing(format: LogFormat, default_filter: &str) {
-    use tracing_subscriber::{EnvFilter, fmt};
+/// `RUST_LOG` or `default_filter`; with an OTLP endpoint (and service name), spans are exported
+/// there too (call inside the runtime).
+fn init_tracing(
+    format: LogFormat,
+    default_filter: &str,
+    otlp: Option<(&str, &str)>,
+) -> Option<wadi_server::telemetry::Exporter> {
+    use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let logs = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (otlp, exporter) = match otlp {
+        Some((endpoint, service)) => {
+            let (layer, exporter) = wadi_server::telemetry::otlp(endpoint, service);
+            (Some(layer), Some(exporter))
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otlp);
+    let logs = fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => registry.with(logs).init(),
+        LogFormat::Json => registry.with(logs.json()).init(),
     }
+    exporter
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

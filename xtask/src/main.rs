@@ -2,7 +2,8 @@
 //! a fresh machine needs nothing but Rust.
 //!
 //! - `setup`: installs the wasm32 target, trunk 0.21 and the wasm-bindgen-cli matching Cargo.lock.
-//! - `run`:   setup, builds the web app, starts the server on embedded defaults.
+//! - `run`:   installs what it needs, builds the server and the web app side by side (quick
+//!   profiles), starts the server on embedded defaults.
 //! - `test`:  setup, then fmt, clippy (native and wasm32), all tests, the release web build and
 //!   its size budget, the browser tests against the one binary, a benchmark smoke.
 //! - `dist`:  a release build of web and server into `target/dist/`.
@@ -10,6 +11,7 @@
 
 mod bench;
 mod fuzz;
+mod run;
 mod services;
 mod tools;
 
@@ -29,7 +31,7 @@ fn main() -> ExitCode {
     };
     let result = match command {
         "setup" => tools::setup(),
-        "run" => run(rest),
+        "run" => run::run(rest),
         "test" => test(),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
@@ -57,33 +59,6 @@ const HELP: &str = "usage: cargo xtask <command>
   bench ...   benchmarks: idle, stream, churn, smoke (see docs/performance.md)
   fuzz [--time S] [TARGET...]  the fuzz targets (fuzz/), S seconds each; the corpus grows
   setup       install the wasm target, trunk and wasm-bindgen-cli";
-
-/// Builds the web app, then runs the server in release mode (the app embedded) until Ctrl-C.
-fn run(server_args: &[String]) -> Result<(), String> {
-    tools::setup()?;
-    build_web()?;
-    let root = workspace_root();
-    let mut server = cmd(
-        "cargo",
-        &[
-            "run",
-            "--release",
-            "-p",
-            "wadi-server",
-            "--bin",
-            "wadi",
-            "--",
-        ],
-    );
-    // `cargo xtask run -- --addr …` and `cargo xtask run --addr …` both work.
-    let server_args = match server_args.split_first() {
-        Some((first, rest)) if first == "--" => rest,
-        _ => server_args,
-    };
-    server.args(server_args).current_dir(&root);
-    println!("xtask: starting the server; it prints its URL when it is ready (Ctrl-C stops it)");
-    tools::status(&mut server)
-}
 
 /// Everything CI runs. Each step is timed; the first failure stops the run.
 fn test() -> Result<(), String> {
@@ -241,9 +216,18 @@ fn check_protocol_tree() -> Result<(), String> {
 fn build_web() -> Result<(), String> {
     let root = workspace_root();
     tools::status(
-        cmd("trunk", &["build", "--release", "--offline"])
-            .current_dir(&root)
-            .env("PATH", tools::path_with_tools()),
+        cmd(
+            "trunk",
+            &[
+                "build",
+                "--release",
+                "--offline",
+                "--cargo-profile",
+                "wasm-release",
+            ],
+        )
+        .current_dir(&root)
+        .env("PATH", tools::path_with_tools()),
     )
 }
 

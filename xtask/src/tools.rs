@@ -3,6 +3,7 @@
 
 use std::{
     ffi::OsString,
+    io::Write as _,
     path::PathBuf,
     process::{Command, Stdio},
     time::Instant,
@@ -143,84 +144,151 @@ fn locked_version(package: &str) -> Result<String, String> {
     Err(format!("{package} is not in Cargo.lock"))
 }
 
-/// Installs what the build needs, skipping what is already there at the right version.
-pub fn setup() -> Result<(), String> {
-    let root = workspace_root();
-    if !root.join("Cargo.lock").exists() {
-        status(cmd("cargo", &["generate-lockfile"]).current_dir(&root))?;
-    }
+/// Where a step's commands write: the terminal, or a log file (for steps that run side by side).
+#[derive(Clone, Debug)]
+pub enum Output {
+    Terminal,
+    Log(PathBuf),
+}
 
+impl Output {
+    /// Runs `command` with its output here; an error if it cannot start or exits non-zero.
+    pub fn run(&self, command: &mut Command) -> Result<(), String> {
+        match self {
+            Self::Terminal => status(command),
+            Self::Log(path) => {
+                let text = describe(command);
+                let open = || {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+                };
+                let mut log = open()?;
+                let _ = writeln!(log, "$ {text}");
+                let status = command
+                    .stdout(open()?)
+                    .stderr(log)
+                    .status()
+                    .map_err(|e| format!("cannot run `{text}`: {e}"))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`{text}` failed ({status}); its output: {}",
+                        path.display()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Installs everything `cargo xtask test` needs, skipping what is already there at the right
+/// version.
+pub fn setup() -> Result<(), String> {
+    let out = Output::Terminal;
+    lockfile(&out)?;
+    wasm_target(&out)?;
+    trunk(&out)?;
+    wasm_bindgen(&out)?;
+    wasm_opt(&out)?;
+    nextest(&out)
+}
+
+pub fn lockfile(out: &Output) -> Result<(), String> {
+    let root = workspace_root();
+    if root.join("Cargo.lock").exists() {
+        return Ok(());
+    }
+    out.run(cmd("cargo", &["generate-lockfile"]).current_dir(&root))
+}
+
+pub fn wasm_target(out: &Output) -> Result<(), String> {
     let targets = output(&mut cmd("rustup", &["target", "list", "--installed"]))?;
-    if !targets
+    if targets
         .lines()
         .any(|t| t.trim() == "wasm32-unknown-unknown")
     {
-        status(&mut cmd(
-            "rustup",
-            &["target", "add", "wasm32-unknown-unknown"],
-        ))?;
+        return Ok(());
     }
+    out.run(&mut cmd(
+        "rustup",
+        &["target", "add", "wasm32-unknown-unknown"],
+    ))
+}
 
-    match version_of("trunk") {
-        Some(version) if version.starts_with(TRUNK_MINOR) => {}
-        // A debug build: trunk only orchestrates (measured here: it builds the app as fast as a
-        // release trunk, and installs in 2.5 minutes instead of 10).
-        _ => status(&mut cmd(
-            "cargo",
-            &[
-                "install",
-                "trunk",
-                "--version",
-                TRUNK_VERSION,
-                "--locked",
-                "--debug",
-            ],
-        ))?,
+/// trunk, as a debug build: it only orchestrates (measured here: it builds the app as fast as a
+/// release trunk, and installs in 2.5 minutes instead of 10).
+pub fn trunk(out: &Output) -> Result<(), String> {
+    if version_of("trunk").is_some_and(|version| version.starts_with(TRUNK_MINOR)) {
+        return Ok(());
     }
+    out.run(&mut cmd(
+        "cargo",
+        &[
+            "install",
+            "trunk",
+            "--version",
+            TRUNK_VERSION,
+            "--locked",
+            "--debug",
+        ],
+    ))
+}
 
-    // The CLI must match the wasm-bindgen library exactly, or the generated JS glue is wrong.
-    // Not `--locked`: the registry mirror can lag the newest versions of its dependencies.
+/// The wasm-bindgen CLI matching the library in Cargo.lock exactly (or the generated JS glue is
+/// wrong). Not `--locked`: the registry mirror can lag the newest versions of its dependencies.
+pub fn wasm_bindgen(out: &Output) -> Result<(), String> {
     let bindgen = locked_version("wasm-bindgen")?;
-    if version_of("wasm-bindgen") != Some(format!("wasm-bindgen {bindgen}")) {
-        status(&mut cmd(
-            "cargo",
-            &[
-                "install",
-                "wasm-bindgen-cli",
-                "--version",
-                &bindgen,
-                "--force",
-            ],
-        ))?;
+    if version_of("wasm-bindgen") == Some(format!("wasm-bindgen {bindgen}")) {
+        return Ok(());
     }
+    out.run(&mut cmd(
+        "cargo",
+        &[
+            "install",
+            "wasm-bindgen-cli",
+            "--version",
+            &bindgen,
+            "--force",
+        ],
+    ))
+}
 
+/// wasm-opt from npm's `binaryen` (Debian's is too old), for release web builds.
+pub fn wasm_opt(out: &Output) -> Result<(), String> {
     let binaryen_major = BINARYEN_VERSION.split('.').next().unwrap_or_default();
     let wasm_opt_ok =
         version_of("wasm-opt").is_some_and(|v| v.contains(&format!("version {binaryen_major}")));
-    if !wasm_opt_ok {
-        let dir = node_tools_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
-        let package = format!("binaryen@{BINARYEN_VERSION}");
-        let prefix = dir.to_string_lossy().into_owned();
-        status(&mut cmd(
-            "npm",
-            &[
-                "install",
-                "--prefix",
-                &prefix,
-                "--no-audit",
-                "--no-fund",
-                &package,
-            ],
-        ))?;
+    if wasm_opt_ok {
+        return Ok(());
     }
+    let dir = node_tools_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+    let package = format!("binaryen@{BINARYEN_VERSION}");
+    let prefix = dir.to_string_lossy().into_owned();
+    out.run(&mut cmd(
+        "npm",
+        &[
+            "install",
+            "--prefix",
+            &prefix,
+            "--no-audit",
+            "--no-fund",
+            &package,
+        ],
+    ))
+}
 
-    if version_of("cargo-nextest").is_none()
-        && output(&mut cmd("cargo", &["nextest", "--version"])).is_err()
+pub fn nextest(out: &Output) -> Result<(), String> {
+    if version_of("cargo-nextest").is_some()
+        || output(&mut cmd("cargo", &["nextest", "--version"])).is_ok()
     {
-        status(&mut cmd("cargo", &["install", "cargo-nextest", "--locked"]))?;
+        return Ok(());
     }
-    Ok(())
+    out.run(&mut cmd("cargo", &["install", "cargo-nextest", "--locked"]))
 }
 
 /// A timed step of `cargo xtask test`.

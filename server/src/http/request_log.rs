@@ -65,7 +65,23 @@ pub async fn layer(request: Request, next: Next) -> Response {
         id: id.clone(),
         user: OnceLock::new(),
     });
-    let span = tracing::info_span!("request", request_id = %id);
+    // A W3C `traceparent` from the client or a proxy continues its trace (OTLP export).
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .filter(|text| crate::telemetry::parse_traceparent(text).is_some())
+        .map(str::to_owned);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %method,
+        route = %route,
+        status = tracing::field::Empty,
+        traceparent = traceparent.as_deref(),
+        "otel.name" = %format!("{method} {route}"),
+        "otel.kind" = "server",
+    );
     let started = Instant::now();
     let mut response = CONTEXT
         .scope(context.clone(), next.run(request).instrument(span.clone()))
@@ -73,6 +89,7 @@ pub async fn layer(request: Request, next: Next) -> Response {
     let status = response.status().as_u16();
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let user_id = context.user.get().map(ToString::to_string);
+    span.record("status", status);
     let _entered = span.enter();
     // Probes come every few seconds: kept out of the default log.
     if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {

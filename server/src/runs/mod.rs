@@ -25,6 +25,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use wadi_protocol::{ErrorCode, RunStatus, api::Role, api::SentMessage};
 
 pub use cluster::{BusHealth, Cluster, ClusterEvent, Lease, Local, RunStarted};
@@ -240,11 +241,15 @@ impl Runs {
         }
         // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
         // commit and the start of the run still happen together, never one without the other.
+        // It stays in the caller's span (the request or socket), and so does the run.
         let runs = self.clone();
-        tokio::spawn(async move {
-            runs.commit_and_start(user, conversation_id, content, client_message_id)
-                .await
-        })
+        tokio::spawn(
+            async move {
+                runs.commit_and_start(user, conversation_id, content, client_message_id)
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        )
         .await
         .map_err(AppError::internal)?
     }

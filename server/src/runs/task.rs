@@ -31,7 +31,10 @@ const SAVE_PATIENCE: Duration = Duration::from_secs(60);
 /// The longest pause between two attempts.
 const SAVE_RETRY_MAX: Duration = Duration::from_secs(2);
 
-pub async fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) {
+/// Drives a run to its end. Call it where the run was asked for: its span is a child of the
+/// current one (the request or socket that sent the message), so logs and traces follow the
+/// run from there.
+pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()> {
     let span =
         tracing::info_span!("run", run_id = %handle.id, conversation_id = %handle.conversation_id);
     async move {
@@ -62,7 +65,6 @@ pub async fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) {
         ctx.hub.retire(&handle, ctx.settings.run_retention);
     }
     .instrument(span)
-    .await;
 }
 
 type Outcome = (RunStatus, Option<Usage>, Option<String>);
