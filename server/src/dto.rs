@@ -31,6 +31,10 @@ pub fn message(row: &MessageRow) -> api::Message {
         run_status: row.run_status,
         client_message_id: record.client_message_id.clone(),
         created_at: datetime(record.created_at),
+        parent_id: record.parent_id.map(Into::into),
+        siblings: row.siblings.iter().map(|id| (*id).into()).collect(),
+        model: row.model.clone(),
+        usage: usage(row.prompt_tokens, row.completion_tokens),
     }
 }
 

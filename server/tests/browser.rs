@@ -526,3 +526,94 @@ async fn a_twenty_thousand_token_answer_streams_without_falling_behind() {
     })
     .await;
 }
+
+/// The text of every message shown, in order.
+const SHOWN: &str = "Array.from(document.querySelectorAll('.message:not(.streaming) .content')).map(e => e.innerText.trim()).join(' | ')";
+
+async fn shown_is(browser: &Browser, expected: &str) {
+    browser
+        .until(
+            &format!("the conversation to read {expected:?}"),
+            &format!("{SHOWN} === {expected:?}"),
+        )
+        .await;
+}
+
+/// Answers the model's next request with `text`; returns what the model was sent.
+async fn model_answers(upstream: &FakeUpstream, text: &str) -> Vec<String> {
+    let request = upstream.next_request().await;
+    request.token(text);
+    request.send(Step::Finish);
+    request
+        .messages()
+        .into_iter()
+        .map(|(_, content)| content)
+        .collect()
+}
+
+#[tokio::test]
+async fn answers_are_regenerated_and_messages_edited_with_every_version_kept() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let email = unique_email();
+        let browser = scenario.browser("branches", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &email).await;
+        let id = new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Name a colour").await;
+        assert_eq!(model_answers(&upstream, "Blue").await, ["Name a colour"]);
+        shown_is(&browser, "Name a colour | Blue").await;
+
+        // Regenerate: the model is asked again with the same history; both answers are kept.
+        browser.click(".message.assistant button.regenerate").await;
+        assert_eq!(model_answers(&upstream, "Green").await, ["Name a colour"]);
+        shown_is(&browser, "Name a colour | Green").await;
+        browser
+            .until("the versions", "document.querySelector('.message.assistant .versions .count')?.innerText === '2/2'")
+            .await;
+        browser.screenshot("regenerated-light").await;
+        browser.click(".message.assistant button.prev").await;
+        shown_is(&browser, "Name a colour | Blue").await;
+        browser
+            .until("1/2", "document.querySelector('.message.assistant .versions .count')?.innerText === '1/2'")
+            .await;
+        browser.click(".message.assistant button.next").await;
+        shown_is(&browser, "Name a colour | Green").await;
+
+        // A follow-up on the first answer's branch sees that answer.
+        browser.click(".message.assistant button.prev").await;
+        shown_is(&browser, "Name a colour | Blue").await;
+        send(&browser, "Why?").await;
+        assert_eq!(
+            model_answers(&upstream, "It is calm").await,
+            ["Name a colour", "Blue", "Why?"]
+        );
+        shown_is(&browser, "Name a colour | Blue | Why? | It is calm").await;
+
+        // Edit the first message, mid-thread: a new version, answered from scratch.
+        browser.click(".message.user button.edit-message").await;
+        let editor = browser.find("textarea[aria-label='Edit message']").await;
+        editor.clear().await.unwrap();
+        editor.send_keys("Name a fruit").await.unwrap();
+        editor.send_keys(ENTER).await.unwrap();
+        assert_eq!(model_answers(&upstream, "Apple").await, ["Name a fruit"]);
+        shown_is(&browser, "Name a fruit | Apple").await;
+        browser
+            .until("the edited versions", "document.querySelector('.message.user .versions .count')?.innerText === '2/2'")
+            .await;
+        browser.screenshot("edited-light").await;
+        // The original is one click away, with everything that followed it.
+        browser.click(".message.user button.prev").await;
+        shown_is(&browser, "Name a colour | Blue | Why? | It is calm").await;
+
+        // The tree survives a reload; the newest branch shows first. Dark scheme too.
+        let dark = scenario.browser_in("branches-dark", DESKTOP.0, DESKTOP.1, true).await;
+        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        shown_is(&dark, "Name a fruit | Apple").await;
+        dark.click(".message.user button.prev").await;
+        shown_is(&dark, "Name a colour | Blue | Why? | It is calm").await;
+        dark.screenshot("versions-dark").await;
+    })
+    .await;
+}

@@ -109,15 +109,45 @@ pub struct Message {
     pub client_message_id: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The message this one follows; absent for a conversation's first message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Uuid>,
+    /// When this place in the conversation has several versions (regenerated answers, edited
+    /// messages): all of them, this one included, oldest first. Absent when there is one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub siblings: Vec<Uuid>,
+    /// Assistant messages: the model that wrote the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Assistant messages: the tokens the answer took, when the model reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
-/// `POST /api/conversations/{id}/messages`.
+/// `POST /api/conversations/{id}/messages`. Where the message goes in the conversation's tree:
+/// after `parentId`, as a new version of `editOf` (a sibling: same parent), or, with neither,
+/// after the conversation's newest message (the only choice before branches existed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SendMessage {
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit_of: Option<Uuid>,
+}
+
+/// `GET /api/conversations/{id}/path`: one page of the path through the conversation's tree
+/// that the app shows, oldest message first. `olderCursor` (absent at the first message)
+/// fetches the page before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathPage {
+    pub items: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_cursor: Option<String>,
 }
 
 /// The answer to a send: the committed user message and the run it started, if any.

@@ -18,11 +18,21 @@ pub enum ClientMessage {
     Auth { token: String },
     /// A user message on a chat socket; starts a run. A `clientMessageId` makes a resend after a
     /// reconnect idempotent: the server answers with the run it already started.
+    ///
+    /// Where it goes in the conversation's tree: after `parentId`, as a new version of `editOf`
+    /// (same parent), or, with neither, after the conversation's newest message.
     Message {
         content: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_message_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent_id: Option<Uuid>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        edit_of: Option<Uuid>,
     },
+    /// Chat socket: a new answer to the user message `messageId`, kept beside the earlier ones
+    /// (they stay stored and browsable). Starts a run like `message` does.
+    Regenerate { message_id: Uuid },
     /// Stops the conversation's active run (chat socket) or this socket's run (run socket).
     Stop {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -41,7 +51,8 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     /// Every `type` a client may send, in the order of the enum.
-    pub const TYPES: [&'static str; 5] = ["auth", "message", "stop", "resume", "ping"];
+    pub const TYPES: [&'static str; 6] =
+        ["auth", "message", "regenerate", "stop", "resume", "ping"];
 
     /// Decodes one text frame. Each way a frame can be wrong maps to its own [`DecodeError`], so
     /// the server can answer with a precise `error` frame instead of closing the socket.

@@ -30,6 +30,8 @@ fn client_frames_have_pinned_json() {
             ClientMessage::Message {
                 content: "hi".into(),
                 client_message_id: None,
+                parent_id: None,
+                edit_of: None,
             },
             r#"{"type":"message","content":"hi"}"#,
         ),
@@ -37,8 +39,32 @@ fn client_frames_have_pinned_json() {
             ClientMessage::Message {
                 content: "hi".into(),
                 client_message_id: Some("c-1".into()),
+                parent_id: None,
+                edit_of: None,
             },
             r#"{"type":"message","content":"hi","clientMessageId":"c-1"}"#,
+        ),
+        (
+            ClientMessage::Message {
+                content: "hi".into(),
+                client_message_id: Some("c-2".into()),
+                parent_id: Some(MSG),
+                edit_of: None,
+            },
+            r#"{"type":"message","content":"hi","clientMessageId":"c-2","parentId":"01900000-0000-7000-8000-000000000003"}"#,
+        ),
+        (
+            ClientMessage::Message {
+                content: "hi again".into(),
+                client_message_id: None,
+                parent_id: None,
+                edit_of: Some(MSG),
+            },
+            r#"{"type":"message","content":"hi again","editOf":"01900000-0000-7000-8000-000000000003"}"#,
+        ),
+        (
+            ClientMessage::Regenerate { message_id: MSG },
+            r#"{"type":"regenerate","messageId":"01900000-0000-7000-8000-000000000003"}"#,
         ),
         (ClientMessage::Stop { run_id: None }, r#"{"type":"stop"}"#),
         (
@@ -70,7 +96,9 @@ fn the_original_clients_frames_parse() {
         ClientMessage::decode(r#"{"type":"message","content":"hi"}"#).unwrap(),
         ClientMessage::Message {
             content: "hi".into(),
-            client_message_id: None
+            client_message_id: None,
+            parent_id: None,
+            edit_of: None,
         }
     );
     assert_eq!(
@@ -88,7 +116,9 @@ fn unknown_and_null_optional_fields_are_ignored() {
         .unwrap(),
         ClientMessage::Message {
             content: "hi".into(),
-            client_message_id: None
+            client_message_id: None,
+            parent_id: None,
+            edit_of: None,
         }
     );
     assert_eq!(
@@ -232,7 +262,7 @@ fn chunk_and_complete_keep_the_original_fields() {
 #[test]
 fn each_kind_of_bad_frame_is_a_distinct_error() {
     type IsExpected = fn(&DecodeError) -> bool;
-    let cases: [(&str, IsExpected, ErrorCode); 9] = [
+    let cases: [(&str, IsExpected, ErrorCode); 11] = [
         (
             "{not json",
             |e| matches!(e, DecodeError::Malformed(_)),
@@ -281,6 +311,21 @@ fn each_kind_of_bad_frame_is_a_distinct_error() {
         (
             r#"{"type":"stop","runId":"not-a-uuid"}"#,
             |e| matches!(e, DecodeError::InvalidField { kind, .. } if kind == "stop"),
+            ErrorCode::InvalidMessage,
+        ),
+        (
+            r#"{"type":"regenerate"}"#,
+            |e| {
+                *e == DecodeError::MissingField {
+                    kind: "regenerate".into(),
+                    field: "messageId".into(),
+                }
+            },
+            ErrorCode::InvalidMessage,
+        ),
+        (
+            r#"{"type":"message","content":"hi","parentId":"nope"}"#,
+            |e| matches!(e, DecodeError::InvalidField { kind, .. } if kind == "message"),
             ErrorCode::InvalidMessage,
         ),
     ];

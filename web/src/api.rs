@@ -7,8 +7,8 @@ use uuid::Uuid;
 use wadi_protocol::{
     ErrorCode,
     api::{
-        ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, Message, Page, Run,
-        SendMessage, SentMessage, UpdateConversation,
+        ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, Message, Page,
+        PathPage, Run, SendMessage, SentMessage, UpdateConversation,
     },
 };
 
@@ -179,39 +179,48 @@ impl Api {
         self.get(&format!("/api/conversations/{id}")).await
     }
 
-    /// The whole history, oldest first (all pages).
-    pub async fn messages(&self, id: Uuid) -> Result<Vec<Message>, ApiError> {
-        let mut all = Vec::new();
+    /// The branch shown: the path through `through` (the newest message without it), oldest
+    /// first, every page of it.
+    pub async fn path(&self, id: Uuid, through: Option<Uuid>) -> Result<Vec<Message>, ApiError> {
+        let mut pages = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let path = match &cursor {
-                Some(cursor) => {
-                    format!("/api/conversations/{id}/messages?limit=100&cursor={cursor}")
-                }
-                None => format!("/api/conversations/{id}/messages?limit=100"),
-            };
-            let page: Page<Message> = self.get(&path).await?;
-            all.extend(page.items);
-            match page.next_cursor {
-                Some(next) => cursor = Some(next),
-                None => return Ok(all),
+            let mut path = format!("/api/conversations/{id}/path?limit=100");
+            match (&cursor, through) {
+                (Some(cursor), _) => path.push_str(&format!("&cursor={cursor}")),
+                (None, Some(through)) => path.push_str(&format!("&through={through}")),
+                (None, None) => {}
+            }
+            let page: PathPage = self.get(&path).await?;
+            pages.push(page.items);
+            match page.older_cursor {
+                Some(older) => cursor = Some(older),
+                None => break,
             }
         }
+        Ok(pages.into_iter().rev().flatten().collect())
     }
 
     /// The REST fallback for sending when the socket cannot connect.
     pub async fn send_message(
         &self,
         id: Uuid,
-        content: String,
-        client_message_id: String,
+        message: SendMessage,
     ) -> Result<SentMessage, ApiError> {
         self.send_json(
             Request::post(&format!("/api/conversations/{id}/messages")),
-            &SendMessage {
-                content,
-                client_message_id: Some(client_message_id),
-            },
+            &message,
+        )
+        .await
+    }
+
+    /// The REST fallback for `regenerate`.
+    pub async fn regenerate(&self, id: Uuid, message_id: Uuid) -> Result<SentMessage, ApiError> {
+        self.send_json(
+            Request::post(&format!(
+                "/api/conversations/{id}/messages/{message_id}/regenerate"
+            )),
+            &serde_json::json!({}),
         )
         .await
     }

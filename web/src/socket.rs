@@ -24,7 +24,10 @@ use futures::{
 use gloo_net::websocket::{Message, WebSocketError, futures::WebSocket};
 use leptos::{prelude::*, task::spawn_local};
 use uuid::Uuid;
-use wadi_protocol::{ClientMessage, ServerMessage};
+use wadi_protocol::{
+    ClientMessage, ServerMessage,
+    api::{SendMessage, SentMessage},
+};
 
 use crate::{
     api::Api,
@@ -64,6 +67,12 @@ pub enum Action {
     Send(String),
     Retry(String),
     Stop,
+    /// Another answer to this user message.
+    Regenerate(Uuid),
+    /// A new version of this user message, with this text.
+    Edit(Uuid, String),
+    /// Show the branch through this message (another version of one shown).
+    ShowBranch(Uuid),
     /// Reconnect now (online again, tab visible again).
     Wake,
 }
@@ -202,7 +211,11 @@ impl Driver {
     }
 
     async fn load_history(&mut self) {
-        match self.api.messages(self.conversation_id).await {
+        match self
+            .api
+            .path(self.conversation_id, self.state.through)
+            .await
+        {
             Ok(history) => {
                 self.state.load_history(history);
                 self.sync();
@@ -289,6 +302,23 @@ impl Driver {
                             self.send_over_rest().await;
                         }
                     }
+                    Some(Action::Edit(message_id, content)) => {
+                        self.state.edit(message_id, content, client_message_id());
+                        self.sync();
+                        if fallback {
+                            self.send_over_rest().await;
+                        }
+                    }
+                    Some(Action::Regenerate(message_id)) => {
+                        if fallback {
+                            self.regenerate_over_rest(message_id).await;
+                        }
+                    }
+                    Some(Action::ShowBranch(through)) => {
+                        if !self.state.show_branch(through).is_empty() {
+                            self.load_history().await;
+                        }
+                    }
                     Some(Action::Stop) => self.stop_over_rest().await,
                 },
             }
@@ -300,34 +330,53 @@ impl Driver {
         for command in self.state.unacknowledged() {
             let Command::Send(ClientMessage::Message {
                 content,
-                client_message_id: Some(id),
+                client_message_id,
+                parent_id,
+                edit_of,
             }) = command
             else {
                 continue;
             };
-            match self
-                .api
-                .send_message(self.conversation_id, content, id)
-                .await
-            {
-                Ok(sent) => {
-                    if let Some(run) = sent.run {
-                        self.state.apply(ServerMessage::Start {
-                            run_id: run.id,
-                            conversation_id: run.conversation_id,
-                            message_id: run.message_id,
-                            client_message_id: sent.message.client_message_id.clone(),
-                        });
-                        self.sync();
-                        self.follow_over_sse(run.id).await;
-                    }
-                }
+            let message = SendMessage {
+                content,
+                client_message_id,
+                parent_id,
+                edit_of,
+            };
+            match self.api.send_message(self.conversation_id, message).await {
+                Ok(sent) => self.follow_sent(sent).await,
                 Err(error) => {
                     self.state.error = Some(error.describe());
                     self.sync();
                     return;
                 }
             }
+        }
+    }
+
+    /// Fallback: `regenerate` over REST, its answer followed over SSE.
+    async fn regenerate_over_rest(&mut self, message_id: Uuid) {
+        self.state.regenerate(message_id);
+        self.sync();
+        match self.api.regenerate(self.conversation_id, message_id).await {
+            Ok(sent) => self.follow_sent(sent).await,
+            Err(error) => {
+                self.state.error = Some(error.describe());
+                self.load_history().await;
+            }
+        }
+    }
+
+    async fn follow_sent(&mut self, sent: SentMessage) {
+        if let Some(run) = sent.run {
+            self.state.apply(ServerMessage::Start {
+                run_id: run.id,
+                conversation_id: run.conversation_id,
+                message_id: run.message_id,
+                client_message_id: sent.message.client_message_id.clone(),
+            });
+            self.sync();
+            self.follow_over_sse(run.id).await;
         }
     }
 
@@ -363,7 +412,7 @@ impl Driver {
                         self.state.retry(&id);
                         self.sync();
                     }
-                    Some(Action::Wake) => {}
+                    Some(Action::Wake | Action::Regenerate(_) | Action::Edit(..) | Action::ShowBranch(_)) => {}
                 },
             }
         }
@@ -491,6 +540,17 @@ impl Driver {
                             self.sync();
                             commands
                         }
+                        Some(Action::Regenerate(message_id)) => {
+                            let commands = self.state.regenerate(message_id);
+                            self.sync();
+                            commands
+                        }
+                        Some(Action::Edit(message_id, content)) => {
+                            let commands = self.state.edit(message_id, content, client_message_id());
+                            self.sync();
+                            commands
+                        }
+                        Some(Action::ShowBranch(through)) => self.state.show_branch(through),
                         Some(Action::Stop) => self.state.stop(),
                         Some(Action::Wake) => Vec::new(),
                     };

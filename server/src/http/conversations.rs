@@ -10,16 +10,17 @@ use axum::{
 };
 use wadi_protocol::{
     ErrorCode,
-    api::{self, CreateConversation, Page, SendMessage, UpdateConversation},
+    api::{self, CreateConversation, Page, PathPage, SendMessage, UpdateConversation},
 };
 
-use super::extract::{ApiJson, IdPath, PageQuery, decode_cursor, encode_cursor};
+use super::extract::{ApiJson, IdPath, IdsPath, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
     content::check_message,
     dto,
     error::AppError,
     ids::{ConversationId, MessageId},
+    runs::Placement,
     state::AppState,
     store::{ConversationCursor, ConversationRecord},
     util::now_millis,
@@ -38,6 +39,11 @@ pub fn router() -> Router<AppState> {
         .route(
             "/api/conversations/{id}/messages",
             get(list_messages).post(send_message),
+        )
+        .route("/api/conversations/{id}/path", get(path))
+        .route(
+            "/api/conversations/{id}/messages/{message_id}/regenerate",
+            axum::routing::post(regenerate),
         )
 }
 
@@ -176,6 +182,8 @@ async fn remove(
     }
 }
 
+/// The messages of the path to the conversation's newest message, oldest first, paged forward
+/// (what clients read before conversations had branches; the app reads `/path`).
 async fn list_messages(
     State(state): State<AppState>,
     user: AuthUser,
@@ -184,19 +192,114 @@ async fn list_messages(
 ) -> Result<Json<Page<api::Message>>, AppError> {
     owned_conversation(&state, &user, id).await?;
     let after = match page.cursor.as_deref() {
-        Some(cursor) => Some(
-            decode_cursor("m", cursor)?
-                .parse::<MessageId>()
-                .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor"))?,
-        ),
+        Some(cursor) => Some(parse_message_cursor("m", cursor)?),
         None => None,
     };
-    let mut rows = state.store.list_messages(id, after, page.limit + 1).await?;
+    let Some(leaf) = state.store.newest_leaf(id, None).await? else {
+        return Ok(Json(Page {
+            items: Vec::new(),
+            next_cursor: None,
+        }));
+    };
+    // Along a path, ids grow (a message is always newer than the one it follows).
+    let mut rows: Vec<_> = state
+        .store
+        .path(id, leaf, u32::MAX)
+        .await?
+        .into_iter()
+        .filter(|row| after.is_none_or(|after| row.message.id > after))
+        .take(usize::try_from(page.limit).unwrap_or(usize::MAX) + 1)
+        .collect();
     let next_cursor = next_page(&mut rows, page.limit, |last| {
         encode_cursor("m", &last.message.id.to_string())
     });
     let items = rows.iter().map(dto::message).collect();
     Ok(Json(Page { items, next_cursor }))
+}
+
+#[derive(serde::Deserialize)]
+struct PathQuery {
+    through: Option<String>,
+}
+
+/// `GET /api/conversations/{id}/path?through=&cursor=&limit=`: the newest page of the path
+/// through `through` (to its newest descendant; the conversation's newest message without it),
+/// or with `cursor`, the page before the one that gave it.
+async fn path(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdPath(id): IdPath<ConversationId>,
+    page: PageQuery,
+    axum::extract::Query(query): axum::extract::Query<PathQuery>,
+) -> Result<Json<PathPage>, AppError> {
+    owned_conversation(&state, &user, id).await?;
+    let empty = || {
+        Json(PathPage {
+            items: Vec::new(),
+            older_cursor: None,
+        })
+    };
+    let start = match page.cursor.as_deref() {
+        Some(cursor) => {
+            let oldest = parse_message_cursor("p", cursor)?;
+            let message =
+                state.store.message(id, oldest).await?.ok_or_else(|| {
+                    AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor")
+                })?;
+            message.parent_id
+        }
+        None => {
+            let through = query
+                .through
+                .as_deref()
+                .filter(|text| !text.is_empty())
+                .map(|text| {
+                    text.parse::<MessageId>().map_err(|_| {
+                        AppError::invalid(ErrorCode::InvalidRequest, "through is not an id")
+                    })
+                })
+                .transpose()?;
+            let leaf = state.store.newest_leaf(id, through).await?;
+            if leaf.is_none() && through.is_some() {
+                return Err(AppError::NotFound);
+            }
+            leaf
+        }
+    };
+    let Some(start) = start else {
+        return Ok(empty());
+    };
+    let mut rows = state.store.path(id, start, page.limit + 1).await?;
+    let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+    let older_cursor = if rows.len() > limit {
+        rows.remove(0);
+        rows.first()
+            .map(|oldest| encode_cursor("p", &oldest.message.id.to_string()))
+    } else {
+        None
+    };
+    Ok(Json(PathPage {
+        items: rows.iter().map(dto::message).collect(),
+        older_cursor,
+    }))
+}
+
+fn parse_message_cursor(kind: &str, cursor: &str) -> Result<MessageId, AppError> {
+    decode_cursor(kind, cursor)?
+        .parse::<MessageId>()
+        .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor"))
+}
+
+/// `POST /api/conversations/{id}/messages/{messageId}/regenerate`: another answer to a user
+/// message (`201` with the message and the new run).
+async fn regenerate(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdsPath(id, message_id): IdsPath<ConversationId, MessageId>,
+) -> Result<Response, AppError> {
+    owned_conversation(&state, &user, id).await?;
+    let sent = state.runs.regenerate(user.id, id, message_id).await?;
+    Ok((StatusCode::CREATED, Json(sent.response())).into_response())
 }
 
 async fn send_message(
@@ -210,10 +313,11 @@ async fn send_message(
         body.client_message_id.as_deref(),
         state.config.runs.max_content_bytes,
     )?;
+    let placement = Placement::from_request(body.parent_id, body.edit_of)?;
     owned_conversation(&state, &user, id).await?;
     let sent = state
         .runs
-        .send(user.id, id, body.content, body.client_message_id)
+        .send(user.id, id, body.content, body.client_message_id, placement)
         .await?;
     let status = if sent.created {
         StatusCode::CREATED

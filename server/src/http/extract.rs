@@ -59,6 +59,25 @@ impl<S: Send + Sync, T: From<Uuid>> FromRequestParts<S> for IdPath<T> {
     }
 }
 
+/// Two UUID path segments (`{id}/…/{message_id}`) as typed ids.
+pub struct IdsPath<A, B>(pub A, pub B);
+
+impl<S: Send + Sync, A: From<Uuid>, B: From<Uuid>> FromRequestParts<S> for IdsPath<A, B> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let Path((first, second)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "missing id"))?;
+        let parse = |raw: &str| {
+            Uuid::parse_str(raw).map_err(|_| {
+                AppError::invalid(ErrorCode::InvalidRequest, format!("{raw:?} is not an id"))
+            })
+        };
+        Ok(Self(A::from(parse(&first)?), B::from(parse(&second)?)))
+    }
+}
+
 /// `?cursor=…&limit=…` of a paginated list.
 pub struct PageQuery {
     pub cursor: Option<String>,

@@ -125,6 +125,45 @@ pub trait Announce: Send + Sync + 'static {
     fn shows(&self, conversation: ConversationId) -> bool;
 }
 
+/// Where a new user message goes in its conversation's tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// After the conversation's newest message (what clients did before branches).
+    Latest,
+    /// After this answer (continuing the branch the user is looking at).
+    After(MessageId),
+    /// As a new version of this user message: same parent.
+    EditOf(MessageId),
+}
+
+impl Placement {
+    /// From a request's `parentId` and `editOf` (at most one of them).
+    pub fn from_request(
+        parent_id: Option<uuid::Uuid>,
+        edit_of: Option<uuid::Uuid>,
+    ) -> Result<Self, AppError> {
+        match (parent_id, edit_of) {
+            (None, None) => Ok(Self::Latest),
+            (Some(parent), None) => Ok(Self::After(parent.into())),
+            (None, Some(original)) => Ok(Self::EditOf(original.into())),
+            (Some(_), Some(_)) => Err(AppError::invalid(
+                ErrorCode::InvalidRequest,
+                "give parentId or editOf, not both",
+            )),
+        }
+    }
+}
+
+/// What a run is started for.
+enum Request {
+    Send {
+        content: String,
+        client_message_id: Option<String>,
+        placement: Placement,
+    },
+    Regenerate(MessageId),
+}
+
 /// The result of a send.
 pub struct Sent {
     /// The committed user message (the earlier one, for a repeated `clientMessageId`).
@@ -143,6 +182,10 @@ impl Sent {
             message: dto::message(&MessageRow {
                 message: self.message.clone(),
                 run_status: None,
+                model: None,
+                prompt_tokens: None,
+                completion_tokens: None,
+                siblings: Vec::new(),
             }),
             run: self.run.as_ref().map(dto::run),
         }
@@ -215,17 +258,61 @@ impl Runs {
         runs
     }
 
-    /// Commits a user message to a conversation the caller owns (the caller has checked) and
-    /// starts the run answering it. A repeated `client_message_id` writes nothing and returns
-    /// the message and run from the first send. A conversation with a run already streaming (on
-    /// any instance) is refused with `run_in_progress` and nothing is written.
+    /// Commits a user message to a conversation the caller owns (the caller has checked), at
+    /// `placement` in its tree, and starts the run answering it. A repeated `client_message_id`
+    /// writes nothing and returns the message and run from the first send. A conversation with
+    /// a run already streaming (on any instance) is refused with `run_in_progress` and nothing
+    /// is written.
     pub async fn send(
         self: &Arc<Self>,
         user: UserId,
         conversation_id: ConversationId,
         content: String,
         client_message_id: Option<String>,
+        placement: Placement,
     ) -> Result<Sent, AppError> {
+        self.admit(user)?;
+        // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
+        // commit and the start of the run still happen together, never one without the other.
+        // It stays in the caller's span (the request or socket), and so does the run.
+        let runs = self.clone();
+        let request = Request::Send {
+            content,
+            client_message_id,
+            placement,
+        };
+        tokio::spawn(
+            async move { runs.commit_and_start(user, conversation_id, request).await }
+                .instrument(tracing::Span::current()),
+        )
+        .await
+        .map_err(AppError::internal)?
+    }
+
+    /// Starts another answer to the user message `message_id` of a conversation the caller
+    /// owns; the earlier answers stay (siblings in the tree). Refused like a send when a run is
+    /// streaming.
+    pub async fn regenerate(
+        self: &Arc<Self>,
+        user: UserId,
+        conversation_id: ConversationId,
+        message_id: MessageId,
+    ) -> Result<Sent, AppError> {
+        self.admit(user)?;
+        let runs = self.clone();
+        tokio::spawn(
+            async move {
+                runs.commit_and_start(user, conversation_id, Request::Regenerate(message_id))
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        )
+        .await
+        .map_err(AppError::internal)?
+    }
+
+    /// The checks before any work: the user's message rate, and the cap on runs here.
+    fn admit(&self, user: UserId) -> Result<(), AppError> {
         // Per user, whichever socket or request it comes from: opening more sockets does not buy
         // more messages.
         if !self.limiter.check(&user) {
@@ -239,27 +326,59 @@ impl Runs {
                 retry_after: load::RETRY_AFTER,
             });
         }
-        // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
-        // commit and the start of the run still happen together, never one without the other.
-        // It stays in the caller's span (the request or socket), and so does the run.
-        let runs = self.clone();
-        tokio::spawn(
-            async move {
-                runs.commit_and_start(user, conversation_id, content, client_message_id)
-                    .await
+        Ok(())
+    }
+
+    /// Where a new user message goes: its parent.
+    async fn parent_for(
+        &self,
+        conversation_id: ConversationId,
+        placement: Placement,
+    ) -> Result<Option<MessageId>, AppError> {
+        let not_here = |what: &str| {
+            AppError::invalid(
+                ErrorCode::InvalidRequest,
+                format!("{what} is not a message of this conversation"),
+            )
+        };
+        match placement {
+            Placement::Latest => Ok(self.store.newest_leaf(conversation_id, None).await?),
+            Placement::After(parent) => {
+                let message = self
+                    .store
+                    .message(conversation_id, parent)
+                    .await?
+                    .ok_or_else(|| not_here("parentId"))?;
+                if message.role != Role::Assistant {
+                    return Err(AppError::invalid(
+                        ErrorCode::InvalidRequest,
+                        "parentId must be an answer: a message follows an answer",
+                    ));
+                }
+                Ok(Some(parent))
             }
-            .instrument(tracing::Span::current()),
-        )
-        .await
-        .map_err(AppError::internal)?
+            Placement::EditOf(original) => {
+                let message = self
+                    .store
+                    .message(conversation_id, original)
+                    .await?
+                    .ok_or_else(|| not_here("editOf"))?;
+                if message.role != Role::User {
+                    return Err(AppError::invalid(
+                        ErrorCode::InvalidRequest,
+                        "editOf must be a user message",
+                    ));
+                }
+                Ok(message.parent_id)
+            }
+        }
     }
 
     async fn commit_and_start(
         self: &Arc<Self>,
         user: UserId,
         conversation_id: ConversationId,
-        content: String,
-        client_message_id: Option<String>,
+        request: Request,
     ) -> Result<Sent, AppError> {
         if self.hub.is_stopping() {
             return Err(AppError::ShuttingDown);
@@ -270,14 +389,39 @@ impl Runs {
         }
         let now = now_millis();
         let run_id = RunId::new();
-        let message = MessageRecord {
-            id: MessageId::new(),
-            conversation_id,
-            role: Role::User,
-            content,
-            run_id: Some(run_id),
-            client_message_id,
-            created_at: now,
+        let (message, existing) = match request {
+            Request::Send {
+                content,
+                client_message_id,
+                placement,
+            } => {
+                let parent_id = self.parent_for(conversation_id, placement).await?;
+                let message = MessageRecord {
+                    id: MessageId::new(),
+                    conversation_id,
+                    role: Role::User,
+                    content,
+                    run_id: Some(run_id),
+                    client_message_id,
+                    created_at: now,
+                    parent_id,
+                };
+                (message, false)
+            }
+            Request::Regenerate(message_id) => {
+                let message = self
+                    .store
+                    .message(conversation_id, message_id)
+                    .await?
+                    .ok_or(AppError::NotFound)?;
+                if message.role != Role::User {
+                    return Err(AppError::invalid(
+                        ErrorCode::InvalidRequest,
+                        "only a user message can be answered again",
+                    ));
+                }
+                (message, true)
+            }
         };
         let run = RunRecord {
             id: run_id,
@@ -318,7 +462,11 @@ impl Runs {
                 retry_after: load::RETRY_AFTER,
             });
         }
-        let inserted = self.insert(&message, &run).await;
+        let inserted = if existing {
+            self.insert_run(&run).await.map(|()| (message, true))
+        } else {
+            self.insert(&message, &run).await
+        };
         let (message, created) = match inserted {
             Ok(inserted) => inserted,
             Err(error) => {
@@ -359,6 +507,25 @@ impl Runs {
             handle: Some(handle),
             created: true,
         })
+    }
+
+    /// Inserts a regenerated answer's run, clearing once an orphan that holds the conversation.
+    async fn insert_run(self: &Arc<Self>, run: &RunRecord) -> Result<(), AppError> {
+        let mut cleared = false;
+        loop {
+            match self.store.insert_run(run).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict(Constraint::OneActiveRun))
+                    if !cleared && self.clear_orphan(run.conversation_id).await? =>
+                {
+                    cleared = true;
+                }
+                Err(StoreError::Conflict(Constraint::OneActiveRun)) => {
+                    return Err(run_in_progress());
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     /// Inserts the message and its run, clearing once an orphan that holds the conversation.

@@ -89,7 +89,7 @@ fn failed(error: &ModelError, usage: Option<Usage>) -> Outcome {
 async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outcome {
     let settings = &ctx.settings;
     let cancel = handle.cancelled().clone();
-    let history = match history(ctx, handle.conversation_id).await {
+    let history = match history(ctx, handle).await {
         Ok(history) => history,
         Err(error) => return (RunStatus::Failed, None, Some(error)),
     };
@@ -255,16 +255,18 @@ impl Checkpoints {
     }
 }
 
-/// The messages sent to the model: the system prompt, then the conversation's latest messages
-/// (the new user message last). Empty answers (runs stopped before their first token) are left
-/// out.
-async fn history(
-    ctx: &Runs,
-    conversation_id: crate::ids::ConversationId,
-) -> Result<Vec<ChatMessage>, String> {
+/// The messages sent to the model: the system prompt, then the latest messages of the path that
+/// ends at the user message being answered (that message last): exactly the branch the answer
+/// belongs to, never another version's. Empty answers (runs stopped before their first token)
+/// are left out.
+async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Vec<ChatMessage>, String> {
     let records = ctx
         .store
-        .recent_messages(conversation_id, ctx.settings.history_messages.max(1))
+        .path(
+            handle.conversation_id,
+            handle.message_id,
+            ctx.settings.history_messages.max(1),
+        )
         .await
         .map_err(|error| {
             tracing::error!(%error, "cannot load the conversation for the model");
@@ -277,7 +279,8 @@ async fn history(
             content: prompt.clone(),
         });
     }
-    history.extend(records.into_iter().filter_map(|record| {
+    history.extend(records.into_iter().filter_map(|row| {
+        let record = row.message;
         (!record.content.trim().is_empty()).then_some(ChatMessage {
             role: record.role,
             content: record.content,

@@ -187,20 +187,27 @@ pub trait Store: Send + Sync + 'static {
         title_if_untitled: &str,
         run: Option<&RunRecord>,
     ) -> StoreResult<(MessageRecord, bool)>;
-    /// Messages oldest first, after the message `after`.
-    async fn list_messages(
+    /// One message of the conversation.
+    async fn message(
         &self,
         conversation_id: ConversationId,
-        after: Option<MessageId>,
+        id: MessageId,
+    ) -> StoreResult<Option<MessageRecord>>;
+    /// Where the path through `through` ends: the newest message at or under it (under the
+    /// whole conversation when `None`). `None` for an empty conversation or a message not in it.
+    async fn newest_leaf(
+        &self,
+        conversation_id: ConversationId,
+        through: Option<MessageId>,
+    ) -> StoreResult<Option<MessageId>>;
+    /// The path from the root to `leaf`, its last `limit` messages, oldest first: each with its
+    /// run's status, model and usage (assistant messages) and its siblings (forks).
+    async fn path(
+        &self,
+        conversation_id: ConversationId,
+        leaf: MessageId,
         limit: u32,
     ) -> StoreResult<Vec<MessageRow>>;
-
-    /// The conversation's latest `limit` messages, oldest first (the model's context).
-    async fn recent_messages(
-        &self,
-        conversation_id: ConversationId,
-        limit: u32,
-    ) -> StoreResult<Vec<MessageRecord>>;
 
     // ---- Runs ----
 
@@ -210,8 +217,12 @@ pub trait Store: Send + Sync + 'static {
     async fn run_by_id(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
     /// The conversation's `running` run, if any.
     async fn active_run(&self, conversation_id: ConversationId) -> StoreResult<Option<RunRecord>>;
-    /// The run started by a user message, if any.
+    /// The run a user message started when it was sent, if any (regenerated answers are runs
+    /// of the same message, started later).
     async fn run_for_message(&self, message_id: MessageId) -> StoreResult<Option<RunRecord>>;
+    /// Starts another run for an existing user message (a regenerated answer), bumping the
+    /// conversation's `updated_at`. [`Constraint::OneActiveRun`] if one is streaming.
+    async fn insert_run(&self, run: &RunRecord) -> StoreResult<()>;
     /// Appends a running run's new output, if `owner` still drives it and the stored output
     /// reaches exactly `checkpoint.from_seq`.
     async fn checkpoint_run(

@@ -79,6 +79,8 @@ pub struct MessageRecord {
     pub run_id: Option<RunId>,
     pub client_message_id: Option<String>,
     pub created_at: i64,
+    /// The message this one follows (`None` for a conversation's first).
+    pub parent_id: Option<MessageId>,
 }
 
 impl std::fmt::Debug for UserRecord {
@@ -125,6 +127,13 @@ pub struct UserSummary {
 pub struct MessageRow {
     pub message: MessageRecord,
     pub run_status: Option<RunStatus>,
+    /// Assistant messages: the model that wrote it, and the tokens it took.
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    /// Every version at this place in the tree (this message and its siblings, oldest first),
+    /// when there is more than one.
+    pub siblings: Vec<MessageId>,
 }
 
 impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for MessageRow
@@ -132,6 +141,7 @@ where
     MessageRecord: sqlx::FromRow<'r, R>,
     &'r str: sqlx::ColumnIndex<R>,
     Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
         let message = MessageRecord::from_row(row)?;
@@ -146,6 +156,10 @@ where
         Ok(Self {
             message,
             run_status,
+            model: row.try_get("run_model")?,
+            prompt_tokens: row.try_get("prompt_tokens")?,
+            completion_tokens: row.try_get("completion_tokens")?,
+            siblings: Vec::new(),
         })
     }
 }

@@ -41,13 +41,15 @@ macro_rules! sql_store {
                 };
                 sqlx::query(
                     "INSERT INTO messages (id, conversation_id, role, content, run_id, \
-                     client_message_id, created_at) VALUES ($1, $2, 'assistant', $3, $4, NULL, $5)",
+                     client_message_id, created_at, parent_id) \
+                     VALUES ($1, $2, 'assistant', $3, $4, NULL, $5, $6)",
                 )
                 .bind(outcome.message_id)
                 .bind(run.conversation_id)
                 .bind(&outcome.output)
                 .bind(run.id)
                 .bind(outcome.finished_at)
+                .bind(run.message_id)
                 .execute(&mut *connection)
                 .await?;
                 sqlx::query("UPDATE conversations SET updated_at = $2 WHERE id = $1")
@@ -56,6 +58,39 @@ macro_rules! sql_store {
                     .execute(&mut *connection)
                     .await?;
                 Ok(Some(run))
+            }
+
+            /// The one statement that stores a new run (with a user message, or regenerated).
+            async fn insert_run_row(
+                connection: &mut <$db as sqlx::Database>::Connection,
+                run: &$crate::store::RunRecord,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO runs (id, conversation_id, owner_id, message_id, status, \
+                     model, output, chunk_ends, error, prompt_tokens, completion_tokens, \
+                     last_seq, started_at, finished_at, owner_instance, stop_requested_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                     $15, $16)",
+                )
+                .bind(run.id)
+                .bind(run.conversation_id)
+                .bind(run.owner_id)
+                .bind(run.message_id)
+                .bind(run.status.as_str())
+                .bind(&run.model)
+                .bind(&run.output)
+                .bind(&run.chunk_ends)
+                .bind(&run.error)
+                .bind(run.prompt_tokens)
+                .bind(run.completion_tokens)
+                .bind(run.last_seq)
+                .bind(run.started_at)
+                .bind(run.finished_at)
+                .bind(run.owner_instance)
+                .bind(run.stop_requested_at)
+                .execute(connection)
+                .await?;
+                Ok(())
             }
 
             /// The one statement that stores a refresh token (first or rotated).
@@ -357,7 +392,8 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin().await?;
                 let done = sqlx::query(
                     "INSERT INTO messages (id, conversation_id, role, content, run_id, \
-                     client_message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     client_message_id, created_at, parent_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                      ON CONFLICT (conversation_id, client_message_id) DO NOTHING",
                 )
                 .bind(message.id)
@@ -367,6 +403,7 @@ macro_rules! sql_store {
                 .bind(message.run_id)
                 .bind(&message.client_message_id)
                 .bind(message.created_at)
+                .bind(message.parent_id)
                 .execute(&mut *tx)
                 .await?;
                 if done.rows_affected() == 0 {
@@ -394,70 +431,101 @@ macro_rules! sql_store {
                     // The partial unique index `runs_one_active` turns a second running run into
                     // StoreError::Conflict(Constraint::OneActiveRun); the rollback on drop undoes
                     // the message too.
-                    sqlx::query(
-                        "INSERT INTO runs (id, conversation_id, owner_id, message_id, status, \
-                         model, output, chunk_ends, error, prompt_tokens, completion_tokens, \
-                         last_seq, started_at, finished_at, owner_instance, stop_requested_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                         $15, $16)",
-                    )
-                    .bind(run.id)
-                    .bind(run.conversation_id)
-                    .bind(run.owner_id)
-                    .bind(run.message_id)
-                    .bind(run.status.as_str())
-                    .bind(&run.model)
-                    .bind(&run.output)
-                    .bind(&run.chunk_ends)
-                    .bind(&run.error)
-                    .bind(run.prompt_tokens)
-                    .bind(run.completion_tokens)
-                    .bind(run.last_seq)
-                    .bind(run.started_at)
-                    .bind(run.finished_at)
-                    .bind(run.owner_instance)
-                    .bind(run.stop_requested_at)
-                    .execute(&mut *tx)
-                    .await?;
+                    Self::insert_run_row(&mut tx, run).await?;
                 }
                 tx.commit().await?;
                 Ok((message.clone(), true))
             }
 
-            async fn list_messages(
+            async fn message(
                 &self,
                 conversation_id: $crate::ids::ConversationId,
-                after: Option<$crate::ids::MessageId>,
-                limit: u32,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRow>> {
-                Ok(sqlx::query_as::<$db, $crate::store::MessageRow>(
-                    "SELECT m.id, m.conversation_id, m.role, m.content, m.run_id, \
-                     m.client_message_id, m.created_at, \
-                     CASE WHEN m.role = 'assistant' THEN r.status END AS run_status \
-                     FROM messages m LEFT JOIN runs r ON r.id = m.run_id \
-                     WHERE m.conversation_id = $1 AND ($2 IS NULL OR m.id > $2) \
-                     ORDER BY m.id LIMIT $3",
+                id: $crate::ids::MessageId,
+            ) -> $crate::store::StoreResult<Option<$crate::store::MessageRecord>> {
+                Ok(sqlx::query_as::<$db, $crate::store::MessageRecord>(
+                    "SELECT * FROM messages WHERE id = $1 AND conversation_id = $2",
                 )
+                .bind(id)
                 .bind(conversation_id)
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_optional(&self.pool)
                 .await?)
             }
 
-            async fn recent_messages(
+            async fn newest_leaf(
                 &self,
                 conversation_id: $crate::ids::ConversationId,
-                limit: u32,
-            ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRecord>> {
-                let mut rows = sqlx::query_as::<$db, $crate::store::MessageRecord>(
-                    "SELECT * FROM messages WHERE conversation_id = $1 ORDER BY id DESC LIMIT $2",
+                through: Option<$crate::ids::MessageId>,
+            ) -> $crate::store::StoreResult<Option<$crate::ids::MessageId>> {
+                let Some(through) = through else {
+                    return Ok(sqlx::query_scalar::<$db, $crate::ids::MessageId>(
+                        "SELECT id FROM messages WHERE conversation_id = $1 \
+                         ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(conversation_id)
+                    .fetch_optional(&self.pool)
+                    .await?);
+                };
+                // Ids are time-ordered: the greatest under `through` is the newest.
+                Ok(sqlx::query_scalar::<$db, $crate::ids::MessageId>(
+                    "WITH RECURSIVE under (id) AS ( \
+                     SELECT id FROM messages WHERE id = $1 AND conversation_id = $2 \
+                     UNION ALL \
+                     SELECT m.id FROM messages m JOIN under u ON m.parent_id = u.id) \
+                     SELECT id FROM under ORDER BY id DESC LIMIT 1",
                 )
+                .bind(through)
+                .bind(conversation_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn path(
+                &self,
+                conversation_id: $crate::ids::ConversationId,
+                leaf: $crate::ids::MessageId,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRow>> {
+                let mut rows = sqlx::query_as::<$db, $crate::store::MessageRow>(
+                    "WITH RECURSIVE path (id, parent_id, depth) AS ( \
+                     SELECT id, parent_id, 1 FROM messages WHERE id = $1 AND conversation_id = $2 \
+                     UNION ALL \
+                     SELECT m.id, m.parent_id, p.depth + 1 FROM messages m \
+                     JOIN path p ON m.id = p.parent_id WHERE p.depth < $3) \
+                     SELECT m.id, m.conversation_id, m.role, m.content, m.run_id, \
+                     m.client_message_id, m.created_at, m.parent_id, \
+                     CASE WHEN m.role = 'assistant' THEN r.status END AS run_status, \
+                     CASE WHEN m.role = 'assistant' THEN r.model END AS run_model, \
+                     CASE WHEN m.role = 'assistant' THEN r.prompt_tokens END AS prompt_tokens, \
+                     CASE WHEN m.role = 'assistant' THEN r.completion_tokens END \
+                     AS completion_tokens \
+                     FROM path JOIN messages m ON m.id = path.id \
+                     LEFT JOIN runs r ON r.id = m.run_id ORDER BY path.depth DESC",
+                )
+                .bind(leaf)
                 .bind(conversation_id)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
-                rows.reverse();
+                // The forks: every message that shares its parent with another, oldest first.
+                let forks = sqlx::query_as::<$db, ($crate::ids::MessageId, Option<$crate::ids::MessageId>)>(
+                    "SELECT id, parent_id FROM messages WHERE conversation_id = $1 AND ( \
+                     parent_id IN (SELECT parent_id FROM messages WHERE conversation_id = $1 \
+                     AND parent_id IS NOT NULL GROUP BY parent_id HAVING COUNT(*) > 1) \
+                     OR (parent_id IS NULL AND (SELECT COUNT(*) FROM messages \
+                     WHERE conversation_id = $1 AND parent_id IS NULL) > 1)) ORDER BY id",
+                )
+                .bind(conversation_id)
+                .fetch_all(&self.pool)
+                .await?;
+                if !forks.is_empty() {
+                    for row in &mut rows {
+                        row.siblings = forks
+                            .iter()
+                            .filter(|(_, parent)| *parent == row.message.parent_id)
+                            .map(|(id, _)| *id)
+                            .collect();
+                    }
+                }
                 Ok(rows)
             }
 
@@ -504,11 +572,26 @@ macro_rules! sql_store {
                 message_id: $crate::ids::MessageId,
             ) -> $crate::store::StoreResult<Option<$crate::store::RunRecord>> {
                 Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
-                    "SELECT * FROM runs WHERE message_id = $1",
+                    "SELECT * FROM runs WHERE message_id = $1 ORDER BY started_at, id LIMIT 1",
                 )
                 .bind(message_id)
                 .fetch_optional(&self.pool)
                 .await?)
+            }
+
+            async fn insert_run(
+                &self,
+                run: &$crate::store::RunRecord,
+            ) -> $crate::store::StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                Self::insert_run_row(&mut tx, run).await?;
+                sqlx::query("UPDATE conversations SET updated_at = $2 WHERE id = $1")
+                    .bind(run.conversation_id)
+                    .bind(run.started_at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn checkpoint_run(

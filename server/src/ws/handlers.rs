@@ -18,8 +18,8 @@ use crate::{
     auth::{AuthUser, VerifyError},
     content::check_message,
     error::AppError,
-    ids::RunId,
-    runs::RunHandle,
+    ids::{MessageId, RunId},
+    runs::{Placement, RunHandle},
 };
 
 /// Handles one text frame.
@@ -50,9 +50,20 @@ pub(super) async fn frame(socket: &mut Socket, session: &mut Option<Session>, te
             ClientMessage::Message {
                 content,
                 client_message_id,
+                parent_id,
+                edit_of,
             },
             session,
-        ) => send(socket, session, content, client_message_id).await,
+        ) => {
+            let placement = match Placement::from_request(parent_id, edit_of) {
+                Ok(placement) => placement,
+                Err(error) => return send_app_error(socket, error),
+            };
+            send(socket, session, content, client_message_id, placement).await
+        }
+        (ClientMessage::Regenerate { message_id }, session) => {
+            regenerate(socket, session, message_id.into()).await
+        }
         (ClientMessage::Stop { run_id }, session) => stop(socket, session, run_id).await,
         (ClientMessage::Resume { run_id, after_seq }, session) => {
             resume(socket, session, run_id.into(), after_seq).await
@@ -254,6 +265,7 @@ async fn send(
     session: &mut Session,
     content: String,
     client_message_id: Option<String>,
+    placement: Placement,
 ) -> Flow {
     let Endpoint::Chat { conversation_id } = socket.endpoint else {
         return socket.send_error(
@@ -271,7 +283,13 @@ async fn send(
     let sent = match socket
         .state
         .runs
-        .send(session.user.id, conversation_id, content, client_message_id)
+        .send(
+            session.user.id,
+            conversation_id,
+            content,
+            client_message_id,
+            placement,
+        )
         .await
     {
         Ok(sent) => sent,
@@ -299,6 +317,26 @@ async fn send(
     socket.send(&start)?;
     session.watch(socket, handle, 0, false);
     ControlFlow::Continue(())
+}
+
+/// `regenerate`: another answer to a user message of this conversation. The run is announced
+/// (`start`) to every socket of the conversation, this one included.
+async fn regenerate(socket: &Socket, session: &mut Session, message_id: MessageId) -> Flow {
+    let Endpoint::Chat { conversation_id } = socket.endpoint else {
+        return socket.send_error(
+            ErrorCode::InvalidRequest,
+            "answers are regenerated on a chat socket, not a run socket",
+        );
+    };
+    match socket
+        .state
+        .runs
+        .regenerate(session.user.id, conversation_id, message_id)
+        .await
+    {
+        Ok(_) => ControlFlow::Continue(()),
+        Err(error) => send_app_error(socket, error),
+    }
 }
 
 async fn stop(socket: &Socket, session: &Session, run_id: Option<uuid::Uuid>) -> Flow {

@@ -6,7 +6,7 @@ use uuid::Uuid;
 use crate::{
     api::Api,
     app::Shared,
-    components::message::{Message, StreamingMessage},
+    components::message::{Message, MessageActions, StreamingMessage},
     socket::{self, Action, ChatSignals, Link},
     store::PendingState,
 };
@@ -158,7 +158,14 @@ pub fn ChatPane(
         button.set_text_content(Some("Copied"));
     };
 
-    let on_retry = Callback::new(move |key: String| act(Action::Retry(key)));
+    let busy = Signal::derive(move || is_streaming.get() || sending.get());
+    let actions = MessageActions {
+        retry: Callback::new(move |key: String| act(Action::Retry(key))),
+        regenerate: Callback::new(move |id: Uuid| act(Action::Regenerate(id))),
+        edit: Callback::new(move |(id, text): (Uuid, String)| act(Action::Edit(id, text))),
+        branch: Callback::new(move |id: Uuid| act(Action::ShowBranch(id))),
+        busy,
+    };
 
     view! {
         <section class="chat" aria-label="Conversation">
@@ -180,8 +187,8 @@ pub fn ChatPane(
                 }}
                 <For
                     each=move || signals.messages.get()
-                    key=|m| (m.key.clone(), format!("{:?}", m.pending))
-                    children=move |message| view! { <Message message on_retry /> }
+                    key=|m| m.render_key()
+                    children=move |message| view! { <Message message actions /> }
                 />
                 <Show when=move || is_streaming.get()>
                     <StreamingMessage text=streaming_text />

@@ -1,7 +1,12 @@
 //! One message bubble. Answers are Markdown, rendered safely (see `crate::markdown`); the
 //! answer still streaming re-renders at most once per animation frame.
+//!
+//! Under each committed message: copy; `‹ 2/3 ›` when it has other versions; on answers,
+//! regenerate (the model and usage on hover); on the user's messages, edit (a new version,
+//! sent in its place; the original stays one `‹` away).
 
 use leptos::prelude::*;
+use uuid::Uuid;
 use wadi_protocol::{RunStatus, api::Role};
 
 use crate::{
@@ -9,25 +14,88 @@ use crate::{
     store::{MessageView, PendingState},
 };
 
+/// What a message's controls ask of the conversation.
+#[derive(Clone, Copy)]
+pub struct MessageActions {
+    /// Retry a failed send (its client message id).
+    pub retry: Callback<String>,
+    /// Another answer to this user message.
+    pub regenerate: Callback<Uuid>,
+    /// A new version of this user message, with this text.
+    pub edit: Callback<(Uuid, String)>,
+    /// Show the branch through this version.
+    pub branch: Callback<Uuid>,
+    /// True while an answer streams or a send waits: the tree cannot change then.
+    pub busy: Signal<bool>,
+}
+
 /// A committed (or pending) message. Its content never changes once shown, so it renders once.
 #[component]
 pub fn Message(
     /// The message to show.
     message: MessageView,
-    /// Called with the client message id when the user retries a failed send.
-    on_retry: Callback<String>,
+    actions: MessageActions,
 ) -> impl IntoView {
     let role = match message.role {
         Role::User => "user",
         Role::Assistant => "assistant",
         Role::System => "system",
     };
+    let editing = RwSignal::new(false);
+    let draft = RwSignal::new(message.content.clone());
     let body = match message.role {
         Role::Assistant => {
             let html = markdown::render(&message.content);
             view! { <div class="content markdown" inner_html=html></div> }.into_any()
         }
-        _ => view! { <div class="content plain">{message.content.clone()}</div> }.into_any(),
+        _ => {
+            let text = message.content.clone();
+            let id = message.id;
+            let save = move || {
+                let content = draft.get_untracked();
+                if let Some(id) = id
+                    && !content.trim().is_empty()
+                {
+                    editing.set(false);
+                    actions.edit.run((id, content));
+                }
+            };
+            view! {
+                <Show
+                    when=move || editing.get()
+                    fallback=move || view! { <div class="content plain">{text.clone()}</div> }
+                >
+                    <form
+                        class="edit"
+                        on:submit=move |event: leptos::ev::SubmitEvent| {
+                            event.prevent_default();
+                            save();
+                        }
+                    >
+                        <textarea
+                            aria-label="Edit message"
+                            prop:value=move || draft.get()
+                            on:input=move |ev| draft.set(event_target_value(&ev))
+                            on:keydown=move |event: leptos::ev::KeyboardEvent| {
+                                if event.key() == "Enter" && !event.shift_key() && !event.is_composing() {
+                                    event.prevent_default();
+                                    save();
+                                } else if event.key() == "Escape" {
+                                    editing.set(false);
+                                }
+                            }
+                        ></textarea>
+                        <div class="edit-actions">
+                            <button type="button" class="link" on:click=move |_| editing.set(false)>
+                                "Cancel"
+                            </button>
+                            <button type="submit" class="primary">"Send"</button>
+                        </div>
+                    </form>
+                </Show>
+            }
+            .into_any()
+        }
     };
     let status = message.status.and_then(|status| match status {
         RunStatus::Stopped => Some("Stopped"),
@@ -36,7 +104,7 @@ pub fn Message(
         _ => None,
     });
     let key = message.key.clone();
-    let pending = match message.pending {
+    let pending = match message.pending.clone() {
         Some(PendingState::Sending) => {
             Some(view! { <span class="note" aria-live="polite">"Sending…"</span> }.into_any())
         }
@@ -45,7 +113,7 @@ pub fn Message(
                 <span class="note error" role="alert">
                     {reason}
                     " "
-                    <button class="link" on:click=move |_| on_retry.run(key.clone())>
+                    <button class="link" on:click=move |_| actions.retry.run(key.clone())>
                         "Retry"
                     </button>
                 </span>
@@ -54,13 +122,115 @@ pub fn Message(
         ),
         None => None,
     };
+    let controls = message
+        .pending
+        .is_none()
+        .then(|| controls(&message, actions, editing));
+    let about = answer_details(&message);
     view! {
-        <article class=format!("message {role}") data-role=role>
+        <article class=format!("message {role}") data-role=role title=about>
             {body}
             {status.map(|s| view! { <span class="note">{s}</span> })}
             {pending}
+            {controls}
         </article>
     }
+}
+
+/// "gpt-4o-mini · 25 prompt + 120 answer tokens", shown on hover of an answer.
+fn answer_details(message: &MessageView) -> Option<String> {
+    let model = message.model.clone()?;
+    Some(match message.usage {
+        Some(usage) => format!(
+            "{model} · {} prompt + {} answer tokens",
+            usage.prompt_tokens, usage.completion_tokens
+        ),
+        None => model,
+    })
+}
+
+fn controls(
+    message: &MessageView,
+    actions: MessageActions,
+    editing: RwSignal<bool>,
+) -> impl IntoView + use<> {
+    let versions = message.version().map(|(at, count)| {
+        let previous = message.sibling(-1);
+        let next = message.sibling(1);
+        view! {
+            <span class="versions" aria-label="Versions">
+                <button
+                    class="icon prev"
+                    aria-label="Previous version"
+                    disabled=move || previous.is_none() || actions.busy.get()
+                    on:click=move |_| {
+                        if let Some(id) = previous {
+                            actions.branch.run(id);
+                        }
+                    }
+                >
+                    "‹"
+                </button>
+                <span class="count">{format!("{at}/{count}")}</span>
+                <button
+                    class="icon next"
+                    aria-label="Next version"
+                    disabled=move || next.is_none() || actions.busy.get()
+                    on:click=move |_| {
+                        if let Some(id) = next {
+                            actions.branch.run(id);
+                        }
+                    }
+                >
+                    "›"
+                </button>
+            </span>
+        }
+    });
+    let content = message.content.clone();
+    let copy = view! {
+        <button
+            class="icon copy-message"
+            aria-label="Copy message"
+            title="Copy"
+            on:click=move |event: leptos::ev::MouseEvent| {
+                let _ = window().navigator().clipboard().write_text(&content);
+                event_target::<web_sys::HtmlElement>(&event).set_text_content(Some("Copied"));
+            }
+        >
+            "Copy"
+        </button>
+    };
+    let regenerate = (message.role == Role::Assistant)
+        .then_some(message.parent_id)
+        .flatten()
+        .map(|question| {
+            view! {
+                <button
+                    class="icon regenerate"
+                    aria-label="Regenerate answer"
+                    title="Regenerate"
+                    disabled=move || actions.busy.get()
+                    on:click=move |_| actions.regenerate.run(question)
+                >
+                    "↻ Regenerate"
+                </button>
+            }
+        });
+    let edit = (message.role == Role::User && message.id.is_some()).then(|| {
+        view! {
+            <button
+                class="icon edit-message"
+                aria-label="Edit message"
+                title="Edit"
+                disabled=move || actions.busy.get()
+                on:click=move |_| editing.set(true)
+            >
+                "✎ Edit"
+            </button>
+        }
+    });
+    view! { <div class="actions">{versions} {copy} {edit} {regenerate}</div> }
 }
 
 /// The answer being written: its Markdown follows the streamed text.

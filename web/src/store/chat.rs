@@ -8,7 +8,7 @@
 
 use uuid::Uuid;
 use wadi_protocol::{
-    ActiveRun, ClientMessage, ErrorCode, RunStatus, ServerMessage,
+    ActiveRun, ClientMessage, ErrorCode, RunStatus, ServerMessage, Usage,
     api::{self, Role},
 };
 
@@ -25,6 +25,43 @@ pub struct MessageView {
     /// For a user message not yet acknowledged by the server.
     pub pending: Option<PendingState>,
     pub run_id: Option<Uuid>,
+    /// The stored message's id (unknown for a pending message, or an answer until the history
+    /// is fetched again).
+    pub id: Option<Uuid>,
+    /// The message it follows.
+    pub parent_id: Option<Uuid>,
+    /// Every version at this place in the tree, this one included, when there are several.
+    pub siblings: Vec<Uuid>,
+    /// Answers: the model that wrote it and the tokens it took.
+    pub model: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+impl MessageView {
+    /// `(position, count)` among its versions (1-based), when there are several.
+    pub fn version(&self) -> Option<(usize, usize)> {
+        let id = self.id?;
+        let at = self.siblings.iter().position(|s| *s == id)?;
+        (self.siblings.len() > 1).then_some((at + 1, self.siblings.len()))
+    }
+
+    /// What the list re-renders a message on: its identity and everything shown about it.
+    pub fn render_key(&self) -> String {
+        format!(
+            "{}|{:?}|{:?}|{}",
+            self.key,
+            self.pending,
+            self.id,
+            self.siblings.len()
+        )
+    }
+
+    /// The version `step` places away (-1: previous, +1: next), if there is one.
+    pub fn sibling(&self, step: isize) -> Option<Uuid> {
+        let (at, _) = self.version()?;
+        let index = (at - 1).checked_add_signed(step)?;
+        self.siblings.get(index).copied()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,11 +72,24 @@ pub enum PendingState {
     Failed(String),
 }
 
-/// A user message waiting for its `start`.
+/// A user message waiting for its `start`, with where it goes in the tree (resent as is).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
     pub client_message_id: String,
     pub content: String,
+    pub parent_id: Option<Uuid>,
+    pub edit_of: Option<Uuid>,
+}
+
+impl Pending {
+    fn frame(&self) -> ClientMessage {
+        ClientMessage::Message {
+            content: self.content.clone(),
+            client_message_id: Some(self.client_message_id.clone()),
+            parent_id: self.parent_id,
+            edit_of: self.edit_of,
+        }
+    }
 }
 
 /// The answer streaming now.
@@ -62,12 +112,20 @@ pub enum Command {
 
 #[derive(Debug, Default)]
 pub struct ChatState {
+    /// The path through the conversation's tree that is shown, oldest first.
     pub messages: Vec<MessageView>,
     pub streaming: Option<Streaming>,
     /// An error to show in place (not tied to one message).
     pub error: Option<String>,
+    /// The branch shown: the path through this message (to its newest descendant); `None` for
+    /// the conversation's newest message.
+    pub through: Option<Uuid>,
     /// Sent messages without a `start` yet, oldest first.
     pending: Vec<Pending>,
+    /// Refused messages the user may retry (where they were to go).
+    failed: Vec<Pending>,
+    /// A regenerate sent and not started yet: the user message it answers.
+    regenerating: Option<Uuid>,
 }
 
 /// What applying one chunk did.
@@ -121,6 +179,11 @@ impl ChatState {
                 status: message.run_status,
                 pending: None,
                 run_id: message.run_id,
+                id: Some(message.id),
+                parent_id: message.parent_id,
+                siblings: message.siblings,
+                model: message.model,
+                usage: message.usage,
             })
             .collect();
         for view in &self.messages {
@@ -137,8 +200,49 @@ impl ChatState {
         self.messages = messages;
     }
 
-    /// The user sends a message: it shows at once, and goes out as a frame.
+    /// The user sends a message: it shows at once, and goes out as a frame. It continues the
+    /// branch shown: after its last answer (or, when that answer's id is not known yet, after
+    /// the newest message, which it then is).
     pub fn send(&mut self, content: String, client_message_id: String) -> Vec<Command> {
+        let parent_id = self
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.pending.is_none())
+            .filter(|m| m.role == Role::Assistant)
+            .and_then(|m| m.id);
+        self.submit(content, client_message_id, parent_id, None)
+    }
+
+    /// The user edits a message of the branch shown: a new version of it (a sibling), shown in
+    /// its place; the original and what followed it stay stored, one `‹ ›` away.
+    pub fn edit(
+        &mut self,
+        message_id: Uuid,
+        content: String,
+        client_message_id: String,
+    ) -> Vec<Command> {
+        if self.streaming.is_some() {
+            return Vec::new();
+        }
+        let Some(at) = self
+            .messages
+            .iter()
+            .position(|m| m.id == Some(message_id) && m.role == Role::User)
+        else {
+            return Vec::new();
+        };
+        self.messages.truncate(at);
+        self.submit(content, client_message_id, None, Some(message_id))
+    }
+
+    fn submit(
+        &mut self,
+        content: String,
+        client_message_id: String,
+        parent_id: Option<Uuid>,
+        edit_of: Option<Uuid>,
+    ) -> Vec<Command> {
         self.error = None;
         self.messages.push(MessageView {
             key: client_message_id.clone(),
@@ -147,15 +251,49 @@ impl ChatState {
             status: None,
             pending: Some(PendingState::Sending),
             run_id: None,
+            id: None,
+            parent_id: None,
+            siblings: Vec::new(),
+            model: None,
+            usage: None,
         });
-        self.pending.push(Pending {
-            client_message_id: client_message_id.clone(),
-            content: content.clone(),
-        });
-        vec![Command::Send(ClientMessage::Message {
+        let pending = Pending {
+            client_message_id,
             content,
-            client_message_id: Some(client_message_id),
-        })]
+            parent_id,
+            edit_of,
+        };
+        let frame = pending.frame();
+        self.pending.push(pending);
+        vec![Command::Send(frame)]
+    }
+
+    /// The user asks for another answer to the user message `message_id`: the answer shown
+    /// after it makes way for the new one (it stays, one `‹ ›` away).
+    pub fn regenerate(&mut self, message_id: Uuid) -> Vec<Command> {
+        if self.streaming.is_some() {
+            return Vec::new();
+        }
+        let Some(at) = self
+            .messages
+            .iter()
+            .position(|m| m.id == Some(message_id) && m.role == Role::User)
+        else {
+            return Vec::new();
+        };
+        self.error = None;
+        self.messages.truncate(at + 1);
+        self.regenerating = Some(message_id);
+        vec![Command::Send(ClientMessage::Regenerate { message_id })]
+    }
+
+    /// The user switches to another version of a message: the path through it is fetched.
+    pub fn show_branch(&mut self, through: Uuid) -> Vec<Command> {
+        if self.streaming.is_some() || !self.pending.is_empty() {
+            return Vec::new();
+        }
+        self.through = Some(through);
+        vec![Command::RefreshHistory]
     }
 
     /// Sends a failed message again, with the same client id (so it is never stored twice).
@@ -168,14 +306,22 @@ impl ChatState {
         view.pending = Some(PendingState::Sending);
         let content = view.content.clone();
         self.error = None;
-        self.pending.push(Pending {
+        let (parent_id, edit_of) = self
+            .failed
+            .iter()
+            .find(|p| p.client_message_id == client_message_id)
+            .map_or((None, None), |p| (p.parent_id, p.edit_of));
+        self.failed
+            .retain(|p| p.client_message_id != client_message_id);
+        let pending = Pending {
             client_message_id: client_message_id.to_owned(),
-            content: content.clone(),
-        });
-        vec![Command::Send(ClientMessage::Message {
             content,
-            client_message_id: Some(client_message_id.to_owned()),
-        })]
+            parent_id,
+            edit_of,
+        };
+        let frame = pending.frame();
+        self.pending.push(pending);
+        vec![Command::Send(frame)]
     }
 
     /// The user presses stop.
@@ -192,12 +338,7 @@ impl ChatState {
     pub fn unacknowledged(&self) -> Vec<Command> {
         self.pending
             .iter()
-            .map(|pending| {
-                Command::Send(ClientMessage::Message {
-                    content: pending.content.clone(),
-                    client_message_id: Some(pending.client_message_id.clone()),
-                })
-            })
+            .map(|pending| Command::Send(pending.frame()))
             .collect()
     }
 
@@ -238,9 +379,10 @@ impl ChatState {
         match frame {
             ServerMessage::Start {
                 run_id,
+                message_id,
                 client_message_id,
                 ..
-            } => self.on_start(run_id, client_message_id),
+            } => self.on_start(run_id, message_id, client_message_id),
             ServerMessage::Chunk {
                 run_id,
                 seq,
@@ -251,19 +393,13 @@ impl ChatState {
                 full_output,
                 status,
                 ..
-            } => {
-                self.on_complete(run_id, full_output, status);
-                Vec::new()
-            }
+            } => self.on_complete(run_id, full_output, status),
             ServerMessage::Error {
                 code,
                 message,
                 run_id,
                 ..
-            } => {
-                self.on_error(code, message, run_id);
-                Vec::new()
-            }
+            } => self.on_error(code, message, run_id),
             ServerMessage::Authenticated { active_run, .. } => self.on_authenticated(active_run),
             ServerMessage::Connected { .. } | ServerMessage::Pong => Vec::new(),
         }
@@ -275,8 +411,16 @@ impl ChatState {
             .any(|m| m.role == Role::Assistant && m.run_id == Some(run_id))
     }
 
-    fn on_start(&mut self, run_id: Uuid, client_message_id: Option<String>) -> Vec<Command> {
+    fn on_start(
+        &mut self,
+        run_id: Uuid,
+        message_id: Uuid,
+        client_message_id: Option<String>,
+    ) -> Vec<Command> {
         let mut commands = Vec::new();
+        if self.regenerating == Some(message_id) {
+            self.regenerating = None;
+        }
         // Ours if it names one of our unacknowledged messages; never guessed from order, since
         // another tab or device may start a run at the same moment.
         let ours = client_message_id.as_ref().and_then(|id| {
@@ -296,8 +440,16 @@ impl ChatState {
                     view.run_id = Some(run_id);
                 }
             }
+            // Another answer to a message shown (regenerated here or elsewhere): what followed that
+            // message makes way for it.
+            None if self.messages.iter().any(|m| m.id == Some(message_id)) => {
+                if let Some(at) = self.messages.iter().position(|m| m.id == Some(message_id)) {
+                    self.messages.truncate(at + 1);
+                }
+            }
             None if !self.messages.iter().any(|m| m.run_id == Some(run_id)) => {
                 // Another tab or device sent it: fetch its text.
+                self.through = None;
                 commands.push(Command::RefreshHistory);
             }
             None => {}
@@ -326,12 +478,19 @@ impl ChatState {
         }
     }
 
-    fn on_complete(&mut self, run_id: Uuid, full_output: String, status: RunStatus) {
+    /// The answer is final: shown at once, then the branch is fetched again for what only the
+    /// server knows (its id, its siblings, its model and usage).
+    fn on_complete(
+        &mut self,
+        run_id: Uuid,
+        full_output: String,
+        status: RunStatus,
+    ) -> Vec<Command> {
         if self.streaming.as_ref().is_some_and(|s| s.run_id == run_id) {
             self.streaming = None;
         }
         if self.has_answer(run_id) {
-            return;
+            return Vec::new();
         }
         self.messages.push(MessageView {
             key: format!("answer-{run_id}"),
@@ -340,10 +499,18 @@ impl ChatState {
             status: Some(status),
             pending: None,
             run_id: Some(run_id),
+            id: None,
+            parent_id: None,
+            siblings: Vec::new(),
+            model: None,
+            usage: None,
         });
+        // The newest answer ends the branch it belongs to.
+        self.through = None;
+        vec![Command::RefreshHistory]
     }
 
-    fn on_error(&mut self, code: ErrorCode, message: String, run_id: Option<Uuid>) {
+    fn on_error(&mut self, code: ErrorCode, message: String, run_id: Option<Uuid>) -> Vec<Command> {
         let refuses_a_send = matches!(
             code,
             ErrorCode::RunInProgress
@@ -356,6 +523,7 @@ impl ChatState {
         );
         if refuses_a_send && run_id.is_none() && !self.pending.is_empty() {
             let pending = self.pending.remove(0);
+            self.failed.push(pending.clone());
             if let Some(view) = self
                 .messages
                 .iter_mut()
@@ -363,7 +531,14 @@ impl ChatState {
             {
                 view.pending = Some(PendingState::Failed(human_error(code, &message)));
             }
-            return;
+            return Vec::new();
+        }
+        let mut commands = Vec::new();
+        let refuses_a_regenerate =
+            refuses_a_send || matches!(code, ErrorCode::NotFound | ErrorCode::InvalidRequest);
+        if refuses_a_regenerate && run_id.is_none() && self.regenerating.take().is_some() {
+            // The answer it was to replace is shown again.
+            commands.push(Command::RefreshHistory);
         }
         match code {
             // Handled by the socket driver (refresh and reconnect) or harmless.
@@ -373,6 +548,7 @@ impl ChatState {
             | ErrorCode::ShuttingDown => {}
             _ => self.error = Some(human_error(code, &message)),
         }
+        commands
     }
 }
 
@@ -445,7 +621,9 @@ mod tests {
             commands,
             vec![Command::Send(ClientMessage::Message {
                 content: "hello".into(),
-                client_message_id: Some("c-1".into())
+                client_message_id: Some("c-1".into()),
+                parent_id: None,
+                edit_of: None,
             })]
         );
         assert_eq!(chat.messages[0].pending, Some(PendingState::Sending));
@@ -520,7 +698,9 @@ mod tests {
             chat.on_authenticated(None),
             vec![Command::Send(ClientMessage::Message {
                 content: "lost?".into(),
-                client_message_id: Some("c-9".into())
+                client_message_id: Some("c-9".into()),
+                parent_id: None,
+                edit_of: None,
             })]
         );
     }
@@ -616,7 +796,9 @@ mod tests {
             commands,
             vec![Command::Send(ClientMessage::Message {
                 content: "too soon".into(),
-                client_message_id: Some("c-2".into())
+                client_message_id: Some("c-2".into()),
+                parent_id: None,
+                edit_of: None,
             })]
         );
         assert_eq!(chat.messages[0].pending, Some(PendingState::Sending));
@@ -656,6 +838,10 @@ mod tests {
             run_status: None,
             client_message_id: Some("c-done".into()),
             created_at: time::OffsetDateTime::UNIX_EPOCH,
+            parent_id: None,
+            siblings: Vec::new(),
+            model: None,
+            usage: None,
         };
         chat.load_history(vec![committed]);
         assert_eq!(chat.messages.len(), 2);
@@ -663,6 +849,170 @@ mod tests {
         assert_eq!(chat.messages[0].pending, None);
         assert_eq!(chat.messages[1].key, "c-keep");
         assert_eq!(chat.unacknowledged().len(), 1);
+    }
+
+    fn stored(id: u128, parent: Option<u128>, role: Role, content: &str) -> api::Message {
+        api::Message {
+            id: Uuid::from_u128(id),
+            conversation_id: Uuid::nil(),
+            role,
+            content: content.into(),
+            run_id: None,
+            run_status: None,
+            client_message_id: None,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            parent_id: parent.map(Uuid::from_u128),
+            siblings: Vec::new(),
+            model: None,
+            usage: None,
+        }
+    }
+
+    fn branch() -> Vec<api::Message> {
+        vec![
+            stored(1, None, Role::User, "q1"),
+            stored(2, Some(1), Role::Assistant, "a1"),
+            stored(3, Some(2), Role::User, "q2"),
+            stored(4, Some(3), Role::Assistant, "a2"),
+        ]
+    }
+
+    #[test]
+    fn a_new_message_continues_the_branch_shown() {
+        let mut chat = ChatState::default();
+        chat.load_history(branch());
+        let commands = chat.send("q3".into(), "c-3".into());
+        assert_eq!(
+            commands,
+            vec![Command::Send(ClientMessage::Message {
+                content: "q3".into(),
+                client_message_id: Some("c-3".into()),
+                parent_id: Some(Uuid::from_u128(4)),
+                edit_of: None,
+            })]
+        );
+        // Resent as it was after a reconnect.
+        assert_eq!(chat.unacknowledged(), commands);
+        // An answer whose id is not known yet (just completed): after the newest message.
+        let mut chat = ChatState::default();
+        chat.send("q1".into(), "c-1".into());
+        chat.apply(start());
+        chat.apply(complete("a1", RunStatus::Completed));
+        let commands = chat.send("q2".into(), "c-2".into());
+        assert!(matches!(
+            &commands[0],
+            Command::Send(ClientMessage::Message {
+                parent_id: None,
+                edit_of: None,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn regenerate_replaces_the_answer_shown_and_a_refusal_brings_it_back() {
+        let mut chat = ChatState::default();
+        chat.load_history(branch());
+        let commands = chat.regenerate(Uuid::from_u128(3));
+        assert_eq!(
+            commands,
+            vec![Command::Send(ClientMessage::Regenerate {
+                message_id: Uuid::from_u128(3)
+            })]
+        );
+        assert_eq!(chat.messages.len(), 3, "the old answer makes way");
+        let commands = chat.apply(ServerMessage::error(ErrorCode::RunInProgress, "busy", None));
+        assert_eq!(commands, vec![Command::RefreshHistory]);
+        // Started: the new answer streams after the question, and completes into the branch.
+        chat.load_history(branch());
+        chat.regenerate(Uuid::from_u128(3));
+        let commands = chat.apply(ServerMessage::Start {
+            run_id: run(),
+            conversation_id: Uuid::nil(),
+            message_id: Uuid::from_u128(3),
+            client_message_id: None,
+        });
+        assert!(
+            commands.is_empty(),
+            "no refetch: it answers a message shown"
+        );
+        assert_eq!(chat.streaming, Some(Streaming::new(run())));
+        let commands = chat.apply(complete("a2 again", RunStatus::Completed));
+        assert_eq!(commands, vec![Command::RefreshHistory]);
+        assert_eq!(chat.messages.last().unwrap().content, "a2 again");
+        assert_eq!(chat.through, None);
+        // Nothing to regenerate while an answer streams, or for an answer's id.
+        chat.streaming = Some(Streaming::new(run()));
+        assert!(chat.regenerate(Uuid::from_u128(3)).is_empty());
+        chat.streaming = None;
+        assert!(chat.regenerate(Uuid::from_u128(4)).is_empty());
+    }
+
+    #[test]
+    fn another_tabs_regenerate_replaces_the_answer_shown_here() {
+        let mut chat = ChatState::default();
+        chat.load_history(branch());
+        let commands = chat.apply(ServerMessage::Start {
+            run_id: run(),
+            conversation_id: Uuid::nil(),
+            message_id: Uuid::from_u128(3),
+            client_message_id: None,
+        });
+        assert!(commands.is_empty());
+        assert_eq!(chat.messages.len(), 3);
+        assert_eq!(chat.streaming, Some(Streaming::new(run())));
+    }
+
+    #[test]
+    fn an_edit_is_a_new_version_in_place_of_the_original() {
+        let mut chat = ChatState::default();
+        chat.load_history(branch());
+        let commands = chat.edit(Uuid::from_u128(3), "q2, better".into(), "c-e".into());
+        assert_eq!(
+            commands,
+            vec![Command::Send(ClientMessage::Message {
+                content: "q2, better".into(),
+                client_message_id: Some("c-e".into()),
+                parent_id: None,
+                edit_of: Some(Uuid::from_u128(3)),
+            })]
+        );
+        let shown: Vec<&str> = chat.messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(shown, ["q1", "a1", "q2, better"]);
+        assert_eq!(chat.messages[2].pending, Some(PendingState::Sending));
+        // Refused, then retried: where it goes is kept.
+        chat.apply(ServerMessage::error(
+            ErrorCode::RateLimited,
+            "slow down",
+            None,
+        ));
+        let commands = chat.retry("c-e");
+        assert!(matches!(
+            &commands[0],
+            Command::Send(ClientMessage::Message { edit_of: Some(id), .. })
+                if *id == Uuid::from_u128(3)
+        ));
+    }
+
+    #[test]
+    fn versions_are_counted_and_switching_fetches_the_branch() {
+        let mut history = branch();
+        history[3].siblings = vec![Uuid::from_u128(4), Uuid::from_u128(9)];
+        let mut chat = ChatState::default();
+        chat.load_history(history);
+        let answer = &chat.messages[3];
+        assert_eq!(answer.version(), Some((1, 2)));
+        assert_eq!(answer.sibling(-1), None);
+        assert_eq!(answer.sibling(1), Some(Uuid::from_u128(9)));
+        assert_eq!(chat.messages[0].version(), None);
+        assert_eq!(
+            chat.show_branch(Uuid::from_u128(9)),
+            vec![Command::RefreshHistory]
+        );
+        assert_eq!(chat.through, Some(Uuid::from_u128(9)));
+        // Not while an answer streams.
+        chat.streaming = Some(Streaming::new(run()));
+        assert!(chat.show_branch(Uuid::from_u128(4)).is_empty());
     }
 
     mod properties {
