@@ -53,6 +53,44 @@ pub fn derive_title(content: &str) -> String {
     }
 }
 
+/// A conversation's branch as Markdown, for people: the title, then each message under who
+/// wrote it (and, for answers, the model), in order.
+pub fn markdown_export(
+    conversation: &wadi_protocol::api::Conversation,
+    messages: &[wadi_protocol::api::Message],
+) -> String {
+    use std::fmt::Write;
+    use wadi_protocol::api::Role;
+    let when = |at: time::OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let mut out = format!("# {}\n\n", conversation.title.trim());
+    let _ = writeln!(
+        out,
+        "_Exported from WADI. Started {}, last changed {}._\n",
+        when(conversation.created_at),
+        when(conversation.updated_at)
+    );
+    for message in messages {
+        let who = match (message.role, &message.model) {
+            (Role::User, _) => "You".to_owned(),
+            (Role::Assistant, Some(model)) => format!("Assistant ({model})"),
+            (Role::Assistant, None) => "Assistant".to_owned(),
+            (Role::System, _) => "System".to_owned(),
+        };
+        let _ = writeln!(out, "**{who}** · {}\n", when(message.created_at));
+        let _ = writeln!(out, "{}\n", message.content.trim_end());
+        if let Some(status) = message
+            .run_status
+            .filter(|status| !matches!(status, wadi_protocol::RunStatus::Completed))
+        {
+            let _ = writeln!(out, "_({})_\n", status.as_str());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -617,3 +617,147 @@ async fn answers_are_regenerated_and_messages_edited_with_every_version_kept() {
     })
     .await;
 }
+
+const ESCAPE: &str = "\u{e00c}";
+const ARROW_UP: &str = "\u{e013}";
+/// Ctrl+Shift+O, then release the modifiers.
+const NEW_CHAT: &str = "\u{e009}\u{e008}o\u{e000}";
+
+#[tokio::test]
+async fn keyboard_shortcuts_stop_edit_and_start_a_conversation() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("keys", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        let first = new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Tell me a story").await;
+        let request = upstream.next_request().await;
+        request.token("Once upon");
+        streaming_contains(&browser, "Once upon").await;
+        // Esc stops the answer: the model request itself is cancelled.
+        let composer = browser.find("textarea[aria-label=Message]").await;
+        composer.send_keys(ESCAPE).await.unwrap();
+        request.cancelled().await;
+        shown_is(&browser, "Tell me a story | Once upon").await;
+        browser
+            .until("the stopped note", "document.querySelector('.message.assistant .note')?.innerText === 'Stopped'")
+            .await;
+
+        // ↑ in the empty composer edits the last message sent; Esc closes the editor.
+        composer.send_keys(ARROW_UP).await.unwrap();
+        browser
+            .until(
+                "the editor, focused, holding the message",
+                "document.activeElement?.getAttribute('aria-label') === 'Edit message' && document.activeElement.value === 'Tell me a story'",
+            )
+            .await;
+        browser.screenshot("edit-light").await;
+        browser.find("textarea[aria-label='Edit message']").await.send_keys(ESCAPE).await.unwrap();
+        browser
+            .until("the editor to close", "!document.querySelector('textarea[aria-label=\"Edit message\"]')")
+            .await;
+        shown_is(&browser, "Tell me a story | Once upon").await;
+
+        // Ctrl+Shift+O starts a new conversation.
+        browser.find("textarea[aria-label=Message]").await.send_keys(NEW_CHAT).await.unwrap();
+        let second = browser
+            .until(
+                "another conversation",
+                &format!("location.pathname.startsWith('/c/') && location.pathname !== '/c/{first}' && location.pathname"),
+            )
+            .await;
+        assert_ne!(second.as_str().unwrap(), format!("/c/{first}"));
+        browser.find("textarea[aria-label=Message]").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn messages_typed_during_an_answer_are_queued_and_conversations_export() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let email = unique_email();
+        let browser = scenario.browser("queue", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &email).await;
+        let id = new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "One").await;
+        let first = upstream.next_request().await;
+        first.token("A");
+        streaming_contains(&browser, "A").await;
+        // Typed while the answer is written: queued, not refused.
+        send(&browser, "Two").await;
+        send(&browser, "Three").await;
+        browser
+            .until(
+                "two queued messages",
+                "document.querySelectorAll('.note.queued').length === 2",
+            )
+            .await;
+        browser.screenshot("queued-light").await;
+        // Three is cancelled before its turn.
+        browser
+            .js("document.querySelectorAll('.note.queued button.cancel')[1].click(); return true")
+            .await;
+        browser
+            .until(
+                "one queued message",
+                "document.querySelectorAll('.note.queued').length === 1",
+            )
+            .await;
+        first.token("1");
+        first.send(Step::Finish);
+        // The answer ends: Two goes out, after it.
+        assert_eq!(model_answers(&upstream, "A2").await, ["One", "A1", "Two"]);
+        shown_is(&browser, "One | A1 | Two | A2").await;
+        send(&browser, "Four").await;
+        assert_eq!(
+            model_answers(&upstream, "A4").await,
+            ["One", "A1", "Two", "A2", "Four"],
+            "the cancelled message was never sent"
+        );
+        shown_is(&browser, "One | A1 | Two | A2 | Four | A4").await;
+
+        // Export: the downloads' names and contents, caught as the app makes them.
+        let dark = scenario
+            .browser_in("export-dark", DESKTOP.0, DESKTOP.1, true)
+            .await;
+        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        shown_is(&dark, "One | A1 | Two | A2 | Four | A4").await;
+        dark.js("window.__files = []; const made = URL.createObjectURL; \
+             URL.createObjectURL = (blob) => { window.__files.push({blob}); return made(blob); }; \
+             HTMLAnchorElement.prototype.click = function () { \
+               window.__files[window.__files.length - 1].name = this.download; }; return true")
+            .await;
+        dark.click(".export summary").await;
+        dark.screenshot("export-dark").await;
+        dark.click(".export .menu button:nth-child(1)").await;
+        dark.until(
+            "the Markdown file",
+            "window.__files.length === 1 && window.__files[0].name",
+        )
+        .await;
+        dark.click(".export .menu button:nth-child(2)").await;
+        dark.until(
+            "the JSON file",
+            "window.__files.length === 2 && window.__files[1].name",
+        )
+        .await;
+        let names = dark.js("return window.__files.map(f => f.name)").await;
+        assert_eq!(names, serde_json::json!(["one.md", "one.json"]));
+        let markdown = dark.js("return window.__files[0].blob.text()").await;
+        let markdown = markdown.as_str().unwrap();
+        assert!(markdown.starts_with("# One\n"), "{markdown}");
+        assert!(
+            markdown.contains("Four") && markdown.contains("A4"),
+            "{markdown}"
+        );
+        let json = dark.js("return window.__files[1].blob.text()").await;
+        let json: serde_json::Value = serde_json::from_str(json.as_str().unwrap()).unwrap();
+        assert_eq!(json["messages"].as_array().unwrap().len(), 6);
+    })
+    .await;
+}

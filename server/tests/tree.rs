@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 on_both_engines!(
     regenerate_and_edit_keep_every_version_and_the_model_sees_only_its_branch,
     branches_are_paged_and_bad_placements_are_refused,
+    conversations_export_as_markdown_and_json,
 );
 
 async fn server(engine: Engine) -> (FakeUpstream, TestServer) {
@@ -497,4 +498,95 @@ async fn conversations_from_before_branches_become_one_path() {
         .collect();
     assert_eq!(parents, [None, Some(ids[0]), Some(ids[1]), Some(ids[2])]);
     assert!(rows.iter().all(|row| row.siblings.is_empty()));
+}
+
+async fn conversations_export_as_markdown_and_json(engine: Engine) {
+    let (upstream, server) = server(engine).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (_, sent) = send(&api, &conversation, json!({"content": "Plan a trip"})).await;
+    let q = sent["message"]["id"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    answer(
+        &api,
+        request,
+        sent["run"]["id"].as_str().unwrap(),
+        "Go to *Lisbon*",
+    )
+    .await;
+    let (_, again) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages/{q}/regenerate"),
+            json!({}),
+        )
+        .await;
+    let request = upstream.next_request().await;
+    answer(
+        &api,
+        request,
+        again["run"]["id"].as_str().unwrap(),
+        "Go to Porto",
+    )
+    .await;
+
+    let download = |format: &str| {
+        api.request(
+            reqwest::Method::GET,
+            &format!("/api/conversations/{conversation}/export?format={format}"),
+        )
+        .send()
+    };
+    let response = download("markdown").await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/markdown; charset=utf-8"
+    );
+    assert_eq!(
+        response.headers()["content-disposition"],
+        "attachment; filename=\"plan-a-trip.md\""
+    );
+    let markdown = response.text().await.unwrap();
+    assert!(markdown.starts_with("# Plan a trip\n"), "{markdown}");
+    assert!(markdown.contains("**You** · "), "{markdown}");
+    assert!(
+        markdown.contains("**Assistant (fake-model)** · "),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("Go to Porto"),
+        "the branch shown: {markdown}"
+    );
+    assert!(
+        !markdown.contains("Lisbon"),
+        "not the other branch: {markdown}"
+    );
+
+    let response = download("json").await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-disposition"],
+        "attachment; filename=\"plan-a-trip.json\""
+    );
+    let export: Value = response.json().await.unwrap();
+    assert_eq!(export["conversation"]["title"], "Plan a trip");
+    let messages = export["messages"].as_array().unwrap();
+    assert_eq!(
+        contents(messages),
+        ["Plan a trip", "Go to *Lisbon*", "Go to Porto"],
+        "every branch"
+    );
+    assert_eq!(messages[1]["parentId"], q.as_str());
+    assert_eq!(messages[2]["parentId"], q.as_str());
+
+    let response = download("pdf").await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let stranger = server.user().await;
+    let (status, _) = stranger
+        .get(&format!(
+            "/api/conversations/{conversation}/export?format=json"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.shutdown().await.unwrap();
 }

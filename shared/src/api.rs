@@ -182,6 +182,17 @@ pub struct Run {
     pub finished_at: Option<OffsetDateTime>,
 }
 
+/// `GET /api/conversations/{id}/export?format=json`: the whole conversation, every branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationExport {
+    pub conversation: Conversation,
+    /// Every message, oldest first; `parentId` links them into the tree.
+    pub messages: Vec<Message>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub exported_at: OffsetDateTime,
+}
+
 /// `GET /api/config`: what the browser needs to know before the user signs in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

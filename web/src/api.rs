@@ -214,6 +214,45 @@ impl Api {
         .await
     }
 
+    /// The conversation as a file (`markdown`: the branch through `through`; `json`: every
+    /// branch): its name and text.
+    pub async fn export(
+        &self,
+        id: Uuid,
+        format: &str,
+        through: Option<Uuid>,
+    ) -> Result<(String, String), ApiError> {
+        let mut path = format!("/api/conversations/{id}/export?format={format}");
+        if let Some(through) = through {
+            path.push_str(&format!("&through={through}"));
+        }
+        let request = self.authorized(Request::get(&path)).await?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ApiError::Network(e.to_string()))?;
+        self.check_session(&response);
+        if !(200..300).contains(&response.status()) {
+            return Err(error_of(response).await);
+        }
+        let name = response
+            .headers()
+            .get("content-disposition")
+            .and_then(|value| {
+                value
+                    .split("filename=\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| format!("conversation.{format}"));
+        let text = response
+            .text()
+            .await
+            .map_err(|e| ApiError::Network(format!("unreadable answer: {e}")))?;
+        Ok((name, text))
+    }
+
     /// The REST fallback for `regenerate`.
     pub async fn regenerate(&self, id: Uuid, message_id: Uuid) -> Result<SentMessage, ApiError> {
         self.send_json(

@@ -66,6 +66,7 @@ fn Shell() -> impl IntoView {
     let auth = expect_context::<Auth>();
     let api = Api { auth };
     provide_context(api.clone());
+    let api = StoredValue::new(api);
     let shared = Shared {
         router: Router::new(),
         list_changed: RwSignal::new(0),
@@ -73,6 +74,15 @@ fn Shell() -> impl IntoView {
     };
     provide_context(shared);
     let route = shared.router.route;
+    // Ctrl+Shift+O (⌘⇧O on a Mac) starts a new conversation, wherever you are.
+    let new_chat = window_event_listener(leptos::ev::keydown, move |event| {
+        let chord = (event.ctrl_key() || event.meta_key()) && event.shift_key();
+        if chord && event.key().eq_ignore_ascii_case("o") {
+            event.prevent_default();
+            start_conversation(api.get_value(), shared, None);
+        }
+    });
+    on_cleanup(move || new_chat.remove());
     view! {
         <div class="shell" class:sidebar-open=move || shared.sidebar_open.get()>
             <Sidebar />
@@ -86,6 +96,24 @@ fn Shell() -> impl IntoView {
     }
 }
 
+/// Creates a conversation and opens it; a failure shows in `error` when given.
+pub fn start_conversation(api: Api, shared: Shared, error: Option<RwSignal<Option<String>>>) {
+    leptos::task::spawn_local(async move {
+        match api.create_conversation().await {
+            Ok(conversation) => {
+                shared.list_changed.update(|v| *v += 1);
+                shared.sidebar_open.set(false);
+                shared.router.navigate(Route::Conversation(conversation.id));
+            }
+            Err(e) => {
+                if let Some(error) = error {
+                    error.set(Some(e.describe()));
+                }
+            }
+        }
+    });
+}
+
 /// The empty state: start a conversation.
 #[component]
 fn Welcome() -> impl IntoView {
@@ -93,18 +121,7 @@ fn Welcome() -> impl IntoView {
     let api = expect_context::<Api>();
     let config = api.auth.config.clone();
     let error = RwSignal::new(None::<String>);
-    let start = move |_| {
-        let api = api.clone();
-        leptos::task::spawn_local(async move {
-            match api.create_conversation().await {
-                Ok(conversation) => {
-                    shared.list_changed.update(|v| *v += 1);
-                    shared.router.navigate(Route::Conversation(conversation.id));
-                }
-                Err(e) => error.set(Some(e.describe())),
-            }
-        });
-    };
+    let start = move |_| start_conversation(api.clone(), shared, Some(error));
     view! {
         <div class="welcome">
             <button

@@ -73,6 +73,8 @@ pub enum Action {
     Edit(Uuid, String),
     /// Show the branch through this message (another version of one shown).
     ShowBranch(Uuid),
+    /// Drop a queued message (its client message id) before it is sent.
+    Cancel(String),
     /// Reconnect now (online again, tab visible again).
     Wake,
 }
@@ -319,6 +321,10 @@ impl Driver {
                             self.load_history().await;
                         }
                     }
+                    Some(Action::Cancel(key)) => {
+                        self.state.cancel(&key);
+                        self.sync();
+                    }
                     Some(Action::Stop) => self.stop_over_rest().await,
                 },
             }
@@ -410,6 +416,10 @@ impl Driver {
                     }
                     Some(Action::Retry(id)) => {
                         self.state.retry(&id);
+                        self.sync();
+                    }
+                    Some(Action::Cancel(key)) => {
+                        self.state.cancel(&key);
                         self.sync();
                     }
                     Some(Action::Wake | Action::Regenerate(_) | Action::Edit(..) | Action::ShowBranch(_)) => {}
@@ -551,6 +561,11 @@ impl Driver {
                             commands
                         }
                         Some(Action::ShowBranch(through)) => self.state.show_branch(through),
+                        Some(Action::Cancel(key)) => {
+                            self.state.cancel(&key);
+                            self.sync();
+                            Vec::new()
+                        }
                         Some(Action::Stop) => self.state.stop(),
                         Some(Action::Wake) => Vec::new(),
                     };

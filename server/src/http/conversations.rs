@@ -41,6 +41,7 @@ pub fn router() -> Router<AppState> {
             get(list_messages).post(send_message),
         )
         .route("/api/conversations/{id}/path", get(path))
+        .route("/api/conversations/{id}/export", get(export))
         .route(
             "/api/conversations/{id}/messages/{message_id}/regenerate",
             axum::routing::post(regenerate),
@@ -282,6 +283,103 @@ async fn path(
         items: rows.iter().map(dto::message).collect(),
         older_cursor,
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct ExportQuery {
+    format: Option<String>,
+    through: Option<String>,
+}
+
+/// `GET /api/conversations/{id}/export?format=markdown|json`: Markdown is the branch shown
+/// (through `through`, else to the newest message), for people; JSON is every message of every
+/// branch, for programs. Both as a download.
+async fn export(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdPath(id): IdPath<ConversationId>,
+    axum::extract::Query(query): axum::extract::Query<ExportQuery>,
+) -> Result<Response, AppError> {
+    let conversation = owned_conversation(&state, &user, id).await?;
+    let conversation = dto::conversation(&conversation);
+    let name = file_name(&conversation.title);
+    match query.format.as_deref().unwrap_or("markdown") {
+        "json" => {
+            let messages = state.store.all_messages(id).await?;
+            let body = api::ConversationExport {
+                conversation,
+                messages: messages.iter().map(dto::message).collect(),
+                exported_at: crate::util::datetime(now_millis()),
+            };
+            Ok(download(
+                "application/json",
+                &format!("{name}.json"),
+                serde_json::to_string_pretty(&body).map_err(AppError::internal)?,
+            ))
+        }
+        "markdown" | "md" => {
+            let through = query
+                .through
+                .as_deref()
+                .filter(|text| !text.is_empty())
+                .map(|text| {
+                    text.parse::<MessageId>().map_err(|_| {
+                        AppError::invalid(ErrorCode::InvalidRequest, "through is not an id")
+                    })
+                })
+                .transpose()?;
+            let rows = match state.store.newest_leaf(id, through).await? {
+                Some(leaf) => state.store.path(id, leaf, u32::MAX).await?,
+                None if through.is_some() => return Err(AppError::NotFound),
+                None => Vec::new(),
+            };
+            let messages: Vec<api::Message> = rows.iter().map(dto::message).collect();
+            Ok(download(
+                "text/markdown; charset=utf-8",
+                &format!("{name}.md"),
+                crate::content::markdown_export(&conversation, &messages),
+            ))
+        }
+        other => Err(AppError::invalid(
+            ErrorCode::InvalidRequest,
+            format!("unknown export format {other:?} (markdown or json)"),
+        )),
+    }
+}
+
+/// A file name from a title: letters, digits and dashes, at most 60 characters.
+fn file_name(title: &str) -> String {
+    let mut name = String::new();
+    for c in title.chars() {
+        if c.is_ascii_alphanumeric() {
+            name.push(c.to_ascii_lowercase());
+        } else if !name.ends_with('-') && !name.is_empty() {
+            name.push('-');
+        }
+        if name.len() >= 60 {
+            break;
+        }
+    }
+    let name = name.trim_end_matches('-');
+    if name.is_empty() {
+        "conversation".to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+fn download(content_type: &'static str, file_name: &str, body: String) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, content_type.to_owned()),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file_name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn parse_message_cursor(kind: &str, cursor: &str) -> Result<MessageId, AppError> {

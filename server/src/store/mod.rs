@@ -200,6 +200,8 @@ pub trait Store: Send + Sync + 'static {
         conversation_id: ConversationId,
         through: Option<MessageId>,
     ) -> StoreResult<Option<MessageId>>;
+    /// Every message of the conversation, every branch, oldest first (for export).
+    async fn all_messages(&self, conversation_id: ConversationId) -> StoreResult<Vec<MessageRow>>;
     /// The path from the root to `leaf`, its last `limit` messages, oldest first: each with its
     /// run's status, model and usage (assistant messages) and its siblings (forks).
     async fn path(

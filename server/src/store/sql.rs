@@ -479,6 +479,26 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn all_messages(
+                &self,
+                conversation_id: $crate::ids::ConversationId,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::MessageRow>> {
+                Ok(sqlx::query_as::<$db, $crate::store::MessageRow>(
+                    "SELECT m.id, m.conversation_id, m.role, m.content, m.run_id, \
+                     m.client_message_id, m.created_at, m.parent_id, \
+                     CASE WHEN m.role = 'assistant' THEN r.status END AS run_status, \
+                     CASE WHEN m.role = 'assistant' THEN r.model END AS run_model, \
+                     CASE WHEN m.role = 'assistant' THEN r.prompt_tokens END AS prompt_tokens, \
+                     CASE WHEN m.role = 'assistant' THEN r.completion_tokens END \
+                     AS completion_tokens \
+                     FROM messages m LEFT JOIN runs r ON r.id = m.run_id \
+                     WHERE m.conversation_id = $1 ORDER BY m.id",
+                )
+                .bind(conversation_id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn path(
                 &self,
                 conversation_id: $crate::ids::ConversationId,

@@ -97,6 +97,16 @@ pub fn ChatPane(
         })
     });
 
+    let busy = Signal::derive(move || is_streaming.get() || sending.get());
+    let edit_request = RwSignal::new(None::<Uuid>);
+    // Esc stops the answer being written (an open editor takes Esc for itself).
+    let escape = window_event_listener(leptos::ev::keydown, move |event| {
+        if event.key() == "Escape" && !event.default_prevented() && is_streaming.get_untracked() {
+            act(Action::Stop);
+        }
+    });
+    on_cleanup(move || escape.remove());
+
     let send = move || {
         let text = draft.get_untracked();
         if text.trim().is_empty() {
@@ -111,6 +121,23 @@ pub fn ChatPane(
         if event.key() == "Enter" && !event.shift_key() && !event.is_composing() {
             event.prevent_default();
             send();
+        } else if event.key() == "ArrowUp"
+            && draft.with_untracked(String::is_empty)
+            && !event.shift_key()
+            && !busy.get_untracked()
+        {
+            // ↑ in an empty composer edits the last message you sent.
+            let last = signals.messages.with_untracked(|messages| {
+                messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.role == wadi_protocol::api::Role::User && m.pending.is_none())
+                    .and_then(|m| m.id)
+            });
+            if let Some(id) = last {
+                event.prevent_default();
+                edit_request.set(Some(id));
+            }
         }
     };
 
@@ -158,12 +185,29 @@ pub fn ChatPane(
         button.set_text_content(Some("Copied"));
     };
 
-    let busy = Signal::derive(move || is_streaming.get() || sending.get());
+    let export = {
+        let api = api.clone();
+        StoredValue::new(move |format: &'static str| {
+            let api = api.clone();
+            // The branch shown ends at its last stored message.
+            let through = signals
+                .messages
+                .with_untracked(|messages| messages.iter().rev().find_map(|m| m.id));
+            leptos::task::spawn_local(async move {
+                match api.export(id, format, through).await {
+                    Ok((name, text)) => save_file(&name, &text, format),
+                    Err(error) => signals.error.set(Some(error.describe())),
+                }
+            });
+        })
+    };
     let actions = MessageActions {
         retry: Callback::new(move |key: String| act(Action::Retry(key))),
         regenerate: Callback::new(move |id: Uuid| act(Action::Regenerate(id))),
         edit: Callback::new(move |(id, text): (Uuid, String)| act(Action::Edit(id, text))),
         branch: Callback::new(move |id: Uuid| act(Action::ShowBranch(id))),
+        cancel: Callback::new(move |key: String| act(Action::Cancel(key))),
+        edit_request,
         busy,
     };
 
@@ -178,6 +222,17 @@ pub fn ChatPane(
                     "☰"
                 </button>
                 <h2 class="title">{move || title.get()}</h2>
+                <details class="export">
+                    <summary aria-label="Export conversation">"Export"</summary>
+                    <div class="menu">
+                        <button class="icon" on:click=move |_| export.with_value(|f| f("markdown"))>
+                            "Markdown (this branch)"
+                        </button>
+                        <button class="icon" on:click=move |_| export.with_value(|f| f("json"))>
+                            "JSON (every branch)"
+                        </button>
+                    </div>
+                </details>
             </header>
             <Banner link=signals.link />
             <div class="messages" node_ref=scroller on:scroll=on_scroll on:click=on_click>
@@ -230,7 +285,13 @@ pub fn ChatPane(
             >
                 <textarea
                     aria-label="Message"
-                    placeholder="Message WADI…"
+                    placeholder=move || {
+                        if is_streaming.get() {
+                            "Message WADI… (sent when this answer ends)"
+                        } else {
+                            "Message WADI…"
+                        }
+                    }
                     title="Enter sends; Shift+Enter starts a new line"
                     rows="2"
                     prop:value=move || draft.get()
@@ -262,6 +323,32 @@ pub fn ChatPane(
             </form>
         </section>
     }
+}
+
+/// Offers `text` as a download named `name`.
+fn save_file(name: &str, text: &str, format: &str) {
+    use wasm_bindgen::JsCast;
+    let parts = js_sys::Array::of1(&wasm_bindgen::JsValue::from_str(text));
+    let options = web_sys::BlobPropertyBag::new();
+    options.set_type(if format == "json" {
+        "application/json"
+    } else {
+        "text/markdown"
+    });
+    let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &options) else {
+        return;
+    };
+    let Ok(url) = web_sys::Url::create_object_url_with_blob(&blob) else {
+        return;
+    };
+    if let Ok(link) = document().create_element("a")
+        && let Ok(link) = link.dyn_into::<web_sys::HtmlAnchorElement>()
+    {
+        link.set_href(&url);
+        link.set_download(name);
+        link.click();
+    }
+    let _ = web_sys::Url::revoke_object_url(&url);
 }
 
 /// Shown while the socket is not connected.

@@ -25,6 +25,10 @@ pub struct MessageActions {
     pub edit: Callback<(Uuid, String)>,
     /// Show the branch through this version.
     pub branch: Callback<Uuid>,
+    /// Drop a queued message (its client message id).
+    pub cancel: Callback<String>,
+    /// The user message whose editor the keyboard opened (`↑` in an empty composer).
+    pub edit_request: RwSignal<Option<Uuid>>,
     /// True while an answer streams or a send waits: the tree cannot change then.
     pub busy: Signal<bool>,
 }
@@ -43,6 +47,24 @@ pub fn Message(
     };
     let editing = RwSignal::new(false);
     let draft = RwSignal::new(message.content.clone());
+    if let Some(id) = message.id {
+        // `↑` in an empty composer opens the last message's editor.
+        Effect::new(move |_| {
+            if actions.edit_request.get() == Some(id) {
+                actions.edit_request.set(None);
+                editing.set(true);
+                request_animation_frame(|| {
+                    if let Ok(Some(editor)) =
+                        document().query_selector("textarea[aria-label='Edit message']")
+                        && let Ok(editor) =
+                            wasm_bindgen::JsCast::dyn_into::<web_sys::HtmlElement>(editor)
+                    {
+                        let _ = editor.focus();
+                    }
+                });
+            }
+        });
+    }
     let body = match message.role {
         Role::Assistant => {
             let html = markdown::render(&message.content);
@@ -81,6 +103,8 @@ pub fn Message(
                                     event.prevent_default();
                                     save();
                                 } else if event.key() == "Escape" {
+                                    // Closes the editor only (not a stop).
+                                    event.stop_propagation();
                                     editing.set(false);
                                 }
                             }
@@ -105,6 +129,20 @@ pub fn Message(
     });
     let key = message.key.clone();
     let pending = match message.pending.clone() {
+        Some(PendingState::Queued) => {
+            let key = key.clone();
+            Some(
+                view! {
+                    <span class="note queued" aria-live="polite">
+                        "Queued: sent when the answer ends · "
+                        <button class="link cancel" on:click=move |_| actions.cancel.run(key.clone())>
+                            "Cancel"
+                        </button>
+                    </span>
+                }
+                .into_any(),
+            )
+        }
         Some(PendingState::Sending) => {
             Some(view! { <span class="note" aria-live="polite">"Sending…"</span> }.into_any())
         }

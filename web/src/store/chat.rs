@@ -66,6 +66,8 @@ impl MessageView {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PendingState {
+    /// Typed while an answer was being written: sent when it ends, unless cancelled.
+    Queued,
     /// Sent (or queued until the socket is back); waiting for `start`.
     Sending,
     /// Refused; the user may retry.
@@ -126,6 +128,8 @@ pub struct ChatState {
     failed: Vec<Pending>,
     /// A regenerate sent and not started yet: the user message it answers.
     regenerating: Option<Uuid>,
+    /// Messages typed while an answer was being written, sent one by one as answers end.
+    queue: Vec<Pending>,
 }
 
 /// What applying one chunk did.
@@ -204,6 +208,31 @@ impl ChatState {
     /// branch shown: after its last answer (or, when that answer's id is not known yet, after
     /// the newest message, which it then is).
     pub fn send(&mut self, content: String, client_message_id: String) -> Vec<Command> {
+        // While an answer is being written (or a send waits for its start), the message waits
+        // its turn here instead of being refused by the server.
+        if self.streaming.is_some() || !self.pending.is_empty() || !self.queue.is_empty() {
+            self.error = None;
+            self.messages.push(MessageView {
+                key: client_message_id.clone(),
+                role: Role::User,
+                content: content.clone(),
+                status: None,
+                pending: Some(PendingState::Queued),
+                run_id: None,
+                id: None,
+                parent_id: None,
+                siblings: Vec::new(),
+                model: None,
+                usage: None,
+            });
+            self.queue.push(Pending {
+                client_message_id,
+                content,
+                parent_id: None,
+                edit_of: None,
+            });
+            return Vec::new();
+        }
         let parent_id = self
             .messages
             .iter()
@@ -265,6 +294,32 @@ impl ChatState {
         };
         let frame = pending.frame();
         self.pending.push(pending);
+        vec![Command::Send(frame)]
+    }
+
+    /// The user cancels a queued message: it goes, unsent.
+    pub fn cancel(&mut self, client_message_id: &str) {
+        self.queue
+            .retain(|q| q.client_message_id != client_message_id);
+        self.messages
+            .retain(|m| !(m.key == client_message_id && m.pending == Some(PendingState::Queued)));
+    }
+
+    /// Sends the next queued message, if nothing is being written now.
+    fn next_queued(&mut self) -> Vec<Command> {
+        if self.streaming.is_some() || !self.pending.is_empty() || self.queue.is_empty() {
+            return Vec::new();
+        }
+        let next = self.queue.remove(0);
+        if let Some(view) = self
+            .messages
+            .iter_mut()
+            .find(|m| m.key == next.client_message_id)
+        {
+            view.pending = Some(PendingState::Sending);
+        }
+        let frame = next.frame();
+        self.pending.push(next);
         vec![Command::Send(frame)]
     }
 
@@ -507,7 +562,9 @@ impl ChatState {
         });
         // The newest answer ends the branch it belongs to.
         self.through = None;
-        vec![Command::RefreshHistory]
+        let mut commands = self.next_queued();
+        commands.push(Command::RefreshHistory);
+        commands
     }
 
     fn on_error(&mut self, code: ErrorCode, message: String, run_id: Option<Uuid>) -> Vec<Command> {
@@ -531,7 +588,7 @@ impl ChatState {
             {
                 view.pending = Some(PendingState::Failed(human_error(code, &message)));
             }
-            return Vec::new();
+            return self.next_queued();
         }
         let mut commands = Vec::new();
         let refuses_a_regenerate =
@@ -1013,6 +1070,36 @@ mod tests {
         // Not while an answer streams.
         chat.streaming = Some(Streaming::new(run()));
         assert!(chat.show_branch(Uuid::from_u128(4)).is_empty());
+    }
+
+    #[test]
+    fn a_message_typed_while_an_answer_streams_waits_its_turn() {
+        let mut chat = ChatState::default();
+        chat.send("first".into(), "c-1".into());
+        chat.apply(start());
+        // Queued, not sent (the server would refuse it: one answer at a time).
+        assert!(chat.send("second".into(), "c-2".into()).is_empty());
+        assert!(chat.send("third".into(), "c-3".into()).is_empty());
+        assert_eq!(chat.messages[1].pending, Some(PendingState::Queued));
+        // The user changes their mind about the third.
+        chat.cancel("c-3");
+        assert_eq!(chat.messages.len(), 2);
+        // The answer ends: the second goes out.
+        let commands = chat.apply(complete("done", RunStatus::Completed));
+        assert_eq!(
+            commands,
+            vec![
+                Command::Send(ClientMessage::Message {
+                    content: "second".into(),
+                    client_message_id: Some("c-2".into()),
+                    parent_id: None,
+                    edit_of: None,
+                }),
+                Command::RefreshHistory,
+            ]
+        );
+        assert_eq!(chat.messages[1].pending, Some(PendingState::Sending));
+        assert_eq!(chat.unacknowledged().len(), 1, "resent after a reconnect");
     }
 
     mod properties {
