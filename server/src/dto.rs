@@ -17,6 +17,8 @@ pub fn conversation(record: &ConversationRecord) -> api::Conversation {
         title: record.title.clone().unwrap_or_else(|| UNTITLED.to_owned()),
         created_at: datetime(record.created_at),
         updated_at: datetime(record.updated_at),
+        model: record.model.clone(),
+        system_prompt: record.system_prompt.clone(),
     }
 }
 

@@ -25,6 +25,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub auth: Arc<AuthService>,
     pub runs: Arc<Runs>,
+    /// The models conversations may pick.
+    pub models: Arc<crate::model::catalog::Catalog>,
     pub clients: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// Conversations created per user.
@@ -122,6 +124,10 @@ impl AppState {
         let clock = crate::util::Clock::system();
         let auth = crate::auth::AuthService::new(&config, store.clone(), http, clock).await?;
         let model = model_from(&config).map_err(StartError::Fatal)?;
+        let models = Arc::new(crate::model::catalog::Catalog::new(
+            model.clone(),
+            &config.provider,
+        ));
         let assets = WebAssets::locate(config.web_dir.as_deref());
         let settings = config.runs.clone();
         let clients = Arc::new(Registry::default());
@@ -148,6 +154,7 @@ impl AppState {
             store,
             auth: Arc::new(auth),
             runs,
+            models,
             clients,
             metrics,
             shutdown: CancellationToken::new(),

@@ -761,3 +761,60 @@ async fn messages_typed_during_an_answer_are_queued_and_conversations_export() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_conversation_switches_model_and_gets_its_own_system_prompt() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[("WADI_MODELS", "deep-thinker,quick-one")]).await;
+        let email = unique_email();
+        let browser = scenario.browser("models", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &email).await;
+        let id = new_conversation(&browser).await;
+        online(&browser).await;
+        let select = "select[aria-label=Model]";
+        browser
+            .until("the model list", &format!("document.querySelectorAll('{select} option').length === 3"))
+            .await;
+        assert_eq!(browser.js(&format!("return document.querySelector('{select}').value")).await, "gpt-4o-mini");
+        // Pick another model: the next answer comes from it, and says so on hover.
+        browser
+            .js(&format!(
+                "const s = document.querySelector('{select}'); s.value = 'quick-one'; \
+                 s.dispatchEvent(new Event('change', {{bubbles: true}})); return true"
+            ))
+            .await;
+        browser.click(".prompt-toggle").await;
+        browser.type_into("textarea[aria-label='System prompt']", "Answer in French.").await;
+        browser.screenshot("system-prompt-light").await;
+        browser.click(".system-prompt button[type=submit]").await;
+        browser
+            .until("the prompt to be saved", "document.querySelector('.prompt-toggle.set')")
+            .await;
+        send(&browser, "Hello").await;
+        let request = upstream.next_request().await;
+        assert_eq!(request.body["model"], "quick-one");
+        assert_eq!(request.messages()[0], ("system".to_owned(), "Answer in French.".to_owned()));
+        request.token("Bonjour");
+        request.send(Step::Finish);
+        shown_is(&browser, "Hello | Bonjour").await;
+        browser
+            .until(
+                "the model on the answer",
+                "document.querySelector('.message.assistant')?.title?.startsWith('quick-one')",
+            )
+            .await;
+        // Kept across a reload (and shown in the dark scheme).
+        let dark = scenario.browser_in("models-dark", DESKTOP.0, DESKTOP.1, true).await;
+        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        dark.until("the saved model", &format!("document.querySelector('{select}')?.value === 'quick-one'")).await;
+        dark.click(".prompt-toggle").await;
+        dark.until(
+            "the saved prompt",
+            "document.querySelector(\"textarea[aria-label='System prompt']\")?.value === 'Answer in French.'",
+        )
+        .await;
+        dark.screenshot("system-prompt-dark").await;
+    })
+    .await;
+}

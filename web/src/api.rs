@@ -7,8 +7,8 @@ use uuid::Uuid;
 use wadi_protocol::{
     ErrorCode,
     api::{
-        ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, Message, Page,
-        PathPage, Run, SendMessage, SentMessage, UpdateConversation,
+        ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, Message, ModelList,
+        Page, PathPage, Run, SendMessage, SentMessage, UpdateConversation,
     },
 };
 
@@ -155,9 +155,27 @@ impl Api {
     pub async fn rename(&self, id: Uuid, title: String) -> Result<Conversation, ApiError> {
         self.send_json(
             Request::patch(&format!("/api/conversations/{id}")),
-            &UpdateConversation { title },
+            &UpdateConversation {
+                title: Some(title),
+                ..UpdateConversation::default()
+            },
         )
         .await
+    }
+
+    /// Changes a conversation's model and/or system prompt (`""`: back to the default).
+    pub async fn update(
+        &self,
+        id: Uuid,
+        update: UpdateConversation,
+    ) -> Result<Conversation, ApiError> {
+        self.send_json(Request::patch(&format!("/api/conversations/{id}")), &update)
+            .await
+    }
+
+    /// The models a conversation may use.
+    pub async fn models(&self) -> Result<ModelList, ApiError> {
+        self.get("/api/models").await
     }
 
     pub async fn delete(&self, id: Uuid) -> Result<(), ApiError> {

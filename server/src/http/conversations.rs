@@ -32,6 +32,7 @@ const MAX_TITLE_CHARS: usize = 200;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/conversations", get(list).post(create))
+        .route("/api/models", get(models))
         .route(
             "/api/conversations/{id}",
             get(fetch).patch(rename).delete(remove),
@@ -116,6 +117,8 @@ async fn create(
     ApiJson(body): ApiJson<CreateConversation>,
 ) -> Result<Response, AppError> {
     let title = body.title.as_deref().map(check_title).transpose()?;
+    let model = check_model(&state, body.model.as_deref()).await?;
+    let system_prompt = check_system_prompt(&state, body.system_prompt.as_deref())?;
     if !state.conversation_limiter.check(&user.id) {
         return Err(AppError::RateLimited);
     }
@@ -126,6 +129,8 @@ async fn create(
         title,
         created_at: now,
         updated_at: now,
+        model: model.filter(|m| !m.is_empty()),
+        system_prompt: system_prompt.filter(|p| !p.is_empty()),
     };
     state.store.create_conversation(&record).await?;
     Ok((StatusCode::CREATED, Json(dto::conversation(&record))).into_response())
@@ -153,22 +158,75 @@ async fn fetch(
     Ok(Json(dto::conversation(&record)))
 }
 
+/// `PATCH /api/conversations/{id}`: its title, model and system prompt (what is given).
 async fn rename(
     State(state): State<AppState>,
     user: AuthUser,
     IdPath(id): IdPath<ConversationId>,
     ApiJson(body): ApiJson<UpdateConversation>,
 ) -> Result<Json<api::Conversation>, AppError> {
-    let title = check_title(&body.title)?;
-    if !state
-        .store
-        .rename_conversation(id, user.id, &title, now_millis())
-        .await?
+    if body.title.is_none() && body.model.is_none() && body.system_prompt.is_none() {
+        return Err(AppError::invalid(
+            ErrorCode::InvalidMessage,
+            "give a title, model or systemPrompt to change",
+        ));
+    }
+    let title = body.title.as_deref().map(check_title).transpose()?;
+    let model = check_model(&state, body.model.as_deref()).await?;
+    let system_prompt = check_system_prompt(&state, body.system_prompt.as_deref())?;
+    owned_conversation(&state, &user, id).await?;
+    let now = now_millis();
+    if let Some(title) = &title
+        && !state
+            .store
+            .rename_conversation(id, user.id, title, now)
+            .await?
+    {
+        return Err(AppError::NotFound);
+    }
+    if (model.is_some() || system_prompt.is_some())
+        && !state
+            .store
+            .set_conversation_settings(id, user.id, model.as_deref(), system_prompt.as_deref(), now)
+            .await?
     {
         return Err(AppError::NotFound);
     }
     let record = owned_conversation(&state, &user, id).await?;
     Ok(Json(dto::conversation(&record)))
+}
+
+/// A model the operator allows (an empty one: back to the default).
+async fn check_model(state: &AppState, model: Option<&str>) -> Result<Option<String>, AppError> {
+    let Some(model) = model.map(str::trim) else {
+        return Ok(None);
+    };
+    if !model.is_empty() {
+        state.models.check(model).await?;
+    }
+    Ok(Some(model.to_owned()))
+}
+
+/// A system prompt no longer than a message may be (an empty one: back to the default).
+fn check_system_prompt(state: &AppState, prompt: Option<&str>) -> Result<Option<String>, AppError> {
+    let Some(prompt) = prompt else {
+        return Ok(None);
+    };
+    let limit = state.config.runs.max_content_bytes;
+    if prompt.len() > limit {
+        return Err(AppError::TooLarge(format!(
+            "the system prompt must be at most {limit} bytes"
+        )));
+    }
+    Ok(Some(prompt.trim().to_owned()))
+}
+
+/// `GET /api/models`.
+async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<api::ModelList> {
+    Json(api::ModelList {
+        models: state.models.models().await,
+        default: state.models.default_model().to_owned(),
+    })
 }
 
 async fn remove(

@@ -50,7 +50,11 @@ impl ChatModel for DemoModel {
         true
     }
 
-    async fn stream(&self, history: Vec<ChatMessage>) -> Result<ModelStream, ModelError> {
+    async fn stream(
+        &self,
+        _model: &str,
+        history: Vec<ChatMessage>,
+    ) -> Result<ModelStream, ModelError> {
         let prompt = history
             .last()
             .map(|m| m.content.clone())
@@ -85,7 +89,7 @@ mod tests {
             role: wadi_protocol::api::Role::User,
             content: "hello".into(),
         }];
-        let mut stream = model.stream(history).await.unwrap();
+        let mut stream = model.stream(DEMO_MODEL_NAME, history).await.unwrap();
         let mut text = String::new();
         let mut usage = None;
         while let Some(event) = stream.next().await {

@@ -2,6 +2,7 @@
 //! implementation talks to OpenAI, Ollama, vLLM, llama.cpp or anything speaking the same API; the
 //! demo model answers when none is configured.
 
+pub mod catalog;
 pub mod demo;
 pub mod openai;
 
@@ -31,6 +32,11 @@ pub struct ProviderSettings {
     /// The model to ask.
     #[arg(long, env = "WADI_MODEL", default_value = "gpt-4o-mini")]
     pub model: String,
+
+    /// The models users may pick per conversation, comma-separated (`--model`, the default, is
+    /// always allowed); `*` for whatever the provider's `/v1/models` lists (cached 10 minutes).
+    #[arg(long, env = "WADI_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
 
     /// Sampling temperature (0–2); the provider's default when unset.
     #[arg(long, env = "WADI_TEMPERATURE")]
@@ -110,7 +116,18 @@ pub trait ChatModel: Send + Sync + 'static {
 
     /// Starts an answer to `history` (oldest first, the new user message last). Dropping the
     /// returned future or stream cancels the request upstream: nothing more is produced or billed.
-    async fn stream(&self, history: Vec<ChatMessage>) -> Result<ModelStream, ModelError>;
+    /// Streams `model`'s answer to `history` (the demo ignores the name).
+    async fn stream(
+        &self,
+        model: &str,
+        history: Vec<ChatMessage>,
+    ) -> Result<ModelStream, ModelError>;
+
+    /// The models the provider serves (`GET /v1/models`); just the default one when it cannot
+    /// say.
+    async fn list(&self) -> Result<Vec<String>, ModelError> {
+        Ok(vec![self.name().to_owned()])
+    }
 }
 
 impl ProviderSettings {

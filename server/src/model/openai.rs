@@ -73,9 +73,25 @@ impl ChatModel for OpenAiModel {
         &self.model
     }
 
-    async fn stream(&self, history: Vec<ChatMessage>) -> Result<ModelStream, ModelError> {
+    async fn list(&self) -> Result<Vec<String>, ModelError> {
+        let listed = self
+            .client
+            .models()
+            .list()
+            .await
+            .map_err(|e| classify(&e))?;
+        let mut names: Vec<String> = listed.data.into_iter().map(|model| model.id).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn stream(
+        &self,
+        model: &str,
+        history: Vec<ChatMessage>,
+    ) -> Result<ModelStream, ModelError> {
         let request = CreateChatCompletionRequest {
-            model: self.model.clone(),
+            model: model.to_owned(),
             messages: history.into_iter().map(request_message).collect(),
             temperature: self.temperature,
             stream: Some(true),

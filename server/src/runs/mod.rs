@@ -423,13 +423,21 @@ impl Runs {
                 (message, true)
             }
         };
+        // The conversation's model, or the server's default.
+        let model = self
+            .store
+            .conversation(conversation_id, user)
+            .await?
+            .ok_or(AppError::NotFound)?
+            .model
+            .unwrap_or_else(|| self.model.name().to_owned());
         let run = RunRecord {
             id: run_id,
             conversation_id,
             owner_id: user,
             message_id: message.id,
             status: RunStatus::Running,
-            model: self.model.name().to_owned(),
+            model,
             output: String::new(),
             chunk_ends: String::new(),
             error: None,

@@ -89,14 +89,14 @@ fn failed(error: &ModelError, usage: Option<Usage>) -> Outcome {
 async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outcome {
     let settings = &ctx.settings;
     let cancel = handle.cancelled().clone();
-    let history = match history(ctx, handle).await {
-        Ok(history) => history,
+    let (model, history) = match history(ctx, handle).await {
+        Ok(request) => request,
         Err(error) => return (RunStatus::Failed, None, Some(error)),
     };
     let mut stream: ModelStream = tokio::select! {
         biased;
         () = cancel.cancelled() => return stopped(handle, None),
-        result = tokio::time::timeout(settings.model_idle_timeout, ctx.model.stream(history)) => {
+        result = tokio::time::timeout(settings.model_idle_timeout, ctx.model.stream(&model, history)) => {
             match result {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => return failed(&error, None),
@@ -255,11 +255,28 @@ impl Checkpoints {
     }
 }
 
-/// The messages sent to the model: the system prompt, then the latest messages of the path that
-/// ends at the user message being answered (that message last): exactly the branch the answer
-/// belongs to, never another version's. Empty answers (runs stopped before their first token)
-/// are left out.
-async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Vec<ChatMessage>, String> {
+/// The model the run was started with, and the messages sent to it: the conversation's system
+/// prompt (or the server's), then the latest messages of the path that ends at the user message
+/// being answered (that message last): exactly the branch the answer belongs to, never another
+/// version's. Empty answers (runs stopped before their first token) are left out.
+async fn history(ctx: &Runs, handle: &RunHandle) -> Result<(String, Vec<ChatMessage>), String> {
+    let unavailable = |error: crate::store::StoreError| {
+        tracing::error!(%error, "cannot load the conversation for the model");
+        "the server could not load the conversation; try again".to_owned()
+    };
+    let model = ctx
+        .store
+        .run_by_id(handle.id)
+        .await
+        .map_err(unavailable)?
+        .map_or_else(|| ctx.model.name().to_owned(), |run| run.model);
+    let prompt = ctx
+        .store
+        .conversation(handle.conversation_id, handle.owner_id)
+        .await
+        .map_err(unavailable)?
+        .and_then(|conversation| conversation.system_prompt)
+        .or_else(|| ctx.settings.system_prompt.clone());
     let records = ctx
         .store
         .path(
@@ -268,15 +285,12 @@ async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Vec<ChatMessage>, Str
             ctx.settings.history_messages.max(1),
         )
         .await
-        .map_err(|error| {
-            tracing::error!(%error, "cannot load the conversation for the model");
-            "the server could not load the conversation; try again".to_owned()
-        })?;
+        .map_err(unavailable)?;
     let mut history = Vec::with_capacity(records.len() + 1);
-    if let Some(prompt) = &ctx.settings.system_prompt {
+    if let Some(prompt) = prompt {
         history.push(ChatMessage {
             role: Role::System,
-            content: prompt.clone(),
+            content: prompt,
         });
     }
     history.extend(records.into_iter().filter_map(|row| {
@@ -286,7 +300,7 @@ async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Vec<ChatMessage>, Str
             content: record.content,
         })
     }));
-    Ok(history)
+    Ok((model, history))
 }
 
 /// Saves how the run ended with its whole output, retrying a failing store a few times. Returns

@@ -170,6 +170,16 @@ pub trait Store: Send + Sync + 'static {
         title: &str,
         now: i64,
     ) -> StoreResult<bool>;
+    /// Sets a conversation's model and system prompt (`Some("")`: back to the server's
+    /// default; `None`: unchanged). False if it is not the owner's.
+    async fn set_conversation_settings(
+        &self,
+        id: ConversationId,
+        owner: UserId,
+        model: Option<&str>,
+        system_prompt: Option<&str>,
+        now: i64,
+    ) -> StoreResult<bool>;
     /// Deletes the conversation with its messages and runs; false if there was none.
     async fn delete_conversation(&self, id: ConversationId, owner: UserId) -> StoreResult<bool>;
 

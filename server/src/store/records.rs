@@ -67,6 +67,10 @@ pub struct ConversationRecord {
     pub title: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The model its runs use (`None`: the server's default).
+    pub model: Option<String>,
+    /// Sent before its messages (`None`: the server's `--system-prompt`).
+    pub system_prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

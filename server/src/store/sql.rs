@@ -304,14 +304,16 @@ macro_rules! sql_store {
                 conversation: &$crate::store::ConversationRecord,
             ) -> $crate::store::StoreResult<()> {
                 sqlx::query(
-                    "INSERT INTO conversations (id, owner_id, title, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO conversations (id, owner_id, title, created_at, updated_at, \
+                     model, system_prompt) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(conversation.id)
                 .bind(conversation.owner_id)
                 .bind(&conversation.title)
                 .bind(conversation.created_at)
                 .bind(conversation.updated_at)
+                .bind(&conversation.model)
+                .bind(&conversation.system_prompt)
                 .execute(&self.pool)
                 .await?;
                 Ok(())
@@ -364,6 +366,33 @@ macro_rules! sql_store {
                 .bind(id)
                 .bind(owner)
                 .bind(title)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn set_conversation_settings(
+                &self,
+                id: $crate::ids::ConversationId,
+                owner: $crate::ids::UserId,
+                model: Option<&str>,
+                system_prompt: Option<&str>,
+                now: i64,
+            ) -> $crate::store::StoreResult<bool> {
+                // `$3`/`$5` say whether to change each; an empty value goes back to NULL.
+                let done = sqlx::query(
+                    "UPDATE conversations SET \
+                     model = CASE WHEN $3 THEN NULLIF($4, '') ELSE model END, \
+                     system_prompt = CASE WHEN $5 THEN NULLIF($6, '') ELSE system_prompt END, \
+                     updated_at = $7 WHERE id = $1 AND owner_id = $2",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(model.is_some())
+                .bind(model.unwrap_or_default())
+                .bind(system_prompt.is_some())
+                .bind(system_prompt.unwrap_or_default())
                 .bind(now)
                 .execute(&self.pool)
                 .await?;

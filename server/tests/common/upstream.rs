@@ -108,6 +108,23 @@ struct Shared {
     script: Mutex<Script>,
     arrived: mpsc::UnboundedSender<Arc<Request>>,
     statuses_served: Mutex<Vec<u16>>,
+    /// What `GET /v1/models` lists, and how often it was asked.
+    models: Mutex<Vec<String>>,
+    model_lists: std::sync::atomic::AtomicUsize,
+}
+
+async fn models(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    shared.model_lists.fetch_add(1, Ordering::SeqCst);
+    let data: Vec<Value> = shared
+        .models
+        .lock()
+        .unwrap()
+        .iter()
+        .map(
+            |id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "test"}),
+        )
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
 }
 
 pub struct FakeUpstream {
@@ -124,9 +141,12 @@ impl FakeUpstream {
             script: Mutex::new(script),
             arrived,
             statuses_served: Mutex::new(Vec::new()),
+            models: Mutex::new(vec!["fake-model".to_owned()]),
+            model_lists: std::sync::atomic::AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
+            .route("/v1/models", axum::routing::get(models))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -149,6 +169,16 @@ impl FakeUpstream {
             .await
             .expect("no request reached the upstream")
             .unwrap()
+    }
+
+    /// Sets what `GET /v1/models` lists.
+    pub fn set_models(&self, models: &[&str]) {
+        *self.shared.models.lock().unwrap() = models.iter().map(|m| (*m).to_owned()).collect();
+    }
+
+    /// How many times `GET /v1/models` was asked.
+    pub fn model_lists(&self) -> usize {
+        self.shared.model_lists.load(Ordering::SeqCst)
     }
 
     /// HTTP statuses answered to requests in `Script::Status` mode.

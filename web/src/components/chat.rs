@@ -69,6 +69,10 @@ pub fn ChatPane(
     });
 
     let title = RwSignal::new(String::new());
+    // The conversation's model and system prompt (`None`: the server's defaults).
+    let model = RwSignal::new(None::<String>);
+    let system_prompt = RwSignal::new(None::<String>);
+    let models = RwSignal::new(None::<wadi_protocol::api::ModelList>);
     {
         let api = api.clone();
         Effect::new(move |_| {
@@ -77,10 +81,37 @@ pub fn ChatPane(
             leptos::task::spawn_local(async move {
                 if let Ok(conversation) = api.conversation(id).await {
                     title.set(conversation.title);
+                    model.set(conversation.model);
+                    system_prompt.set(conversation.system_prompt);
                 }
             });
         });
     }
+    {
+        let api = api.clone();
+        leptos::task::spawn_local(async move {
+            if let Ok(list) = api.models().await {
+                models.set(Some(list));
+            }
+        });
+    }
+    let update = {
+        let api = api.clone();
+        StoredValue::new(move |change: wadi_protocol::api::UpdateConversation| {
+            let api = api.clone();
+            leptos::task::spawn_local(async move {
+                match api.update(id, change).await {
+                    Ok(conversation) => {
+                        model.set(conversation.model);
+                        system_prompt.set(conversation.system_prompt);
+                    }
+                    Err(error) => signals.error.set(Some(error.describe())),
+                }
+            });
+        })
+    };
+    let prompt_open = RwSignal::new(false);
+    let prompt_draft = RwSignal::new(String::new());
 
     let draft = RwSignal::new(load_draft(id));
     let streaming_text = Signal::derive(move || {
@@ -222,6 +253,51 @@ pub fn ChatPane(
                     "☰"
                 </button>
                 <h2 class="title">{move || title.get()}</h2>
+                {move || {
+                    models
+                        .get()
+                        .filter(|list| list.models.len() > 1)
+                        .map(|list| {
+                            let chosen = model.get().unwrap_or_else(|| list.default.clone());
+                            let default = list.default.clone();
+                            view! {
+                                <select
+                                    class="model"
+                                    aria-label="Model"
+                                    title="The model that answers in this conversation"
+                                    on:change=move |ev| {
+                                        let picked = event_target_value(&ev);
+                                        let value = if picked == default { String::new() } else { picked };
+                                        update.with_value(|f| f(wadi_protocol::api::UpdateConversation {
+                                            model: Some(value),
+                                            ..Default::default()
+                                        }));
+                                    }
+                                >
+                                    {list
+                                        .models
+                                        .into_iter()
+                                        .map(|name| {
+                                            let selected = name == chosen;
+                                            view! { <option value=name.clone() selected=selected>{name.clone()}</option> }
+                                        })
+                                        .collect_view()}
+                                </select>
+                            }
+                        })
+                }}
+                <button
+                    class="icon prompt-toggle"
+                    class:set=move || system_prompt.with(Option::is_some)
+                    aria-expanded=move || prompt_open.get().to_string()
+                    title="The instructions the model gets before this conversation"
+                    on:click=move |_| {
+                        prompt_draft.set(system_prompt.get_untracked().unwrap_or_default());
+                        prompt_open.update(|open| *open = !*open);
+                    }
+                >
+                    "System prompt"
+                </button>
                 <details class="export">
                     <summary aria-label="Export conversation">"Export"</summary>
                     <div class="menu">
@@ -234,6 +310,32 @@ pub fn ChatPane(
                     </div>
                 </details>
             </header>
+            <Show when=move || prompt_open.get()>
+                <form
+                    class="system-prompt"
+                    on:submit=move |event: leptos::ev::SubmitEvent| {
+                        event.prevent_default();
+                        prompt_open.set(false);
+                        update.with_value(|f| f(wadi_protocol::api::UpdateConversation {
+                            system_prompt: Some(prompt_draft.get_untracked()),
+                            ..Default::default()
+                        }));
+                    }
+                >
+                    <textarea
+                        aria-label="System prompt"
+                        placeholder="Instructions for the model in this conversation (empty: the server's default)"
+                        prop:value=move || prompt_draft.get()
+                        on:input=move |ev| prompt_draft.set(event_target_value(&ev))
+                    ></textarea>
+                    <div class="edit-actions">
+                        <button type="button" class="link" on:click=move |_| prompt_open.set(false)>
+                            "Cancel"
+                        </button>
+                        <button type="submit" class="primary">"Save"</button>
+                    </div>
+                </form>
+            </Show>
             <Banner link=signals.link />
             <div class="messages" node_ref=scroller on:scroll=on_scroll on:click=on_click>
                 {move || {
