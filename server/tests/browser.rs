@@ -818,3 +818,65 @@ async fn a_conversation_switches_model_and_gets_its_own_system_prompt() {
     })
     .await;
 }
+
+/// Ctrl+K, then release the modifier.
+const SEARCH: &str = "\u{e009}k\u{e000}";
+
+#[tokio::test]
+async fn search_finds_a_message_on_an_old_branch_and_opens_it_there() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let email = unique_email();
+        let browser = scenario.browser("search", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &email).await;
+        let birds = new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Which birds are pink?").await;
+        model_answers(&upstream, "Flamingos are pink.").await;
+        shown_is(&browser, "Which birds are pink? | Flamingos are pink.").await;
+        // A second answer replaces it on screen; the first stays on its branch.
+        browser.click(".message.assistant button.regenerate").await;
+        model_answers(&upstream, "Roseate spoonbills.").await;
+        shown_is(&browser, "Which birds are pink? | Roseate spoonbills.").await;
+        // Another conversation, open when searching.
+        new_conversation(&browser).await;
+        online(&browser).await;
+        send(&browser, "Something else entirely").await;
+        model_answers(&upstream, "Sure.").await;
+        shown_is(&browser, "Something else entirely | Sure.").await;
+
+        browser.find("textarea[aria-label=Message]").await.send_keys(SEARCH).await.unwrap();
+        browser.find("input[aria-label=Search]").await.send_keys("flaming").await.unwrap();
+        browser
+            .until(
+                "the marked hit",
+                "document.querySelector('.search .message-hit mark')?.innerText.toLowerCase() === 'flamingos'",
+            )
+            .await;
+        browser.screenshot("search-light").await;
+        browser.click(".search .message-hit").await;
+        browser
+            .until("its conversation", &format!("location.pathname === '/c/{birds}'"))
+            .await;
+        shown_is(&browser, "Which birds are pink? | Flamingos are pink.").await;
+        browser
+            .until(
+                "the found message marked",
+                "document.querySelector('.message.found')?.innerText.includes('Flamingos')",
+            )
+            .await;
+        assert_eq!(browser.js("return !!document.querySelector('.search')").await, false);
+
+        // Dark scheme: the dialog from the sidebar button; Esc closes it.
+        let dark = scenario.browser_in("search-dark", DESKTOP.0, DESKTOP.1, true).await;
+        sign_in(&dark, &app.url(), &email).await;
+        dark.click(".open-search").await;
+        dark.find("input[aria-label=Search]").await.send_keys("pink").await.unwrap();
+        dark.until("results", "document.querySelectorAll('.search .hit').length >= 2").await;
+        dark.screenshot("search-dark").await;
+        dark.find("input[aria-label=Search]").await.send_keys(ESCAPE).await.unwrap();
+        dark.until("the dialog to close", "!document.querySelector('.search')").await;
+    })
+    .await;
+}

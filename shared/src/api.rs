@@ -218,6 +218,51 @@ pub struct ConversationExport {
     pub exported_at: OffsetDateTime,
 }
 
+/// `GET /api/search?q=`: the caller's conversations whose title matches (first page only) and
+/// messages whose text matches, best first. `nextCursor` fetches more messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchResults {
+    pub conversations: Vec<ConversationHit>,
+    pub messages: Vec<MessageHit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationHit {
+    pub conversation_id: Uuid,
+    /// The title, its matching words marked.
+    pub title: Vec<Highlight>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageHit {
+    pub conversation_id: Uuid,
+    pub conversation_title: String,
+    /// Open the conversation through this message (`/path?through=`) to show it.
+    pub message_id: Uuid,
+    pub role: Role,
+    /// The text around the matches, the matching words marked.
+    pub snippet: Vec<Highlight>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A piece of a title or snippet: a match (`hit`) or the text between matches. Plain text,
+/// never HTML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Highlight {
+    pub text: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hit: bool,
+}
+
 /// `GET /api/config`: what the browser needs to know before the user signs in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -8,7 +8,7 @@ use wadi_protocol::{
     ErrorCode,
     api::{
         ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, Message, ModelList,
-        Page, PathPage, Run, SendMessage, SentMessage, UpdateConversation,
+        Page, PathPage, Run, SearchResults, SendMessage, SentMessage, UpdateConversation,
     },
 };
 
@@ -171,6 +171,22 @@ impl Api {
     ) -> Result<Conversation, ApiError> {
         self.send_json(Request::patch(&format!("/api/conversations/{id}")), &update)
             .await
+    }
+
+    /// Full-text search over the user's titles and messages (`cursor`: the next page).
+    pub async fn search(
+        &self,
+        query: &str,
+        cursor: Option<&str>,
+    ) -> Result<SearchResults, ApiError> {
+        let mut path = format!(
+            "/api/search?limit=20&q={}",
+            String::from(js_sys::encode_uri_component(query))
+        );
+        if let Some(cursor) = cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        self.get(&path).await
     }
 
     /// The models a conversation may use.

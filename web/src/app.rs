@@ -1,11 +1,12 @@
 //! The root: load the server's client config, then show sign-in or the signed-in shell.
 
 use leptos::prelude::*;
+use uuid::Uuid;
 
 use crate::{
     api::{self, Api},
     auth::Auth,
-    components::{chat::ChatPane, sidebar::Sidebar, sign_in::SignIn},
+    components::{chat::ChatPane, search::SearchDialog, sidebar::Sidebar, sign_in::SignIn},
     route::{Route, Router},
 };
 
@@ -59,6 +60,11 @@ pub struct Shared {
     pub list_changed: RwSignal<u64>,
     /// The sidebar is open (phone-sized screens).
     pub sidebar_open: RwSignal<bool>,
+    /// The search dialog is open.
+    pub search_open: RwSignal<bool>,
+    /// A message to show (a search hit), with its conversation: that conversation opens on the
+    /// message's branch, scrolled to it.
+    pub open_at: RwSignal<Option<(Uuid, Uuid)>>,
 }
 
 #[component]
@@ -71,21 +77,31 @@ fn Shell() -> impl IntoView {
         router: Router::new(),
         list_changed: RwSignal::new(0),
         sidebar_open: RwSignal::new(false),
+        search_open: RwSignal::new(false),
+        open_at: RwSignal::new(None),
     };
     provide_context(shared);
     let route = shared.router.route;
-    // Ctrl+Shift+O (⌘⇧O on a Mac) starts a new conversation, wherever you are.
+    // Ctrl+Shift+O (⌘⇧O on a Mac) starts a new conversation, wherever you are; Ctrl+K (⌘K)
+    // searches.
     let new_chat = window_event_listener(leptos::ev::keydown, move |event| {
-        let chord = (event.ctrl_key() || event.meta_key()) && event.shift_key();
-        if chord && event.key().eq_ignore_ascii_case("o") {
+        let command = event.ctrl_key() || event.meta_key();
+        if command && event.shift_key() && event.key().eq_ignore_ascii_case("o") {
             event.prevent_default();
             start_conversation(api.get_value(), shared, None);
+        } else if command && !event.shift_key() && event.key().eq_ignore_ascii_case("k") {
+            // Ctrl+K (⌘K): search.
+            event.prevent_default();
+            shared.search_open.update(|open| *open = !*open);
         }
     });
     on_cleanup(move || new_chat.remove());
     view! {
         <div class="shell" class:sidebar-open=move || shared.sidebar_open.get()>
             <Sidebar />
+            <Show when=move || shared.search_open.get()>
+                <SearchDialog />
+            </Show>
             <main class="main">
                 {move || match route.get() {
                     Route::Conversation(id) => view! { <ChatPane id /> }.into_any(),

@@ -98,15 +98,21 @@ impl Drop for ChatDriver {
     }
 }
 
-/// Starts the driver for `conversation_id`.
-pub fn start(api: Api, conversation_id: Uuid, signals: ChatSignals) -> ChatDriver {
+/// Starts the driver for `conversation_id`, showing the branch through `through` (the newest
+/// one without it).
+pub fn start(
+    api: Api,
+    conversation_id: Uuid,
+    signals: ChatSignals,
+    through: Option<Uuid>,
+) -> ChatDriver {
     let (actions, receiver) = unbounded();
     let alive = Arc::new(AtomicBool::new(true));
     let driver = Driver {
         api,
         conversation_id,
         signals,
-        state: ChatState::default(),
+        state: ChatState::showing(through),
         alive: alive.clone(),
         actions: receiver,
         backoff: Backoff::default(),

@@ -4,6 +4,7 @@ pub mod conversations;
 pub mod extract;
 pub mod request_log;
 pub mod runs;
+pub mod search;
 pub mod security;
 pub mod static_files;
 
@@ -31,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/config", get(client_config))
         .route(security::REPORT_PATH, axum::routing::post(security::report))
         .merge(conversations::router())
+        .merge(search::router())
         .merge(runs::router())
         // Unknown API paths answer JSON 404s, not the web app's index page.
         .route("/api/{*rest}", axum::routing::any(api_not_found))

@@ -221,6 +221,25 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Vec<MessageRow>>;
 
+    // ---- Search ----
+
+    /// The owner's messages containing every one of `words` (the last one as a prefix), best
+    /// first, `limit` from `offset`.
+    async fn search_messages(
+        &self,
+        owner: UserId,
+        words: &[String],
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Vec<MessageHitRow>>;
+    /// The owner's conversations whose title contains every one of `words`, best first.
+    async fn search_titles(
+        &self,
+        owner: UserId,
+        words: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<TitleHitRow>>;
+
     // ---- Runs ----
 
     /// The run if it exists and belongs to `owner`.

@@ -126,6 +126,31 @@ pub struct UserSummary {
     pub conversations: i64,
 }
 
+/// A message found by a search: where it is, and its text around the matches, the matched words
+/// between [`HIT_START`] and [`HIT_END`].
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MessageHitRow {
+    pub conversation_id: ConversationId,
+    pub title: Option<String>,
+    pub message_id: MessageId,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
+    pub created_at: i64,
+    pub snippet: String,
+}
+
+/// A conversation whose title matched a search (marked like [`MessageHitRow::snippet`]).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TitleHitRow {
+    pub conversation_id: ConversationId,
+    pub snippet: String,
+    pub updated_at: i64,
+}
+
+/// Where a search's match starts and ends in a snippet (private-use characters no text has).
+pub const HIT_START: char = '\u{E000}';
+pub const HIT_END: char = '\u{E001}';
+
 /// A message as listed: with the status of the run that produced it (assistant messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRow {

@@ -7,6 +7,8 @@ macro_rules! sql_store {
     // `$now`: the database's clock in Unix milliseconds (liveness uses the database's time, never
     // a local clock). `$lock`: how the reaper locks the rows it claims, skipping those another
     // reaper holds (nothing on SQLite, where writers are serialised anyway).
+    // Search is written per engine (FTS5, tsvector): `$store::search_*_rows` are its inherent
+    // functions.
     ($store:ty, $db:ty, $engine:literal, now = $now:literal, lock = $lock:literal) => {
         impl $store {
             /// Saves a run's outcome with its assistant message, within `connection`'s
@@ -506,6 +508,25 @@ macro_rules! sql_store {
                 .bind(conversation_id)
                 .fetch_optional(&self.pool)
                 .await?)
+            }
+
+            async fn search_messages(
+                &self,
+                owner: $crate::ids::UserId,
+                words: &[String],
+                limit: u32,
+                offset: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::MessageHitRow>> {
+                Ok(Self::search_message_rows(&self.pool, owner, words, limit, offset).await?)
+            }
+
+            async fn search_titles(
+                &self,
+                owner: $crate::ids::UserId,
+                words: &[String],
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::TitleHitRow>> {
+                Ok(Self::search_title_rows(&self.pool, owner, words, limit).await?)
             }
 
             async fn all_messages(

@@ -55,6 +55,69 @@ impl SqliteStore {
     }
 }
 
+/// An FTS5 query matching every word (the last as a prefix: results while typing). The words
+/// are letters and digits only (see `search::words`), quoted all the same.
+fn fts_query(words: &[String]) -> String {
+    let mut query = String::new();
+    for (i, word) in words.iter().enumerate() {
+        if i > 0 {
+            query.push(' ');
+        }
+        query.push('"');
+        query.push_str(&word.replace('"', ""));
+        query.push('"');
+        if i + 1 == words.len() {
+            query.push('*');
+        }
+    }
+    query
+}
+
+impl SqliteStore {
+    async fn search_message_rows(
+        pool: &SqlitePool,
+        owner: crate::ids::UserId,
+        words: &[String],
+        limit: u32,
+        offset: u32,
+    ) -> Result<Vec<super::MessageHitRow>, sqlx::Error> {
+        sqlx::query_as::<Sqlite, super::MessageHitRow>(
+            "SELECT m.conversation_id, c.title, m.id AS message_id, m.role, m.created_at, \
+             snippet(messages_fts, 0, char(57344), char(57345), '…', 16) AS snippet \
+             FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid \
+             JOIN conversations c ON c.id = m.conversation_id \
+             WHERE messages_fts MATCH $1 AND c.owner_id = $2 \
+             ORDER BY bm25(messages_fts), m.id DESC LIMIT $3 OFFSET $4",
+        )
+        .bind(fts_query(words))
+        .bind(owner)
+        .bind(i64::from(limit))
+        .bind(i64::from(offset))
+        .fetch_all(pool)
+        .await
+    }
+
+    async fn search_title_rows(
+        pool: &SqlitePool,
+        owner: crate::ids::UserId,
+        words: &[String],
+        limit: u32,
+    ) -> Result<Vec<super::TitleHitRow>, sqlx::Error> {
+        sqlx::query_as::<Sqlite, super::TitleHitRow>(
+            "SELECT c.id AS conversation_id, c.updated_at, \
+             highlight(conversations_fts, 0, char(57344), char(57345)) AS snippet \
+             FROM conversations_fts JOIN conversations c ON c.rowid = conversations_fts.rowid \
+             WHERE conversations_fts MATCH $1 AND c.owner_id = $2 \
+             ORDER BY bm25(conversations_fts), c.updated_at DESC LIMIT $3",
+        )
+        .bind(fts_query(words))
+        .bind(owner)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+    }
+}
+
 #[cfg(unix)]
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

@@ -53,7 +53,17 @@ pub fn ChatPane(
         loaded: RwSignal::new(false),
         list_changed: shared.list_changed,
     };
-    let driver = StoredValue::new_local(socket::start(api.clone(), id, signals));
+    // Opened from a search hit: on the branch that holds the message, scrolled to it.
+    let found = shared
+        .open_at
+        .get_untracked()
+        .filter(|(conversation, _)| *conversation == id)
+        .map(|(_, message)| message);
+    if found.is_some() {
+        shared.open_at.set(None);
+    }
+    let focus = RwSignal::new(found);
+    let driver = StoredValue::new_local(socket::start(api.clone(), id, signals, found));
     let act = move |action: Action| driver.with_value(|d| d.act(action));
 
     // Reconnect at once when the network or the tab comes back.
@@ -189,8 +199,37 @@ pub fn ChatPane(
     Effect::new(move |_| {
         signals.messages.track();
         signals.streaming.track();
+        if let Some(target) = focus.get_untracked() {
+            // A found message: scrolled into view and marked once it is shown.
+            let shown = signals
+                .messages
+                .with_untracked(|messages| messages.iter().any(|m| m.id == Some(target)));
+            if shown {
+                focus.set(None);
+                stick.set(false);
+                request_animation_frame(move || {
+                    if let Ok(Some(element)) =
+                        document().query_selector(&format!("[data-id=\"{target}\"]"))
+                    {
+                        element.scroll_into_view();
+                        let _ = element.class_list().add_1("found");
+                    }
+                });
+            }
+            return;
+        }
         if stick.get_untracked() {
             request_animation_frame(to_bottom);
+        }
+    });
+    // A search hit in the conversation already open: switch to its branch.
+    Effect::new(move |_| {
+        if let Some((conversation, target)) = shared.open_at.get()
+            && conversation == id
+        {
+            shared.open_at.set(None);
+            focus.set(Some(target));
+            act(Action::ShowBranch(target));
         }
     });
 

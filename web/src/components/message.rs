@@ -166,7 +166,12 @@ pub fn Message(
         .then(|| controls(&message, actions, editing));
     let about = answer_details(&message);
     view! {
-        <article class=format!("message {role}") data-role=role title=about>
+        <article
+            class=format!("message {role}")
+            data-role=role
+            data-id=message.id.map(|id| id.to_string())
+            title=about
+        >
             {body}
             {status.map(|s| view! { <span class="note">{s}</span> })}
             {pending}

@@ -2,5 +2,6 @@
 
 pub mod chat;
 pub mod message;
+pub mod search;
 pub mod sidebar;
 pub mod sign_in;

@@ -111,7 +111,17 @@ pub fn Sidebar() -> impl IntoView {
     view! {
         <nav class="sidebar" aria-label="Conversations">
             <div class="sidebar-head">
-                <button class="primary new" on:click=new_conversation>"+ New conversation"</button>
+                <button class="primary new" on:click=new_conversation title="Ctrl+Shift+O">
+                    "+ New conversation"
+                </button>
+                <button
+                    class="icon open-search"
+                    aria-label="Search conversations"
+                    title="Search (Ctrl+K)"
+                    on:click=move |_| shared.search_open.set(true)
+                >
+                    "⌕"
+                </button>
                 <button
                     class="icon close-sidebar"
                     aria-label="Hide conversations"

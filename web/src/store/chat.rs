@@ -169,6 +169,14 @@ impl Streaming {
 }
 
 impl ChatState {
+    /// A conversation shown on the branch through `through` (the newest without it).
+    pub fn showing(through: Option<Uuid>) -> Self {
+        Self {
+            through,
+            ..Self::default()
+        }
+    }
+
     /// Replaces the history with what the server has, keeping messages still pending here.
     pub fn load_history(&mut self, history: Vec<api::Message>) {
         let mut messages: Vec<MessageView> = history

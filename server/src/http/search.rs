@@ -1,0 +1,164 @@
+//! `GET /api/search?q=&cursor=&limit=`: full-text search over the caller's conversation titles
+//! and messages (SQLite FTS5, Postgres `tsvector`; see the `0008_search` migrations).
+
+use axum::{Json, Router, extract::State, routing::get};
+use wadi_protocol::{
+    ErrorCode,
+    api::{ConversationHit, Highlight, MessageHit, SearchResults},
+};
+
+use super::extract::{PageQuery, decode_cursor, encode_cursor};
+use crate::{
+    auth::AuthUser,
+    dto::UNTITLED,
+    error::AppError,
+    state::AppState,
+    store::{HIT_END, HIT_START},
+    util::datetime,
+};
+
+/// Longest query accepted, in characters, and most words used.
+const MAX_QUERY_CHARS: usize = 256;
+const MAX_WORDS: usize = 8;
+/// Title matches shown above the messages.
+const TITLE_HITS: u32 = 5;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/search", get(search))
+}
+
+#[derive(serde::Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+}
+
+async fn search(
+    State(state): State<AppState>,
+    user: AuthUser,
+    page: PageQuery,
+    axum::extract::Query(query): axum::extract::Query<SearchQuery>,
+) -> Result<Json<SearchResults>, AppError> {
+    let text = query.q.unwrap_or_default();
+    if text.chars().count() > MAX_QUERY_CHARS {
+        return Err(AppError::TooLarge(format!(
+            "a search is at most {MAX_QUERY_CHARS} characters"
+        )));
+    }
+    let words = words(&text);
+    if words.is_empty() {
+        return Err(AppError::invalid(
+            ErrorCode::InvalidRequest,
+            "type a word to search for (q=)",
+        ));
+    }
+    let offset = match page.cursor.as_deref() {
+        Some(cursor) => decode_cursor("s", cursor)?
+            .parse::<u32>()
+            .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor"))?,
+        None => 0,
+    };
+    let conversations = if offset == 0 {
+        state
+            .store
+            .search_titles(user.id, &words, TITLE_HITS)
+            .await?
+            .into_iter()
+            .map(|row| ConversationHit {
+                conversation_id: row.conversation_id.into(),
+                title: highlights(&row.snippet),
+                updated_at: datetime(row.updated_at),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut rows = state
+        .store
+        .search_messages(user.id, &words, page.limit + 1, offset)
+        .await?;
+    let next_cursor = (rows.len() > usize::try_from(page.limit).unwrap_or(usize::MAX)).then(|| {
+        rows.truncate(usize::try_from(page.limit).unwrap_or(usize::MAX));
+        encode_cursor("s", &(offset + page.limit).to_string())
+    });
+    let messages = rows
+        .into_iter()
+        .map(|row| MessageHit {
+            conversation_id: row.conversation_id.into(),
+            conversation_title: row.title.unwrap_or_else(|| UNTITLED.to_owned()),
+            message_id: row.message_id.into(),
+            role: row.role,
+            snippet: highlights(&row.snippet),
+            created_at: datetime(row.created_at),
+        })
+        .collect();
+    Ok(Json(SearchResults {
+        conversations,
+        messages,
+        next_cursor,
+    }))
+}
+
+/// The words of a query: runs of letters and digits, lowercased, at most [`MAX_WORDS`] (and
+/// 64 characters each). Nothing else reaches the database's query syntax.
+pub fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .map(|word| word.chars().take(64).collect::<String>().to_lowercase())
+        .take(MAX_WORDS)
+        .collect()
+}
+
+/// A snippet marked with [`HIT_START`] and [`HIT_END`], as pieces.
+pub fn highlights(snippet: &str) -> Vec<Highlight> {
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut hit = false;
+    for c in snippet.chars() {
+        let boundary = (c == HIT_START && !hit) || (c == HIT_END && hit);
+        if boundary {
+            if !text.is_empty() {
+                pieces.push(Highlight {
+                    text: std::mem::take(&mut text),
+                    hit,
+                });
+            }
+            hit = !hit;
+        } else if c != HIT_START && c != HIT_END {
+            text.push(c);
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(Highlight { text, hit });
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_become_plain_words() {
+        assert_eq!(words("  Café, \"DROP\" -- x*  "), ["café", "drop", "x"]);
+        assert_eq!(words("NEAR(a b) OR c:*"), ["near", "a", "b", "or", "c"]);
+        assert!(words("*** ---").is_empty());
+        assert_eq!(words(&"w ".repeat(20)).len(), MAX_WORDS);
+    }
+
+    #[test]
+    fn snippets_split_into_marked_pieces() {
+        let pieces = highlights("…the \u{E000}quick\u{E001} brown \u{E000}fox\u{E001}");
+        let shown: Vec<(&str, bool)> = pieces.iter().map(|p| (p.text.as_str(), p.hit)).collect();
+        assert_eq!(
+            shown,
+            [
+                ("…the ", false),
+                ("quick", true),
+                (" brown ", false),
+                ("fox", true)
+            ]
+        );
+        // Stray markers never reach the text.
+        assert_eq!(highlights("a\u{E001}b")[0].text, "ab");
+    }
+}
