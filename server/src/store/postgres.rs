@@ -93,5 +93,6 @@ sql_store!(
     Postgres,
     "postgres",
     now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
-    lock = " FOR UPDATE OF r SKIP LOCKED"
+    lock = " FOR UPDATE OF r SKIP LOCKED",
+    begin = "BEGIN"
 );

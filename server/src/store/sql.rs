@@ -7,9 +7,13 @@ macro_rules! sql_store {
     // `$now`: the database's clock in Unix milliseconds (liveness uses the database's time, never
     // a local clock). `$lock`: how the reaper locks the rows it claims, skipping those another
     // reaper holds (nothing on SQLite, where writers are serialised anyway).
+    // `$begin`: how a write transaction starts. SQLite takes the write lock up front
+    // (`BEGIN IMMEDIATE`): a deferred transaction that reads and then writes cannot wait for a
+    // concurrent writer (SQLite answers "database is locked" at once instead of using the busy
+    // timeout).
     // Search is written per engine (FTS5, tsvector): `$store::search_*_rows` are its inherent
     // functions.
-    ($store:ty, $db:ty, $engine:literal, now = $now:literal, lock = $lock:literal) => {
+    ($store:ty, $db:ty, $engine:literal, now = $now:literal, lock = $lock:literal, begin = $begin:literal) => {
         impl $store {
             /// Saves a run's outcome with its assistant message, within `connection`'s
             /// transaction. With `owner`, only if that instance still drives the run. Returns the
@@ -190,7 +194,7 @@ macro_rules! sql_store {
                 session: &$crate::store::SessionRecord,
                 token: &$crate::store::RefreshTokenRecord,
             ) -> $crate::store::StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 sqlx::query(
                     "INSERT INTO auth_sessions (id, user_id, amr_method, amr_at, created_at, \
                      updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -261,7 +265,7 @@ macro_rules! sql_store {
                 next_token: &str,
                 child: &$crate::store::RefreshTokenRecord,
             ) -> $crate::store::StoreResult<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 // Of two concurrent rotations of one token, the second waits here for the
                 // first to commit, then finds the token revoked.
                 let done = sqlx::query(
@@ -290,7 +294,7 @@ macro_rules! sql_store {
                 &self,
                 token: &$crate::store::RefreshTokenRecord,
             ) -> $crate::store::StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 Self::insert_refresh_token_row(&mut tx, token).await?;
                 sqlx::query("UPDATE auth_sessions SET updated_at = $2 WHERE id = $1")
                     .bind(token.session_id)
@@ -420,7 +424,7 @@ macro_rules! sql_store {
                 title_if_untitled: &str,
                 run: Option<&$crate::store::RunRecord>,
             ) -> $crate::store::StoreResult<($crate::store::MessageRecord, bool)> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let done = sqlx::query(
                     "INSERT INTO messages (id, conversation_id, role, content, run_id, \
                      client_message_id, created_at, parent_id) \
@@ -653,7 +657,7 @@ macro_rules! sql_store {
                 &self,
                 run: &$crate::store::RunRecord,
             ) -> $crate::store::StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 Self::insert_run_row(&mut tx, run).await?;
                 sqlx::query("UPDATE conversations SET updated_at = $2 WHERE id = $1")
                     .bind(run.conversation_id)
@@ -710,7 +714,7 @@ macro_rules! sql_store {
                 owner: Option<$crate::ids::InstanceId>,
                 outcome: &$crate::store::RunOutcome,
             ) -> $crate::store::StoreResult<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let saved = Self::save_outcome_row(&mut tx, id, owner, outcome).await?;
                 if saved.is_none() {
                     return Ok(false);
@@ -830,7 +834,7 @@ macro_rules! sql_store {
             {
                 let millis =
                     |duration: std::time::Duration| i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 sqlx::query(concat!("DELETE FROM instances WHERE heartbeat_at < ", $now, " - $1"))
                     .bind(millis(forget_after))
                     .execute(&mut *tx)
@@ -892,7 +896,7 @@ macro_rules! sql_store {
                 key: &$crate::store::SigningKeyRecord,
                 forget_before: i64,
             ) -> $crate::store::StoreResult<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 sqlx::query(
                     "UPDATE auth_signing_keys SET retired_at = $1 WHERE retired_at IS NULL",
                 )
@@ -933,7 +937,7 @@ macro_rules! sql_store {
                 &self,
                 id: $crate::ids::UserId,
             ) -> $crate::store::StoreResult<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 // Messages and runs go with their conversations; sessions and refresh tokens
                 // with the user.
                 sqlx::query("DELETE FROM conversations WHERE owner_id = $1")
@@ -954,7 +958,7 @@ macro_rules! sql_store {
                 password_hash: &str,
                 at: i64,
             ) -> $crate::store::StoreResult<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let done = sqlx::query(
                     "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1",
                 )

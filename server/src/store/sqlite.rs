@@ -157,5 +157,6 @@ sql_store!(
     Sqlite,
     "sqlite",
     now = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
-    lock = ""
+    lock = "",
+    begin = "BEGIN IMMEDIATE"
 );
