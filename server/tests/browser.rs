@@ -880,3 +880,48 @@ async fn search_finds_a_message_on_an_old_branch_and_opens_it_there() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn another_tab_sees_new_conversations_and_finished_answers_live() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let email = unique_email();
+        let first = scenario.browser("live-1", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&first, &app.url(), &email).await;
+        let elsewhere = new_conversation(&first).await;
+        // The second tab (another device, say) shows that conversation.
+        let second = scenario.browser_in("live-2", DESKTOP.0, DESKTOP.1, true).await;
+        sign_in(&second, &format!("{}/c/{elsewhere}", app.url()), &email).await;
+        online(&second).await;
+        let count = "document.querySelectorAll('.sidebar .conversation').length";
+        second.until("one conversation listed", &format!("{count} === 1")).await;
+
+        // A conversation started in the first tab appears in the second, without a reload.
+        let started = new_conversation(&first).await;
+        second.until("the new conversation listed", &format!("{count} === 2")).await;
+        online(&first).await;
+        send(&first, "Background question").await;
+        model_answers(&upstream, "Background answer").await;
+        answer_is(&first, "Background answer").await;
+        // Its title follows the first message, and its finished answer gets a dot there.
+        second
+            .until(
+                "the dot on the conversation that was answered",
+                &format!(
+                    "document.querySelector('.conversation.unread a[href=\"/c/{started}\"]')?.innerText.includes('Background question')"
+                ),
+            )
+            .await;
+        second.screenshot("live-sidebar-dark").await;
+        // Opening it clears the dot.
+        second.click(&format!(".conversation a[href=\"/c/{started}\"]")).await;
+        shown_is(&second, "Background question | Background answer").await;
+        second
+            .until("no dot", "!document.querySelector('.conversation.unread')")
+            .await;
+        // The first tab, showing it, never got a dot.
+        assert_eq!(first.js("return !!document.querySelector('.conversation.unread')").await, false);
+    })
+    .await;
+}

@@ -672,3 +672,36 @@ async fn cluster_mode_refuses_sqlite_with_a_clear_message() {
     assert!(said.contains("Postgres"), "{said}");
     assert!(said.contains("REDIS_URL"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_users_sidebar_on_one_instance_hears_of_changes_made_through_another() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(2, &upstream).await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let (mut sidebar, _) = WsClient::authed(b, "/ws/user", &token).await;
+    let conversation = api.new_conversation().await;
+    let created = sidebar.next().await;
+    assert_eq!(created["type"], "conversation", "{created}");
+    assert_eq!(created["change"], "created");
+    assert_eq!(created["conversationId"], conversation.as_str());
+    let (status, _) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "through A"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(sidebar.next().await["change"], "message");
+    let request = upstream.next_request().await;
+    request.token("done");
+    request.send(Step::Finish);
+    let answered = sidebar.next().await;
+    assert_eq!(answered["change"], "answered", "{answered}");
+    assert_eq!(answered["conversationId"], conversation.as_str());
+}

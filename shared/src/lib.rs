@@ -15,7 +15,9 @@ mod error;
 mod ws;
 
 pub use error::{DecodeError, ErrorCode};
-pub use ws::{ActiveRun, ClientMessage, RunStatus, ServerMessage, UnknownStatus, Usage};
+pub use ws::{
+    ActiveRun, ClientMessage, ConversationChange, RunStatus, ServerMessage, UnknownStatus, Usage,
+};
 
 /// The protocol version announced in `connected.protocolVersion`.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -151,6 +151,29 @@ pub enum ServerMessage {
     },
     /// Answer to `ping`.
     Pong,
+    /// User socket (`/ws/user`): one of the user's conversations changed, in any tab, on any
+    /// device, through any instance. The sidebar updates itself from these.
+    Conversation {
+        conversation_id: Uuid,
+        change: ConversationChange,
+        /// Its title now (absent for `deleted`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+    },
+}
+
+/// What happened to a conversation (the `conversation` frame's `change`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationChange {
+    Created,
+    /// Its title, model or system prompt changed.
+    Updated,
+    Deleted,
+    /// A user message was sent in it (an answer is being written).
+    Message,
+    /// An answer was finished (completed, stopped, failed or interrupted).
+    Answered,
 }
 
 impl ServerMessage {

@@ -240,6 +240,37 @@ fn server_frames_have_pinned_json() {
 }
 
 #[test]
+fn conversation_changes_have_pinned_json() {
+    let frame = ServerMessage::Conversation {
+        conversation_id: CONV,
+        change: wadi_protocol::ConversationChange::Created,
+        title: Some("New conversation".into()),
+    };
+    assert_eq!(
+        to_value(&frame),
+        json!({"type": "conversation", "conversationId": CONV, "change": "created",
+               "title": "New conversation"})
+    );
+    let deleted = ServerMessage::Conversation {
+        conversation_id: CONV,
+        change: wadi_protocol::ConversationChange::Deleted,
+        title: None,
+    };
+    assert_eq!(
+        to_value(&deleted),
+        json!({"type": "conversation", "conversationId": CONV, "change": "deleted"})
+    );
+    for (change, name) in [
+        (wadi_protocol::ConversationChange::Updated, "updated"),
+        (wadi_protocol::ConversationChange::Message, "message"),
+        (wadi_protocol::ConversationChange::Answered, "answered"),
+    ] {
+        assert_eq!(serde_json::to_value(change).unwrap(), json!(name));
+    }
+    assert_eq!(ServerMessage::decode(&frame.encode()).unwrap(), frame);
+}
+
+#[test]
 fn chunk_and_complete_keep_the_original_fields() {
     // The original client reads `content` from chunk and `fullOutput` from complete; we only add.
     let chunk = to_value(&ServerMessage::Chunk {

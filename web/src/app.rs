@@ -65,6 +65,8 @@ pub struct Shared {
     /// A message to show (a search hit), with its conversation: that conversation opens on the
     /// message's branch, scrolled to it.
     pub open_at: RwSignal<Option<(Uuid, Uuid)>>,
+    /// Conversations whose answer finished while another one was open (the sidebar's dots).
+    pub unread: RwSignal<std::collections::HashSet<Uuid>>,
 }
 
 #[component]
@@ -79,6 +81,7 @@ fn Shell() -> impl IntoView {
         sidebar_open: RwSignal::new(false),
         search_open: RwSignal::new(false),
         open_at: RwSignal::new(None),
+        unread: RwSignal::new(std::collections::HashSet::new()),
     };
     provide_context(shared);
     let route = shared.router.route;

@@ -9,6 +9,7 @@ mod route;
 mod socket;
 mod sse;
 mod store;
+mod user_socket;
 
 fn main() {
     console_error_panic_hook::set_once();

@@ -9,7 +9,7 @@ use axum::{
     routing::get,
 };
 use wadi_protocol::{
-    ErrorCode,
+    ConversationChange, ErrorCode,
     api::{self, CreateConversation, Page, PathPage, SendMessage, UpdateConversation},
 };
 
@@ -133,7 +133,14 @@ async fn create(
         system_prompt: system_prompt.filter(|p| !p.is_empty()),
     };
     state.store.create_conversation(&record).await?;
-    Ok((StatusCode::CREATED, Json(dto::conversation(&record))).into_response())
+    let created = dto::conversation(&record);
+    state.runs.conversation_changed(
+        user.id,
+        record.id,
+        ConversationChange::Created,
+        Some(created.title.clone()),
+    );
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 /// The caller's conversation, or 404.
@@ -193,7 +200,14 @@ async fn rename(
         return Err(AppError::NotFound);
     }
     let record = owned_conversation(&state, &user, id).await?;
-    Ok(Json(dto::conversation(&record)))
+    let updated = dto::conversation(&record);
+    state.runs.conversation_changed(
+        user.id,
+        id,
+        ConversationChange::Updated,
+        Some(updated.title.clone()),
+    );
+    Ok(Json(updated))
 }
 
 /// A model the operator allows (an empty one: back to the default).
@@ -235,6 +249,9 @@ async fn remove(
     IdPath(id): IdPath<ConversationId>,
 ) -> Result<StatusCode, AppError> {
     if state.store.delete_conversation(id, user.id).await? {
+        state
+            .runs
+            .conversation_changed(user.id, id, ConversationChange::Deleted, None);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(AppError::NotFound)

@@ -29,6 +29,25 @@ pub struct RunStarted {
     pub client_message_id: Option<String>,
 }
 
+/// One of a user's conversations changed: for that user's sockets on every instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    pub user: UserId,
+    pub conversation: ConversationId,
+    pub change: wadi_protocol::ConversationChange,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// What travels on a user's channel: a run started, or a conversation changed. (Untagged: an
+/// instance that knows only `RunStarted` reads those and ignores the rest.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum UserNews {
+    Changed { changed: Changed },
+    RunStarted(RunStarted),
+}
+
 /// What the other instances tell this one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterEvent {
@@ -36,6 +55,8 @@ pub enum ClusterEvent {
     Stop(RunId),
     /// A run started somewhere, for a user with sockets here.
     RunStarted(RunStarted),
+    /// A conversation of a user with sockets here changed somewhere.
+    Changed(Changed),
 }
 
 /// A live event of one run, from its log's channel. Delivery is at most once: a consumer checks
@@ -107,6 +128,9 @@ pub trait Cluster: Send + Sync + 'static {
     /// Tells the user's sockets on other instances that a run started.
     async fn announce(&self, event: &RunStarted);
 
+    /// Tells the user's sockets on other instances that a conversation changed.
+    async fn announce_change(&self, event: &Changed);
+
     /// Asks `owner` to stop `run` now (the request is already in the store, which the owner
     /// also polls).
     async fn send_stop(&self, owner: InstanceId, run: RunId);
@@ -145,6 +169,8 @@ impl Cluster for Local {
     async fn replicate(&self, _handle: Arc<RunHandle>) {}
 
     async fn announce(&self, _event: &RunStarted) {}
+
+    async fn announce_change(&self, _event: &Changed) {}
 
     async fn send_stop(&self, _owner: InstanceId, _run: RunId) {}
 

@@ -123,6 +123,8 @@ pub trait Announce: Send + Sync + 'static {
     fn run_started(&self, handle: &Arc<RunHandle>);
     /// True if a chat socket here shows the conversation.
     fn shows(&self, conversation: ConversationId) -> bool;
+    /// Tells the user's sockets here that one of their conversations changed.
+    fn conversation_changed(&self, changed: &cluster::Changed);
 }
 
 /// Where a new user message goes in its conversation's tree.
@@ -508,6 +510,12 @@ impl Runs {
         };
         let cluster = self.cluster.clone();
         tokio::spawn(async move { cluster.announce(&event).await });
+        self.conversation_changed(
+            user,
+            conversation_id,
+            wadi_protocol::ConversationChange::Message,
+            None,
+        );
         tracing::info!(%run_id, %conversation_id, user_id = %user, "run started");
         Ok(Sent {
             message,
@@ -708,6 +716,26 @@ impl Runs {
         self.cluster.watch_user(user).await
     }
 
+    /// One of `user`'s conversations changed: their sockets here are told at once, those on
+    /// other instances through the cluster (in the background).
+    pub fn conversation_changed(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        change: wadi_protocol::ConversationChange,
+        title: Option<String>,
+    ) {
+        let changed = cluster::Changed {
+            user,
+            conversation,
+            change,
+            title,
+        };
+        self.sockets.conversation_changed(&changed);
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move { cluster.announce_change(&changed).await });
+    }
+
     async fn handle_events(
         runs: std::sync::Weak<Self>,
         mut events: mpsc::UnboundedReceiver<ClusterEvent>,
@@ -730,6 +758,7 @@ impl Runs {
                         runs.sockets.run_started(&handle);
                     }
                 }
+                ClusterEvent::Changed(changed) => runs.sockets.conversation_changed(&changed),
             }
         }
     }

@@ -35,7 +35,10 @@ use tokio::time::Instant;
 use wadi_protocol::RunStatus;
 
 use super::{
-    cluster::{BusHealth, Cluster, ClusterEvent, Lease, LiveEvent, LogRead, RunStarted, Watch},
+    cluster::{
+        BusHealth, Changed, Cluster, ClusterEvent, Lease, LiveEvent, LogRead, RunStarted, UserNews,
+        Watch,
+    },
     handle::RunHandle,
 };
 use crate::{
@@ -293,9 +296,10 @@ fn cluster_event(channel: &str, payload: &str) -> Option<ClusterEvent> {
         let run = payload.strip_prefix("stop ")?.parse().ok()?;
         return Some(ClusterEvent::Stop(run));
     }
-    serde_json::from_str(payload)
-        .ok()
-        .map(ClusterEvent::RunStarted)
+    match serde_json::from_str(payload).ok()? {
+        UserNews::RunStarted(started) => Some(ClusterEvent::RunStarted(started)),
+        UserNews::Changed { changed } => Some(ClusterEvent::Changed(changed)),
+    }
 }
 
 pub struct RedisCluster {
@@ -544,6 +548,23 @@ impl Cluster for RedisCluster {
             .await
         {
             self.failed("announce", &error, event.run);
+        }
+    }
+
+    async fn announce_change(&self, event: &Changed) {
+        let news = UserNews::Changed {
+            changed: event.clone(),
+        };
+        let Ok(payload) = serde_json::to_string(&news) else {
+            return;
+        };
+        let mut connection = self.commands.clone();
+        if let Err(error) = connection
+            .publish::<_, _, ()>(user_channel(event.user), payload)
+            .await
+        {
+            tracing::warn!(%error, conversation = %event.conversation, "cannot tell other instances of a change");
+            self.shared.metrics.redis_errors.inc();
         }
     }
 

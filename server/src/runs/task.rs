@@ -62,6 +62,12 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
         }
         // Watchers send `complete` only now, so `complete` always means "saved".
         handle.finish(ending);
+        ctx.conversation_changed(
+            handle.owner_id,
+            handle.conversation_id,
+            wadi_protocol::ConversationChange::Answered,
+            None,
+        );
         ctx.hub.retire(&handle, ctx.settings.run_retention);
     }
     .instrument(span)

@@ -116,6 +116,7 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
             .find(run_id, user.id)
             .await
             .map(|found| found.map(Some)),
+        Endpoint::User => Ok(Some(None)),
     };
     let run = match followed {
         Ok(Some(run)) => run,
@@ -187,6 +188,19 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
             socket.send(&authenticated_frame(&session, None))?;
             session
         }
+        Endpoint::User => {
+            // Subscribed to the user's channel, so that changes made through other instances
+            // reach this socket too.
+            let user_events = runs.watch_user(user.id).await;
+            let session = Session {
+                user,
+                expires,
+                _user_events: user_events,
+                watchers: HashMap::new(),
+            };
+            socket.send(&authenticated_frame(&session, None))?;
+            session
+        }
     };
     if let (Endpoint::Run { after_seq, .. }, Some(handle)) = (socket.endpoint, run) {
         session.watch(socket, handle, after_seq, false);
@@ -219,7 +233,7 @@ async fn refresh(socket: &Socket, session: &mut Session, token: &str) -> Flow {
                 tracing::warn!(%error, "cannot look up the conversation's active run");
                 None
             }),
-        Endpoint::Run { .. } => None,
+        Endpoint::Run { .. } | Endpoint::User => None,
     };
     socket.send(&authenticated_frame(session, active.as_deref()))
 }
@@ -270,7 +284,7 @@ async fn send(
     let Endpoint::Chat { conversation_id } = socket.endpoint else {
         return socket.send_error(
             ErrorCode::InvalidRequest,
-            "messages are sent on a chat socket, not a run socket",
+            "messages are sent on a chat socket (/ws/chat/{conversationId})",
         );
     };
     if let Err(error) = check_message(
@@ -325,7 +339,7 @@ async fn regenerate(socket: &Socket, session: &mut Session, message_id: MessageI
     let Endpoint::Chat { conversation_id } = socket.endpoint else {
         return socket.send_error(
             ErrorCode::InvalidRequest,
-            "answers are regenerated on a chat socket, not a run socket",
+            "answers are regenerated on a chat socket (/ws/chat/{conversationId})",
         );
     };
     match socket
@@ -360,6 +374,12 @@ async fn stop(socket: &Socket, session: &Session, run_id: Option<uuid::Uuid>) ->
             }
             runs.find(own_run, session.user.id).await
         }
+        Endpoint::User => {
+            return socket.send_error(
+                ErrorCode::InvalidRequest,
+                "answers are stopped on a chat or run socket, not the user socket",
+            );
+        }
     };
     let handle = match target {
         Ok(Some(handle)) => handle,
@@ -376,7 +396,7 @@ async fn resume(socket: &Socket, session: &mut Session, run_id: RunId, after_seq
     let Endpoint::Chat { conversation_id } = socket.endpoint else {
         return socket.send_error(
             ErrorCode::InvalidRequest,
-            "run sockets resume with ?afterSeq= on their URL",
+            "resume is for chat sockets (run sockets resume with ?afterSeq= on their URL)",
         );
     };
     if !session.follows(run_id) && session.following() >= MAX_FOLLOWED {

@@ -110,6 +110,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ws/chat/{conversation_id}", get(chat))
         .route("/ws/runs/{run_id}/stream", get(run_stream))
+        .route("/ws/user", get(user_socket))
 }
 
 #[derive(Deserialize)]
@@ -164,6 +165,17 @@ async fn run_stream(
         upgrade,
         Endpoint::Run { run_id, after_seq },
     )
+}
+
+/// `/ws/user`: the user's conversations as they change (created, renamed, deleted, a message
+/// sent, an answer finished), for the sidebar of every tab and device.
+async fn user_socket(
+    State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    accept(state, &headers, addr, upgrade, Endpoint::User)
 }
 
 /// Checks the origin and the connection caps, then upgrades with lean buffers.

@@ -11,6 +11,8 @@ use std::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use wadi_protocol::ServerMessage;
+
 use crate::{
     ids::{ConversationId, RunId, UserId},
     runs::{Announce, RunHandle},
@@ -24,6 +26,8 @@ pub enum Control {
     SlowConsumer,
     /// The run a run socket follows was sent completely.
     RunSent,
+    /// A frame to send as it is (user sockets: a conversation changed).
+    Send(Arc<ServerMessage>),
 }
 
 /// Notes for one socket's task, oldest first. Most sockets are idle and never get one, so this
@@ -62,8 +66,15 @@ impl Inbox {
 /// What a socket is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    Chat { conversation_id: ConversationId },
-    Run { run_id: RunId, after_seq: u64 },
+    Chat {
+        conversation_id: ConversationId,
+    },
+    Run {
+        run_id: RunId,
+        after_seq: u64,
+    },
+    /// `/ws/user`: the user's conversations changing (the sidebar).
+    User,
 }
 
 impl Endpoint {
@@ -71,6 +82,7 @@ impl Endpoint {
         match self {
             Self::Chat { .. } => "chat",
             Self::Run { .. } => "run",
+            Self::User => "user",
         }
     }
 }
@@ -202,7 +214,7 @@ impl Registry {
         count.open += 1;
         count.pending += 1;
         match endpoint {
-            Endpoint::Chat { .. } => {}
+            Endpoint::Chat { .. } | Endpoint::User => {}
             Endpoint::Run { run_id, .. } => {
                 index.by_run.entry(run_id).or_default().insert(id);
             }
@@ -285,6 +297,7 @@ impl Registry {
                 remove_from(&mut index.by_conversation, conversation_id, id);
             }
             Endpoint::Run { run_id, .. } => remove_from(&mut index.by_run, run_id, id),
+            Endpoint::User => {}
         }
     }
 }
@@ -305,6 +318,26 @@ impl Announce for Registry {
 
     fn shows(&self, conversation: ConversationId) -> bool {
         self.index().by_conversation.contains_key(&conversation)
+    }
+
+    /// Sends a `conversation` frame to every user socket of the user here.
+    fn conversation_changed(&self, changed: &crate::runs::cluster::Changed) {
+        let index = self.index();
+        let Some(clients) = index.by_user.get(&changed.user) else {
+            return;
+        };
+        let frame = Arc::new(ServerMessage::Conversation {
+            conversation_id: changed.conversation.into(),
+            change: changed.change,
+            title: changed.title.clone(),
+        });
+        for client in clients {
+            if let Some(entry) = index.clients.get(client)
+                && entry.endpoint == Endpoint::User
+            {
+                entry.inbox.post(Control::Send(frame.clone()));
+            }
+        }
     }
 }
 

@@ -257,6 +257,7 @@ impl Connection {
             }
             Control::SlowConsumer => ControlFlow::Break(Exit::Slow),
             Control::RunSent => ControlFlow::Break(Exit::close(close::NORMAL, None)),
+            Control::Send(frame) => self.socket.send(&frame),
         }
     }
 

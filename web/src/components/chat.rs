@@ -53,6 +53,10 @@ pub fn ChatPane(
         loaded: RwSignal::new(false),
         list_changed: shared.list_changed,
     };
+    // Seen: no dot on it in the sidebar.
+    shared.unread.update(|unread| {
+        unread.remove(&id);
+    });
     // Opened from a search hit: on the branch that holds the message, scrolled to it.
     let found = shared
         .open_at

@@ -3,9 +3,9 @@
 
 use leptos::{prelude::*, task::spawn_local};
 use uuid::Uuid;
-use wadi_protocol::api::Conversation;
+use wadi_protocol::{ConversationChange, ServerMessage, api::Conversation};
 
-use crate::{api::Api, app::Shared, route::Route};
+use crate::{api::Api, app::Shared, route::Route, user_socket};
 
 #[component]
 pub fn Sidebar() -> impl IntoView {
@@ -42,6 +42,36 @@ pub fn Sidebar() -> impl IntoView {
             load_first();
         }
     });
+    // Live: what changes in any tab or device (through the user socket) reloads the list; an
+    // answer finished in a conversation not open here gets a dot.
+    let live = user_socket::start(api.clone(), move |frame| {
+        if let Some(ServerMessage::Conversation {
+            conversation_id,
+            change,
+            ..
+        }) = frame
+        {
+            let open = shared.router.route.get_untracked() == Route::Conversation(conversation_id);
+            match change {
+                ConversationChange::Answered if !open => {
+                    shared.unread.update(|unread| {
+                        unread.insert(conversation_id);
+                    });
+                }
+                ConversationChange::Deleted => {
+                    shared.unread.update(|unread| {
+                        unread.remove(&conversation_id);
+                    });
+                    if open {
+                        shared.router.replace(Route::Home);
+                    }
+                }
+                _ => {}
+            }
+        }
+        shared.list_changed.update(|v| *v += 1);
+    });
+    let _live = StoredValue::new_local(live);
 
     let load_more = {
         let api = api.clone();
@@ -244,7 +274,11 @@ fn ConversationItem(
     };
 
     view! {
-        <li class="conversation" class:active=move || active.get()>
+        <li
+            class="conversation"
+            class:active=move || active.get()
+            class:unread=move || shared.unread.with(|unread| unread.contains(&id))
+        >
             <Show
                 when=move || editing.get()
                 fallback={
@@ -257,6 +291,16 @@ fn ConversationItem(
                                 aria-current=move || active.get().then_some("page")
                             >
                                 {title.clone()}
+                                <span
+                                    class="dot"
+                                    title="A new answer"
+                                    aria-label=move || {
+                                        shared
+                                            .unread
+                                            .with(|unread| unread.contains(&id))
+                                            .then_some("new answer")
+                                    }
+                                ></span>
                             </a>
                         }
                     }

@@ -464,7 +464,9 @@ impl ChatState {
                 ..
             } => self.on_error(code, message, run_id),
             ServerMessage::Authenticated { active_run, .. } => self.on_authenticated(active_run),
-            ServerMessage::Connected { .. } | ServerMessage::Pong => Vec::new(),
+            ServerMessage::Connected { .. }
+            | ServerMessage::Pong
+            | ServerMessage::Conversation { .. } => Vec::new(),
         }
     }
 
