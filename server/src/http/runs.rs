@@ -15,7 +15,7 @@ use axum::{
 };
 use futures_util::StreamExt;
 use serde::Deserialize;
-use wadi_protocol::{ErrorCode, ServerMessage, api};
+use wadi_protocol::{ErrorCode, api};
 
 use super::extract::IdPath;
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
     dto,
     error::AppError,
     ids::RunId,
-    runs::{RunHandle, Runs},
+    runs::{FrameKind, RunHandle, Runs},
     state::AppState,
     store::RunRecord,
 };
@@ -109,18 +109,17 @@ async fn events(
     let events = handle.follow(after_seq, false).map(move |frame| {
         // Counted while the stream lives.
         let _counted = &counted;
-        let data = frame.encode();
-        metrics.bytes_sent.inc_by(data.len() as u64);
-        let event = match &frame {
-            ServerMessage::Chunk { seq, .. } => {
+        metrics.bytes_sent.inc_by(frame.text.len() as u64);
+        let event = match frame.kind {
+            FrameKind::Chunk { seq } => {
                 metrics.chunks_sent.inc();
                 Event::default().event("chunk").id(seq.to_string())
             }
-            ServerMessage::Complete { .. } => Event::default().event("complete"),
-            ServerMessage::Error { .. } => Event::default().event("error"),
-            _ => Event::default().event("message"),
+            FrameKind::Complete => Event::default().event("complete"),
+            FrameKind::Error => Event::default().event("error"),
+            FrameKind::Start => Event::default().event("message"),
         };
-        Ok::<_, Infallible>(event.data(data))
+        Ok::<_, Infallible>(event.data(frame.text.as_str()))
     });
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())

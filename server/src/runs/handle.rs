@@ -6,6 +6,10 @@
 //! reads what it has not seen under a short lock and then waits for the next bump. A slow watcher
 //! only falls behind; it never slows the run or the others.
 //!
+//! Each chunk frame is encoded once per run, when the first watcher reads it, and the bytes are
+//! shared by every watcher (a window of the latest chunks is kept encoded; a replay from further
+//! back encodes again). A socket's writer sends those bytes as they are.
+//!
 //! A handle is either the run itself, on the instance that drives it (the only writer of its
 //! seqs), or a *mirror* of a run driven elsewhere or already saved: filled in seq order from the
 //! run's shared log or the store, so that sockets follow both kinds the same way.
@@ -15,6 +19,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use axum::extract::ws::Utf8Bytes;
 use futures_util::Stream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +71,72 @@ struct Log {
     /// `ends[i]` is the byte offset where chunk `i + 1` ends.
     ends: Vec<usize>,
     ending: Option<Ending>,
+    /// The latest chunks' `chunk` frames as encoded for the first watcher that read them:
+    /// `encoded[0]` is chunk `encoded_from`.
+    encoded: VecDeque<Utf8Bytes>,
+    encoded_from: u64,
+}
+
+impl Log {
+    /// Chunk `seq`'s frame, encoded once while it is in the window and shared after that.
+    fn chunk_frame(&mut self, run_id: RunId, seq: u64) -> Utf8Bytes {
+        let held = self.encoded_from + self.encoded.len() as u64;
+        if seq >= self.encoded_from && seq < held {
+            return self.encoded[(seq - self.encoded_from) as usize].clone();
+        }
+        let index = (seq - 1) as usize;
+        let start = if index == 0 { 0 } else { self.ends[index - 1] };
+        let text = Utf8Bytes::from(
+            ServerMessage::Chunk {
+                run_id: run_id.into(),
+                seq,
+                content: self.output[start..self.ends[index]].to_owned(),
+            }
+            .encode(),
+        );
+        // Keep it if it extends the window (or starts a new one past it); an old chunk replayed
+        // is not kept.
+        if seq >= held {
+            if seq > held {
+                self.encoded.clear();
+                self.encoded_from = seq;
+            }
+            self.encoded.push_back(text.clone());
+            if self.encoded.len() > ENCODED_WINDOW {
+                self.encoded.pop_front();
+                self.encoded_from += 1;
+            }
+        }
+        text
+    }
+}
+
+/// Chunks kept encoded per run: live watchers are near the tail, so this covers them all while
+/// bounding the memory a long run's encoded frames take.
+const ENCODED_WINDOW: usize = 1024;
+
+/// What a watcher sends next: a frame encoded once and shared by every watcher of the run.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub text: Utf8Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Start,
+    Chunk { seq: u64 },
+    Error,
+    Complete,
+}
+
+impl Frame {
+    fn encode(kind: FrameKind, message: &ServerMessage) -> Self {
+        Self {
+            kind,
+            text: message.encode().into(),
+        }
+    }
 }
 
 pub struct RunHandle {
@@ -84,9 +155,9 @@ pub struct RunHandle {
     stop_status: Mutex<Option<RunStatus>>,
 }
 
-/// What a watcher reads in one go: `(seq, content)` chunks, and the ending with the full output
+/// What a watcher reads in one go: `(seq, frame)` chunks, and the ending with the full output
 /// once nothing is left to read.
-type Batch = (Vec<(u64, String)>, Option<(Ending, String)>);
+type Batch = (Vec<(u64, Utf8Bytes)>, Option<(Ending, String)>);
 
 /// Chunks read in one go by a watcher, to keep the lock short.
 const READ_BATCH: usize = 256;
@@ -272,16 +343,13 @@ impl RunHandle {
     /// Chunks with `seq > after` (at most a batch), and, when none are left after those, how the
     /// run ended with its full output.
     fn read_after(&self, after: u64) -> Batch {
-        let log = self.log();
+        let mut log = self.log();
         let last = log.ends.len() as u64;
         let from = after.min(last);
         let to = (from + READ_BATCH as u64).min(last);
         let mut chunks = Vec::with_capacity((to - from) as usize);
         for seq in from + 1..=to {
-            let index = (seq - 1) as usize;
-            let start = if index == 0 { 0 } else { log.ends[index - 1] };
-            let end = log.ends[index];
-            chunks.push((seq, log.output[start..end].to_owned()));
+            chunks.push((seq, log.chunk_frame(self.id, seq)));
         }
         let ending = match &log.ending {
             Some(ending) if to == last => {
@@ -312,10 +380,10 @@ impl RunHandle {
         self: Arc<Self>,
         after_seq: u64,
         with_start: bool,
-    ) -> impl Stream<Item = ServerMessage> + Send + 'static {
+    ) -> impl Stream<Item = Frame> + Send + 'static {
         let mut pending = VecDeque::new();
         if with_start {
-            pending.push_back(self.start_frame());
+            pending.push_back(Frame::encode(FrameKind::Start, &self.start_frame()));
         }
         let version = self.version.subscribe();
         let state = Follow {
@@ -336,12 +404,12 @@ struct Follow {
     handle: Arc<RunHandle>,
     cursor: u64,
     version: watch::Receiver<u64>,
-    pending: VecDeque<ServerMessage>,
+    pending: VecDeque<Frame>,
     done: bool,
 }
 
 impl Follow {
-    async fn next(&mut self) -> Option<ServerMessage> {
+    async fn next(&mut self) -> Option<Frame> {
         loop {
             if let Some(frame) = self.pending.pop_front() {
                 return Some(frame);
@@ -353,29 +421,32 @@ impl Follow {
             // read wakes us up.
             self.version.borrow_and_update();
             let (chunks, ending) = self.handle.read_after(self.cursor);
-            for (seq, content) in chunks {
+            for (seq, text) in chunks {
                 self.cursor = seq;
-                self.pending.push_back(ServerMessage::Chunk {
-                    run_id: self.handle.id.into(),
-                    seq,
-                    content,
+                self.pending.push_back(Frame {
+                    kind: FrameKind::Chunk { seq },
+                    text,
                 });
             }
             if let Some((ending, full_output)) = ending {
                 // A failure is reported after the chunks it cut short, before `complete`.
                 if let Some(error) = ending.error.filter(|_| ending.status == RunStatus::Failed) {
-                    self.pending.push_back(ServerMessage::error(
+                    let error = ServerMessage::error(
                         wadi_protocol::ErrorCode::ModelError,
                         error,
                         Some(self.handle.id.into()),
-                    ));
+                    );
+                    self.pending
+                        .push_back(Frame::encode(FrameKind::Error, &error));
                 }
-                self.pending.push_back(ServerMessage::Complete {
+                let complete = ServerMessage::Complete {
                     run_id: self.handle.id.into(),
                     full_output,
                     status: ending.status,
                     usage: ending.usage,
-                });
+                };
+                self.pending
+                    .push_back(Frame::encode(FrameKind::Complete, &complete));
                 self.done = true;
                 continue;
             }
@@ -407,6 +478,16 @@ mod tests {
         RunHandle::new(key(), Origin::Owned)
     }
 
+    /// `RunHandle::follow`, decoded.
+    fn follow(
+        run: Arc<RunHandle>,
+        after_seq: u64,
+        with_start: bool,
+    ) -> impl Stream<Item = ServerMessage> {
+        run.follow(after_seq, with_start)
+            .map(|frame| ServerMessage::decode(&frame.text).unwrap())
+    }
+
     fn chunk_seqs(frames: &[ServerMessage]) -> Vec<u64> {
         frames
             .iter()
@@ -422,7 +503,7 @@ mod tests {
         let run = handle();
         run.push("Hel");
         run.push("lo");
-        let follower = tokio::spawn(run.clone().follow(1, false).collect::<Vec<_>>());
+        let follower = tokio::spawn(follow(run.clone(), 1, false).collect::<Vec<_>>());
         tokio::task::yield_now().await;
         run.push(", ");
         run.push("world");
@@ -451,12 +532,12 @@ mod tests {
             run.push(word);
         }
         run.finish(Ending::new(RunStatus::Stopped, None, None));
-        let frames: Vec<_> = run.clone().follow(0, true).collect().await;
+        let frames: Vec<_> = follow(run.clone(), 0, true).collect().await;
         assert!(matches!(frames[0], ServerMessage::Start { .. }));
         assert_eq!(chunk_seqs(&frames), vec![1, 2, 3]);
-        let frames: Vec<_> = run.clone().follow(3, false).collect().await;
+        let frames: Vec<_> = follow(run.clone(), 3, false).collect().await;
         assert_eq!(frames.len(), 1, "only complete");
-        let frames: Vec<_> = run.follow(99, false).collect().await;
+        let frames: Vec<_> = follow(run, 99, false).collect().await;
         assert!(matches!(frames[..], [ServerMessage::Complete { .. }]));
     }
 
@@ -469,7 +550,7 @@ mod tests {
             None,
             Some("upstream broke".into()),
         ));
-        let frames: Vec<_> = run.follow(0, false).collect().await;
+        let frames: Vec<_> = follow(run, 0, false).collect().await;
         assert!(matches!(frames[0], ServerMessage::Chunk { seq: 1, .. }));
         assert!(matches!(
             &frames[1],
@@ -488,13 +569,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_chunk_is_encoded_once_and_shared_by_every_watcher() {
+        let run = handle();
+        run.push("shared");
+        let first: Vec<Frame> = run.clone().follow(0, false).take(1).collect().await;
+        let second: Vec<Frame> = run.clone().follow(0, false).take(1).collect().await;
+        assert_eq!(first[0].kind, FrameKind::Chunk { seq: 1 });
+        assert_eq!(
+            first[0].text.as_str().as_ptr(),
+            second[0].text.as_str().as_ptr(),
+            "the second watcher sends the first one's bytes"
+        );
+        // Beyond the window, a replay still gets every chunk right (encoded again).
+        for i in 0..ENCODED_WINDOW + 10 {
+            run.push(&i.to_string());
+        }
+        run.finish(Ending::new(RunStatus::Completed, None, None));
+        let live: Vec<ServerMessage> = follow(run.clone(), 0, false).collect().await;
+        let replay: Vec<ServerMessage> = follow(run, 0, false).collect().await;
+        assert_eq!(live, replay);
+        assert_eq!(
+            chunk_seqs(&replay),
+            (1..=ENCODED_WINDOW as u64 + 11).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
     async fn more_than_a_batch_is_replayed_in_order() {
         let run = handle();
         for i in 0..(READ_BATCH * 2 + 7) {
             run.push(&i.to_string());
         }
         run.finish(Ending::new(RunStatus::Completed, None, None));
-        let frames: Vec<_> = run.follow(0, false).collect().await;
+        let frames: Vec<_> = follow(run, 0, false).collect().await;
         let seqs = chunk_seqs(&frames);
         assert_eq!(seqs, (1..=(READ_BATCH * 2 + 7) as u64).collect::<Vec<_>>());
     }
@@ -517,7 +624,7 @@ mod tests {
         ending.saved_output = Some("ab".into());
         mirror.finish(ending);
         mirror.push_at(4, "late").unwrap();
-        let frames: Vec<_> = mirror.follow(0, false).collect().await;
+        let frames: Vec<_> = follow(mirror, 0, false).collect().await;
         assert_eq!(chunk_seqs(&frames), vec![1, 2, 3]);
         assert!(
             matches!(
@@ -550,14 +657,14 @@ mod tests {
                     let mut follower = None;
                     for (index, chunk) in chunks.iter().enumerate() {
                         if index == follow_at {
-                            follower = Some(tokio::spawn(run.clone().follow(after, false).collect::<Vec<_>>()));
+                            follower = Some(tokio::spawn(follow(run.clone(), after, false).collect::<Vec<_>>()));
                             tokio::task::yield_now().await;
                         }
                         run.push(chunk);
                     }
                     let follower = match follower {
                         Some(follower) => follower,
-                        None => tokio::spawn(run.clone().follow(after, false).collect::<Vec<_>>()),
+                        None => tokio::spawn(follow(run.clone(), after, false).collect::<Vec<_>>()),
                     };
                     run.finish(Ending::new(RunStatus::Completed, None, None));
                     follower.await.unwrap()

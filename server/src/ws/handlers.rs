@@ -19,7 +19,7 @@ use crate::{
     content::check_message,
     error::AppError,
     ids::{MessageId, RunId},
-    runs::{Placement, RunHandle},
+    runs::{FrameKind, Placement, RunHandle},
 };
 
 /// Handles one text frame.
@@ -458,11 +458,10 @@ impl Session {
         let task = tokio::spawn(async move {
             let mut frames = pin!(handle.follow(after_seq, with_start));
             while let Some(frame) = frames.next().await {
-                let is_chunk = matches!(frame, ServerMessage::Chunk { .. });
-                let text = frame.encode();
-                let bytes = text.len() as u64;
+                let is_chunk = matches!(frame.kind, FrameKind::Chunk { .. });
+                let bytes = frame.text.len() as u64;
                 // Usually there is room; only a full queue waits, at most `patience`.
-                match out.offer(Outbound::Text(text.into())) {
+                match out.offer(Outbound::Text(frame.text)) {
                     Offer::Queued => {}
                     Offer::Closed => return,
                     Offer::Full(item) => match tokio::time::timeout(patience, out.push(item)).await
