@@ -4,6 +4,7 @@
 //! seconds, so the harness keeps working). Usually run through `cargo xtask bench`.
 
 mod client;
+mod plot;
 mod procfs;
 mod report;
 mod scenario;

@@ -42,7 +42,7 @@ pub fn write(out_dir: &Path, name: &str, target: &Target, result: Value) -> Resu
 }
 
 /// The short hash of the checked-out commit, if this runs inside a git work tree.
-fn commit() -> Option<String> {
+pub fn commit() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()

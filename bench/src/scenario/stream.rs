@@ -96,6 +96,9 @@ struct Watched {
     status: Option<String>,
     error: Option<String>,
     latencies: Latencies,
+    /// Time to first token added by the server: from the upstream sending the run's first token
+    /// to this watcher receiving `chunk` 1.
+    first_token: Latencies,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -218,6 +221,9 @@ async fn watch(
                 for sent in stamp::stamps(frame.content.as_deref().unwrap_or_default()) {
                     tokens += 1;
                     seen.latencies.record(received.saturating_sub(sent));
+                    if seq == 1 && tokens == 1 {
+                        seen.first_token.record(received.saturating_sub(sent));
+                    }
                 }
                 seen.tokens += tokens;
                 counters.chunks.fetch_add(1, Ordering::Relaxed);
@@ -403,6 +409,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     };
 
     let mut latencies = Latencies::default();
+    let mut first_token = Latencies::default();
     let (mut complete, mut watched, mut seq_errors, mut tokens) = (0usize, 0usize, 0u64, 0u64);
     let mut chunks = 0u64;
     let (mut refused_watchers, mut refused_runs) = (0usize, 0usize);
@@ -440,6 +447,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
             });
         }
         latencies.merge(seen.latencies);
+        first_token.merge(seen.first_token);
     }
     let _ = stop.send(());
     let samples = sampler
@@ -452,6 +460,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     );
     let rates = window(&samples, steady);
     let latency: Summary = latencies.summary();
+    let first_token: Summary = first_token.summary();
     let expected_watchers = runs * watchers - refused_watchers;
     let every_seq_once = complete == expected_watchers && errors.total == 0;
     let refusal = refusal_latencies.summary();
@@ -480,6 +489,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
     println!(
         "stream step ({mode}) R={runs} W={watchers} T={} @{}/s: offered {offered:.0} chunks/s, delivered \
          {:.0} chunks/s ({:.0} tokens/s), {cpu}, latency p50 {:.2} ms p99 {:.2} ms max {:.1} ms, \
+         first token overhead p50 {:.2} ms p99 {:.2} ms, \
          every seq once: {} ({complete}/{expected_watchers} watchers), p99 < {TARGET_P99_MS} ms: {}",
         shape.tokens,
         args.rate,
@@ -488,6 +498,8 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
         latency.p50_ms,
         latency.p99_ms,
         latency.max_ms,
+        first_token.p50_ms,
+        first_token.p99_ms,
         if every_seq_once { "yes" } else { "NO" },
         verdict(latency.p99_ms < TARGET_P99_MS),
     );
@@ -507,6 +519,7 @@ async fn step(bench: &Bench, args: &Args, runs: usize, seats: &[Seat]) -> Result
             "steady_window_seconds": steady,
             "steady": rates,
             "latency": latency,
+            "first_token_latency": first_token,
             "chunk_frames_received": chunks,
             "tokens_received": tokens,
             "watchers_complete": complete,
@@ -605,7 +618,11 @@ pub async fn run(bench: &Bench, args: &Args) -> Result<Outcome> {
             "stream: no step delivered every chunk with p99 < {TARGET_P99_MS} ms (target: MISSED)"
         ),
     };
+    let plot = bench.out_dir.join("stream.svg");
+    write_plot(&plot, args, &steps)?;
+    let summary = format!("{summary}\nplot: {}", plot.display());
     let result = json!({
+        "plot": plot,
         "args": {
             "runs": args.runs,
             "tokens": args.tokens,
@@ -629,4 +646,60 @@ pub async fn run(bench: &Bench, args: &Args) -> Result<Outcome> {
         correct,
         target_met,
     })
+}
+
+/// `stream.svg`: latency p50/p99 and server CPU per chunk against the offered load, one point
+/// per step.
+fn write_plot(path: &std::path::Path, args: &Args, steps: &[Value]) -> Result<()> {
+    let series = |pick: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
+        steps
+            .iter()
+            .filter_map(|step| Some((step["offered_chunks_per_second"].as_f64()?, pick(step)?)))
+            .collect()
+    };
+    let title = format!(
+        "stream: W={} watchers per run, {}/s tokens per run, commit {}",
+        args.watchers,
+        args.rate,
+        crate::report::commit().unwrap_or_else(|| "?".to_owned())
+    );
+    let svg = crate::plot::svg(
+        &title,
+        "offered chunk frames/s",
+        &[
+            crate::plot::Panel {
+                y_label: "server-added latency, ms",
+                series: vec![
+                    crate::plot::Series {
+                        name: "p50",
+                        color: "#1f77b4",
+                        points: series(&|step| step["latency"]["p50_ms"].as_f64()),
+                    },
+                    crate::plot::Series {
+                        name: "p99",
+                        color: "#d62728",
+                        points: series(&|step| step["latency"]["p99_ms"].as_f64()),
+                    },
+                ],
+                limit: Some((TARGET_P99_MS, "p99 target")),
+            },
+            crate::plot::Panel {
+                y_label: "server CPU per chunk, µs",
+                series: vec![crate::plot::Series {
+                    name: "server",
+                    color: "#2ca02c",
+                    points: series(&|step| {
+                        // CPU-seconds per 1 000 chunks = milliseconds per chunk.
+                        step["steady"]["server_cpu_seconds_per_1000_chunks"]
+                            .as_f64()
+                            .map(|ms| ms * 1000.0)
+                    }),
+                }],
+                limit: None,
+            },
+        ],
+    );
+    std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")))
+        .map_err(|e| anyhow!("cannot create the plot's directory: {e}"))?;
+    std::fs::write(path, svg).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
