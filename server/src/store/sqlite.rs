@@ -48,6 +48,20 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .acquire_timeout(super::ACQUIRE_TIMEOUT)
+            // A COMMIT that fails for a full disk is rolled back by SQLite itself, so the
+            // ROLLBACK sqlx then queues fails and sqlx keeps counting a transaction the
+            // connection no longer has: every later `BEGIN IMMEDIATE` on it would be refused.
+            // Such a connection is closed instead of handed out (the pool's ping on acquire
+            // runs after any queued ROLLBACK, so a healthy connection is at depth 0 here).
+            .before_acquire(|connection, _| {
+                Box::pin(async move {
+                    use sqlx::TransactionManager;
+                    Ok(
+                        sqlx::sqlite::SqliteTransactionManager::get_transaction_depth(connection)
+                            == 0,
+                    )
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
