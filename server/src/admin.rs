@@ -20,7 +20,7 @@ use crate::{
     auth::embedded::{MAX_PASSWORD_BYTES, hashing, keep_retired_keys, keys},
     config::{Config, SecretUrl},
     ids::UserId,
-    store::{Store, UserRecord},
+    store::{Store, UserRecord, create_private_file},
     util::now_millis,
 };
 
@@ -486,26 +486,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     name.into()
-}
-
-#[cfg(unix)]
-fn create_private_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map(drop)
-}
-
-#[cfg(not(unix))]
-fn create_private_file(path: &Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map(drop)
 }
 
 /// A new signing key; the keys in use are retired and keep verifying until their tokens

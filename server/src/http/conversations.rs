@@ -324,23 +324,7 @@ async fn path(
                 })?;
             message.parent_id
         }
-        None => {
-            let through = query
-                .through
-                .as_deref()
-                .filter(|text| !text.is_empty())
-                .map(|text| {
-                    text.parse::<MessageId>().map_err(|_| {
-                        AppError::invalid(ErrorCode::InvalidRequest, "through is not an id")
-                    })
-                })
-                .transpose()?;
-            let leaf = state.store.newest_leaf(id, through).await?;
-            if leaf.is_none() && through.is_some() {
-                return Err(AppError::NotFound);
-            }
-            leaf
-        }
+        None => branch_leaf(&state, id, query.through.as_deref()).await?,
     };
     let Some(start) = start else {
         return Ok(empty());
@@ -358,6 +342,28 @@ async fn path(
         items: rows.iter().map(dto::message).collect(),
         older_cursor,
     }))
+}
+
+/// The last message of the branch through `through` (an id, or empty or absent for the newest
+/// message of the conversation); `None` for a conversation without messages. A `through` that
+/// is not a message of the conversation is not found.
+async fn branch_leaf(
+    state: &AppState,
+    id: ConversationId,
+    through: Option<&str>,
+) -> Result<Option<MessageId>, AppError> {
+    let through = through
+        .filter(|text| !text.is_empty())
+        .map(|text| {
+            text.parse::<MessageId>()
+                .map_err(|_| AppError::invalid(ErrorCode::InvalidRequest, "through is not an id"))
+        })
+        .transpose()?;
+    let leaf = state.store.newest_leaf(id, through).await?;
+    if leaf.is_none() && through.is_some() {
+        return Err(AppError::NotFound);
+    }
+    Ok(leaf)
 }
 
 #[derive(serde::Deserialize)]
@@ -393,19 +399,8 @@ async fn export(
             ))
         }
         "markdown" | "md" => {
-            let through = query
-                .through
-                .as_deref()
-                .filter(|text| !text.is_empty())
-                .map(|text| {
-                    text.parse::<MessageId>().map_err(|_| {
-                        AppError::invalid(ErrorCode::InvalidRequest, "through is not an id")
-                    })
-                })
-                .transpose()?;
-            let rows = match state.store.newest_leaf(id, through).await? {
+            let rows = match branch_leaf(&state, id, query.through.as_deref()).await? {
                 Some(leaf) => state.store.path(id, leaf, u32::MAX).await?,
-                None if through.is_some() => return Err(AppError::NotFound),
                 None => Vec::new(),
             };
             let messages: Vec<api::Message> = rows.iter().map(dto::message).collect();

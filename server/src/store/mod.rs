@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use records::*;
+pub(crate) use sqlite::create_private_file;
 
 use crate::ids::{ConversationId, InstanceId, MessageId, RunId, UserId};
 

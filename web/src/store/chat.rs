@@ -262,11 +262,7 @@ impl ChatState {
         if self.streaming.is_some() {
             return Vec::new();
         }
-        let Some(at) = self
-            .messages
-            .iter()
-            .position(|m| m.id == Some(message_id) && m.role == Role::User)
-        else {
+        let Some(at) = self.user_message_at(message_id) else {
             return Vec::new();
         };
         self.messages.truncate(at);
@@ -331,17 +327,20 @@ impl ChatState {
         vec![Command::Send(frame)]
     }
 
+    /// Where the user message `message_id` is in the branch shown.
+    fn user_message_at(&self, message_id: Uuid) -> Option<usize> {
+        self.messages
+            .iter()
+            .position(|m| m.id == Some(message_id) && m.role == Role::User)
+    }
+
     /// The user asks for another answer to the user message `message_id`: the answer shown
     /// after it makes way for the new one (it stays, one `‹ ›` away).
     pub fn regenerate(&mut self, message_id: Uuid) -> Vec<Command> {
         if self.streaming.is_some() {
             return Vec::new();
         }
-        let Some(at) = self
-            .messages
-            .iter()
-            .position(|m| m.id == Some(message_id) && m.role == Role::User)
-        else {
+        let Some(at) = self.user_message_at(message_id) else {
             return Vec::new();
         };
         self.error = None;
