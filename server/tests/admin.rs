@@ -310,15 +310,7 @@ async fn a_rotated_signing_key_signs_new_tokens_and_the_old_one_still_verifies(e
     // The running instance learns the new key from the first token naming it, and publishes
     // both.
     assert_eq!(me(&first, new_token).await, StatusCode::OK);
-    let jwks: Value = first
-        .http
-        .get(first.url("/auth/v1/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = first.jwks().await;
     let kids: Vec<&str> = jwks["keys"]
         .as_array()
         .unwrap()

@@ -827,15 +827,7 @@ async fn forged_tokens_are_refused(engine: Engine) {
     unauthorized(me(&server, &unknown.sign(&claims)).await.status());
 
     // HS256 "signed" with the server's public key (algorithm confusion).
-    let jwks: Value = server
-        .http
-        .get(server.url("/auth/v1/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = server.jwks().await;
     let public_jwk = &jwks["keys"][0];
     let confusion_secret = public_jwk.to_string();
     let mut hs_header = Header::new(Algorithm::HS256);
@@ -1053,28 +1045,12 @@ async fn supabase_hs256_tokens_are_accepted(engine: Engine) {
 async fn the_signing_key_survives_a_restart(engine: Engine) {
     let mut first = TestServer::on(engine).await;
     let session = first.sign_up().await;
-    let jwks_before: Value = first
-        .http
-        .get(first.url("/auth/v1/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks_before: Value = first.jwks().await;
     first.stop().await.unwrap();
     let db = first.take_db();
 
     let second = TestServer::start_with(db.config()).await;
-    let jwks_after: Value = second
-        .http
-        .get(second.url("/auth/v1/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks_after: Value = second.jwks().await;
     assert_eq!(jwks_before, jwks_after);
     assert_eq!(me(&second, session.access_token()).await.status(), 200);
     assert_eq!(

@@ -139,6 +139,18 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The signing keys the embedded auth service publishes.
+    pub async fn jwks(&self) -> Value {
+        self.http
+            .get(self.url("/auth/v1/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The Prometheus exposition at `/metrics`.
     pub async fn metrics_text(&self) -> String {
         self.http
