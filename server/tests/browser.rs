@@ -1,5 +1,5 @@
-//! End-to-end: the release binary (web app embedded) started alone in an empty directory, driven
-//! through headless Chromium, with a fake model whose pace each test controls. Run by `cargo
+//! End-to-end: the `wadi` binary (serving the built web app) started alone in an empty
+//! directory, driven through headless Chromium, with a fake model whose pace each test controls. Run by `cargo
 //! xtask test` (which builds the binary and installs Chromium); see `common::browser`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -5,7 +5,7 @@
 //! - `run`:   installs what it needs, builds the server and the web app side by side (quick
 //!   profiles), starts the server on embedded defaults.
 //! - `test`:  setup, then fmt, clippy (native and wasm32), all tests, the release web build and
-//!   its size budget, the browser tests against the one binary, a benchmark smoke.
+//!   its size budget, the browser tests against the server's debug binary, a benchmark smoke.
 //! - `dist`:  a release build of web and server into `target/dist/`.
 //! - `bench`: the benchmark scenarios (`docs/performance.md`).
 
@@ -72,6 +72,8 @@ fn test() -> Result<(), String> {
         result
     };
 
+    // Debian's packages (Chromium, Redis) download and unpack while the Rust steps compile.
+    let debian = tools::Background::debian_packages();
     step("setup", &mut tools::setup)?;
     step("fmt", &mut || {
         tools::status(cmd("cargo", &["fmt", "--all", "--", "--check"]).current_dir(&root))
@@ -113,7 +115,10 @@ fn test() -> Result<(), String> {
         )
     })?;
     step("protocol crate stays wasm-clean", &mut check_protocol_tree)?;
-    step("test services (Redis, Postgres)", &mut tools::redis)?;
+    step("test services (Redis, Postgres)", &mut || {
+        debian.wait()?;
+        tools::redis()
+    })?;
     let postgres = services::postgres_for_tests()?;
     let postgres_url = postgres.as_ref().map(|postgres| postgres.url.clone());
     step("tests", &mut || {
@@ -136,12 +141,15 @@ fn test() -> Result<(), String> {
     })?;
     step("web release build", &mut build_web)?;
     step("web bundle size", &mut check_bundle_size)?;
-    step("release binary (web app embedded)", &mut || {
-        build_release_server().map(|_| ())
-    })?;
-    step("browser install", &mut tools::browser)?;
+    step("browser install", &mut || debian.wait())?;
     step("browser tests", &mut || {
-        let binary = root.join("target").join("release").join("wadi");
+        // The debug binary the tests step built: it serves `dist/` through the same embedded-
+        // files interface the release binary compiles in (read from disk in this profile), and
+        // a release build of the server here cost six of a cold run's minutes.
+        let binary = root.join("target").join("debug").join("wadi");
+        tools::status(
+            cmd("cargo", &["build", "-p", "wadi-server", "--bin", "wadi"]).current_dir(&root),
+        )?;
         let mut nextest = cmd(
             "cargo",
             &[

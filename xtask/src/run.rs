@@ -163,11 +163,11 @@ pub fn run(server_args: &[String]) -> Result<(), String> {
         .unwrap_or_else(|_| Err("the server build panicked".to_owned()));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Err(error) = &web {
-        show_tail(&web_log);
+        tools::show_tail(&web_log);
         return Err(error.clone());
     }
     if let Err(error) = &server {
-        show_tail(&server_log);
+        tools::show_tail(&server_log);
         return Err(error.clone());
     }
 
@@ -230,15 +230,4 @@ fn fresh_log(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
     path
-}
-
-/// The end of a failed step's log, so the cause shows without opening it.
-fn show_tail(log: &Path) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(40);
-    eprintln!("--- last lines of {} ---", log.display());
-    for line in &lines[start..] {
-        eprintln!("{line}");
-    }
 }

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::tools::{apt_install, cmd, running_as_root, status};
+use crate::tools::{Output, apt_install, cmd, running_as_root, status};
 
 /// A Postgres the tests use; a private one is stopped when this is dropped.
 pub struct Postgres {
@@ -71,7 +71,7 @@ fn start_private() -> Result<Postgres, String> {
     let bin = match postgres_bin() {
         Some(bin) => bin,
         None => {
-            apt_install(&["postgresql"])?;
+            apt_install(&["postgresql"], &Output::Terminal)?;
             postgres_bin().ok_or("the postgresql package has no initdb")?
         }
     };

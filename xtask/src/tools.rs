@@ -187,14 +187,111 @@ impl Output {
 
 /// Installs everything `cargo xtask test` needs, skipping what is already there at the right
 /// version.
+/// trunk and wasm-bindgen-cli install side by side (each logs to `target/xtask/`): each spends
+/// long stretches compiling one crate on one core.
 pub fn setup() -> Result<(), String> {
     let out = Output::Terminal;
     lockfile(&out)?;
     wasm_target(&out)?;
-    trunk(&out)?;
-    wasm_bindgen(&out)?;
+    let logs = workspace_root().join("target").join("xtask");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let (trunk_log, bindgen_log) = (logs.join("trunk.log"), logs.join("wasm-bindgen.log"));
+    let (installed_trunk, installed_bindgen) = std::thread::scope(|scope| {
+        let trunk = scope.spawn(|| trunk(&Output::Log(trunk_log.clone())));
+        let bindgen = wasm_bindgen(&Output::Log(bindgen_log.clone()));
+        let trunk = trunk
+            .join()
+            .unwrap_or_else(|_| Err("the trunk install panicked".to_owned()));
+        (trunk, bindgen)
+    });
+    for (result, log) in [
+        (&installed_trunk, &trunk_log),
+        (&installed_bindgen, &bindgen_log),
+    ] {
+        if result.is_err() {
+            show_tail(log);
+        }
+    }
+    installed_trunk?;
+    installed_bindgen?;
     wasm_opt(&out)?;
     nextest(&out)
+}
+
+/// The end of a failed step's log, so the cause shows without opening it.
+pub fn show_tail(log: &std::path::Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(40);
+    eprintln!("--- last lines of {} ---", log.display());
+    for line in &lines[start..] {
+        eprintln!("{line}");
+    }
+}
+
+/// Work started now on another thread, whose result is awaited (once) where it is needed.
+pub struct Background {
+    name: &'static str,
+    handle: std::sync::Mutex<Option<std::thread::JoinHandle<Result<(), String>>>>,
+    result: std::sync::OnceLock<Result<(), String>>,
+}
+
+impl Background {
+    /// Debian's packages the tests need (Chromium and ChromeDriver for the browser tests,
+    /// `redis-server` for the cluster tests), installed in one `apt-get` run when any is
+    /// missing, with its output in `target/xtask/apt.log`.
+    pub fn debian_packages() -> Self {
+        let handle = std::thread::spawn(|| {
+            let present = |path: &str| std::path::Path::new(path).exists();
+            let mut missing = Vec::new();
+            if !(present("/usr/bin/chromium") && present("/usr/bin/chromedriver")) {
+                missing.extend(["chromium", "chromium-driver"]);
+            }
+            if !(on_path("redis-server") && on_path("redis-cli")) {
+                missing.push("redis-server");
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let log = workspace_root()
+                .join("target")
+                .join("xtask")
+                .join("apt.log");
+            if let Some(dir) = log.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            let installed = apt_install(&missing, &Output::Log(log.clone()));
+            if installed.is_err() {
+                show_tail(&log);
+            }
+            installed
+        });
+        Self {
+            name: "installing Debian's packages",
+            handle: std::sync::Mutex::new(Some(handle)),
+            result: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Waits for the work (the first call) and returns its result (every call).
+    pub fn wait(&self) -> Result<(), String> {
+        self.result
+            .get_or_init(|| {
+                let handle = self
+                    .handle
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                match handle {
+                    Some(handle) => handle
+                        .join()
+                        .unwrap_or_else(|_| Err(format!("{} panicked", self.name))),
+                    None => Err(format!("{} was never started", self.name)),
+                }
+            })
+            .clone()
+    }
 }
 
 pub fn lockfile(out: &Output) -> Result<(), String> {
@@ -336,27 +433,12 @@ pub fn gzip_size(path: &std::path::Path) -> Result<u64, String> {
     Ok(output.stdout.len() as u64)
 }
 
-/// Debian's Chromium and ChromeDriver for the browser tests, installed when missing (the tests
-/// never download a browser).
-pub fn browser() -> Result<(), String> {
-    let present = |path: &str| std::path::Path::new(path).exists();
-    if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
-        return Ok(());
-    }
-    apt_install(&["chromium", "chromium-driver"])?;
-    if present("/usr/bin/chromium") && present("/usr/bin/chromedriver") {
-        Ok(())
-    } else {
-        Err("chromium and chromium-driver are not installed".to_owned())
-    }
-}
-
 /// Debian's `redis-server` (and `redis-cli`): the cluster tests start their own servers.
 pub fn redis() -> Result<(), String> {
     if on_path("redis-server") && on_path("redis-cli") {
         return Ok(());
     }
-    apt_install(&["redis-server"])?;
+    apt_install(&["redis-server"], &Output::Terminal)?;
     if on_path("redis-server") {
         Ok(())
     } else {
@@ -375,7 +457,7 @@ pub fn on_path(program: &str) -> bool {
 }
 
 /// `apt-get install` of Debian packages (through sudo unless root).
-pub fn apt_install(packages: &[&str]) -> Result<(), String> {
+pub fn apt_install(packages: &[&str], out: &Output) -> Result<(), String> {
     println!("xtask: installing {} from Debian", packages.join(", "));
     let apt = |args: &[&str]| {
         let mut command = if running_as_root() {
@@ -386,7 +468,7 @@ pub fn apt_install(packages: &[&str]) -> Result<(), String> {
             sudo
         };
         command.env("DEBIAN_FRONTEND", "noninteractive");
-        status(&mut command)
+        out.run(&mut command)
     };
     apt(&["update"])?;
     let mut install = vec!["install", "-y"];

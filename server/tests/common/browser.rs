@@ -1,4 +1,4 @@
-//! End-to-end harness: the release `wadi` binary (web app embedded) started alone in an empty
+//! End-to-end harness: the `wadi` binary (serving the built web app) started alone in an empty
 //! directory, a fake model upstream, an optional TCP proxy the test can cut, and headless
 //! Chromium driven over WebDriver (Debian's chromium and chromium-driver).
 
@@ -15,11 +15,11 @@ use super::TIMEOUT;
 #[allow(unused_imports)]
 pub use super::net::Proxy;
 
-/// The release binary under test (set by `cargo xtask test`).
+/// The binary under test (set by `cargo xtask test`).
 fn binary() -> PathBuf {
     let path = std::env::var_os("WADI_BROWSER_BINARY").expect(
         "WADI_BROWSER_BINARY is not set: run the browser tests with `cargo xtask test` \
-         (it builds the release binary with the web app embedded)",
+         (it builds the web app and the binary)",
     );
     PathBuf::from(path)
 }
