@@ -6,6 +6,9 @@
 //!   arguments go to `wadi-bench <scenario>` (`cargo xtask bench stream --help`).
 //! - `smoke`: every scenario for a few seconds on debug builds, checking that the harness works
 //!   (what `cargo xtask test` runs), not the targets.
+//! - `compare`: stream and idle against WADI and against the reference server
+//!   (`bench/reference/`, the original's Node stack, its packages installed by `npm ci`), and
+//!   the ratios.
 //! - `upstream`: only the fake OpenAI-compatible upstream, to benchmark another server.
 //!
 //! Reports go to `target/bench/`.
@@ -14,14 +17,17 @@ use std::path::PathBuf;
 
 use crate::tools::{self, cmd, workspace_root};
 
-const SCENARIOS: [&str; 4] = ["idle", "stream", "churn", "upstream"];
+const SCENARIOS: [&str; 5] = ["idle", "stream", "churn", "compare", "upstream"];
 
 const HELP: &str = "usage: cargo xtask bench <scenario> [ARGS]
 
   idle    [ARGS]  hold N authenticated idle sockets: server RSS per connection
   stream  [ARGS]  R runs x W watchers: chunks/s, CPU per 1000 chunks, latency p50/p99/max
   churn   [ARGS]  open/auth/ping/close continuously: RSS drift and errors
-  smoke           all three for a few seconds (debug builds), as `cargo xtask test` does
+  smoke           all three, and compare, for a few seconds (debug builds), as `cargo xtask
+                  test` does
+  compare [ARGS]  stream and idle against WADI and against the reference server
+                  (bench/reference/: Node ws + Express + openai), and the ratios
   upstream [ARGS] only the fake OpenAI-compatible upstream
 
 `cargo xtask bench <scenario> --help` lists a scenario's arguments. Reports: target/bench/.";
@@ -38,6 +44,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         name if SCENARIOS.contains(&name) => {
+            if name == "compare" {
+                reference_packages()?;
+            }
             let bench = build(true)?;
             let mut command = cmd(&bench.to_string_lossy(), &[name]);
             command.args(rest).arg("--out-dir").arg(out_dir());
@@ -47,14 +56,41 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// A few seconds of every scenario against a debug build of the server, so the harness keeps
-/// working. Fails if the harness sees a failed connection or a missing chunk; the performance
+/// A few seconds of every scenario against a debug build of the server, then a small compare
+/// against the reference server, so the harness and the reference keep working. Fails if the harness sees a failed connection or a missing chunk; the performance
 /// targets are not checked (debug builds on a shared CI machine say nothing about them).
 pub fn smoke() -> Result<(), String> {
     let bench = build(false)?;
     let mut command = cmd(&bench.to_string_lossy(), &["smoke"]);
     command.arg("--out-dir").arg(out_dir());
-    tools::status(command.current_dir(workspace_root()))
+    tools::status(command.current_dir(workspace_root()))?;
+    reference_packages()?;
+    let mut compare = cmd(
+        &bench.to_string_lossy(),
+        &[
+            "compare",
+            "--runs",
+            "10",
+            "--tokens",
+            "20",
+            "--rate",
+            "50",
+            "--connections",
+            "200",
+        ],
+    );
+    compare.arg("--out-dir").arg(out_dir().join("smoke"));
+    tools::status(compare.current_dir(workspace_root()))
+}
+
+/// The reference server's npm packages, exactly as `bench/reference/package-lock.json` pins
+/// them (installed once; `npm ci` again after changing the lock).
+fn reference_packages() -> Result<(), String> {
+    let dir = workspace_root().join("bench").join("reference");
+    if dir.join("node_modules").join(".package-lock.json").exists() {
+        return Ok(());
+    }
+    tools::status(cmd("npm", &["ci", "--no-audit", "--no-fund"]).current_dir(&dir))
 }
 
 /// Builds `wadi` and `wadi-bench` side by side (the generator starts the server next to it) and

@@ -147,16 +147,20 @@ fn test() -> Result<(), String> {
         // files interface the release binary compiles in (read from disk in this profile), and
         // a release build of the server here cost six of a cold run's minutes.
         let binary = root.join("target").join("debug").join("wadi");
-        tools::status(
-            cmd("cargo", &["build", "-p", "wadi-server", "--bin", "wadi"]).current_dir(&root),
-        )?;
+        if !binary.exists() {
+            return Err(format!(
+                "{} was not built by the tests step",
+                binary.display()
+            ));
+        }
         let mut nextest = cmd(
             "cargo",
             &[
                 "nextest",
                 "run",
-                "-p",
-                "wadi-server",
+                // The whole workspace, as in the tests step: the same features, so nothing is
+                // rebuilt.
+                "--workspace",
                 "--no-fail-fast",
                 "--test-threads",
                 "2",
