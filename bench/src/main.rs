@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     client::Sources,
-    scenario::{Bench, Outcome, churn, idle, stream},
+    scenario::{Bench, Outcome, churn, compare, idle, stream},
     target::Target,
 };
 
@@ -88,6 +88,9 @@ enum Command {
     Churn(churn::Args),
     /// Seconds-long versions of all three scenarios: checks the harness, not the targets.
     Smoke,
+    /// Stream and idle against WADI and against the reference server (`bench/reference/`),
+    /// one after the other, and the ratios.
+    Compare(compare::Args),
     /// Serve the fake OpenAI-compatible upstream (prints its base URL).
     Upstream {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -138,18 +141,29 @@ async fn run(cli: Cli) -> Result<bool> {
         server_pid: cli.server_pid,
         server_bin: cli.server_bin.clone(),
         server_env: cli.server_env.clone(),
+        reference: None,
     };
+    // A different first address each run: sockets closed by the previous run still hold their
+    // ports for a minute.
+    let sources = Sources {
+        first: (stamp::now_micros() / 1000 % 10_000_000) as u32,
+        count: cli.sources.max(1),
+    };
+    if let Command::Compare(args) = &cli.command {
+        let out_dir = cli.out_dir.join("compare");
+        let outcome = compare::run(&options, &out_dir, sources, args).await?;
+        println!("{}", outcome.summary);
+        let path = out_dir.join("compare.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
+        println!("  report: {}", path.display());
+        return Ok(outcome.correct);
+    }
     let target = Target::start(&options, &cli.out_dir).await?;
     let bench = Bench {
         target,
         out_dir: cli.out_dir.clone(),
         token: cli.token.clone(),
-        // A different first address each run: sockets closed by the previous run still hold
-        // their ports for a minute.
-        sources: Sources {
-            first: (stamp::now_micros() / 1000 % 10_000_000) as u32,
-            count: cli.sources.max(1),
-        },
+        sources,
     };
     let result = scenarios(&bench, cli.command, cli.check_targets).await;
     bench.target.stop().await?;
@@ -186,7 +200,7 @@ async fn scenarios(bench: &Bench, command: Command, check_targets: bool) -> Resu
             let churn = churn::run(bench, &smoke_churn()).await?;
             correct &= finish(bench, "smoke-churn", churn, false)?;
         }
-        Command::Upstream { .. } | Command::IdleWorker => {}
+        Command::Upstream { .. } | Command::IdleWorker | Command::Compare(_) => {}
     }
     Ok(correct)
 }

@@ -56,6 +56,8 @@ pub struct Options {
     pub server_bin: Option<PathBuf>,
     /// Extra `KEY=VALUE` settings for a started server.
     pub server_env: Vec<String>,
+    /// Start the reference server (`node <this script>`, `bench/reference/`) instead of `wadi`.
+    pub reference: Option<PathBuf>,
 }
 
 /// A started server and its upstream, stopped by [`Target::stop`] (or killed on drop).
@@ -135,9 +137,13 @@ impl Target {
     }
 
     async fn launch(options: &Options, out_dir: &Path) -> Result<Self> {
-        let bin = match &options.server_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()?
+        if options.reference.is_some() && options.instances > 1 {
+            bail!("the reference server runs as one instance");
+        }
+        let bin = match (&options.reference, &options.server_bin) {
+            (Some(script), _) => script.clone(),
+            (None, Some(bin)) => bin.clone(),
+            (None, None) => std::env::current_exe()?
                 .parent()
                 .context("this program has no directory")?
                 .join("wadi"),
@@ -188,7 +194,14 @@ impl Target {
             shared_env.push((key.to_owned(), value.to_owned()));
         }
         let server_command = |name: &str| {
-            let mut server = Command::new(&bin);
+            let mut server = match &options.reference {
+                Some(script) => {
+                    let mut node = Command::new("node");
+                    node.arg(script).env("PORT", "0");
+                    node
+                }
+                None => Command::new(&bin),
+            };
             server
                 .envs(SERVER_ENV)
                 .env("WADI_DATA_DIR", data_dir.join(name))
@@ -196,12 +209,12 @@ impl Target {
                 .envs(shared_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             server
         };
-        let (server, line) = spawn_until(
-            server_command("a"),
-            &run_dir.join("server.log"),
-            "WADI is running at ",
-        )
-        .await?;
+        let ready_line = match options.reference {
+            Some(_) => "reference is running at ",
+            None => "WADI is running at ",
+        };
+        let (server, line) =
+            spawn_until(server_command("a"), &run_dir.join("server.log"), ready_line).await?;
         let http_base = line.trim().trim_end_matches('/').to_owned();
         let mut target = Self::attach(&http_base, server.id()).await?;
         target.ready().await?;

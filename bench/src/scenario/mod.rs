@@ -2,6 +2,7 @@
 //! the report, whether the harness saw anything wrong, and whether the target was met.
 
 pub mod churn;
+pub mod compare;
 pub mod idle;
 pub mod stream;
 pub mod worker;
