@@ -329,13 +329,16 @@ async fn html_in_model_output_is_shown_as_text_and_runs_nothing() {
         let upstream = FakeUpstream::start(Script::Manual).await;
         let app = App::start(&upstream.base_url, &[]).await;
         let browser = scenario.browser("xss", DESKTOP.0, DESKTOP.1).await;
-        sign_up(&browser, &app.url(), &unique_email()).await;
-        new_conversation(&browser).await;
+        let email = unique_email();
+        sign_up(&browser, &app.url(), &email).await;
+        let id = new_conversation(&browser).await;
         online(&browser).await;
         send(&browser, "Say something nasty").await;
         let request = upstream.next_request().await;
         request.token("<img src=x onerror=\"window.__pwned=1\"> and ");
         request.token("<script>window.__pwned=2</script> and [link](javascript:window.__pwned=3)");
+        // Code is highlighted, and what it holds is still text.
+        request.token("\n\n```js\nconst x = \"<script>window.__pwned=5</script>\"; // 42\n```\n");
         request.send(Step::Finish);
         browser
             .until("the answer", &format!("{LAST_ANSWER}.includes('<script>')"))
@@ -351,6 +354,24 @@ async fn html_in_model_output_is_shown_as_text_and_runs_nothing() {
                 .await,
             serde_json::json!(0)
         );
+        let code = browser
+            .js(
+                "const code = document.querySelector('.message.assistant .code code'); \
+                 return [code.querySelector('.hl-k').textContent, code.querySelector('.hl-s').textContent, \
+                         code.querySelector('.hl-c').textContent]",
+            )
+            .await;
+        assert_eq!(
+            code,
+            serde_json::json!(["const", "\"<script>window.__pwned=5</script>\"", "// 42"])
+        );
+        browser.screenshot("code-highlighted").await;
+        let dark = scenario
+            .browser_in("code-dark", DESKTOP.0, DESKTOP.1, true)
+            .await;
+        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        dark.find(".message.assistant .code .hl-k").await;
+        dark.screenshot("code-highlighted-dark").await;
         // Clicking the link runs nothing either.
         browser.click(".message.assistant a").await;
         assert_eq!(
@@ -523,6 +544,258 @@ async fn a_twenty_thousand_token_answer_streams_without_falling_behind() {
             .js(&format!("return {LAST_ANSWER}.slice(0, 9)"))
             .await;
         assert_eq!(head.as_str().unwrap(), "w0 w1 w2 ");
+    })
+    .await;
+}
+
+/// Records, in the page, every animation frame's interval and every DOM node a streaming
+/// answer's kept blocks lose (a kept block must never be re-rendered).
+const FRAME_RECORDER: &str = r#"
+window.__frames = []; window.__rewrites = 0; window.__recording = true;
+let last = performance.now();
+window.__kept = 0;
+const tick = (now) => {
+  window.__frames.push(now - last); last = now;
+  const kept = document.querySelectorAll('.streaming .md-block:not(.tail)').length;
+  window.__kept = Math.max(window.__kept, kept);
+  if (window.__recording) requestAnimationFrame(tick);
+};
+requestAnimationFrame(tick);
+new MutationObserver((records) => {
+  for (const record of records) {
+    const parent = record.target;
+    const kept = parent.classList && parent.classList.contains('md-block') && !parent.classList.contains('tail');
+    if (kept && record.removedNodes.length) window.__rewrites += 1;
+  }
+}).observe(document.body, { childList: true, subtree: true });
+"#;
+
+const FINAL_PARAGRAPHS: &str = ".message.assistant:not(.streaming) .content p";
+
+/// The recorded frames: count, interval p50, p99 and max (ms), kept blocks rewritten, and the
+/// most blocks kept at once.
+const FRAME_STATS: &str = r#"
+window.__recording = false;
+const f = window.__frames.slice(1).sort((a, b) => a - b);
+const at = (q) => f[Math.min(f.length - 1, Math.floor(q * f.length))];
+return { frames: f.length, p50: at(0.5), p99: at(0.99), max: f[f.length - 1],
+         slow: f.filter((ms) => ms > 34).length, rewrites: window.__rewrites, kept: window.__kept };
+"#;
+
+/// A 20 000-token Markdown answer (a paragraph every 40 tokens, a list every 1 000): streamed
+/// once with the whole answer re-rendered per frame (`?render=full`, the old way) and once with
+/// only its last block re-rendered. Prints the frame intervals of both for
+/// `docs/performance.md`; asserts that kept blocks are never re-rendered.
+#[tokio::test]
+async fn a_long_answer_re_renders_only_its_unfinished_last_block() {
+    Scenario::run(|scenario| async move {
+        let mut tokens = Vec::new();
+        for i in 0..20_000 {
+            tokens.push(match i {
+                i if i % 1000 == 999 => format!("w{i}\n\n- item {i}\n- item b\n\n"),
+                i if i % 40 == 39 => format!("w{i}\n\n"),
+                i => format!("w{i} "),
+            });
+        }
+        let upstream = FakeUpstream::start(Script::Tokens {
+            tokens,
+            // As fast as it comes by default; `WADI_BROWSER_RENDER_PACE_MS=1` streams for about
+            // 50 s, the measurement in docs/performance.md.
+            pace: Duration::from_millis(
+                std::env::var("WADI_BROWSER_RENDER_PACE_MS")
+                    .ok()
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or(0),
+            ),
+        })
+        .await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let last: Vec<String> = (19_960..20_000).map(|i| format!("w{i}")).collect();
+        let last = last.join(" ");
+        let mut figures = Vec::new();
+        for mode in ["full", "incremental"] {
+            let browser = scenario
+                .browser(&format!("render-{mode}"), DESKTOP.0, DESKTOP.1)
+                .await;
+            let query = if mode == "full" { "?render=full" } else { "" };
+            sign_up(&browser, &format!("{}{query}", app.url()), &unique_email()).await;
+            new_conversation(&browser).await;
+            online(&browser).await;
+            browser.js(FRAME_RECORDER).await;
+            let started = std::time::Instant::now();
+            send(&browser, "Write a lot").await;
+            browser
+                .until_within(
+                    "the long answer",
+                    &format!(
+                        "(() => {{ const p = document.querySelectorAll('{FINAL_PARAGRAPHS}'); \
+                         return p.length && p[p.length - 1].innerText.trim() === {last:?}; }})()"
+                    ),
+                    Duration::from_secs(120),
+                )
+                .await;
+            let shown_in = started.elapsed();
+            let stats = browser
+                .js(
+                    FRAME_STATS,
+                )
+                .await;
+            let paragraphs = browser
+                .js(&format!("return document.querySelectorAll('{FINAL_PARAGRAPHS}').length"))
+                .await;
+            // A paragraph every 40 tokens (the lists' items are tight: no <p>).
+            assert_eq!(paragraphs.as_u64(), Some(500), "{mode}");
+            eprintln!(
+                "render {mode}: 20 000 tokens shown in {shown_in:?}; frames {} interval p50 {:.1} ms \
+                 p99 {:.1} ms max {:.1} ms, {} longer than two frames; blocks kept {}, kept \
+                 blocks rewritten {}",
+                stats["frames"],
+                stats["p50"].as_f64().unwrap_or(0.0),
+                stats["p99"].as_f64().unwrap_or(0.0),
+                stats["max"].as_f64().unwrap_or(0.0),
+                stats["slow"],
+                stats["kept"],
+                stats["rewrites"]
+            );
+            figures.push(stats);
+        }
+        // Blocks were kept while streaming, and never re-rendered (the full mode keeps none).
+        assert_eq!(figures[0]["kept"].as_u64(), Some(0));
+        assert!(figures[1]["kept"].as_u64() >= Some(1), "{:?}", figures[1]);
+        assert_eq!(figures[1]["rewrites"].as_u64(), Some(0));
+    })
+    .await;
+}
+
+/// Writes a path of `count` messages (user and assistant in turn, `m0`, `m1`, …) into a
+/// conversation, straight into the app's SQLite file, in one transaction.
+async fn seed_thread(app: &App, conversation: &str, count: usize) {
+    use sqlx::{Connection, Executor};
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(app.dir.path().join("wadi-data").join("wadi.db"))
+        .busy_timeout(Duration::from_secs(10));
+    let mut connection = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    let conversation: uuid::Uuid = conversation.parse().unwrap();
+    let mut transaction = connection.begin().await.unwrap();
+    let mut parent: Option<uuid::Uuid> = None;
+    for i in 0..count {
+        let id = uuid::Uuid::now_v7();
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        transaction
+            .execute(
+                sqlx::query(
+                    "INSERT INTO messages (id, conversation_id, role, content, created_at, parent_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(id)
+                .bind(conversation)
+                .bind(role)
+                .bind(format!("m{i}"))
+                .bind(i64::try_from(i).unwrap())
+                .bind(parent),
+            )
+            .await
+            .unwrap();
+        parent = Some(id);
+    }
+    transaction.commit().await.unwrap();
+    connection.close().await.unwrap();
+}
+
+/// How many messages the page holds, and the first one's text.
+const THREAD_SHOWN: &str = r#"
+const all = document.querySelectorAll('.messages .message .content');
+return { count: all.length, first: all.length ? all[0].textContent.trim() : '' };
+"#;
+
+/// A 2 000-message thread opens with its newest page, and scrolling up loads the rest a page at
+/// a time while what the user reads stays where it is. Prints how long it took to open and the
+/// frame intervals while scrolling through it, for `docs/performance.md`.
+#[tokio::test]
+async fn a_two_thousand_message_thread_opens_fast_and_loads_as_it_scrolls_up() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Tokens {
+            tokens: vec!["ok".into()],
+            pace: Duration::ZERO,
+        })
+        .await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("long-thread", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        let conversation = new_conversation(&browser).await;
+        seed_thread(&app, &conversation, 2000).await;
+
+        let started = std::time::Instant::now();
+        browser
+            .goto(&format!("{}/c/{conversation}", app.url()))
+            .await;
+        browser
+            .until(
+                "the newest message",
+                "Array.from(document.querySelectorAll('.messages .message .content')).some(e => e.textContent.trim() === 'm1999')",
+            )
+            .await;
+        let opened_in = started.elapsed();
+        let shown = browser.js(THREAD_SHOWN).await;
+        // Only the newest page is in the page.
+        assert_eq!(shown["count"].as_u64(), Some(100), "{shown}");
+        assert_eq!(shown["first"].as_str(), Some("m1900"));
+        browser.find(".messages .older").await;
+        browser.screenshot("long-thread-newest").await;
+
+        browser.js(FRAME_RECORDER).await;
+        let scrolling = std::time::Instant::now();
+        let mut pages = 1;
+        loop {
+            // To the top: the page before loads, and the message that was first stays on screen
+            // where it was.
+            let before = browser
+                .js(
+                    "const list = document.querySelector('.messages'); list.scrollTop = 0; \
+                     const first = document.querySelector('.messages .message'); \
+                     return { key: first.querySelector('.content').textContent.trim(), \
+                              top: first.getBoundingClientRect().top };",
+                )
+                .await;
+            let key = before["key"].as_str().unwrap().to_owned();
+            if key == "m0" {
+                break;
+            }
+            let after = browser
+                .until(
+                    "the page before to load",
+                    &format!(
+                        "(() => {{ const all = Array.from(document.querySelectorAll('.messages .message .content')); \
+                         const kept = all.find(e => e.textContent.trim() === {key:?}); \
+                         return all[0].textContent.trim() !== {key:?} && kept && \
+                         {{ top: kept.closest('.message').getBoundingClientRect().top }}; }})()"
+                    ),
+                )
+                .await;
+            pages += 1;
+            let moved = after["top"].as_f64().unwrap() - before["top"].as_f64().unwrap();
+            assert!(
+                moved.abs() <= 2.0,
+                "{key} moved {moved} px when page {pages} went in above it"
+            );
+        }
+        let scrolled_in = scrolling.elapsed();
+        let shown = browser.js(THREAD_SHOWN).await;
+        assert_eq!(shown["count"].as_u64(), Some(2000), "{shown}");
+        assert_eq!(pages, 20);
+        assert!(browser.js("return document.querySelector('.messages .older') === null").await.as_bool().unwrap());
+        let frames = browser.js(FRAME_STATS).await;
+        eprintln!(
+            "2 000 messages: newest page shown in {opened_in:?}; all 20 pages scrolled in in \
+             {scrolled_in:?}; frames {} interval p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+            frames["frames"],
+            frames["p50"].as_f64().unwrap_or(0.0),
+            frames["p99"].as_f64().unwrap_or(0.0),
+            frames["max"].as_f64().unwrap_or(0.0),
+        );
+        browser.screenshot("long-thread-oldest").await;
     })
     .await;
 }

@@ -7,12 +7,16 @@ use uuid::Uuid;
 use wadi_protocol::{
     ErrorCode,
     api::{
-        ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, Message, ModelList,
-        Page, PathPage, Run, SearchResults, SendMessage, SentMessage, UpdateConversation,
+        ApiError as ErrorBody, ClientConfig, Conversation, CreateConversation, ModelList, Page,
+        PathPage, Run, SearchResults, SendMessage, SentMessage, UpdateConversation,
     },
 };
 
 use crate::auth::Auth;
+
+/// Messages per page of history: a conversation opens with its newest page, and older ones load
+/// as the user scrolls up.
+const PATH_PAGE: u32 = 100;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -213,26 +217,22 @@ impl Api {
         self.get(&format!("/api/conversations/{id}")).await
     }
 
-    /// The branch shown: the path through `through` (the newest message without it), oldest
-    /// first, every page of it.
-    pub async fn path(&self, id: Uuid, through: Option<Uuid>) -> Result<Vec<Message>, ApiError> {
-        let mut pages = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let mut path = format!("/api/conversations/{id}/path?limit=100");
-            match (&cursor, through) {
-                (Some(cursor), _) => path.push_str(&format!("&cursor={cursor}")),
-                (None, Some(through)) => path.push_str(&format!("&through={through}")),
-                (None, None) => {}
-            }
-            let page: PathPage = self.get(&path).await?;
-            pages.push(page.items);
-            match page.older_cursor {
-                Some(older) => cursor = Some(older),
-                None => break,
-            }
+    /// One page of the branch shown, oldest first: the newest messages of the path through
+    /// `through` (the newest message without it), or with `cursor` the page before it. Its
+    /// `older_cursor` asks for the page before that.
+    pub async fn path_page(
+        &self,
+        id: Uuid,
+        through: Option<Uuid>,
+        cursor: Option<&str>,
+    ) -> Result<PathPage, ApiError> {
+        let mut path = format!("/api/conversations/{id}/path?limit={PATH_PAGE}");
+        match (cursor, through) {
+            (Some(cursor), _) => path.push_str(&format!("&cursor={cursor}")),
+            (None, Some(through)) => path.push_str(&format!("&through={through}")),
+            (None, None) => {}
         }
-        Ok(pages.into_iter().rev().flatten().collect())
+        self.get(&path).await
     }
 
     /// The REST fallback for sending when the socket cannot connect.

@@ -4,6 +4,7 @@ mod api;
 mod app;
 mod auth;
 mod components;
+mod highlight;
 mod markdown;
 mod route;
 mod socket;
@@ -13,5 +14,7 @@ mod user_socket;
 
 fn main() {
     console_error_panic_hook::set_once();
+    // Read before the router rewrites the address (the query does not survive navigation).
+    markdown::full_render_requested();
     leptos::mount::mount_to_body(app::App);
 }

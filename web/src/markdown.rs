@@ -5,13 +5,112 @@
 
 use pulldown_cmark::{CodeBlockKind, CowStr, Event, LinkType, Options, Parser, Tag, TagEnd, html};
 
+/// True when the page's address asks for `render=full`: the streaming answer then re-renders
+/// whole on every update, as before [`Incremental`] (for measuring; see `docs/performance.md`).
+pub fn full_render_requested() -> bool {
+    thread_local! {
+        static FULL: bool = web_sys::window()
+            .and_then(|window| window.location().search().ok())
+            .is_some_and(|search| search.contains("render=full"));
+    }
+    FULL.with(|full| *full)
+}
+
+fn options() -> Options {
+    Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TASKLISTS
+}
+
+/// Markdown that grows at its end (an answer being streamed), rendered so that each update
+/// re-renders only its unfinished tail. Appending text can extend or reinterpret only the last
+/// blocks (a paragraph becoming a setext heading or a table, a list growing, a code fence
+/// closing); the blocks before a blank line followed by a complete line of a new block are
+/// final ([`settle_point`]), so their HTML is produced once and kept. The one thing it gives up
+/// until the answer completes (when the whole text renders once): a link reference definition
+/// applies only to the text rendered with it.
+#[derive(Debug, Default)]
+pub struct Incremental {
+    /// Bytes of the text whose blocks are final (already handed out as finished HTML).
+    settled: usize,
+}
+
+/// What changed since the last update.
+#[derive(Debug, PartialEq)]
+pub struct Update {
+    /// HTML of blocks that became final since the last update, if any.
+    pub finished: Option<String>,
+    /// HTML of the unfinished tail.
+    pub tail: String,
+}
+
+impl Incremental {
+    /// Takes the whole text streamed so far (the previous text plus what arrived). A text
+    /// shorter than what was settled means a new answer: start over.
+    pub fn update(&mut self, text: &str) -> Update {
+        if text.len() < self.settled || !text.is_char_boundary(self.settled) {
+            self.settled = 0;
+        }
+        let rest = &text[self.settled..];
+        let finished = match settle_point(rest) {
+            Some(last) if last > 0 => {
+                self.settled += last;
+                Some(render(&rest[..last]))
+            }
+            _ => None,
+        };
+        Update {
+            finished,
+            tail: render(&text[self.settled..]),
+        }
+    }
+}
+
+/// Where the text can be cut so that everything before the cut is final, as a byte offset:
+/// the start of the line of the last top-level block that
+/// - follows a blank line (nothing after a blank line continues a table, a paragraph or a
+///   block quote; a list it would continue stays one block), and
+/// - has its first line complete (`2` may still become `2. item`, continuing a list above).
+fn settle_point(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut point = None;
+    for (event, range) in Parser::new_ext(text, options()).into_offset_iter() {
+        let starts = match event {
+            Event::Start(_) => {
+                depth += 1;
+                depth == 1
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                false
+            }
+            // Leaf blocks without a start and end of their own.
+            Event::Rule => depth == 0,
+            _ => false,
+        };
+        if !starts {
+            continue;
+        }
+        // The whole line: an indented code block's range starts after its indentation.
+        let line = text[..range.start]
+            .rfind('\n')
+            .map_or(0, |newline| newline + 1);
+        if line == 0 || !text[line..].contains('\n') {
+            continue;
+        }
+        let previous = text[..line - 1].rsplit('\n').next().unwrap_or_default();
+        if previous.trim().is_empty() {
+            point = Some(line);
+        }
+    }
+    point
+}
+
 /// Renders `text` as HTML that is safe to assign to `innerHTML`.
 pub fn render(text: &str) -> String {
-    let options =
-        Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TASKLISTS;
     let mut events = Vec::new();
     let mut in_image = false;
-    for event in Parser::new_ext(text, options) {
+    // Inside a code block: its language and text so far (highlighted as a whole at its end).
+    let mut code: Option<(String, String)> = None;
+    for event in Parser::new_ext(text, options()) {
         match event {
             // Raw HTML is text: `<script>` shows as `<script>`.
             Event::Html(raw) | Event::InlineHtml(raw) => events.push(Event::Text(raw)),
@@ -61,8 +160,20 @@ pub fn render(text: &str) -> String {
                 }
                 open.push('>');
                 events.push(Event::Html(CowStr::from(open)));
+                code = Some((language.to_owned(), String::new()));
+            }
+            Event::Text(text) if code.is_some() => {
+                if let Some((_, body)) = &mut code {
+                    body.push_str(&text);
+                }
             }
             Event::End(TagEnd::CodeBlock) => {
+                if let Some((language, body)) = code.take() {
+                    match crate::highlight::highlight(&language, &body) {
+                        Some(html) => events.push(Event::Html(CowStr::from(html))),
+                        None => events.push(Event::Text(CowStr::from(body))),
+                    }
+                }
                 events.push(Event::Html(CowStr::from("</code></pre></div>\n")));
             }
             other => events.push(other),
@@ -152,7 +263,13 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("class=\"language-rust\""), "{html}");
-        assert!(html.contains("let x = \"&lt;b&gt;\";"), "{html}");
+        // Highlighted (a language it knows), and still escaped.
+        assert!(
+            html.contains("<span class=\"hl-k\">let</span> x = <span class=\"hl-s\">&quot;&lt;b&gt;&quot;</span>;"),
+            "{html}"
+        );
+        let plain = render("```brainfuck\n<b>+\n```\n");
+        assert!(plain.contains("&lt;b&gt;+"), "{plain}");
         let sneaky = render("```\"><script>\nx\n```\n");
         assert!(!sneaky.contains("<script"), "{sneaky}");
     }
@@ -162,5 +279,90 @@ mod tests {
         let html = render("```py\nprint('half");
         assert!(html.contains("print("), "{html}");
         assert!(html.ends_with("</code></pre></div>\n"), "{html}");
+    }
+
+    /// Streams `text` cut at `cuts` through [`Incremental`]: the finished pieces and the last
+    /// tail, joined, as the page shows them.
+    fn streamed(text: &str, cuts: &[usize]) -> (String, usize) {
+        let mut incremental = Incremental::default();
+        let mut shown = String::new();
+        let mut settles = 0;
+        let mut tail = String::new();
+        let mut ends: Vec<usize> = cuts
+            .iter()
+            .map(|cut| cut % (text.len() + 1))
+            .filter(|cut| text.is_char_boundary(*cut))
+            .collect();
+        ends.sort_unstable();
+        ends.push(text.len());
+        for end in ends {
+            let update = incremental.update(&text[..end]);
+            if let Some(finished) = update.finished {
+                shown.push_str(&finished);
+                settles += 1;
+            }
+            tail = update.tail;
+        }
+        shown.push_str(&tail);
+        (shown, settles)
+    }
+
+    #[test]
+    fn a_streamed_answer_keeps_its_finished_blocks_and_renders_as_a_whole() {
+        let text = "# Plan\n\nFirst paragraph with **bold**.\n\n- one\n- two\n\n```rust\nfn main() {}\n\nlet x = 1;\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nLast words";
+        let cuts: Vec<usize> = (0..text.len()).collect();
+        let (shown, settles) = streamed(text, &cuts);
+        assert_eq!(shown, render(text));
+        // Heading, paragraph, list and code each settled once the next block's first line was
+        // complete; the table waits for the last line, which never ends.
+        assert_eq!(settles, 4);
+    }
+
+    #[test]
+    fn an_unclosed_fence_stays_in_the_tail() {
+        let mut incremental = Incremental::default();
+        let update = incremental.update("Intro\n\n```\nline\n\nmore");
+        assert_eq!(update.finished.as_deref(), Some("<p>Intro</p>\n"));
+        assert!(update.tail.contains("line\n\nmore"), "{}", update.tail);
+        // The fence swallows the blank line: nothing after it is final yet.
+        let update = incremental.update("Intro\n\n```\nline\n\nmore\n\nstill code");
+        assert_eq!(update.finished, None);
+    }
+
+    #[test]
+    fn a_shorter_text_starts_over() {
+        let mut incremental = Incremental::default();
+        incremental.update("one\n\ntwo\n\nthree");
+        let update = incremental.update("new");
+        assert_eq!(update.tail, "<p>new</p>\n");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn streaming_in_any_pieces_shows_what_rendering_the_whole_shows(
+            blocks in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "Some words *and* more", "# Heading", "Setext\n===", "- a\n- b",
+                    "1. one\n2. two", "- loose\n\n- list", "> quoted\n> text", "---",
+                    "```\ncode\n\nblock\n```", "    indented code", "| h |\n|---|\n| c |",
+                    "text\n---", "[link](https://example.com) é ü", "<b>raw</b>",
+                    "1. first\n\n12. second", "| x |\n|---|", "| y |", "  - nested\n\n    more",
+                ]),
+                1..12,
+            ),
+            separators in proptest::collection::vec(
+                proptest::sample::select(vec!["\n\n", "\n", "\n\n\n"]), 12),
+            cuts in proptest::collection::vec(0usize..400, 0..20),
+        ) {
+            let mut text = String::new();
+            for (index, block) in blocks.iter().enumerate() {
+                if index > 0 {
+                    text.push_str(separators[index]);
+                }
+                text.push_str(block);
+            }
+            let (shown, _) = streamed(&text, &cuts);
+            proptest::prop_assert_eq!(shown, render(&text), "text: {:?}", text);
+        }
     }
 }

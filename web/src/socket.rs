@@ -57,6 +57,8 @@ pub struct ChatSignals {
     pub error: RwSignal<Option<String>>,
     pub link: RwSignal<Link>,
     pub loaded: RwSignal<bool>,
+    /// True while there is history above the first message shown.
+    pub older: RwSignal<bool>,
     /// Bumped when the conversation list may have changed (title, order).
     pub list_changed: RwSignal<u64>,
 }
@@ -77,6 +79,8 @@ pub enum Action {
     Cancel(String),
     /// Reconnect now (online again, tab visible again).
     Wake,
+    /// Show the page of history before the first message shown (the user scrolled up).
+    LoadOlder,
 }
 
 /// The UI's handle; dropping it ends the driver and closes the socket.
@@ -197,6 +201,7 @@ impl Driver {
     /// Pushes the state to the UI (everything but the streaming text, which goes per frame).
     fn sync(&self) {
         self.signals.messages.set(self.state.messages.clone());
+        self.signals.older.set(self.state.older.is_some());
         self.signals.error.set(self.state.error.clone());
         let streaming = self
             .state
@@ -218,16 +223,43 @@ impl Driver {
         self.frame.show(streaming, self.signals.streaming);
     }
 
+    /// The newest page of the branch shown (older pages shown above it stay when it continues
+    /// them).
     async fn load_history(&mut self) {
         match self
             .api
-            .path(self.conversation_id, self.state.through)
+            .path_page(self.conversation_id, self.state.through, None)
             .await
         {
-            Ok(history) => {
-                self.state.load_history(history);
+            Ok(page) => {
+                self.state.load_history(page.items, page.older_cursor);
                 self.sync();
                 self.signals.loaded.set(true);
+            }
+            Err(error) => {
+                self.state.error = Some(error.describe());
+                self.sync();
+            }
+        }
+    }
+
+    /// The page before the first message shown, above it.
+    async fn load_older(&mut self) {
+        let Some(cursor) = self.state.older.clone() else {
+            return;
+        };
+        match self
+            .api
+            .path_page(self.conversation_id, None, Some(&cursor))
+            .await
+        {
+            Ok(page) => {
+                if self
+                    .state
+                    .prepend_older(&cursor, page.items, page.older_cursor)
+                {
+                    self.sync();
+                }
             }
             Err(error) => {
                 self.state.error = Some(error.describe());
@@ -332,6 +364,7 @@ impl Driver {
                         self.sync();
                     }
                     Some(Action::Stop) => self.stop_over_rest().await,
+                    Some(Action::LoadOlder) => self.load_older().await,
                 },
             }
         }
@@ -428,6 +461,7 @@ impl Driver {
                         self.state.cancel(&key);
                         self.sync();
                     }
+                    Some(Action::LoadOlder) => self.load_older().await,
                     Some(Action::Wake | Action::Regenerate(_) | Action::Edit(..) | Action::ShowBranch(_)) => {}
                 },
             }
@@ -574,6 +608,10 @@ impl Driver {
                         }
                         Some(Action::Stop) => self.state.stop(),
                         Some(Action::Wake) => Vec::new(),
+                        Some(Action::LoadOlder) => {
+                            self.load_older().await;
+                            Vec::new()
+                        }
                     };
                     if self.execute(&mut sink, commands).await.is_err() {
                         return Ended::Closed { authenticated, code: 1006 };

@@ -13,6 +13,13 @@ use crate::{
 
 /// How close to the bottom (in pixels) still counts as "at the bottom".
 const STICK_THRESHOLD: i32 = 48;
+/// How close to the top (in pixels) loads the page of history before the first message shown.
+const LOAD_OLDER_WITHIN: i32 = 800;
+/// Frames during which a message stays put after a page went in above it: the page's messages
+/// near the view render in the frames after (their estimated heights become real ones).
+const KEEP_IN_PLACE_FRAMES: u32 = 4;
+/// Past this many messages the browser skips rendering the ones far from view (`.long`).
+const LONG_THREAD: usize = 200;
 
 fn draft_key(id: Uuid) -> String {
     format!("wadi.draft.{id}")
@@ -51,6 +58,7 @@ pub fn ChatPane(
         error: RwSignal::new(None),
         link: RwSignal::new(Link::Connecting),
         loaded: RwSignal::new(false),
+        older: RwSignal::new(false),
         list_changed: shared.list_changed,
     };
     // Seen: no dot on it in the sidebar.
@@ -189,20 +197,74 @@ pub fn ChatPane(
     // Auto-scroll: follow the answer unless the user scrolled up.
     let scroller = NodeRef::<html::Div>::new();
     let stick = RwSignal::new(true);
+    // History loads a page at a time as the user nears the top. While a page is on its way:
+    // the key of the first message shown, its element and where it was on screen, to put it
+    // back there once the page is in, so what the user reads stays put.
+    let loading_older =
+        StoredValue::new_local(None::<(Option<String>, Option<web_sys::Element>, f64)>);
+    let maybe_load_older = move || {
+        let Some(el) = scroller.get_untracked() else {
+            return;
+        };
+        if el.scroll_top() > LOAD_OLDER_WITHIN
+            || !signals.older.get_untracked()
+            || loading_older.with_value(Option::is_some)
+        {
+            return;
+        }
+        let first = signals
+            .messages
+            .with_untracked(|messages| messages.first().map(|m| m.key.clone()));
+        let element = el.query_selector(".message").ok().flatten();
+        let top = element
+            .as_ref()
+            .map_or(0.0, |element| element.get_bounding_client_rect().top());
+        loading_older.set_value(Some((first, element, top)));
+        act(Action::LoadOlder);
+    };
     let on_scroll = move |_| {
         if let Some(el) = scroller.get_untracked() {
             let distance = el.scroll_height() - el.scroll_top() - el.client_height();
             stick.set(distance <= STICK_THRESHOLD);
         }
+        maybe_load_older();
     };
     let to_bottom = move || {
         if let Some(el) = scroller.get_untracked() {
             el.set_scroll_top(el.scroll_height());
         }
+        // A first page shorter than the screen cannot be scrolled up: load on.
+        maybe_load_older();
     };
+    // A failed load may be retried.
+    Effect::new(move |_| {
+        if signals.error.with(Option::is_some) {
+            loading_older.set_value(None);
+        }
+    });
     Effect::new(move |_| {
         signals.messages.track();
         signals.streaming.track();
+        let waiting = loading_older.with_value(|loading| {
+            loading
+                .as_ref()
+                .map(|(first, element, top)| (first.clone(), element.clone(), *top))
+        });
+        if let Some((first, element, top)) = waiting {
+            let now_first = signals
+                .messages
+                .with_untracked(|messages| messages.first().map(|m| m.key.clone()));
+            if now_first != first {
+                // A page went in above: the message that was first goes back where it was on
+                // screen (scroll anchoring may already have put it there; then this is a no-op).
+                loading_older.set_value(None);
+                if let (Some(el), Some(element)) = (scroller.get_untracked(), element) {
+                    keep_in_place(el, element, top, KEEP_IN_PLACE_FRAMES);
+                }
+                request_animation_frame(maybe_load_older);
+                return;
+            }
+        }
         if let Some(target) = focus.get_untracked() {
             // A found message: scrolled into view and marked once it is shown.
             let shown = signals
@@ -380,10 +442,22 @@ pub fn ChatPane(
                 </form>
             </Show>
             <Banner link=signals.link />
-            <div class="messages" node_ref=scroller on:scroll=on_scroll on:click=on_click>
+            <div
+                class="messages"
+                class:long=move || signals.messages.with(|m| m.len() > LONG_THREAD)
+                node_ref=scroller
+                on:scroll=on_scroll
+                on:click=on_click
+            >
                 {move || {
                     (!signals.loaded.get())
                         .then(|| view! { <p class="muted loading">"Loading…"</p> })
+                }}
+                {move || {
+                    signals
+                        .older
+                        .get()
+                        .then(|| view! { <p class="muted older">"Loading earlier messages…"</p> })
                 }}
                 <For
                     each=move || signals.messages.get()
@@ -511,4 +585,19 @@ fn Banner(
         };
         Some(view! { <div class="banner" role="status">{text}</div> })
     }
+}
+
+/// Scrolls `list` so that `element` is `top` pixels from the top of the viewport, on this
+/// animation frame and the `frames - 1` after it.
+fn keep_in_place(list: web_sys::HtmlDivElement, element: web_sys::Element, top: f64, frames: u32) {
+    if frames == 0 {
+        return;
+    }
+    request_animation_frame(move || {
+        let moved = element.get_bounding_client_rect().top() - top;
+        if moved.abs() >= 0.5 {
+            list.set_scroll_top(list.scroll_top() + moved.round() as i32);
+        }
+        keep_in_place(list, element, top, frames - 1);
+    });
 }

@@ -276,16 +276,49 @@ fn controls(
     view! { <div class="actions">{versions} {copy} {edit} {regenerate}</div> }
 }
 
-/// The answer being written: its Markdown follows the streamed text.
+/// The answer being written: its Markdown follows the streamed text. Blocks that are final are
+/// rendered once and kept in the page; each update re-renders only the unfinished last block
+/// (see [`markdown::Incremental`]), so a long answer costs the same per frame at its end as at
+/// its start. With `?render=full` in the address, the whole answer re-renders on every update
+/// instead (the old way, kept to measure the difference: `docs/performance.md`).
 #[component]
 pub fn StreamingMessage(
     /// The text streamed so far (updated at most once per animation frame).
     text: Signal<String>,
 ) -> impl IntoView {
+    if markdown::full_render_requested() {
+        return view! {
+            <article class="message assistant streaming" data-role="assistant" aria-busy="true">
+                <div class="content markdown" inner_html=move || markdown::render(&text.get())></div>
+                <span class="cursor" aria-hidden="true"></span>
+            </article>
+        }
+        .into_any();
+    }
+    let incremental = StoredValue::new(markdown::Incremental::default());
+    // The finished pieces, numbered in order; each renders once.
+    let finished = RwSignal::new(Vec::<(usize, std::sync::Arc<str>)>::new());
+    let tail = RwSignal::new(String::new());
+    Effect::new(move |_| {
+        let Some(update) = text.with(|text| incremental.try_update_value(|i| i.update(text)))
+        else {
+            return;
+        };
+        if let Some(html) = update.finished {
+            finished.update(|pieces| pieces.push((pieces.len(), html.into())));
+        }
+        tail.set(update.tail);
+    });
     view! {
         <article class="message assistant streaming" data-role="assistant" aria-busy="true">
-            <div class="content markdown" inner_html=move || markdown::render(&text.get())></div>
+            <div class="content markdown">
+                <For each=move || finished.get() key=|(index, _)| *index let((_, html))>
+                    <div class="md-block" inner_html=html.to_string()></div>
+                </For>
+                <div class="md-block tail" inner_html=move || tail.get()></div>
+            </div>
             <span class="cursor" aria-hidden="true"></span>
         </article>
     }
+    .into_any()
 }

@@ -130,6 +130,9 @@ pub struct ChatState {
     regenerating: Option<Uuid>,
     /// Messages typed while an answer was being written, sent one by one as answers end.
     queue: Vec<Pending>,
+    /// The cursor of the page before the first message shown (loaded when the user scrolls
+    /// up), or `None` when the first message shown is the conversation's first.
+    pub older: Option<String>,
 }
 
 /// What applying one chunk did.
@@ -168,6 +171,29 @@ impl Streaming {
     }
 }
 
+/// Stored messages as shown.
+fn views(history: Vec<api::Message>) -> Vec<MessageView> {
+    history
+        .into_iter()
+        .map(|message| MessageView {
+            key: message
+                .client_message_id
+                .clone()
+                .unwrap_or_else(|| message.id.to_string()),
+            role: message.role,
+            content: message.content,
+            status: message.run_status,
+            pending: None,
+            run_id: message.run_id,
+            id: Some(message.id),
+            parent_id: message.parent_id,
+            siblings: message.siblings,
+            model: message.model,
+            usage: message.usage,
+        })
+        .collect()
+}
+
 impl ChatState {
     /// A conversation shown on the branch through `through` (the newest without it).
     pub fn showing(through: Option<Uuid>) -> Self {
@@ -177,27 +203,28 @@ impl ChatState {
         }
     }
 
-    /// Replaces the history with what the server has, keeping messages still pending here.
-    pub fn load_history(&mut self, history: Vec<api::Message>) {
-        let mut messages: Vec<MessageView> = history
-            .into_iter()
-            .map(|message| MessageView {
-                key: message
-                    .client_message_id
-                    .clone()
-                    .unwrap_or_else(|| message.id.to_string()),
-                role: message.role,
-                content: message.content,
-                status: message.run_status,
-                pending: None,
-                run_id: message.run_id,
-                id: Some(message.id),
-                parent_id: message.parent_id,
-                siblings: message.siblings,
-                model: message.model,
-                usage: message.usage,
-            })
-            .collect();
+    /// Replaces the history with what the server has (its newest page, and the cursor of the
+    /// page before it), keeping messages still pending here. Older pages loaded by scrolling up
+    /// stay when the new page continues them: a path is a chain from the conversation's first
+    /// message, so a message on both paths has every message before it on both too.
+    pub fn load_history(&mut self, history: Vec<api::Message>, older: Option<String>) {
+        let mut messages = views(history);
+        let continued = messages
+            .first()
+            .and_then(|first| first.id)
+            .and_then(|first| self.messages.iter().position(|m| m.id == Some(first)));
+        match continued {
+            Some(index) if index > 0 && older.is_some() => {
+                let mut earlier: Vec<MessageView> = self.messages[..index]
+                    .iter()
+                    .filter(|m| m.pending.is_none())
+                    .cloned()
+                    .collect();
+                earlier.append(&mut messages);
+                messages = earlier;
+            }
+            _ => self.older = older,
+        }
         for view in &self.messages {
             if view.pending.is_some() && !messages.iter().any(|m| m.key == view.key) {
                 messages.push(view.clone());
@@ -210,6 +237,27 @@ impl ChatState {
                 .any(|m| m.key == p.client_message_id && m.pending.is_none())
         });
         self.messages = messages;
+    }
+
+    /// The page before the first message shown, fetched with `cursor`: shown above it. False
+    /// (and nothing changes) when the history was replaced since the page was asked for.
+    pub fn prepend_older(
+        &mut self,
+        cursor: &str,
+        page: Vec<api::Message>,
+        older: Option<String>,
+    ) -> bool {
+        if self.older.as_deref() != Some(cursor) {
+            return false;
+        }
+        let mut earlier: Vec<MessageView> = views(page)
+            .into_iter()
+            .filter(|m| !self.messages.iter().any(|shown| shown.id == m.id))
+            .collect();
+        earlier.append(&mut self.messages);
+        self.messages = earlier;
+        self.older = older;
+        true
     }
 
     /// The user sends a message: it shows at once, and goes out as a frame. It continues the
@@ -909,7 +957,7 @@ mod tests {
             model: None,
             usage: None,
         };
-        chat.load_history(vec![committed]);
+        chat.load_history(vec![committed], None);
         assert_eq!(chat.messages.len(), 2);
         assert_eq!(chat.messages[0].key, "c-done");
         assert_eq!(chat.messages[0].pending, None);
@@ -943,10 +991,56 @@ mod tests {
         ]
     }
 
+    fn ids(chat: &ChatState) -> Vec<u128> {
+        chat.messages
+            .iter()
+            .filter_map(|m| m.id.map(|id| id.as_u128()))
+            .collect()
+    }
+
+    #[test]
+    fn older_pages_go_above_and_survive_a_reload_of_the_newest_page() {
+        let path: Vec<api::Message> = (1..=6u128)
+            .map(|n| {
+                let role = if n % 2 == 1 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                };
+                stored(n, (n > 1).then(|| n - 1), role, &format!("m{n}"))
+            })
+            .collect();
+        let mut chat = ChatState::default();
+        chat.load_history(path[4..].to_vec(), Some("before-5".into()));
+        assert_eq!(ids(&chat), [5, 6]);
+        assert_eq!(chat.older.as_deref(), Some("before-5"));
+        // A page asked for before the history changed is dropped.
+        assert!(!chat.prepend_older("stale", path[..4].to_vec(), None));
+        assert!(chat.prepend_older("before-5", path[2..4].to_vec(), Some("before-3".into())));
+        assert_eq!(ids(&chat), [3, 4, 5, 6]);
+        assert_eq!(chat.older.as_deref(), Some("before-3"));
+        // The newest page again (a message arrived elsewhere): what was loaded above stays.
+        let mut newest = path[4..].to_vec();
+        newest.push(stored(7, Some(6), Role::User, "m7"));
+        chat.load_history(newest, Some("before-5".into()));
+        assert_eq!(ids(&chat), [3, 4, 5, 6, 7]);
+        assert_eq!(chat.older.as_deref(), Some("before-3"));
+        assert!(chat.prepend_older("before-3", path[..2].to_vec(), None));
+        assert_eq!(ids(&chat), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(chat.older, None);
+        // Another branch that shares nothing shown: replaced, with its own cursor.
+        chat.load_history(
+            vec![stored(9, Some(8), Role::User, "x")],
+            Some("before-9".into()),
+        );
+        assert_eq!(ids(&chat), [9]);
+        assert_eq!(chat.older.as_deref(), Some("before-9"));
+    }
+
     #[test]
     fn a_new_message_continues_the_branch_shown() {
         let mut chat = ChatState::default();
-        chat.load_history(branch());
+        chat.load_history(branch(), None);
         let commands = chat.send("q3".into(), "c-3".into());
         assert_eq!(
             commands,
@@ -978,7 +1072,7 @@ mod tests {
     #[test]
     fn regenerate_replaces_the_answer_shown_and_a_refusal_brings_it_back() {
         let mut chat = ChatState::default();
-        chat.load_history(branch());
+        chat.load_history(branch(), None);
         let commands = chat.regenerate(Uuid::from_u128(3));
         assert_eq!(
             commands,
@@ -990,7 +1084,7 @@ mod tests {
         let commands = chat.apply(ServerMessage::error(ErrorCode::RunInProgress, "busy", None));
         assert_eq!(commands, vec![Command::RefreshHistory]);
         // Started: the new answer streams after the question, and completes into the branch.
-        chat.load_history(branch());
+        chat.load_history(branch(), None);
         chat.regenerate(Uuid::from_u128(3));
         let commands = chat.apply(ServerMessage::Start {
             run_id: run(),
@@ -1017,7 +1111,7 @@ mod tests {
     #[test]
     fn another_tabs_regenerate_replaces_the_answer_shown_here() {
         let mut chat = ChatState::default();
-        chat.load_history(branch());
+        chat.load_history(branch(), None);
         let commands = chat.apply(ServerMessage::Start {
             run_id: run(),
             conversation_id: Uuid::nil(),
@@ -1032,7 +1126,7 @@ mod tests {
     #[test]
     fn an_edit_is_a_new_version_in_place_of_the_original() {
         let mut chat = ChatState::default();
-        chat.load_history(branch());
+        chat.load_history(branch(), None);
         let commands = chat.edit(Uuid::from_u128(3), "q2, better".into(), "c-e".into());
         assert_eq!(
             commands,
@@ -1065,7 +1159,7 @@ mod tests {
         let mut history = branch();
         history[3].siblings = vec![Uuid::from_u128(4), Uuid::from_u128(9)];
         let mut chat = ChatState::default();
-        chat.load_history(history);
+        chat.load_history(history, None);
         let answer = &chat.messages[3];
         assert_eq!(answer.version(), Some((1, 2)));
         assert_eq!(answer.sibling(-1), None);
