@@ -734,7 +734,8 @@ async fn a_two_thousand_message_thread_opens_fast_and_loads_as_it_scrolls_up() {
         .await;
         let app = App::start(&upstream.base_url, &[]).await;
         let browser = scenario.browser("long-thread", DESKTOP.0, DESKTOP.1).await;
-        sign_up(&browser, &app.url(), &unique_email()).await;
+        let email = unique_email();
+        sign_up(&browser, &app.url(), &email).await;
         let conversation = new_conversation(&browser).await;
         seed_thread(&app, &conversation, 2000).await;
 
@@ -814,6 +815,12 @@ async fn a_two_thousand_message_thread_opens_fast_and_loads_as_it_scrolls_up() {
             frames["max"].as_f64().unwrap_or(0.0),
         );
         browser.screenshot("long-thread-oldest").await;
+        let dark = scenario
+            .browser_in("long-thread-dark", DESKTOP.0, DESKTOP.1, true)
+            .await;
+        sign_in(&dark, &format!("{}/c/{conversation}", app.url()), &email).await;
+        dark.find(".messages .older").await;
+        dark.screenshot("long-thread-newest-dark").await;
     })
     .await;
 }

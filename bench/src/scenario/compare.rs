@@ -1,7 +1,7 @@
 //! `compare`: the stream and idle scenarios against WADI and against the reference server
 //! (`bench/reference/`: the original system's stack, Node `ws` + Express + the `openai` SDK),
-//! one server after the other in one sitting, each started fresh with the same fake upstream,
-//! and the ratios: chunks per server CPU-second and p99 at each offered load, KiB per idle
+//! one server after the other in one sitting, each scenario on a freshly started server with
+//! the same fake upstream, and the ratios: chunks per server CPU-second and p99 at each offered load, KiB per idle
 //! socket.
 
 use std::path::{Path, PathBuf};
@@ -112,36 +112,53 @@ pub async fn run(
     })
 }
 
+/// One server's figures: the stream scenario on a freshly started server, then the idle one on
+/// another (after a stream, freed buffers would be reused by the idle sockets and hide their
+/// cost).
 async fn measure(
     options: Options,
     out_dir: &Path,
     sources: Sources,
     args: &Args,
 ) -> Result<Measured> {
-    let target = Target::start(&options, out_dir).await?;
-    println!("compare: {}", target.description);
-    let bench = Bench {
+    let bench = start(&options, out_dir, sources, "stream").await?;
+    let stream = stream::run(&bench, &args.stream()).await;
+    let stream = finish(bench, out_dir, "stream", stream).await?;
+    let bench = start(&options, out_dir, sources, "idle").await?;
+    let idle = idle::run(&bench, &args.idle()).await;
+    let idle = finish(bench, out_dir, "idle", idle).await?;
+    Ok(Measured {
+        correct: stream.correct && idle.correct,
+        stream: stream.result,
+        idle: idle.result,
+    })
+}
+
+/// A freshly started server for the scenario `name`.
+async fn start(options: &Options, out_dir: &Path, sources: Sources, name: &str) -> Result<Bench> {
+    let target = Target::start(options, out_dir).await?;
+    println!("compare: {name} on {}", target.description);
+    Ok(Bench {
         target,
         out_dir: out_dir.to_owned(),
         token: None,
         sources,
-    };
-    let measured = async {
-        let stream = stream::run(&bench, &args.stream()).await?;
-        println!("{}", stream.summary);
-        report::write(out_dir, "stream", &bench.target, stream.result.clone())?;
-        let idle = idle::run(&bench, &args.idle()).await?;
-        println!("{}", idle.summary);
-        report::write(out_dir, "idle", &bench.target, idle.result.clone())?;
-        anyhow::Ok(Measured {
-            stream: stream.result,
-            idle: idle.result,
-            correct: stream.correct && idle.correct,
-        })
+    })
+}
+
+/// Writes the scenario's report and stops its server.
+async fn finish(
+    bench: Bench,
+    out_dir: &Path,
+    name: &str,
+    outcome: Result<Outcome>,
+) -> Result<Outcome> {
+    if let Ok(outcome) = &outcome {
+        println!("{}", outcome.summary);
+        report::write(out_dir, name, &bench.target, outcome.result.clone())?;
     }
-    .await;
     bench.target.stop().await?;
-    measured
+    outcome
 }
 
 /// One row per offered load, and the idle figures, with WADI / reference ratios.
