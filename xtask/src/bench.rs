@@ -57,8 +57,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
 }
 
 /// A few seconds of every scenario against a debug build of the server, then a small compare
-/// against the reference server, so the harness and the reference keep working. Fails if the harness sees a failed connection or a missing chunk; the performance
-/// targets are not checked (debug builds on a shared CI machine say nothing about them).
+/// against the reference server, so the harness and the reference keep working. Fails if the
+/// harness sees a failed connection or a missing chunk; the performance targets are not checked
+/// (debug builds on a shared CI machine say nothing about them).
 pub fn smoke() -> Result<(), String> {
     let bench = build(false)?;
     let mut command = cmd(&bench.to_string_lossy(), &["smoke"]);

@@ -141,7 +141,10 @@ fn test() -> Result<(), String> {
     })?;
     step("web release build", &mut build_web)?;
     step("web bundle size", &mut check_bundle_size)?;
-    step("browser install", &mut || debian.wait())?;
+    step("browser install", &mut || {
+        debian.wait()?;
+        tools::browser()
+    })?;
     step("browser tests", &mut || {
         // The debug binary the tests step built: it serves `dist/` through the same embedded-
         // files interface the release binary compiles in (read from disk in this profile), and

@@ -187,6 +187,7 @@ impl Output {
 
 /// Installs everything `cargo xtask test` needs, skipping what is already there at the right
 /// version.
+///
 /// trunk and wasm-bindgen-cli install side by side (each logs to `target/xtask/`): each spends
 /// long stretches compiling one crate on one core.
 pub fn setup() -> Result<(), String> {
@@ -242,12 +243,11 @@ impl Background {
     /// missing, with its output in `target/xtask/apt.log`.
     pub fn debian_packages() -> Self {
         let handle = std::thread::spawn(|| {
-            let present = |path: &str| std::path::Path::new(path).exists();
             let mut missing = Vec::new();
-            if !(present("/usr/bin/chromium") && present("/usr/bin/chromedriver")) {
+            if !chromium_present() {
                 missing.extend(["chromium", "chromium-driver"]);
             }
-            if !(on_path("redis-server") && on_path("redis-cli")) {
+            if !redis_present() {
                 missing.push("redis-server");
             }
             if missing.is_empty() {
@@ -433,9 +433,28 @@ pub fn gzip_size(path: &std::path::Path) -> Result<u64, String> {
     Ok(output.stdout.len() as u64)
 }
 
+/// Debian's Chromium and ChromeDriver for the browser tests, installed when missing (the tests
+/// never download a browser).
+pub fn browser() -> Result<(), String> {
+    if chromium_present() {
+        return Ok(());
+    }
+    apt_install(&["chromium", "chromium-driver"], &Output::Terminal)?;
+    if chromium_present() {
+        Ok(())
+    } else {
+        Err("chromium and chromium-driver are not installed".to_owned())
+    }
+}
+
+fn chromium_present() -> bool {
+    let present = |path: &str| std::path::Path::new(path).exists();
+    present("/usr/bin/chromium") && present("/usr/bin/chromedriver")
+}
+
 /// Debian's `redis-server` (and `redis-cli`): the cluster tests start their own servers.
 pub fn redis() -> Result<(), String> {
-    if on_path("redis-server") && on_path("redis-cli") {
+    if redis_present() {
         return Ok(());
     }
     apt_install(&["redis-server"], &Output::Terminal)?;
@@ -444,6 +463,10 @@ pub fn redis() -> Result<(), String> {
     } else {
         Err("redis-server is not installed".to_owned())
     }
+}
+
+fn redis_present() -> bool {
+    on_path("redis-server") && on_path("redis-cli")
 }
 
 /// True if `program` runs (`--version`).
