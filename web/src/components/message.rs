@@ -286,15 +286,22 @@ pub fn StreamingMessage(
     /// The text streamed so far (updated at most once per animation frame).
     text: Signal<String>,
 ) -> impl IntoView {
-    if markdown::full_render_requested() {
-        return view! {
-            <article class="message assistant streaming" data-role="assistant" aria-busy="true">
-                <div class="content markdown" inner_html=move || markdown::render(&text.get())></div>
-                <span class="cursor" aria-hidden="true"></span>
-            </article>
-        }
-        .into_any();
+    let content = if markdown::full_render_requested() {
+        view! { <div class="content markdown" inner_html=move || markdown::render(&text.get())></div> }
+            .into_any()
+    } else {
+        incremental_markdown(text).into_any()
+    };
+    view! {
+        <article class="message assistant streaming" data-role="assistant" aria-busy="true">
+            {content}
+            <span class="cursor" aria-hidden="true"></span>
+        </article>
     }
+}
+
+/// The streamed text's Markdown: the finished blocks, each rendered once, then the tail.
+fn incremental_markdown(text: Signal<String>) -> impl IntoView {
     let incremental = StoredValue::new(markdown::Incremental::default());
     // The finished pieces, numbered in order; each renders once.
     let finished = RwSignal::new(Vec::<(usize, std::sync::Arc<str>)>::new());
@@ -310,15 +317,11 @@ pub fn StreamingMessage(
         tail.set(update.tail);
     });
     view! {
-        <article class="message assistant streaming" data-role="assistant" aria-busy="true">
-            <div class="content markdown">
-                <For each=move || finished.get() key=|(index, _)| *index let((_, html))>
-                    <div class="md-block" inner_html=html.to_string()></div>
-                </For>
-                <div class="md-block tail" inner_html=move || tail.get()></div>
-            </div>
-            <span class="cursor" aria-hidden="true"></span>
-        </article>
+        <div class="content markdown">
+            <For each=move || finished.get() key=|(index, _)| *index let((_, html))>
+                <div class="md-block" inner_html=html.to_string()></div>
+            </For>
+            <div class="md-block tail" inner_html=move || tail.get()></div>
+        </div>
     }
-    .into_any()
 }
