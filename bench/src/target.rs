@@ -71,6 +71,56 @@ struct Owned {
     database: Option<(String, String)>,
 }
 
+/// How the server under test starts: `wadi`, or the reference server under `node`.
+struct Launcher {
+    /// The binary, or the reference's script.
+    path: PathBuf,
+    reference: bool,
+    /// What it prints, followed by its URL, once it listens.
+    ready_line: &'static str,
+}
+
+impl Launcher {
+    fn of(options: &Options) -> Result<Self> {
+        let launcher = match (&options.reference, &options.server_bin) {
+            (Some(script), _) => Self {
+                path: script.clone(),
+                reference: true,
+                ready_line: "reference is running at ",
+            },
+            (None, bin) => Self {
+                path: match bin {
+                    Some(bin) => bin.clone(),
+                    None => std::env::current_exe()?
+                        .parent()
+                        .context("this program has no directory")?
+                        .join("wadi"),
+                },
+                reference: false,
+                ready_line: "WADI is running at ",
+            },
+        };
+        if !launcher.path.exists() {
+            bail!(
+                "no server binary at {} (build it with `cargo build --release -p wadi-server`, \
+                 or pass --server-bin or --url)",
+                launcher.path.display()
+            );
+        }
+        Ok(launcher)
+    }
+
+    fn command(&self) -> Command {
+        if self.reference {
+            let mut node = Command::new("node");
+            node.arg(&self.path).env("PORT", "0");
+            node
+        } else {
+            Command::new(&self.path)
+        }
+    }
+}
+
 /// Another instance of the server under test (cluster mode).
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -140,21 +190,7 @@ impl Target {
         if options.reference.is_some() && options.instances > 1 {
             bail!("the reference server runs as one instance");
         }
-        let bin = match (&options.reference, &options.server_bin) {
-            (Some(script), _) => script.clone(),
-            (None, Some(bin)) => bin.clone(),
-            (None, None) => std::env::current_exe()?
-                .parent()
-                .context("this program has no directory")?
-                .join("wadi"),
-        };
-        if !bin.exists() {
-            bail!(
-                "no server binary at {} (build it with `cargo build --release -p wadi-server`, \
-                 or pass --server-bin or --url)",
-                bin.display()
-            );
-        }
+        let launcher = Launcher::of(options)?;
         let run_dir = out_dir.join("runs").join(now_micros().to_string());
         let data_dir = run_dir.join("data");
         std::fs::create_dir_all(&data_dir)
@@ -194,14 +230,7 @@ impl Target {
             shared_env.push((key.to_owned(), value.to_owned()));
         }
         let server_command = |name: &str| {
-            let mut server = match &options.reference {
-                Some(script) => {
-                    let mut node = Command::new("node");
-                    node.arg(script).env("PORT", "0");
-                    node
-                }
-                None => Command::new(&bin),
-            };
+            let mut server = launcher.command();
             server
                 .envs(SERVER_ENV)
                 .env("WADI_DATA_DIR", data_dir.join(name))
@@ -209,12 +238,12 @@ impl Target {
                 .envs(shared_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             server
         };
-        let ready_line = match options.reference {
-            Some(_) => "reference is running at ",
-            None => "WADI is running at ",
-        };
-        let (server, line) =
-            spawn_until(server_command("a"), &run_dir.join("server.log"), ready_line).await?;
+        let (server, line) = spawn_until(
+            server_command("a"),
+            &run_dir.join("server.log"),
+            launcher.ready_line,
+        )
+        .await?;
         let http_base = line.trim().trim_end_matches('/').to_owned();
         let mut target = Self::attach(&http_base, server.id()).await?;
         target.ready().await?;
@@ -238,7 +267,7 @@ impl Target {
             second = Some(child);
         }
         target.upstream_pid = upstream.id();
-        target.description = bin.display().to_string();
+        target.description = launcher.path.display().to_string();
         let (redis, database) = match cluster {
             Some(cluster) => {
                 target.redis_pid = cluster.redis.id();
