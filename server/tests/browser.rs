@@ -39,6 +39,13 @@ async fn sign_in(browser: &Browser, url: &str, email: &str) {
     browser.find("nav.sidebar").await;
 }
 
+/// A desktop window in the dark scheme, signed in as `email` at `url`.
+async fn dark_desktop(scenario: &Scenario, name: &str, url: &str, email: &str) -> Browser {
+    let browser = scenario.browser_in(name, DESKTOP.0, DESKTOP.1, true).await;
+    sign_in(&browser, url, email).await;
+    browser
+}
+
 /// Starts a conversation from the sidebar; returns its id (from the URL).
 async fn new_conversation(browser: &Browser) -> String {
     browser.click("button.new").await;
@@ -366,10 +373,7 @@ async fn html_in_model_output_is_shown_as_text_and_runs_nothing() {
             serde_json::json!(["const", "\"<script>window.__pwned=5</script>\"", "// 42"])
         );
         browser.screenshot("code-highlighted").await;
-        let dark = scenario
-            .browser_in("code-dark", DESKTOP.0, DESKTOP.1, true)
-            .await;
-        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        let dark = dark_desktop(&scenario, "code-dark", &format!("{}/c/{id}", app.url()), &email).await;
         dark.find(".message.assistant .code .hl-k").await;
         dark.screenshot("code-highlighted-dark").await;
         // Clicking the link runs nothing either.
@@ -402,8 +406,7 @@ async fn two_tabs_on_one_conversation_both_show_the_streaming_answer() {
         let id = new_conversation(&first).await;
         online(&first).await;
         // The second tab prefers the dark scheme (and provides its screenshot).
-        let second = scenario.browser_in("tab-2", DESKTOP.0, DESKTOP.1, true).await;
-        sign_in(&second, &format!("{}/c/{id}", app.url()), &email).await;
+        let second = dark_desktop(&scenario, "tab-2", &format!("{}/c/{id}", app.url()), &email).await;
         online(&second).await;
         send(&first, "Both of you listen").await;
         let request = upstream.next_request().await;
@@ -815,10 +818,7 @@ async fn a_two_thousand_message_thread_opens_fast_and_loads_as_it_scrolls_up() {
             frames["max"].as_f64().unwrap_or(0.0),
         );
         browser.screenshot("long-thread-oldest").await;
-        let dark = scenario
-            .browser_in("long-thread-dark", DESKTOP.0, DESKTOP.1, true)
-            .await;
-        sign_in(&dark, &format!("{}/c/{conversation}", app.url()), &email).await;
+        let dark = dark_desktop(&scenario, "long-thread-dark", &format!("{}/c/{conversation}", app.url()), &email).await;
         dark.find(".messages .older").await;
         dark.screenshot("long-thread-newest-dark").await;
     })
@@ -906,8 +906,7 @@ async fn answers_are_regenerated_and_messages_edited_with_every_version_kept() {
         shown_is(&browser, "Name a colour | Blue | Why? | It is calm").await;
 
         // The tree survives a reload; the newest branch shows first. Dark scheme too.
-        let dark = scenario.browser_in("branches-dark", DESKTOP.0, DESKTOP.1, true).await;
-        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        let dark = dark_desktop(&scenario, "branches-dark", &format!("{}/c/{id}", app.url()), &email).await;
         shown_is(&dark, "Name a fruit | Apple").await;
         dark.click(".message.user button.prev").await;
         shown_is(&dark, "Name a colour | Blue | Why? | It is calm").await;
@@ -1020,10 +1019,13 @@ async fn messages_typed_during_an_answer_are_queued_and_conversations_export() {
         shown_is(&browser, "One | A1 | Two | A2 | Four | A4").await;
 
         // Export: the downloads' names and contents, caught as the app makes them.
-        let dark = scenario
-            .browser_in("export-dark", DESKTOP.0, DESKTOP.1, true)
-            .await;
-        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        let dark = dark_desktop(
+            &scenario,
+            "export-dark",
+            &format!("{}/c/{id}", app.url()),
+            &email,
+        )
+        .await;
         shown_is(&dark, "One | A1 | Two | A2 | Four | A4").await;
         dark.js("window.__files = []; const made = URL.createObjectURL; \
              URL.createObjectURL = (blob) => { window.__files.push({blob}); return made(blob); }; \
@@ -1103,8 +1105,7 @@ async fn a_conversation_switches_model_and_gets_its_own_system_prompt() {
             )
             .await;
         // Kept across a reload (and shown in the dark scheme).
-        let dark = scenario.browser_in("models-dark", DESKTOP.0, DESKTOP.1, true).await;
-        sign_in(&dark, &format!("{}/c/{id}", app.url()), &email).await;
+        let dark = dark_desktop(&scenario, "models-dark", &format!("{}/c/{id}", app.url()), &email).await;
         dark.until("the saved model", &format!("document.querySelector('{select}')?.value === 'quick-one'")).await;
         dark.click(".prompt-toggle").await;
         dark.until(
@@ -1167,8 +1168,7 @@ async fn search_finds_a_message_on_an_old_branch_and_opens_it_there() {
         assert_eq!(browser.js("return !!document.querySelector('.search')").await, false);
 
         // Dark scheme: the dialog from the sidebar button; Esc closes it.
-        let dark = scenario.browser_in("search-dark", DESKTOP.0, DESKTOP.1, true).await;
-        sign_in(&dark, &app.url(), &email).await;
+        let dark = dark_desktop(&scenario, "search-dark", &app.url(), &email).await;
         dark.click(".open-search").await;
         dark.find("input[aria-label=Search]").await.send_keys("pink").await.unwrap();
         dark.until("results", "document.querySelectorAll('.search .hit').length >= 2").await;
@@ -1189,8 +1189,7 @@ async fn another_tab_sees_new_conversations_and_finished_answers_live() {
         sign_up(&first, &app.url(), &email).await;
         let elsewhere = new_conversation(&first).await;
         // The second tab (another device, say) shows that conversation.
-        let second = scenario.browser_in("live-2", DESKTOP.0, DESKTOP.1, true).await;
-        sign_in(&second, &format!("{}/c/{elsewhere}", app.url()), &email).await;
+        let second = dark_desktop(&scenario, "live-2", &format!("{}/c/{elsewhere}", app.url()), &email).await;
         online(&second).await;
         let count = "document.querySelectorAll('.sidebar .conversation').length";
         second.until("one conversation listed", &format!("{count} === 1")).await;

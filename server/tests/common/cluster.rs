@@ -114,15 +114,7 @@ impl Instance {
 
     /// `/readyz`'s JSON.
     pub async fn ready(&self) -> serde_json::Value {
-        self.server
-            .http
-            .get(self.server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.server.get_json("/readyz").await
     }
 }
 

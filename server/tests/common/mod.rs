@@ -139,16 +139,21 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
-    /// The signing keys the embedded auth service publishes.
-    pub async fn jwks(&self) -> Value {
+    /// The JSON a plain `GET path` answers.
+    pub async fn get_json(&self, path: &str) -> Value {
         self.http
-            .get(self.url("/auth/v1/.well-known/jwks.json"))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap()
+    }
+
+    /// The signing keys the embedded auth service publishes.
+    pub async fn jwks(&self) -> Value {
+        self.get_json("/auth/v1/.well-known/jwks.json").await
     }
 
     /// The Prometheus exposition at `/metrics`.
