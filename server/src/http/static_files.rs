@@ -46,9 +46,27 @@ impl WebAssets {
                 Self::Missing
             }
             None if Embedded::get("index.html").is_some() => Self::Embedded,
-            None => Self::Missing,
+            None => match build_time_dist() {
+                Some(dir) => Self::Dir(dir),
+                None => Self::Missing,
+            },
         }
     }
+}
+
+/// In a build with debug assertions rust-embed reads `dist/` at run time, but when `dist/` did
+/// not exist yet at compile time (a fresh clone whose server compiled before the web app was
+/// built) it refuses every file: it compares each file's canonical path with the folder's path
+/// as written, `server/../dist`. Such a binary serves the same folder directly instead.
+fn build_time_dist() -> Option<PathBuf> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dist")
+        .canonicalize()
+        .ok()?;
+    dir.join("index.html").is_file().then_some(dir)
 }
 
 impl WebAssets {
