@@ -38,7 +38,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Ok(());
     };
     match scenario.as_str() {
-        "smoke" => smoke(),
+        "smoke" => smoke(None),
         "help" | "--help" | "-h" => {
             println!("{HELP}");
             Ok(())
@@ -47,7 +47,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             if name == "compare" {
                 reference_packages()?;
             }
-            let bench = build(true)?;
+            let bench = build_release()?;
             let mut command = cmd(&bench.to_string_lossy(), &[name]);
             command.args(rest).arg("--out-dir").arg(out_dir());
             tools::status(command.current_dir(workspace_root()))
@@ -60,8 +60,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
 /// against the reference server, so the harness and the reference keep working. Fails if the
 /// harness sees a failed connection or a missing chunk; the performance targets are not checked
 /// (debug builds on a shared CI machine say nothing about them).
-pub fn smoke() -> Result<(), String> {
-    let bench = build(false)?;
+///
+/// Built as the tests step of `cargo xtask test` builds (the workspace with its test targets,
+/// with `postgres_url` as that step's `WADI_TEST_POSTGRES_URL`): the same features and the same
+/// build-script input, so the debug server that step compiled is reused, not compiled again.
+pub fn smoke(postgres_url: Option<&str>) -> Result<(), String> {
+    let mut build = cmd("cargo", &["build", "--workspace", "--bins", "--tests"]);
+    if let Some(url) = postgres_url {
+        build.env("WADI_TEST_POSTGRES_URL", url);
+    }
+    tools::status(build.current_dir(workspace_root()))?;
+    let bench = workspace_root()
+        .join("target")
+        .join("debug")
+        .join("wadi-bench");
     let mut command = cmd(&bench.to_string_lossy(), &["smoke"]);
     command.arg("--out-dir").arg(out_dir());
     tools::status(command.current_dir(workspace_root()))?;
@@ -94,17 +106,18 @@ fn reference_packages() -> Result<(), String> {
     tools::status(cmd("npm", &["ci", "--no-audit", "--no-fund"]).current_dir(&dir))
 }
 
-/// Builds `wadi` and `wadi-bench` side by side (the generator starts the server next to it) and
-/// returns the generator's path.
-fn build(release: bool) -> Result<PathBuf, String> {
-    let mut args = vec!["build", "-p", "wadi-server", "-p", "wadi-bench"];
-    if release {
-        args.push("--release");
-    }
+/// Release builds of `wadi` and `wadi-bench` side by side (the generator starts the server next
+/// to it); returns the generator's path.
+fn build_release() -> Result<PathBuf, String> {
     let root = workspace_root();
-    tools::status(cmd("cargo", &args).current_dir(&root))?;
-    let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join("wadi-bench"))
+    tools::status(
+        cmd(
+            "cargo",
+            &["build", "--release", "-p", "wadi-server", "-p", "wadi-bench"],
+        )
+        .current_dir(&root),
+    )?;
+    Ok(root.join("target").join("release").join("wadi-bench"))
 }
 
 fn out_dir() -> PathBuf {

@@ -180,7 +180,7 @@ fn test() -> Result<(), String> {
         }
         tools::status(&mut nextest)
     })?;
-    step("benchmark smoke", &mut bench::smoke)?;
+    step("benchmark smoke", &mut || bench::smoke(postgres_url.as_deref()))?;
 
     println!(
         "\nxtask test: all steps passed in {:.0?}",
