@@ -36,7 +36,7 @@ pub fn message(row: &MessageRow) -> api::Message {
         parent_id: record.parent_id.map(Into::into),
         siblings: row.siblings.iter().map(|id| (*id).into()).collect(),
         model: row.model.clone(),
-        usage: usage(row.prompt_tokens, row.completion_tokens),
+        usage: usage(row.prompt_tokens, row.completion_tokens, row.usage_estimated),
     }
 }
 
@@ -49,21 +49,26 @@ pub fn run(record: &RunRecord) -> api::Run {
         model: record.model.clone(),
         output: record.output.clone(),
         error: record.error.clone(),
-        usage: usage(record.prompt_tokens, record.completion_tokens),
+        usage: usage(
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.usage_estimated,
+        ),
         last_seq: u64::try_from(record.last_seq).unwrap_or_default(),
         started_at: datetime(record.started_at),
         finished_at: record.finished_at.map(datetime),
     }
 }
 
-/// Token usage, when the model reported it.
-pub fn usage(prompt: Option<i64>, completion: Option<i64>) -> Option<Usage> {
+/// Token usage, when the model reported it or the server counted it (`estimated`).
+pub fn usage(prompt: Option<i64>, completion: Option<i64>, estimated: bool) -> Option<Usage> {
     let prompt = u32::try_from(prompt?).ok()?;
     let completion = u32::try_from(completion?).ok()?;
     Some(Usage {
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt.saturating_add(completion),
+        estimated,
     })
 }
 
@@ -78,6 +83,6 @@ pub fn complete_frame(run: &RunRecord) -> ServerMessage {
             RunStatus::Running => RunStatus::Interrupted,
             status => status,
         },
-        usage: usage(run.prompt_tokens, run.completion_tokens),
+        usage: usage(run.prompt_tokens, run.completion_tokens, run.usage_estimated),
     }
 }

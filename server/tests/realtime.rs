@@ -185,6 +185,8 @@ async fn the_full_flow_streams_saves_and_matches(engine: Engine) {
     assert_eq!(complete["status"], "completed");
     assert_eq!(complete["fullOutput"], streamed.as_str());
     assert_eq!(complete["usage"]["completionTokens"], 5);
+    // The provider's own report is not an estimate.
+    assert!(complete["usage"].get("estimated").is_none(), "{complete}");
 
     // What the model was asked.
     let request = upstream.next_request().await;
@@ -215,6 +217,25 @@ async fn the_full_flow_streams_saves_and_matches(engine: Engine) {
     server.shutdown().await.unwrap();
 }
 
+/// The usage the server estimates for a run that sent `prompt` and kept `output`: OpenAI's
+/// counting (3 framing tokens per message, 3 priming the reply) with `o200k_base`, the
+/// vocabulary for a model the server does not know (`fake-model`).
+fn estimated_usage(prompt: &[(String, String)], output: &str) -> Value {
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let prompt_tokens = prompt
+        .iter()
+        .map(|(role, content)| 3 + bpe.count_ordinary(role) + bpe.count_ordinary(content))
+        .sum::<usize>()
+        + 3;
+    let completion_tokens = bpe.count_ordinary(output);
+    json!({
+        "promptTokens": prompt_tokens,
+        "completionTokens": completion_tokens,
+        "totalTokens": prompt_tokens + completion_tokens,
+        "estimated": true,
+    })
+}
+
 async fn stop_before_the_first_token_cancels_upstream(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |_| {}).await;
@@ -232,6 +253,10 @@ async fn stop_before_the_first_token_cancels_upstream(engine: Engine) {
     assert_eq!(complete["type"], "complete", "{complete}");
     assert_eq!(complete["status"], "stopped");
     assert_eq!(complete["fullOutput"], "");
+    // The prompt was sent, so it counts; the answer had no token yet.
+    let usage = estimated_usage(&request.messages(), "");
+    assert_eq!(usage["completionTokens"], 0);
+    assert_eq!(complete["usage"], usage);
     request.cancelled().await;
     // A token the upstream might still send goes nowhere.
     request.token("too late");
@@ -265,14 +290,20 @@ async fn stop_mid_stream_keeps_exactly_what_was_sent(engine: Engine) {
     assert_eq!(complete["status"], "stopped");
     assert_eq!(complete["fullOutput"], text(&frames).as_str());
     request.cancelled().await;
+    // The provider never reported usage: it is counted with the model's tokenizer, exactly the
+    // prompt that was sent and the output that was kept, and marked as an estimate.
+    let usage = estimated_usage(&request.messages(), "one two three ");
+    assert_eq!(complete["usage"], usage);
     let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
     assert_eq!(run["status"], "stopped");
     assert_eq!(run["output"], "one two three ");
+    assert_eq!(run["usage"], usage);
     let (_, messages) = api
         .get(&format!("/api/conversations/{conversation}/messages"))
         .await;
     assert_eq!(messages["items"][1]["content"], "one two three ");
     assert_eq!(messages["items"][1]["runStatus"], "stopped");
+    assert_eq!(messages["items"][1]["usage"], usage);
 
     // Over REST.
     let (status, sent) = api

@@ -271,13 +271,23 @@ impl TryFrom<String> for RunStatus {
     }
 }
 
-/// Token usage reported by the model for one run.
+/// Token usage of one run: as the model reported it, or, for an answer that ended before the
+/// model's report (stopped, failed, interrupted), counted by the server with the model's
+/// tokenizer and marked `estimated`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// Counted by the server, not reported by the provider. Absent when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub estimated: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl From<DecodeError> for ServerMessage {

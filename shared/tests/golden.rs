@@ -200,10 +200,27 @@ fn server_frames_have_pinned_json() {
                     prompt_tokens: 3,
                     completion_tokens: 2,
                     total_tokens: 5,
+                    estimated: false,
                 }),
             },
             json!({"type": "complete", "runId": RUN, "fullOutput": "Hello", "status": "completed",
                    "usage": {"promptTokens": 3, "completionTokens": 2, "totalTokens": 5}}),
+        ),
+        (
+            ServerMessage::Complete {
+                run_id: RUN,
+                full_output: "Hel".into(),
+                status: RunStatus::Stopped,
+                usage: Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 1,
+                    total_tokens: 4,
+                    estimated: true,
+                }),
+            },
+            json!({"type": "complete", "runId": RUN, "fullOutput": "Hel", "status": "stopped",
+                   "usage": {"promptTokens": 3, "completionTokens": 1, "totalTokens": 4,
+                             "estimated": true}}),
         ),
         (
             ServerMessage::Complete {

@@ -72,6 +72,7 @@ impl ChatModel for DemoModel {
                 prompt_tokens,
                 completion_tokens,
                 total_tokens: prompt_tokens + completion_tokens,
+                estimated: false,
             }))
         });
         Ok(Box::pin(deltas.chain(usage)))

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod demo;
 pub mod openai;
+pub mod tokens;
 
 use std::{pin::Pin, time::Duration};
 

@@ -133,6 +133,7 @@ pub fn events_of(chunk: CreateChatCompletionStreamResponse) -> Vec<ModelEvent> {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
+            estimated: false,
         }));
     }
     events

@@ -250,6 +250,7 @@ impl Runs {
                 .then(|| "the server streaming this answer stopped".to_owned()),
             prompt_tokens: None,
             completion_tokens: None,
+            usage_estimated: false,
             last_seq,
             finished_at: now_millis(),
             message_id: MessageId::new(),

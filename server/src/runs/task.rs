@@ -16,7 +16,7 @@ use crate::{
     dto,
     ids::MessageId,
     metrics::StatusLabel,
-    model::{ChatMessage, ModelError, ModelEvent, ModelStream},
+    model::{ChatMessage, ModelError, ModelEvent, ModelStream, tokens},
     store::{Checkpoint, CheckpointResult, ChunkEnds, RunOutcome, StoreResult},
     util::now_millis,
 };
@@ -40,8 +40,18 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
     async move {
         let started = Instant::now();
         ctx.metrics.active_runs.inc();
-        let (status, usage, error) = stream_answer(&ctx, &handle, started).await;
-        let ending = save_outcome(&ctx, &handle, Ending::new(status, usage, error)).await;
+        let request = history(&ctx, &handle).await;
+        let (status, usage, error) = match &request {
+            Ok(request) => stream_answer(&ctx, &handle, started, request).await,
+            Err(error) => (RunStatus::Failed, None, Some(error.clone())),
+        };
+        let ending = save_outcome(
+            &ctx,
+            &handle,
+            Ending::new(status, usage, error),
+            request.as_ref().ok(),
+        )
+        .await;
         ctx.metrics.active_runs.dec();
         ctx.metrics
             .run_duration
@@ -90,19 +100,21 @@ fn failed(error: &ModelError, usage: Option<Usage>) -> Outcome {
     (RunStatus::Failed, usage, Some(error.to_string()))
 }
 
-/// Streams the model's answer into the handle until it ends, fails or is stopped. Returning
-/// drops the model stream, which cancels the upstream request.
-async fn stream_answer(ctx: &Runs, handle: &RunHandle, started: Instant) -> Outcome {
+/// Streams the model's answer to `request` into the handle until it ends, fails or is stopped.
+/// Returning drops the model stream, which cancels the upstream request.
+async fn stream_answer(
+    ctx: &Runs,
+    handle: &RunHandle,
+    started: Instant,
+    request: &Request,
+) -> Outcome {
     let settings = &ctx.settings;
     let cancel = handle.cancelled().clone();
-    let (model, history) = match history(ctx, handle).await {
-        Ok(request) => request,
-        Err(error) => return (RunStatus::Failed, None, Some(error)),
-    };
+    let asked = ctx.model.stream(&request.model, request.messages.clone());
     let mut stream: ModelStream = tokio::select! {
         biased;
         () = cancel.cancelled() => return stopped(handle, None),
-        result = tokio::time::timeout(settings.model_idle_timeout, ctx.model.stream(&model, history)) => {
+        result = tokio::time::timeout(settings.model_idle_timeout, asked) => {
             match result {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => return failed(&error, None),
@@ -261,11 +273,17 @@ impl Checkpoints {
     }
 }
 
+/// What a run asks the model.
+struct Request {
+    model: String,
+    messages: Vec<ChatMessage>,
+}
+
 /// The model the run was started with, and the messages sent to it: the conversation's system
 /// prompt (or the server's), then the latest messages of the path that ends at the user message
 /// being answered (that message last): exactly the branch the answer belongs to, never another
 /// version's. Empty answers (runs stopped before their first token) are left out.
-async fn history(ctx: &Runs, handle: &RunHandle) -> Result<(String, Vec<ChatMessage>), String> {
+async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Request, String> {
     let unavailable = |error: crate::store::StoreError| {
         tracing::error!(%error, "cannot load the conversation for the model");
         "the server could not load the conversation; try again".to_owned()
@@ -306,14 +324,29 @@ async fn history(ctx: &Runs, handle: &RunHandle) -> Result<(String, Vec<ChatMess
             content: record.content,
         })
     }));
-    Ok((model, history))
+    Ok(Request {
+        model,
+        messages: history,
+    })
 }
 
 /// Saves how the run ended with its whole output, retrying a failing store a few times. Returns
 /// the ending watchers get: this one, or, if the store says the run is no longer ours (it was
-/// reaped while this process was paused), the one saved by whoever reaped it.
-async fn save_outcome(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
+/// reaped while this process was paused), the one saved by whoever reaped it. A run that asked
+/// the model (`request`) and got no usage from it (stopped, failed, or a provider that does not
+/// report) gets the server's estimate.
+async fn save_outcome(
+    ctx: &Runs,
+    handle: &RunHandle,
+    mut ending: Ending,
+    request: Option<&Request>,
+) -> Ending {
     let (output, last_seq) = handle.snapshot();
+    if ending.usage.is_none()
+        && let Some(request) = request
+    {
+        ending.usage = estimate_usage(request, &output).await;
+    }
     let outcome = RunOutcome {
         status: ending.status,
         output,
@@ -321,6 +354,7 @@ async fn save_outcome(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending 
         error: ending.error.clone(),
         prompt_tokens: ending.usage.map(|u| i64::from(u.prompt_tokens)),
         completion_tokens: ending.usage.map(|u| i64::from(u.completion_tokens)),
+        usage_estimated: ending.usage.is_some_and(|u| u.estimated),
         last_seq: i64::try_from(last_seq).unwrap_or(i64::MAX),
         finished_at: now_millis(),
         message_id: MessageId::new(),
@@ -349,6 +383,20 @@ async fn save_outcome(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending 
     ending
 }
 
+/// The usage of a run the provider did not report on, counted with the model's tokenizer on a
+/// blocking thread (the first count loads the vocabulary).
+async fn estimate_usage(request: &Request, output: &str) -> Option<Usage> {
+    let (model, messages, output) = (
+        request.model.clone(),
+        request.messages.clone(),
+        output.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || tokens::estimate(&model, &messages, &output))
+        .await
+        .inspect_err(|error| tracing::warn!(%error, "cannot count the run's tokens"))
+        .ok()
+}
+
 /// The store did not take our outcome: the run was reaped (or its conversation deleted). What
 /// was saved is what everyone gets.
 async fn lost_ending(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
@@ -360,7 +408,11 @@ async fn lost_ending(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
             );
             Ending {
                 status: saved.status,
-                usage: dto::usage(saved.prompt_tokens, saved.completion_tokens),
+                usage: dto::usage(
+                    saved.prompt_tokens,
+                    saved.completion_tokens,
+                    saved.usage_estimated,
+                ),
                 error: saved.error,
                 saved_output: Some(saved.output),
             }

@@ -160,6 +160,8 @@ pub struct MessageRow {
     pub model: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+    /// The tokens were counted by the server, not reported by the provider.
+    pub usage_estimated: bool,
     /// Every version at this place in the tree (this message and its siblings, oldest first),
     /// when there is more than one.
     pub siblings: Vec<MessageId>,
@@ -171,6 +173,7 @@ where
     &'r str: sqlx::ColumnIndex<R>,
     Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<bool>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
         let message = MessageRecord::from_row(row)?;
@@ -188,6 +191,9 @@ where
             model: row.try_get("run_model")?,
             prompt_tokens: row.try_get("prompt_tokens")?,
             completion_tokens: row.try_get("completion_tokens")?,
+            usage_estimated: row
+                .try_get::<Option<bool>, _>("usage_estimated")?
+                .unwrap_or(false),
             siblings: Vec::new(),
         })
     }
@@ -210,6 +216,8 @@ pub struct RunRecord {
     pub error: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+    /// The tokens were counted by the server, not reported by the provider.
+    pub usage_estimated: bool,
     pub last_seq: i64,
     pub started_at: i64,
     pub finished_at: Option<i64>,
@@ -229,6 +237,8 @@ pub struct RunOutcome {
     pub error: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+    /// The tokens were counted by the server, not reported by the provider.
+    pub usage_estimated: bool,
     pub last_seq: i64,
     pub finished_at: i64,
     /// The id of the assistant message holding the output.

@@ -26,7 +26,8 @@ macro_rules! sql_store {
             ) -> Result<Option<$crate::store::RunRecord>, sqlx::Error> {
                 let run = sqlx::query_as::<$db, $crate::store::RunRecord>(
                     "UPDATE runs SET status = $2, output = $3, chunk_ends = $4, error = $5, \
-                     prompt_tokens = $6, completion_tokens = $7, last_seq = $8, finished_at = $9 \
+                     prompt_tokens = $6, completion_tokens = $7, last_seq = $8, finished_at = $9, \
+                     usage_estimated = $11 \
                      WHERE id = $1 AND status = 'running' \
                      AND ($10 IS NULL OR owner_instance = $10) RETURNING *",
                 )
@@ -40,6 +41,7 @@ macro_rules! sql_store {
                 .bind(outcome.last_seq)
                 .bind(outcome.finished_at)
                 .bind(owner)
+                .bind(outcome.usage_estimated)
                 .fetch_optional(&mut *connection)
                 .await?;
                 let Some(run) = run else {
@@ -544,7 +546,9 @@ macro_rules! sql_store {
                      CASE WHEN m.role = 'assistant' THEN r.model END AS run_model, \
                      CASE WHEN m.role = 'assistant' THEN r.prompt_tokens END AS prompt_tokens, \
                      CASE WHEN m.role = 'assistant' THEN r.completion_tokens END \
-                     AS completion_tokens \
+                     AS completion_tokens, \
+                     CASE WHEN m.role = 'assistant' THEN r.usage_estimated END \
+                     AS usage_estimated \
                      FROM messages m LEFT JOIN runs r ON r.id = m.run_id \
                      WHERE m.conversation_id = $1 ORDER BY m.id",
                 )
@@ -571,7 +575,9 @@ macro_rules! sql_store {
                      CASE WHEN m.role = 'assistant' THEN r.model END AS run_model, \
                      CASE WHEN m.role = 'assistant' THEN r.prompt_tokens END AS prompt_tokens, \
                      CASE WHEN m.role = 'assistant' THEN r.completion_tokens END \
-                     AS completion_tokens \
+                     AS completion_tokens, \
+                     CASE WHEN m.role = 'assistant' THEN r.usage_estimated END \
+                     AS usage_estimated \
                      FROM path JOIN messages m ON m.id = path.id \
                      LEFT JOIN runs r ON r.id = m.run_id ORDER BY path.depth DESC",
                 )

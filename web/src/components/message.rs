@@ -180,10 +180,16 @@ pub fn Message(
     }
 }
 
-/// "gpt-4o-mini · 25 prompt + 120 answer tokens", shown on hover of an answer.
+/// "gpt-4o-mini · 25 prompt + 120 answer tokens", shown on hover of an answer; an estimate
+/// (the answer ended before the provider reported its usage) says so.
 fn answer_details(message: &MessageView) -> Option<String> {
     let model = message.model.clone()?;
     Some(match message.usage {
+        Some(usage) if usage.estimated => format!(
+            "{model} · ≈ {} prompt + {} answer tokens (estimate: the answer ended before the \
+             provider reported its usage)",
+            usage.prompt_tokens, usage.completion_tokens
+        ),
         Some(usage) => format!(
             "{model} · {} prompt + {} answer tokens",
             usage.prompt_tokens, usage.completion_tokens
@@ -323,5 +329,52 @@ fn incremental_markdown(text: Signal<String>) -> impl IntoView {
             </For>
             <div class="md-block tail" inner_html=move || tail.get()></div>
         </div>
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wadi_protocol::Usage;
+
+    use super::*;
+
+    fn answer(usage: Option<Usage>) -> MessageView {
+        MessageView {
+            key: "a".into(),
+            role: Role::Assistant,
+            content: "Hi".into(),
+            status: Some(RunStatus::Stopped),
+            pending: None,
+            run_id: None,
+            id: None,
+            parent_id: None,
+            siblings: Vec::new(),
+            model: Some("gpt-4o-mini".into()),
+            usage,
+        }
+    }
+
+    #[test]
+    fn an_estimated_usage_says_it_is_one() {
+        let usage = Usage {
+            prompt_tokens: 25,
+            completion_tokens: 9,
+            total_tokens: 34,
+            estimated: false,
+        };
+        assert_eq!(
+            answer_details(&answer(Some(usage))).unwrap(),
+            "gpt-4o-mini · 25 prompt + 9 answer tokens"
+        );
+        let estimated = answer_details(&answer(Some(Usage {
+            estimated: true,
+            ..usage
+        })))
+        .unwrap();
+        assert!(
+            estimated.starts_with("gpt-4o-mini · ≈ 25 prompt + 9 answer tokens (estimate"),
+            "{estimated}"
+        );
+        assert_eq!(answer_details(&answer(None)).unwrap(), "gpt-4o-mini");
     }
 }

@@ -502,8 +502,8 @@ impl ChatState {
                 run_id,
                 full_output,
                 status,
-                ..
-            } => self.on_complete(run_id, full_output, status),
+                usage,
+            } => self.on_complete(run_id, full_output, status, usage),
             ServerMessage::Error {
                 code,
                 message,
@@ -597,6 +597,7 @@ impl ChatState {
         run_id: Uuid,
         full_output: String,
         status: RunStatus,
+        usage: Option<Usage>,
     ) -> Vec<Command> {
         if self.streaming.as_ref().is_some_and(|s| s.run_id == run_id) {
             self.streaming = None;
@@ -615,7 +616,7 @@ impl ChatState {
             parent_id: None,
             siblings: Vec::new(),
             model: None,
-            usage: None,
+            usage,
         });
         // The newest answer ends the branch it belongs to.
         self.through = None;
@@ -725,6 +726,29 @@ mod tests {
             status,
             usage: None,
         }
+    }
+
+    #[test]
+    fn a_stopped_answer_shows_the_usage_its_complete_carries_at_once() {
+        let mut chat = ChatState::default();
+        chat.send("hello".into(), "c-1".into());
+        chat.apply(start());
+        chat.apply(chunk(1, "Hel"));
+        let usage = Usage {
+            prompt_tokens: 8,
+            completion_tokens: 1,
+            total_tokens: 9,
+            estimated: true,
+        };
+        chat.apply(ServerMessage::Complete {
+            run_id: run(),
+            full_output: "Hel".into(),
+            status: RunStatus::Stopped,
+            usage: Some(usage),
+        });
+        let answer = chat.messages.last().unwrap();
+        assert_eq!(answer.status, Some(RunStatus::Stopped));
+        assert_eq!(answer.usage, Some(usage));
     }
 
     #[test]
