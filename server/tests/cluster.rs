@@ -153,18 +153,18 @@ async fn a_run_driven_by_one_instance_is_followed_resumed_and_streamed_on_the_ot
     }
 
     // SSE on B resumes after the fifth chunk.
-    let body = on(b, &api)
+    let response = on(b, &api)
         .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
         .header("Last-Event-ID", "5")
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
     let events = parse_sse(&body);
     let ids: Vec<u64> = events.iter().filter_map(|(_, id, _)| *id).collect();
-    assert_eq!(ids.first(), Some(&6));
+    assert_eq!(ids.first(), Some(&6), "{body}");
     assert_eq!(ids, (6..6 + ids.len() as u64).collect::<Vec<_>>());
     let (kind, _, last) = events.last().unwrap();
     assert_eq!(kind, "complete");
