@@ -8,9 +8,7 @@
 //!
 //! Each chunk frame is encoded once per run, when the first watcher reads it, and the bytes are
 //! shared by every watcher (a window of the latest chunks is kept encoded; a replay from further
-//! back encodes again). A socket's writer sends those bytes as they are: it reads them itself
-//! through a [`Cursor`], woken by the run through the `Notify` it listens with, so a chunk costs
-//! a socket one task wake-up.
+//! back encodes again). A socket's writer sends those bytes as they are.
 //!
 //! A handle is either the run itself, on the instance that drives it (the only writer of its
 //! seqs), or a *mirror* of a run driven elsewhere or already saved: filled in seq order from the
@@ -18,12 +16,12 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::Stream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use wadi_protocol::{RunStatus, ServerMessage, Usage};
 
@@ -77,22 +75,9 @@ struct Log {
     /// `encoded[0]` is chunk `encoded_from`.
     encoded: VecDeque<Utf8Bytes>,
     encoded_from: u64,
-    /// Socket writers following the run through a [`Cursor`]: woken on every change.
-    listeners: Vec<Weak<Notify>>,
 }
 
 impl Log {
-    /// Wakes every listener (a listener gone is forgotten).
-    fn wake(&mut self) {
-        self.listeners.retain(|listener| match listener.upgrade() {
-            Some(notify) => {
-                notify.notify_one();
-                true
-            }
-            None => false,
-        });
-    }
-
     /// Chunk `seq`'s frame, encoded once while it is in the window and shared after that.
     fn chunk_frame(&mut self, run_id: RunId, seq: u64) -> Utf8Bytes {
         let held = self.encoded_from + self.encoded.len() as u64;
@@ -231,7 +216,6 @@ impl RunHandle {
             log.output.push_str(delta);
             let end = log.output.len();
             log.ends.push(end);
-            log.wake();
         }
         self.version.send_modify(|v| *v += 1);
         Ok(())
@@ -244,7 +228,6 @@ impl RunHandle {
             log.output.push_str(delta);
             let end = log.output.len();
             log.ends.push(end);
-            log.wake();
             log.ends.len() as u64
         };
         self.version.send_modify(|v| *v += 1);
@@ -260,7 +243,6 @@ impl RunHandle {
                 return;
             }
             log.ending = Some(ending);
-            log.wake();
         }
         self.version.send_modify(|v| *v += 1);
     }
@@ -399,123 +381,76 @@ impl RunHandle {
         after_seq: u64,
         with_start: bool,
     ) -> impl Stream<Item = Frame> + Send + 'static {
+        let mut pending = VecDeque::new();
+        if with_start {
+            pending.push_back(Frame::encode(FrameKind::Start, &self.start_frame()));
+        }
         let version = self.version.subscribe();
         let state = Follow {
-            cursor: Cursor::new(self, after_seq, with_start),
+            handle: self,
+            cursor: after_seq,
             version,
+            pending,
+            done: false,
         };
         futures_util::stream::unfold(state, |mut state| async move {
             let frame = state.next().await?;
             Some((frame, state))
         })
     }
-
-    /// The same frames as [`RunHandle::follow`], read without waiting by whoever holds the
-    /// cursor; `listener` is woken (`notify_one`) whenever more may be ready, for as long as it
-    /// lives.
-    pub fn cursor(
-        self: Arc<Self>,
-        after_seq: u64,
-        with_start: bool,
-        listener: &Arc<Notify>,
-    ) -> Cursor {
-        self.log().listeners.push(Arc::downgrade(listener));
-        Cursor::new(self, after_seq, with_start)
-    }
 }
 
-/// A reader of one run's frames, from a seq to `complete`.
-pub struct Cursor {
+struct Follow {
     handle: Arc<RunHandle>,
     cursor: u64,
+    version: watch::Receiver<u64>,
     pending: VecDeque<Frame>,
     done: bool,
-}
-
-impl Cursor {
-    fn new(handle: Arc<RunHandle>, after_seq: u64, with_start: bool) -> Self {
-        let mut pending = VecDeque::new();
-        if with_start {
-            pending.push_back(Frame::encode(FrameKind::Start, &handle.start_frame()));
-        }
-        Self {
-            handle,
-            cursor: after_seq,
-            pending,
-            done: false,
-        }
-    }
-
-    pub fn run_id(&self) -> RunId {
-        self.handle.id
-    }
-
-    /// True once `complete` has been read: nothing more will come.
-    pub fn is_done(&self) -> bool {
-        self.done && self.pending.is_empty()
-    }
-
-    /// The next frame, if one is ready now.
-    pub fn ready(&mut self) -> Option<Frame> {
-        if self.pending.is_empty() && !self.done {
-            self.read();
-        }
-        self.pending.pop_front()
-    }
-
-    /// Queues what the run holds after the cursor (a batch), and its ending once all is read.
-    fn read(&mut self) {
-        let (chunks, ending) = self.handle.read_after(self.cursor);
-        for (seq, text) in chunks {
-            self.cursor = seq;
-            self.pending.push_back(Frame {
-                kind: FrameKind::Chunk { seq },
-                text,
-            });
-        }
-        if let Some((ending, full_output)) = ending {
-            // A failure is reported after the chunks it cut short, before `complete`.
-            if let Some(error) = ending.error.filter(|_| ending.status == RunStatus::Failed) {
-                let error = ServerMessage::error(
-                    wadi_protocol::ErrorCode::ModelError,
-                    error,
-                    Some(self.handle.id.into()),
-                );
-                self.pending
-                    .push_back(Frame::encode(FrameKind::Error, &error));
-            }
-            let complete = ServerMessage::Complete {
-                run_id: self.handle.id.into(),
-                full_output,
-                status: ending.status,
-                usage: ending.usage,
-            };
-            self.pending
-                .push_back(Frame::encode(FrameKind::Complete, &complete));
-            self.done = true;
-        }
-    }
-}
-
-/// A cursor that waits for the run's next change when nothing is ready.
-struct Follow {
-    cursor: Cursor,
-    version: watch::Receiver<u64>,
 }
 
 impl Follow {
     async fn next(&mut self) -> Option<Frame> {
         loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Some(frame);
+            }
+            if self.done {
+                return None;
+            }
             // Mark the current version seen before reading, so a push that lands after the
             // read wakes us up.
             self.version.borrow_and_update();
-            if let Some(frame) = self.cursor.ready() {
-                return Some(frame);
+            let (chunks, ending) = self.handle.read_after(self.cursor);
+            for (seq, text) in chunks {
+                self.cursor = seq;
+                self.pending.push_back(Frame {
+                    kind: FrameKind::Chunk { seq },
+                    text,
+                });
             }
-            if self.cursor.done {
-                return None;
+            if let Some((ending, full_output)) = ending {
+                // A failure is reported after the chunks it cut short, before `complete`.
+                if let Some(error) = ending.error.filter(|_| ending.status == RunStatus::Failed) {
+                    let error = ServerMessage::error(
+                        wadi_protocol::ErrorCode::ModelError,
+                        error,
+                        Some(self.handle.id.into()),
+                    );
+                    self.pending
+                        .push_back(Frame::encode(FrameKind::Error, &error));
+                }
+                let complete = ServerMessage::Complete {
+                    run_id: self.handle.id.into(),
+                    full_output,
+                    status: ending.status,
+                    usage: ending.usage,
+                };
+                self.pending
+                    .push_back(Frame::encode(FrameKind::Complete, &complete));
+                self.done = true;
+                continue;
             }
-            if self.version.changed().await.is_err() {
+            if self.pending.is_empty() && self.version.changed().await.is_err() {
                 // The handle is gone without an ending (cannot happen while we hold it).
                 return None;
             }

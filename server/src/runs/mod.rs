@@ -29,7 +29,7 @@ use tracing::Instrument;
 use wadi_protocol::{ErrorCode, RunStatus, api::Role, api::SentMessage};
 
 pub use cluster::{BusHealth, Cluster, ClusterEvent, Lease, Local, RunStarted};
-pub use handle::{Cursor, Ending, Frame, FrameKind, Origin, RunHandle, RunKey};
+pub use handle::{Ending, Frame, FrameKind, Origin, RunHandle, RunKey};
 pub use hub::Hub;
 
 use crate::{

@@ -2,22 +2,24 @@
 //! after it, every handler works with the socket's [`Session`] (the verified user), never with
 //! an optional one.
 
-use std::{collections::HashMap, ops::ControlFlow, sync::Arc, time::Duration};
+use std::{collections::HashMap, ops::ControlFlow, pin::pin, sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use wadi_protocol::{ActiveRun, ClientMessage, ErrorCode, ServerMessage, close};
 
 use super::{
-    registry::Endpoint,
-    socket::{Exit, Flow, Session, Socket, Watch},
-    writer::{Followed, Outbound},
+    outbox::Offer,
+    registry::{Control, Endpoint},
+    socket::{Exit, Flow, Session, Socket},
+    writer::Outbound,
 };
 use crate::{
     auth::{AuthUser, VerifyError},
     content::check_message,
     error::AppError,
     ids::{MessageId, RunId},
-    runs::{Placement, RunHandle},
+    runs::{FrameKind, Placement, RunHandle},
 };
 
 /// Handles one text frame.
@@ -201,7 +203,7 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
         }
     };
     if let (Endpoint::Run { after_seq, .. }, Some(handle)) = (socket.endpoint, run) {
-        session.watch(socket, handle, after_seq, false)?;
+        session.watch(socket, handle, after_seq, false);
     }
     ControlFlow::Continue(session)
 }
@@ -327,7 +329,8 @@ async fn send(
         return socket.send(&start);
     }
     socket.send(&start)?;
-    session.watch(socket, handle, 0, false)
+    session.watch(socket, handle, 0, false);
+    ControlFlow::Continue(())
 }
 
 /// `regenerate`: another answer to a user message of this conversation. The run is announced
@@ -405,7 +408,8 @@ async fn resume(socket: &Socket, session: &mut Session, run_id: RunId, after_seq
     }
     match socket.state.runs.find(run_id, session.user.id).await {
         Ok(Some(handle)) if handle.conversation_id == conversation_id => {
-            session.watch(socket, handle, after_seq, false)
+            session.watch(socket, handle, after_seq, false);
+            ControlFlow::Continue(())
         }
         Ok(_) => socket.send_error(ErrorCode::NotFound, "no such run in this conversation"),
         Err(error) => send_app_error(socket, error.into()),
@@ -421,34 +425,65 @@ impl Session {
     fn following(&self) -> usize {
         self.watchers
             .values()
-            .filter(|watch| !watch.released())
+            .filter(|watcher| !watcher.is_finished())
             .count()
     }
 
     fn follows(&self, run: RunId) -> bool {
         self.watchers
             .get(&run)
-            .is_some_and(|watch| !watch.released())
+            .is_some_and(|watcher| !watcher.is_finished())
     }
 
-    /// Follows a run on this socket from the chunk after `after_seq`, replacing any earlier
-    /// follow of the same run: the writer reads the run's frames itself as the run wakes it, so
-    /// following never blocks the run; a client that stops reading stalls only its own writer,
-    /// which closes the socket after the slow-client timeout.
+    /// Follows a run on this socket from the chunk after `after_seq`, replacing any watcher of
+    /// the same run. The watcher never blocks the run: if the queue stays full for the
+    /// slow-client timeout, the socket is closed.
     pub(super) fn watch(
         &mut self,
         socket: &Socket,
         handle: Arc<RunHandle>,
         after_seq: u64,
         with_start: bool,
-    ) -> Flow {
-        self.watchers.retain(|_, watch| !watch.released());
-        let cursor = handle
-            .clone()
-            .cursor(after_seq, with_start, &socket.out.waker());
-        let (followed, released) = Followed::new(cursor);
-        self.watchers.insert(handle.id, Watch { handle, released });
-        socket.queue(Outbound::Follow(followed))
+    ) {
+        self.watchers.retain(|_, task| !task.is_finished());
+        if let Some(previous) = self.watchers.remove(&handle.id) {
+            previous.abort();
+        }
+        let run_id = handle.id;
+        let out = socket.out.clone();
+        let inbox = socket.inbox.clone();
+        let metrics = socket.state.metrics.clone();
+        let patience = socket.state.config.sockets.slow_client_timeout;
+        let run_socket = matches!(socket.endpoint, Endpoint::Run { .. });
+        let task = tokio::spawn(async move {
+            let mut frames = pin!(handle.follow(after_seq, with_start));
+            while let Some(frame) = frames.next().await {
+                let is_chunk = matches!(frame.kind, FrameKind::Chunk { .. });
+                let bytes = frame.text.len() as u64;
+                // Usually there is room; only a full queue waits, at most `patience`.
+                match out.offer(Outbound::Text(frame.text)) {
+                    Offer::Queued => {}
+                    Offer::Closed => return,
+                    Offer::Full(item) => match tokio::time::timeout(patience, out.push(item)).await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            inbox.post(Control::SlowConsumer);
+                            return;
+                        }
+                    },
+                }
+                if is_chunk {
+                    metrics.chunks_sent.inc();
+                }
+                metrics.bytes_sent.inc_by(bytes);
+            }
+            if run_socket {
+                inbox.post(Control::RunSent);
+            }
+        });
+        self.watchers.insert(run_id, task);
     }
 }
 

@@ -5,7 +5,7 @@
 use std::{
     collections::VecDeque,
     pin::pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard},
 };
 
 use tokio::sync::Notify;
@@ -28,6 +28,13 @@ const RESERVE: usize = 16;
 /// Bytes of room beyond the byte capacity for the socket's own frames (they are small).
 const RESERVE_BYTES: usize = 64 * 1024;
 
+/// What [`Outbox::offer`] did.
+pub enum Offer {
+    Queued,
+    Full(Outbound),
+    Closed,
+}
+
 #[derive(Default)]
 struct State {
     items: VecDeque<Outbound>,
@@ -47,7 +54,7 @@ impl State {
 fn size_of(item: &Outbound) -> usize {
     match item {
         Outbound::Text(text) => text.len(),
-        Outbound::Ping | Outbound::Close(..) | Outbound::Follow(_) => 0,
+        Outbound::Ping | Outbound::Close(..) => 0,
     }
 }
 
@@ -57,9 +64,8 @@ pub struct Outbox {
     state: Mutex<State>,
     capacity: usize,
     byte_capacity: usize,
-    /// Signalled when an item is queued, or when a followed run has news (the writer waits on
-    /// it; runs hold it through [`Outbox::waker`]).
-    queued: Arc<Notify>,
+    /// Signalled when an item is queued (the writer waits on it).
+    queued: Notify,
     /// Signalled when room frees up (senders wait on it).
     room: Notify,
     /// Signalled when the writer closes the outbox.
@@ -72,7 +78,7 @@ impl Outbox {
             state: Mutex::new(State::default()),
             capacity: capacity.max(1),
             byte_capacity: byte_capacity.max(1),
-            queued: Arc::new(Notify::new()),
+            queued: Notify::new(),
             room: Notify::new(),
             gone: Notify::new(),
         }
@@ -85,37 +91,42 @@ impl Outbox {
         }
     }
 
-    /// Queues one of the socket's own frames (pong, error, ping, close, a run to follow) if
-    /// there is room, counting a small reserve beyond the capacity (room [`Outbox::push`]
-    /// waits for, at close, is within the capacity).
+    /// Queues one of the socket's own frames (pong, error, ping, close) if there is room,
+    /// counting a small reserve beyond the capacity: a queue that run chunks filled a moment ago
+    /// must not make a healthy client look slow.
     pub fn try_push(&self, item: Outbound) -> Result<(), TryPushError> {
-        self.push_within(
+        match self.offer_within(
             item,
             self.capacity + RESERVE,
             self.byte_capacity + RESERVE_BYTES,
-        )
+        ) {
+            Offer::Queued => Ok(()),
+            Offer::Full(_) => Err(TryPushError::Full),
+            Offer::Closed => Err(TryPushError::Closed),
+        }
     }
 
-    fn push_within(
-        &self,
-        item: Outbound,
-        frames: usize,
-        bytes: usize,
-    ) -> Result<(), TryPushError> {
+    /// Queues a run's frame if there is room, else hands it back (so a sender can wait with it
+    /// without setting a timer for every frame that fits at once).
+    pub fn offer(&self, item: Outbound) -> Offer {
+        self.offer_within(item, self.capacity, self.byte_capacity)
+    }
+
+    fn offer_within(&self, item: Outbound, frames: usize, bytes: usize) -> Offer {
         {
             let mut state = self.state();
             if state.closed {
-                return Err(TryPushError::Closed);
+                return Offer::Closed;
             }
             let size = size_of(&item);
             if !state.fits(size, frames, bytes) {
-                return Err(TryPushError::Full);
+                return Offer::Full(item);
             }
             state.bytes += size;
             state.items.push_back(item);
         }
         self.queued.notify_one();
-        Ok(())
+        Offer::Queued
     }
 
     /// Queues a frame, waiting for room.
@@ -145,21 +156,9 @@ impl Outbox {
         }
     }
 
-    /// What wakes the writer: runs the socket follows notify it when they have news.
-    pub fn waker(&self) -> Arc<Notify> {
-        self.queued.clone()
-    }
-
-    /// Wakes the writer once, with or without a queued frame.
-    pub fn wake(&self) {
-        self.queued.notify_one();
-    }
-
-    /// Moves up to `max` queued frames into `into`. With none queued, waits first for a frame
-    /// or a wake-up ([`Outbox::wake`], or a followed run's news), and may then return with
-    /// none. Returns false once the outbox is closed and empty.
-    pub async fn next_batch(&self, into: &mut Vec<Outbound>, max: usize) -> bool {
-        let mut woken = false;
+    /// Moves up to `max` queued frames into `into`, waiting for at least one. Returns 0 once the
+    /// outbox is closed and empty.
+    pub async fn pop_many(&self, into: &mut Vec<Outbound>, max: usize) -> usize {
         loop {
             let mut queued = pin!(self.queued.notified());
             queued.as_mut().enable();
@@ -176,17 +175,13 @@ impl Outbox {
                     }
                     drop(state);
                     self.room.notify_waiters();
-                    return true;
+                    return count;
                 }
                 if state.closed {
-                    return false;
+                    return 0;
                 }
             }
-            if woken {
-                return true;
-            }
             queued.await;
-            woken = true;
         }
     }
 
@@ -221,11 +216,6 @@ mod tests {
         Outbound::Text(text.to_owned().into())
     }
 
-    /// Queues within the capacity alone (what [`Outbox::push`] waits for).
-    fn offer(outbox: &Outbox, item: Outbound) -> Result<(), TryPushError> {
-        outbox.push_within(item, outbox.capacity, outbox.byte_capacity)
-    }
-
     fn text(item: &Outbound) -> String {
         match item {
             Outbound::Text(text) => text.as_str().to_owned(),
@@ -236,9 +226,9 @@ mod tests {
     #[tokio::test]
     async fn frames_come_out_in_order_and_the_bound_holds() {
         let outbox = Outbox::new(2, 1 << 20);
-        assert!(offer(&outbox, frame("a")).is_ok());
-        assert!(offer(&outbox, frame("b")).is_ok());
-        assert!(offer(&outbox, frame("c")) == Err(TryPushError::Full));
+        assert!(matches!(outbox.offer(frame("a")), Offer::Queued));
+        assert!(matches!(outbox.offer(frame("b")), Offer::Queued));
+        assert!(matches!(outbox.offer(frame("c")), Offer::Full(_)));
         // The socket's own frames still fit, up to the reserve.
         for _ in 0..RESERVE {
             outbox.try_push(frame("own")).unwrap();
@@ -248,8 +238,7 @@ mod tests {
             Err(TryPushError::Full)
         );
         let mut batch = Vec::new();
-        assert!(outbox.next_batch(&mut batch, 100).await);
-        assert_eq!(batch.len(), 2 + RESERVE);
+        assert_eq!(outbox.pop_many(&mut batch, 100).await, 2 + RESERVE);
         assert_eq!(text(&batch[0]), "a");
         assert_eq!(text(&batch[1]), "b");
     }
@@ -259,20 +248,20 @@ mod tests {
         let outbox = Outbox::new(100, 10);
         let big = "x".repeat(50);
         assert!(
-            offer(&outbox, frame(&big)).is_ok(),
+            matches!(outbox.offer(frame(&big)), Offer::Queued),
             "an empty queue takes one frame of any size"
         );
         assert!(
-            offer(&outbox, frame("y")) == Err(TryPushError::Full),
+            matches!(outbox.offer(frame("y")), Offer::Full(_)),
             "over 10 bytes"
         );
         let mut batch = Vec::new();
-        outbox.next_batch(&mut batch, 10).await;
+        outbox.pop_many(&mut batch, 10).await;
         for _ in 0..2 {
-            assert!(offer(&outbox, frame("12345")).is_ok());
+            assert!(matches!(outbox.offer(frame("12345")), Offer::Queued));
         }
         assert!(
-            offer(&outbox, frame("z")) == Err(TryPushError::Full),
+            matches!(outbox.offer(frame("z")), Offer::Full(_)),
             "10 bytes queued"
         );
         outbox.try_push(frame("own")).unwrap();
@@ -281,7 +270,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_outbox_makes_senders_wait_until_the_writer_takes_frames() {
         let outbox = Arc::new(Outbox::new(1, 1 << 20));
-        assert!(offer(&outbox, frame("first")).is_ok());
+        assert!(matches!(outbox.offer(frame("first")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.push(frame("second")).await }
@@ -289,17 +278,17 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!sender.is_finished(), "waits while full");
         let mut batch = Vec::new();
-        outbox.next_batch(&mut batch, 10).await;
+        outbox.pop_many(&mut batch, 10).await;
         sender.await.unwrap().unwrap();
         batch.clear();
-        outbox.next_batch(&mut batch, 10).await;
+        outbox.pop_many(&mut batch, 10).await;
         assert_eq!(text(&batch[0]), "second");
     }
 
     #[tokio::test]
     async fn closing_releases_senders_and_the_writer() {
         let outbox = Arc::new(Outbox::new(1, 1 << 20));
-        assert!(offer(&outbox, frame("x")).is_ok());
+        assert!(matches!(outbox.offer(frame("x")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.push(frame("y")).await }
@@ -314,29 +303,11 @@ mod tests {
         watcher.await.unwrap();
         assert_eq!(outbox.try_push(frame("z")), Err(TryPushError::Closed));
         let mut batch = Vec::new();
-        assert!(outbox.next_batch(&mut batch, 10).await);
-        assert_eq!(batch.len(), 1, "what was queued still drains");
-        assert!(!outbox.next_batch(&mut batch, 10).await);
-    }
-
-    #[tokio::test]
-    async fn a_wake_up_returns_an_empty_batch_once_and_is_never_lost() {
-        let outbox = Arc::new(Outbox::new(4, 1 << 20));
-        let mut batch = Vec::new();
-        // Woken before the writer waits: the wake-up is kept for it.
-        outbox.waker().notify_one();
-        assert!(outbox.next_batch(&mut batch, 10).await);
-        assert!(batch.is_empty());
-        // Woken while it waits.
-        let writer = tokio::spawn({
-            let outbox = outbox.clone();
-            async move {
-                let mut batch = Vec::new();
-                outbox.next_batch(&mut batch, 10).await
-            }
-        });
-        tokio::task::yield_now().await;
-        outbox.wake();
-        assert!(writer.await.unwrap());
+        assert_eq!(
+            outbox.pop_many(&mut batch, 10).await,
+            1,
+            "what was queued still drains"
+        );
+        assert_eq!(outbox.pop_many(&mut batch, 10).await, 0);
     }
 }

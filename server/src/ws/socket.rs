@@ -4,34 +4,24 @@
 //! However the socket ends, its registry entry and run watchers go, and a close frame is sent
 //! when one can be.
 
-use std::{
-    collections::HashMap,
-    ops::ControlFlow,
-    pin::pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::HashMap, ops::ControlFlow, pin::pin, sync::Arc, time::Duration};
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{Stream, StreamExt};
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    task::JoinHandle,
+    time::{Instant, Sleep},
+};
 use uuid::Uuid;
 use wadi_protocol::{ErrorCode, PROTOCOL_VERSION, ServerMessage, close};
 
 use super::{
     outbox::{Outbox, TryPushError},
     registry::{Control, Endpoint, Inbox},
-    writer::{Outbound, WriterSettings, close_socket, write_loop},
+    writer::{Outbound, close_socket, write_loop},
 };
 use crate::{
-    auth::AuthUser,
-    ids::RunId,
-    limits::TokenBucket,
-    metrics::EndpointLabel,
-    runs::{Lease, RunHandle},
+    auth::AuthUser, ids::RunId, limits::TokenBucket, metrics::EndpointLabel, runs::Lease,
     state::AppState,
 };
 
@@ -81,21 +71,8 @@ pub(super) struct Session {
     pub expires: Instant,
     /// Keeps this instance subscribed to the user's events while the socket is open.
     pub _user_events: Lease,
-    /// Each run this socket follows (its writer reads the frames).
-    pub watchers: HashMap<RunId, Watch>,
-}
-
-/// A run a socket follows.
-pub(super) struct Watch {
-    pub handle: Arc<RunHandle>,
-    /// Set by the writer once it is done with the run (`complete` written, or replaced).
-    pub released: Arc<AtomicBool>,
-}
-
-impl Watch {
-    pub fn released(&self) -> bool {
-        self.released.load(Ordering::Acquire)
-    }
+    /// The watcher task of each run this socket follows.
+    pub watchers: HashMap<RunId, JoinHandle<()>>,
 }
 
 struct Connection {
@@ -127,12 +104,8 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
     let writer = tokio::spawn(write_loop(
         sink,
         out.clone(),
+        state.config.sockets.slow_client_timeout,
         inbox.clone(),
-        WriterSettings {
-            stall: state.config.sockets.slow_client_timeout,
-            run_socket: matches!(endpoint, Endpoint::Run { .. }),
-            metrics: state.metrics.clone(),
-        },
     ));
     let rate = TokenBucket::new(
         state.config.sockets.ws_rate_burst,
@@ -152,7 +125,7 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
     };
     let exit = tracing::Instrument::instrument(connection.run(&mut stream), span.clone()).await;
 
-    let watchers = connection
+    let mut watchers = connection
         .session
         .take()
         .map(|session| session.watchers)
@@ -164,14 +137,14 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
             ..
         }
     ) {
-        // Shutdown: runs are being stopped and saved; once they have ended, the writer sends
-        // their `complete` frames before the close frame.
-        let ended = futures_util::future::join_all(
-            watchers.values().map(|watch| watch.handle.finished()),
-        );
-        let _ = tokio::time::timeout(CLOSE_GRACE, ended).await;
+        // Shutdown: runs were stopped and saved first; let watchers hand over their `complete`
+        // frames before the close frame.
+        let drain = futures_util::future::join_all(watchers.values_mut());
+        let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
     }
-    drop(watchers);
+    for watcher in watchers.values() {
+        watcher.abort();
+    }
     let out = connection.socket.out.clone();
     drop(connection);
     match exit {
@@ -276,10 +249,12 @@ impl Connection {
 
     fn on_note(&mut self, note: Control) -> Flow {
         match note {
-            Control::RunStarted(handle) => match &mut self.session {
-                Some(session) => session.watch(&self.socket, handle, 0, true),
-                None => ControlFlow::Continue(()),
-            },
+            Control::RunStarted(handle) => {
+                if let Some(session) = &mut self.session {
+                    session.watch(&self.socket, handle, 0, true);
+                }
+                ControlFlow::Continue(())
+            }
             Control::SlowConsumer => ControlFlow::Break(Exit::Slow),
             Control::RunSent => ControlFlow::Break(Exit::close(close::NORMAL, None)),
             Control::Send(frame) => self.socket.send(&frame),
