@@ -36,7 +36,11 @@ pub fn message(row: &MessageRow) -> api::Message {
         parent_id: record.parent_id.map(Into::into),
         siblings: row.siblings.iter().map(|id| (*id).into()).collect(),
         model: row.model.clone(),
-        usage: usage(row.prompt_tokens, row.completion_tokens, row.usage_estimated),
+        usage: usage(
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.usage_estimated,
+        ),
     }
 }
 
@@ -83,6 +87,10 @@ pub fn complete_frame(run: &RunRecord) -> ServerMessage {
             RunStatus::Running => RunStatus::Interrupted,
             status => status,
         },
-        usage: usage(run.prompt_tokens, run.completion_tokens, run.usage_estimated),
+        usage: usage(
+            run.prompt_tokens,
+            run.completion_tokens,
+            run.usage_estimated,
+        ),
     }
 }

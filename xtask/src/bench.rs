@@ -113,7 +113,14 @@ fn build_release() -> Result<PathBuf, String> {
     tools::status(
         cmd(
             "cargo",
-            &["build", "--release", "-p", "wadi-server", "-p", "wadi-bench"],
+            &[
+                "build",
+                "--release",
+                "-p",
+                "wadi-server",
+                "-p",
+                "wadi-bench",
+            ],
         )
         .current_dir(&root),
     )?;

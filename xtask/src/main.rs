@@ -180,7 +180,9 @@ fn test() -> Result<(), String> {
         }
         tools::status(&mut nextest)
     })?;
-    step("benchmark smoke", &mut || bench::smoke(postgres_url.as_deref()))?;
+    step("benchmark smoke", &mut || {
+        bench::smoke(postgres_url.as_deref())
+    })?;
 
     println!(
         "\nxtask test: all steps passed in {:.0?}",

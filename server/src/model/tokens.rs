@@ -99,9 +99,15 @@ mod tests {
             + bpe.count_ordinary("You are terse.")
             + bpe.count_ordinary("user")
             + bpe.count_ordinary("Hello!");
-        assert_eq!(usage.prompt_tokens as usize, words + 2 * PER_MESSAGE + REPLY_PRIMING);
+        assert_eq!(
+            usage.prompt_tokens as usize,
+            words + 2 * PER_MESSAGE + REPLY_PRIMING
+        );
         assert_eq!(usage.completion_tokens as usize, bpe.count_ordinary("Hi."));
-        assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+        assert_eq!(
+            usage.total_tokens,
+            usage.prompt_tokens + usage.completion_tokens
+        );
         assert!(usage.estimated);
     }
 
