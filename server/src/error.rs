@@ -130,11 +130,49 @@ impl From<crate::store::StoreError> for AppError {
                 code: ErrorCode::InvalidRequest,
                 message: "that already exists".into(),
             },
+            // The database cannot be reached or talked to: no connection in time, the
+            // connection broke, or a new one met something that is not the database (a
+            // partition: `unexpected response from SSLRequest`, a TLS stream cut short).
             StoreError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::Io(_)
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
             )
             | StoreError::Full => Self::Unavailable(error.to_string()),
             other => Self::Internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_database_that_cannot_be_reached_is_unavailable_not_an_internal_error() {
+        let unreachable = [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            // What a new connection through a partition met (seen in the outage test).
+            sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into()),
+            sqlx::Error::WorkerCrashed,
+        ];
+        for error in unreachable {
+            let shown = error.to_string();
+            assert_eq!(
+                AppError::from(StoreError::Database(error)).code(),
+                ErrorCode::Unavailable,
+                "{shown}"
+            );
+        }
+        assert_eq!(
+            AppError::from(StoreError::Database(sqlx::Error::RowNotFound)).code(),
+            ErrorCode::InternalError
+        );
     }
 }
