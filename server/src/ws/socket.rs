@@ -175,9 +175,30 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
                 CLOSE_GRACE
             };
             close_socket(&out, writer, code, error, grace).await;
+            if code != close::GOING_AWAY {
+                await_close_reply(&mut stream).await;
+            }
         }
     }
     gauge.dec();
+}
+
+/// The closing handshake's second half: the client's close frame (or the end of its stream),
+/// for at most [`CLOSE_GRACE`]. Dropping the connection right after our close frame would let
+/// whatever the client sends meanwhile (a pong, its own close) reach a closed socket, whose
+/// reset can discard our close frame, unread, on the client's side: it would see 1006 instead
+/// of our code.
+async fn await_close_reply(
+    stream: &mut (impl Stream<Item = Result<Message, axum::Error>> + Unpin),
+) {
+    let reply = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, reply).await;
 }
 
 impl Connection {
