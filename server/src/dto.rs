@@ -53,11 +53,7 @@ pub fn run(record: &RunRecord) -> api::Run {
         model: record.model.clone(),
         output: record.output.clone(),
         error: record.error.clone(),
-        usage: usage(
-            record.prompt_tokens,
-            record.completion_tokens,
-            record.usage_estimated,
-        ),
+        usage: run_usage(record),
         last_seq: u64::try_from(record.last_seq).unwrap_or_default(),
         started_at: datetime(record.started_at),
         finished_at: record.finished_at.map(datetime),
@@ -76,6 +72,15 @@ pub fn usage(prompt: Option<i64>, completion: Option<i64>, estimated: bool) -> O
     })
 }
 
+/// A saved run's token usage.
+pub fn run_usage(run: &RunRecord) -> Option<Usage> {
+    usage(
+        run.prompt_tokens,
+        run.completion_tokens,
+        run.usage_estimated,
+    )
+}
+
 /// The `complete` frame of a run as saved.
 pub fn complete_frame(run: &RunRecord) -> ServerMessage {
     ServerMessage::Complete {
@@ -87,10 +92,6 @@ pub fn complete_frame(run: &RunRecord) -> ServerMessage {
             RunStatus::Running => RunStatus::Interrupted,
             status => status,
         },
-        usage: usage(
-            run.prompt_tokens,
-            run.completion_tokens,
-            run.usage_estimated,
-        ),
+        usage: run_usage(run),
     }
 }

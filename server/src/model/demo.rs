@@ -53,7 +53,7 @@ impl ChatModel for DemoModel {
     async fn stream(
         &self,
         _model: &str,
-        history: Vec<ChatMessage>,
+        history: &[ChatMessage],
     ) -> Result<ModelStream, ModelError> {
         let prompt = history
             .last()
@@ -90,7 +90,7 @@ mod tests {
             role: wadi_protocol::api::Role::User,
             content: "hello".into(),
         }];
-        let mut stream = model.stream(DEMO_MODEL_NAME, history).await.unwrap();
+        let mut stream = model.stream(DEMO_MODEL_NAME, &history).await.unwrap();
         let mut text = String::new();
         let mut usage = None;
         while let Some(event) = stream.next().await {

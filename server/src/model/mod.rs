@@ -118,11 +118,8 @@ pub trait ChatModel: Send + Sync + 'static {
     /// Starts an answer to `history` (oldest first, the new user message last). Dropping the
     /// returned future or stream cancels the request upstream: nothing more is produced or billed.
     /// Streams `model`'s answer to `history` (the demo ignores the name).
-    async fn stream(
-        &self,
-        model: &str,
-        history: Vec<ChatMessage>,
-    ) -> Result<ModelStream, ModelError>;
+    async fn stream(&self, model: &str, history: &[ChatMessage])
+    -> Result<ModelStream, ModelError>;
 
     /// The models the provider serves (`GET /v1/models`); just the default one when it cannot
     /// say.

@@ -53,16 +53,17 @@ impl OpenAiModel {
     }
 }
 
-fn request_message(message: ChatMessage) -> ChatCompletionRequestMessage {
+fn request_message(message: &ChatMessage) -> ChatCompletionRequestMessage {
+    let content = message.content.clone();
     match message.role {
-        Role::System => ChatCompletionRequestMessage::System(
-            ChatCompletionRequestSystemMessage::from(message.content),
-        ),
-        Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(
-            message.content,
-        )),
+        Role::System => {
+            ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage::from(content))
+        }
+        Role::User => {
+            ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(content))
+        }
         Role::Assistant => ChatCompletionRequestMessage::Assistant(
-            ChatCompletionRequestAssistantMessage::from(message.content),
+            ChatCompletionRequestAssistantMessage::from(content),
         ),
     }
 }
@@ -88,11 +89,11 @@ impl ChatModel for OpenAiModel {
     async fn stream(
         &self,
         model: &str,
-        history: Vec<ChatMessage>,
+        history: &[ChatMessage],
     ) -> Result<ModelStream, ModelError> {
         let request = CreateChatCompletionRequest {
             model: model.to_owned(),
-            messages: history.into_iter().map(request_message).collect(),
+            messages: history.iter().map(request_message).collect(),
             temperature: self.temperature,
             stream: Some(true),
             stream_options: Some(ChatCompletionStreamOptions {

@@ -164,11 +164,7 @@ async fn catch_up(runs: &Runs, handle: &RunHandle, record: Option<RunRecord>) ->
     if record.status.is_final() {
         handle.finish(Ending {
             status: record.status,
-            usage: dto::usage(
-                record.prompt_tokens,
-                record.completion_tokens,
-                record.usage_estimated,
-            ),
+            usage: dto::run_usage(&record),
             error: record.error.clone(),
             saved_output: Some(record.output),
         });

@@ -49,7 +49,7 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
             &ctx,
             &handle,
             Ending::new(status, usage, error),
-            request.as_ref().ok(),
+            request.ok(),
         )
         .await;
         ctx.metrics.active_runs.dec();
@@ -110,7 +110,7 @@ async fn stream_answer(
 ) -> Outcome {
     let settings = &ctx.settings;
     let cancel = handle.cancelled().clone();
-    let asked = ctx.model.stream(&request.model, request.messages.clone());
+    let asked = ctx.model.stream(&request.model, &request.messages);
     let mut stream: ModelStream = tokio::select! {
         biased;
         () = cancel.cancelled() => return stopped(handle, None),
@@ -339,13 +339,13 @@ async fn save_outcome(
     ctx: &Runs,
     handle: &RunHandle,
     mut ending: Ending,
-    request: Option<&Request>,
+    request: Option<Request>,
 ) -> Ending {
     let (output, last_seq) = handle.snapshot();
     if ending.usage.is_none()
         && let Some(request) = request
     {
-        ending.usage = estimate_usage(request, &output).await;
+        ending.usage = estimate_usage(request, output.clone()).await;
     }
     let outcome = RunOutcome {
         status: ending.status,
@@ -385,16 +385,13 @@ async fn save_outcome(
 
 /// The usage of a run the provider did not report on, counted with the model's tokenizer on a
 /// blocking thread (the first count loads the vocabulary).
-async fn estimate_usage(request: &Request, output: &str) -> Option<Usage> {
-    let (model, messages, output) = (
-        request.model.clone(),
-        request.messages.clone(),
-        output.to_owned(),
-    );
-    tokio::task::spawn_blocking(move || tokens::estimate(&model, &messages, &output))
-        .await
-        .inspect_err(|error| tracing::warn!(%error, "cannot count the run's tokens"))
-        .ok()
+async fn estimate_usage(request: Request, output: String) -> Option<Usage> {
+    tokio::task::spawn_blocking(move || {
+        tokens::estimate(&request.model, &request.messages, &output)
+    })
+    .await
+    .inspect_err(|error| tracing::warn!(%error, "cannot count the run's tokens"))
+    .ok()
 }
 
 /// The store did not take our outcome: the run was reaped (or its conversation deleted). What
@@ -408,11 +405,7 @@ async fn lost_ending(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
             );
             Ending {
                 status: saved.status,
-                usage: dto::usage(
-                    saved.prompt_tokens,
-                    saved.completion_tokens,
-                    saved.usage_estimated,
-                ),
+                usage: dto::run_usage(&saved),
                 error: saved.error,
                 saved_output: Some(saved.output),
             }

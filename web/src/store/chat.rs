@@ -720,11 +720,15 @@ mod tests {
     }
 
     fn complete(text: &str, status: RunStatus) -> ServerMessage {
+        complete_with(text, status, None)
+    }
+
+    fn complete_with(text: &str, status: RunStatus, usage: Option<Usage>) -> ServerMessage {
         ServerMessage::Complete {
             run_id: run(),
             full_output: text.into(),
             status,
-            usage: None,
+            usage,
         }
     }
 
@@ -740,12 +744,7 @@ mod tests {
             total_tokens: 9,
             estimated: true,
         };
-        chat.apply(ServerMessage::Complete {
-            run_id: run(),
-            full_output: "Hel".into(),
-            status: RunStatus::Stopped,
-            usage: Some(usage),
-        });
+        chat.apply(complete_with("Hel", RunStatus::Stopped, Some(usage)));
         let answer = chat.messages.last().unwrap();
         assert_eq!(answer.status, Some(RunStatus::Stopped));
         assert_eq!(answer.usage, Some(usage));
