@@ -78,8 +78,8 @@ pub struct Config {
     #[arg(long, env = "WADI_DATA_DIR", default_value = "wadi-data")]
     pub data_dir: PathBuf,
 
-    /// Directory holding the built web app (trunk's `dist/`). When unset, the assets embedded in
-    /// the binary are served, or a page explaining how to build them.
+    /// Directory holding the built web app (`dist/`, made by `cargo xtask web`). When unset, the
+    /// assets embedded in the binary are served, or a page explaining how to build them.
     #[arg(long, env = "WADI_WEB_DIR")]
     pub web_dir: Option<PathBuf>,
 

@@ -38,7 +38,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Ok(());
     };
     match scenario.as_str() {
-        "smoke" => smoke(None),
+        "smoke" => smoke(
+            cmd("cargo", &["build", "--workspace", "--bins", "--tests"])
+                .current_dir(workspace_root()),
+        ),
         "help" | "--help" | "-h" => {
             println!("{HELP}");
             Ok(())
@@ -61,15 +64,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
 /// harness sees a failed connection or a missing chunk; the performance targets are not checked
 /// (debug builds on a shared CI machine say nothing about them).
 ///
-/// Built as the tests step of `cargo xtask test` builds (the workspace with its test targets,
-/// with `postgres_url` as that step's `WADI_TEST_POSTGRES_URL`): the same features and the same
-/// build-script input, so the debug server that step compiled is reused, not compiled again.
-pub fn smoke(postgres_url: Option<&str>) -> Result<(), String> {
-    let mut build = cmd("cargo", &["build", "--workspace", "--bins", "--tests"]);
-    if let Some(url) = postgres_url {
-        build.env("WADI_TEST_POSTGRES_URL", url);
-    }
-    tools::status(build.current_dir(workspace_root()))?;
+/// `build` is the build step of `cargo xtask test`, run again: the same targets and environment,
+/// so the debug binaries that step compiled are reused, not compiled again.
+pub fn smoke(build: &mut std::process::Command) -> Result<(), String> {
+    tools::status(build)?;
     let bench = workspace_root()
         .join("target")
         .join("debug")

@@ -1,11 +1,13 @@
 //! `cargo xtask <command>`: everything a developer or CI runs, with every install step in code so
 //! a fresh machine needs nothing but Rust.
 //!
-//! - `setup`: installs the wasm32 target, trunk 0.21 and the wasm-bindgen-cli matching Cargo.lock.
+//! - `setup`: installs the wasm32 target, the wasm-bindgen-cli matching Cargo.lock and wasm-opt.
 //! - `run`:   installs what it needs, builds the server and the web app side by side (quick
 //!   profiles), starts the server on embedded defaults.
-//! - `test`:  setup, then fmt, clippy (native and wasm32), all tests, the release web build and
-//!   its size budget, the browser tests against the server's debug binary, a benchmark smoke.
+//! - `test`:  setup, then fmt, clippy (native and wasm32, while the tests and the release web
+//!   build compile), all tests, the web bundle's size budget, the browser tests against the
+//!   server's debug binary, a benchmark smoke.
+//! - `web`:   the web app alone into `dist/`.
 //! - `dist`:  a release build of web and server into `target/dist/`.
 //! - `bench`: the benchmark scenarios (`docs/performance.md`).
 
@@ -14,14 +16,16 @@ mod fuzz;
 mod run;
 mod services;
 mod tools;
+mod web;
 
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
-    process::ExitCode,
+    process::{Command, ExitCode},
     time::Instant,
 };
 
-use tools::{Step, cmd, workspace_root};
+use tools::{Output, Step, cmd, workspace_root};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
         "dist" => dist().map(|path| println!("built {}", path.display())),
+        "web" => build_web(rest),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
             Ok(())
@@ -58,7 +63,8 @@ const HELP: &str = "usage: cargo xtask <command>
   dist        the one binary (web app embedded) into target/dist/
   bench ...   benchmarks: idle, stream, churn, smoke (see docs/performance.md)
   fuzz [--time S] [TARGET...]  the fuzz targets (fuzz/), S seconds each; the corpus grows
-  setup       install the wasm target, trunk and wasm-bindgen-cli";
+  web         build the web app into dist/ (quickly, as `run` does; --release as CI does)
+  setup       install the wasm target, wasm-bindgen-cli and wasm-opt";
 
 /// Everything CI runs. Each step is timed; the first failure stops the run.
 fn test() -> Result<(), String> {
@@ -72,116 +78,91 @@ fn test() -> Result<(), String> {
         result
     };
 
-    // Debian's packages (Chromium, Redis) download and unpack while the Rust steps compile.
-    let debian = tools::Background::debian_packages();
-    step("setup", &mut tools::setup)?;
+    // What installs for minutes without a core of its own to spare runs beside the Rust steps:
+    // Debian's packages (Chromium, Redis, and Postgres when the machine has none) download and
+    // unpack, and wasm-bindgen-cli compiles, needed only by the web build.
+    let postgres_package = services::postgres_package_needed();
+    let debian = tools::Background::debian_packages(postgres_package);
+    tools::lockfile(&Output::Terminal)?;
+    let bindgen = tools::Background::spawn(
+        "installing wasm-bindgen-cli",
+        "wasm-bindgen.log",
+        tools::wasm_bindgen,
+    );
+    step("setup", &mut || {
+        let out = Output::Terminal;
+        tools::wasm_target(&out)?;
+        tools::wasm_opt(&out)?;
+        tools::nextest(&out)
+    })?;
     step("fmt", &mut || {
         tools::status(cmd("cargo", &["fmt", "--all", "--", "--check"]).current_dir(&root))
     })?;
-    step("clippy", &mut || {
-        tools::status(
-            cmd(
-                "cargo",
-                &[
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-            )
-            .current_dir(&root),
-        )
-    })?;
-    step("clippy wasm32", &mut || {
-        tools::status(
-            cmd(
-                "cargo",
-                &[
-                    "clippy",
-                    "-p",
-                    "wadi-protocol",
-                    "-p",
-                    "wadi-web",
-                    "--target",
-                    "wasm32-unknown-unknown",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-            )
-            .current_dir(&root),
-        )
-    })?;
     step("protocol crate stays wasm-clean", &mut check_protocol_tree)?;
-    step("test services (Redis, Postgres)", &mut || {
+    let mut postgres = None;
+    step("Postgres for the tests", &mut || {
+        if postgres_package {
+            debian.wait()?;
+        }
+        postgres = services::postgres_for_tests()?;
+        Ok(())
+    })?;
+    let cargo = TestCargo::new(postgres.as_ref().map(|postgres| postgres.url.as_str()))?;
+    step("clippy and build (native)", &mut || {
+        tools::status(&mut cargo.command(&["build", "--workspace", "--bins", "--tests"]))
+    })?;
+    step("Redis for the tests", &mut || {
         debian.wait()?;
         tools::redis()
     })?;
-    let postgres = services::postgres_for_tests()?;
-    let postgres_url = postgres.as_ref().map(|postgres| postgres.url.clone());
     step("tests", &mut || {
-        let mut nextest = cmd(
-            "cargo",
-            &[
-                "nextest",
-                "run",
-                "--workspace",
-                "--no-fail-fast",
-                "-E",
-                "not binary(browser)",
-            ],
-        );
-        nextest.current_dir(&root);
-        if let Some(url) = &postgres_url {
-            nextest.env("WADI_TEST_POSTGRES_URL", url);
-        }
-        tools::status(&mut nextest)
+        tools::status(&mut cargo.command(&[
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "-E",
+            "not binary(browser)",
+        ]))
     })?;
-    step("web release build", &mut build_web)?;
+    step("web release build (and clippy, wasm32)", &mut || {
+        bindgen.wait()?;
+        let mut compile = web::compile_command(web::RELEASE);
+        cargo.configure(&mut compile);
+        tools::status(&mut compile)?;
+        web::package(web::RELEASE, &Output::Terminal)
+    })?;
     step("web bundle size", &mut check_bundle_size)?;
     step("browser install", &mut || {
         debian.wait()?;
         tools::browser()
     })?;
     step("browser tests", &mut || {
-        // The debug binary the tests step built: it serves `dist/` through the same embedded-
+        // The debug binary the build step made: it serves `dist/` through the same embedded-
         // files interface the release binary compiles in (read from disk in this profile), and
         // a release build of the server here cost six of a cold run's minutes.
         let binary = root.join("target").join("debug").join("wadi");
         if !binary.exists() {
             return Err(format!(
-                "{} was not built by the tests step",
+                "{} was not built by the build step",
                 binary.display()
             ));
         }
-        let mut nextest = cmd(
-            "cargo",
-            &[
-                "nextest",
-                "run",
-                // The whole workspace, as in the tests step: the same features, so nothing is
-                // rebuilt.
-                "--workspace",
-                "--no-fail-fast",
-                "--test-threads",
-                "2",
-                "-E",
-                "binary(browser)",
-            ],
-        );
-        nextest
-            .current_dir(&root)
-            .env("WADI_BROWSER_BINARY", binary);
-        // The same as the tests step, or the server crate would be rebuilt for another cfg.
-        if let Some(url) = &postgres_url {
-            nextest.env("WADI_TEST_POSTGRES_URL", url);
-        }
+        let mut nextest = cargo.command(&[
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--test-threads",
+            "2",
+            "-E",
+            "binary(browser)",
+        ]);
+        nextest.env("WADI_BROWSER_BINARY", binary);
         tools::status(&mut nextest)
     })?;
     step("benchmark smoke", &mut || {
-        bench::smoke(postgres_url.as_deref())
+        bench::smoke(&mut cargo.command(&["build", "--workspace", "--bins", "--tests"]))
     })?;
 
     println!(
@@ -192,6 +173,54 @@ fn test() -> Result<(), String> {
         println!("  {line}");
     }
     Ok(())
+}
+
+/// The environment of every cargo command `cargo xtask test` runs, the same for all so that each
+/// reuses what the one before built:
+/// - clippy as the workspace's compiler wrapper, with warnings denied (what `cargo clippy` sets
+///   up for its `cargo check`): its lints run while the workspace's crates compile for the tests
+///   and the web build, instead of in separate checks that each compiled every dependency again
+///   (about a fifth of a cold run);
+/// - the tests' Postgres, which the server's build script reads.
+struct TestCargo {
+    env: Vec<(&'static str, OsString)>,
+}
+
+impl TestCargo {
+    fn new(postgres_url: Option<&str>) -> Result<Self, String> {
+        let sysroot = tools::output(&mut cmd("rustc", &["--print", "sysroot"]))?;
+        let driver = Path::new(sysroot.trim()).join("bin").join("clippy-driver");
+        if !driver.exists() {
+            return Err(format!(
+                "{} is missing: `rustup component add clippy`",
+                driver.display()
+            ));
+        }
+        let mut env = vec![
+            ("RUSTC_WORKSPACE_WRAPPER", driver.into_os_string()),
+            // cargo-clippy's encoding of the arguments after its `--`.
+            (
+                "CLIPPY_ARGS",
+                "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__".into(),
+            ),
+        ];
+        if let Some(url) = postgres_url {
+            env.push(("WADI_TEST_POSTGRES_URL", url.into()));
+        }
+        Ok(Self { env })
+    }
+
+    /// `cargo <args>` in the workspace, in this environment.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = cmd("cargo", args);
+        command.current_dir(workspace_root());
+        self.configure(&mut command);
+        command
+    }
+
+    fn configure(&self, command: &mut Command) {
+        command.envs(self.env.iter().map(|(name, value)| (name, value)));
+    }
 }
 
 /// The protocol crate is compiled into the browser: its wasm32 dependency tree must not pull in
@@ -229,23 +258,16 @@ fn check_protocol_tree() -> Result<(), String> {
     }
 }
 
-/// `trunk build --release --offline` into `dist/`.
-fn build_web() -> Result<(), String> {
-    let root = workspace_root();
-    tools::status(
-        cmd(
-            "trunk",
-            &[
-                "build",
-                "--release",
-                "--offline",
-                "--cargo-profile",
-                "wasm-release",
-            ],
-        )
-        .current_dir(&root)
-        .env("PATH", tools::path_with_tools()),
-    )
+/// `cargo xtask web [--release]`: `dist/` alone, for front-end work against a running debug
+/// server (which reads `dist/` on every request).
+fn build_web(args: &[String]) -> Result<(), String> {
+    let profile = match args {
+        [] => web::LOCAL,
+        [flag] if flag == "--release" => web::RELEASE,
+        _ => return Err(format!("usage: cargo xtask web [--release]\n\n{HELP}")),
+    };
+    tools::web_tools()?;
+    web::build(profile, &Output::Terminal)
 }
 
 /// The gzipped size of the web app (wasm + JS) must stay within this budget.
@@ -300,8 +322,8 @@ fn build_release_server() -> Result<PathBuf, String> {
 
 /// A release build of the web app and the server; returns the binary's path.
 fn dist() -> Result<PathBuf, String> {
-    tools::setup()?;
-    build_web()?;
+    tools::web_tools()?;
+    web::build(web::RELEASE, &Output::Terminal)?;
     let root = workspace_root();
     build_release_server()?;
     let out_dir = root.join("target").join("dist");

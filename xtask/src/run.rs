@@ -5,14 +5,13 @@
 //!   build, fast enough to chat with; `dist` keeps the full release profile). It needs no tool,
 //!   and in this profile it reads the web app from `dist/` at run time, so it does not wait for
 //!   the web build;
-//! - the web app: after the wasm32 target, three things at once — installing trunk, installing
-//!   wasm-bindgen-cli, and compiling the app's wasm (`web-local` profile, in its own target
-//!   directory so it does not wait for the server build's lock) — then trunk, which finds the
-//!   wasm compiled, runs wasm-bindgen and writes `dist/` (without `wasm-opt`: a few hundred KiB
-//!   bigger, minutes quicker).
+//! - the web app: after the wasm32 target, two things at once — installing wasm-bindgen-cli and
+//!   compiling the app's wasm (`web-local` profile, in its own target directory so it does not
+//!   wait for the server build's lock) — then wasm-bindgen and `dist/` (without `wasm-opt`: a few
+//!   hundred KiB bigger, minutes quicker).
 //!
-//! Measured cold on a 2-core machine (README): run one after another, the tools alone took
-//! longer than the server build, and the web compile waited for both.
+//! Measured cold on a 2-core machine (README): run one after another, the tool alone took longer
+//! than the server build, and the web compile waited for it.
 //!
 //! A progress line every few seconds says which steps are running and for how long.
 
@@ -22,7 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::tools::{self, Output, cmd, workspace_root};
+use crate::{
+    tools::{self, Output, cmd, workspace_root},
+    web,
+};
 
 /// Steps running now, with when each started.
 #[derive(Clone)]
@@ -134,30 +136,24 @@ pub fn run(server_args: &[String]) -> Result<(), String> {
         })
     };
     let out = Output::Log(web_log.clone());
-    let tools_log = fresh_log(&logs, "tools.log");
     let web = progress
         .step("wasm32 target", || tools::wasm_target(&out))
         .and_then(|()| {
             std::thread::scope(|scope| {
-                let trunk = scope.spawn(|| {
-                    let out = Output::Log(tools_log.clone());
-                    progress.step("trunk", || tools::trunk(&out))
-                });
                 let bindgen = scope.spawn(|| {
                     let out = Output::Log(fresh_log(&logs, "wasm-bindgen.log"));
                     progress.step("wasm-bindgen-cli", || tools::wasm_bindgen(&out))
                 });
-                let compiled = progress.step("web app compile", || compile_web(&out));
-                let joined = |handle: std::thread::ScopedJoinHandle<'_, Result<(), String>>| {
-                    handle
-                        .join()
-                        .unwrap_or_else(|_| Err("a tool install panicked".to_owned()))
-                };
-                let (trunk, bindgen) = (joined(trunk), joined(bindgen));
-                trunk.and(bindgen).and(compiled)
+                let compiled = progress.step("web app compile", || {
+                    out.run(&mut web::compile_command(web::LOCAL))
+                });
+                let bindgen = bindgen
+                    .join()
+                    .unwrap_or_else(|_| Err("the wasm-bindgen-cli install panicked".to_owned()));
+                bindgen.and(compiled)
             })
         })
-        .and_then(|()| progress.step("web app build", || build_web(&out)));
+        .and_then(|()| progress.step("web app files", || web::package(web::LOCAL, &out)));
     let server = server
         .join()
         .unwrap_or_else(|_| Err("the server build panicked".to_owned()));
@@ -181,49 +177,6 @@ pub fn run(server_args: &[String]) -> Result<(), String> {
     let mut server = std::process::Command::new(&binary);
     server.args(server_args).current_dir(&root);
     tools::status(&mut server)
-}
-
-/// Where `run` compiles the web app: apart from `target/`, whose lock the server build holds.
-fn web_target_dir() -> PathBuf {
-    workspace_root().join("target").join("web-local")
-}
-
-/// Compiles the app's wasm exactly as trunk will ask cargo to (same package, binary, target,
-/// profile and target directory), so that trunk's own build finds it fresh. It needs only the
-/// wasm32 target, so it runs while the tools install.
-fn compile_web(out: &Output) -> Result<(), String> {
-    out.run(
-        cmd(
-            "cargo",
-            &[
-                "build",
-                "--target",
-                "wasm32-unknown-unknown",
-                "--profile",
-                "web-local",
-                "-p",
-                "wadi-web",
-                "--bin",
-                "wadi-web",
-            ],
-        )
-        .current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", web_target_dir()),
-    )
-}
-
-/// The web app into `dist/`, quickly: the `web-local` profile, no `wasm-opt` (trunk runs it
-/// only for `--release`).
-fn build_web(out: &Output) -> Result<(), String> {
-    out.run(
-        cmd(
-            "trunk",
-            &["build", "--offline", "--cargo-profile", "web-local"],
-        )
-        .current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", web_target_dir())
-        .env("PATH", tools::path_with_tools()),
-    )
 }
 
 fn fresh_log(dir: &Path, name: &str) -> PathBuf {

@@ -43,8 +43,7 @@ pub fn postgres_for_tests() -> Result<Option<Postgres>, String> {
     if let Ok(url) = std::env::var("WADI_TEST_POSTGRES_URL") {
         return Ok(Some(Postgres { url, private: None }));
     }
-    let local = SocketAddr::from(([127, 0, 0, 1], 5432));
-    if TcpStream::connect_timeout(&local, Duration::from_secs(2)).is_ok() {
+    if local_answers() {
         println!("xtask: Postgres tests use the server on 127.0.0.1:5432");
         return Ok(Some(Postgres {
             url: "postgres://postgres@127.0.0.1:5432/postgres".to_owned(),
@@ -59,6 +58,19 @@ pub fn postgres_for_tests() -> Result<Option<Postgres>, String> {
         }
         Err(error) => Err(format!("CI=true but no Postgres could be started: {error}")),
     }
+}
+
+/// True when the tests will need Debian's `postgresql`: none is configured, none answers and none
+/// is installed. `cargo xtask test` then adds it to its one background `apt-get`.
+pub fn postgres_package_needed() -> bool {
+    std::env::var_os("WADI_TEST_POSTGRES_URL").is_none()
+        && !local_answers()
+        && postgres_bin().is_none()
+}
+
+fn local_answers() -> bool {
+    let local = SocketAddr::from(([127, 0, 0, 1], 5432));
+    TcpStream::connect_timeout(&local, Duration::from_secs(2)).is_ok()
 }
 
 fn in_ci() -> bool {

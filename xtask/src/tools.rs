@@ -9,10 +9,7 @@ use std::{
     time::Instant,
 };
 
-/// trunk 0.22 needs a newer rustc than this project's; stay on 0.21.
-const TRUNK_VERSION: &str = "~0.21";
-const TRUNK_MINOR: &str = "trunk 0.21.";
-/// wasm-opt from npm's `binaryen` (Debian's is too old); trunk finds it on `PATH`.
+/// wasm-opt from npm's `binaryen` (Debian's is too old), for release web builds.
 const BINARYEN_VERSION: &str = "132.0.0";
 
 pub fn workspace_root() -> PathBuf {
@@ -185,38 +182,20 @@ impl Output {
     }
 }
 
-/// Installs everything `cargo xtask test` needs, skipping what is already there at the right
-/// version.
-///
-/// trunk and wasm-bindgen-cli install side by side (each logs to `target/xtask/`): each spends
-/// long stretches compiling one crate on one core.
+/// Installs everything `cargo xtask test` needs besides Debian's packages, skipping what is
+/// already there at the right version.
 pub fn setup() -> Result<(), String> {
+    web_tools()?;
+    nextest(&Output::Terminal)
+}
+
+/// What the web build needs: the wasm32 target, wasm-bindgen-cli and wasm-opt.
+pub fn web_tools() -> Result<(), String> {
     let out = Output::Terminal;
     lockfile(&out)?;
     wasm_target(&out)?;
-    let logs = workspace_root().join("target").join("xtask");
-    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
-    let (trunk_log, bindgen_log) = (logs.join("trunk.log"), logs.join("wasm-bindgen.log"));
-    let (installed_trunk, installed_bindgen) = std::thread::scope(|scope| {
-        let trunk = scope.spawn(|| trunk(&Output::Log(trunk_log.clone())));
-        let bindgen = wasm_bindgen(&Output::Log(bindgen_log.clone()));
-        let trunk = trunk
-            .join()
-            .unwrap_or_else(|_| Err("the trunk install panicked".to_owned()));
-        (trunk, bindgen)
-    });
-    for (result, log) in [
-        (&installed_trunk, &trunk_log),
-        (&installed_bindgen, &bindgen_log),
-    ] {
-        if result.is_err() {
-            show_tail(log);
-        }
-    }
-    installed_trunk?;
-    installed_bindgen?;
-    wasm_opt(&out)?;
-    nextest(&out)
+    wasm_bindgen(&out)?;
+    wasm_opt(&out)
 }
 
 /// The end of a failed step's log, so the cause shows without opening it.
@@ -238,40 +217,53 @@ pub struct Background {
 }
 
 impl Background {
-    /// Debian's packages the tests need (Chromium and ChromeDriver for the browser tests,
-    /// `redis-server` for the cluster tests), installed in one `apt-get` run when any is
-    /// missing, with its output in `target/xtask/apt.log`.
-    pub fn debian_packages() -> Self {
-        let handle = std::thread::spawn(|| {
-            let mut missing = Vec::new();
-            if !chromium_present() {
-                missing.extend(["chromium", "chromium-driver"]);
-            }
-            if !redis_present() {
-                missing.push("redis-server");
-            }
-            if missing.is_empty() {
-                return Ok(());
-            }
-            let log = workspace_root()
-                .join("target")
-                .join("xtask")
-                .join("apt.log");
+    /// `work` on a thread of its own, writing to `target/xtask/<log>`, whose end is shown if the
+    /// work fails.
+    pub fn spawn(
+        name: &'static str,
+        log: &str,
+        work: impl FnOnce(&Output) -> Result<(), String> + Send + 'static,
+    ) -> Self {
+        let log = workspace_root().join("target").join("xtask").join(log);
+        let handle = std::thread::spawn(move || {
             if let Some(dir) = log.parent() {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
-            let installed = apt_install(&missing, &Output::Log(log.clone()));
-            if installed.is_err() {
+            let done = work(&Output::Log(log.clone()));
+            if done.is_err() {
                 show_tail(&log);
             }
-            installed
+            done
         });
         Self {
-            name: "installing Debian's packages",
+            name,
             handle: std::sync::Mutex::new(Some(handle)),
             result: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Debian's packages the tests need (Chromium and ChromeDriver for the browser tests,
+    /// `redis-server` for the cluster tests, `postgresql` when asked), installed in one `apt-get`
+    /// run when any is missing.
+    pub fn debian_packages(postgres: bool) -> Self {
+        let mut missing = Vec::new();
+        if !chromium_present() {
+            missing.extend(["chromium", "chromium-driver"]);
+        }
+        if !redis_present() {
+            missing.push("redis-server");
+        }
+        if postgres {
+            missing.push("postgresql");
+        }
+        Self::spawn("installing Debian's packages", "apt.log", move |out| {
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                apt_install(&missing, out)
+            }
+        })
     }
 
     /// Waits for the work (the first call) and returns its result (every call).
@@ -316,29 +308,10 @@ pub fn wasm_target(out: &Output) -> Result<(), String> {
     ))
 }
 
-/// trunk, as a debug build: it only orchestrates (measured here: it builds the app as fast as a
-/// release trunk, and installs in 2.5 minutes instead of 10).
-pub fn trunk(out: &Output) -> Result<(), String> {
-    if version_of("trunk").is_some_and(|version| version.starts_with(TRUNK_MINOR)) {
-        return Ok(());
-    }
-    out.run(&mut cmd(
-        "cargo",
-        &[
-            "install",
-            "trunk",
-            "--version",
-            TRUNK_VERSION,
-            "--locked",
-            "--debug",
-        ],
-    ))
-}
-
 /// The wasm-bindgen CLI matching the library in Cargo.lock exactly (or the generated JS glue is
 /// wrong). Not `--locked`: the registry mirror can lag the newest versions of its dependencies.
-/// A debug build, like trunk: it installs in about a third of the time and still processes the
-/// app's wasm in seconds.
+/// A debug build: it installs in about a third of the time and still processes the app's wasm in
+/// seconds.
 pub fn wasm_bindgen(out: &Output) -> Result<(), String> {
     let bindgen = locked_version("wasm-bindgen")?;
     if version_of("wasm-bindgen") == Some(format!("wasm-bindgen {bindgen}")) {

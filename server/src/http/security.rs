@@ -1,8 +1,9 @@
 //! Security headers on every response, and the Content-Security-Policy of the web app.
 //!
 //! The app renders model output as HTML (sanitised Markdown), so the page runs under a strict
-//! policy: scripts and WebAssembly only from this origin, plus trunk's one inline loader,
-//! allowed by its hash (computed from the served `index.html` at start); no inline styles;
+//! policy: scripts and WebAssembly only from this origin (the app's page has no inline script;
+//! a page built otherwise may, each allowed by its hash, computed from the served `index.html`
+//! at start); no inline styles;
 //! connections only to this origin and the configured Supabase project; never framed. A
 //! violation is reported to `/api/csp-report`, logged and counted
 //! (`wadi_csp_violations_total`).

@@ -2,7 +2,7 @@
 //! client-side routes survive a reload. A release binary carries the app inside it (built by
 //! `cargo xtask dist`); `--web-dir` serves a directory instead (for front-end work).
 //!
-//! Hashed assets (trunk names them `name-<hash>.ext`) are cached for a year; `index.html` is
+//! Hashed assets (the build names them `name-<hash>.ext`) are cached for a year; `index.html` is
 //! always revalidated. Compression (gzip, brotli) is negotiated by the router's layer.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use tower_http::services::{ServeDir, ServeFile};
 
 use crate::{error::AppError, state::AppState};
 
-/// The web app built into the binary: trunk's `dist/` at compile time (empty if it was not built
+/// The web app built into the binary: `dist/` at compile time (empty if it was not built
 /// first; `cargo xtask dist` builds it first).
 #[derive(rust_embed::Embed)]
 #[folder = "../dist"]
@@ -28,7 +28,7 @@ struct Embedded;
 /// Where the web app's files come from.
 #[derive(Debug, Clone)]
 pub enum WebAssets {
-    /// A directory on disk, e.g. trunk's `dist/`.
+    /// A directory on disk, e.g. `dist/`.
     Dir(PathBuf),
     /// The files built into this binary.
     Embedded,
@@ -84,7 +84,7 @@ impl WebAssets {
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const REVALIDATE: &str = "no-cache";
 
-/// True for trunk's content-hashed file names (`app-1a2b3c4d5e6f7a8b.js`).
+/// True for content-hashed file names (`app-1a2b3c4d5e6f7a8b.js`).
 fn is_hashed(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
     let stem = name.split('.').next().unwrap_or(name);
@@ -165,7 +165,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trunk_hashed_names_are_recognised() {
+    fn content_hashed_names_are_recognised() {
         assert!(is_hashed("wadi-web-b5516eb625f0c04c_bg.wasm"));
         assert!(is_hashed("wadi-web-b5516eb625f0c04c.js"));
         assert!(is_hashed("style-8d79e167be55f883.css"));

@@ -1,0 +1,263 @@
+//! The web app's build, in four steps: cargo compiles the app to wasm32, wasm-bindgen writes its
+//! JavaScript glue, `wasm-opt -Oz` shrinks it (release builds only), and `dist/` receives every
+//! file under a content-hashed name, with `web/index.html` pointing at them and a small start
+//! module that loads the app (no inline script: the page needs no exception in the server's
+//! Content-Security-Policy).
+//!
+//! This used to be trunk's job. Installing trunk was the biggest step of a cold
+//! `cargo xtask run` (minutes of compiling on 2 cores), for what these few steps do.
+
+use std::{
+    hash::Hasher,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::tools::{self, Output, cmd, workspace_root};
+
+/// How the app is built.
+#[derive(Clone, Copy, Debug)]
+pub struct Profile {
+    /// The cargo profile (`Cargo.toml`).
+    cargo: &'static str,
+    /// Whether `wasm-opt -Oz` runs.
+    optimise: bool,
+    /// Under `target/`, where cargo builds it: `run` builds the app beside the server, whose
+    /// build holds `target/`'s lock.
+    target_subdir: Option<&'static str>,
+}
+
+impl Profile {
+    fn target_dir(self) -> PathBuf {
+        let target = workspace_root().join("target");
+        match self.target_subdir {
+            Some(subdir) => target.join(subdir),
+            None => target,
+        }
+    }
+}
+
+/// For running locally: quick to build, a few hundred KiB bigger (no LTO, no `wasm-opt`).
+pub const LOCAL: Profile = Profile {
+    cargo: "web-local",
+    optimise: false,
+    target_subdir: Some("web-local"),
+};
+
+/// For shipping: small over fast. CI measures the bundle budget on this build.
+pub const RELEASE: Profile = Profile {
+    cargo: "wasm-release",
+    optimise: true,
+    target_subdir: None,
+};
+
+const PACKAGE: &str = "wadi-web";
+
+/// `cargo build` of the app's wasm; the caller may add environment (clippy).
+pub fn compile_command(profile: Profile) -> Command {
+    let mut command = cmd(
+        "cargo",
+        &[
+            "build",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--profile",
+            profile.cargo,
+            "-p",
+            PACKAGE,
+            "--bin",
+            PACKAGE,
+        ],
+    );
+    command
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", profile.target_dir());
+    command
+}
+
+/// Compiles the app and writes `dist/`.
+pub fn build(profile: Profile, out: &Output) -> Result<(), String> {
+    out.run(&mut compile_command(profile))?;
+    package(profile, out)
+}
+
+/// Writes `dist/` from the wasm that [`compile_command`] built.
+pub fn package(profile: Profile, out: &Output) -> Result<(), String> {
+    let target_dir = profile.target_dir();
+    let wasm = target_dir
+        .join("wasm32-unknown-unknown")
+        .join(profile.cargo)
+        .join(format!("{PACKAGE}.wasm"));
+    let staging = target_dir.join("wasm-bindgen").join(profile.cargo);
+    let _ = std::fs::remove_dir_all(&staging);
+    let mut bindgen = cmd(
+        "wasm-bindgen",
+        &["--target", "web", "--no-typescript", "--out-name", PACKAGE],
+    );
+    bindgen
+        .arg("--out-dir")
+        .arg(&staging)
+        .arg(&wasm)
+        .env("PATH", tools::path_with_tools());
+    out.run(&mut bindgen)?;
+    let glue = staging.join(format!("{PACKAGE}.js"));
+    let mut module = staging.join(format!("{PACKAGE}_bg.wasm"));
+    if profile.optimise {
+        let optimised = staging.join(format!("{PACKAGE}_bg.opt.wasm"));
+        let mut wasm_opt = cmd("wasm-opt", &["-Oz", "--output"]);
+        wasm_opt
+            .arg(&optimised)
+            .arg(&module)
+            .env("PATH", tools::path_with_tools());
+        out.run(&mut wasm_opt)?;
+        module = optimised;
+    }
+    write_dist(&glue, &module, &staging.join("snippets"))
+}
+
+/// `dist/`, replaced whole: the app's two files and `public/`'s, each named after its content,
+/// the JavaScript snippets of crates that bring their own (as wasm-bindgen wrote them: the glue
+/// imports them by relative path), and the page.
+fn write_dist(glue: &Path, module: &Path, snippets: &Path) -> Result<(), String> {
+    let root = workspace_root();
+    let dist = root.join("dist");
+    let next = root.join("target").join("dist.new");
+    let _ = std::fs::remove_dir_all(&next);
+    create_dir(&next)?;
+
+    let mut page = read(&root.join("web").join("index.html"))?;
+    for entry in std::fs::read_dir(root.join("public"))
+        .map_err(|e| format!("cannot read public/: {e}"))?
+        .flatten()
+    {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let bytes = read_bytes(&path)?;
+        let hashed = hashed_name(&name, content_hash(&[&bytes]));
+        write(&next.join(&hashed), &bytes)?;
+        page = page.replace(&format!("\"/{name}\""), &format!("\"/{hashed}\""));
+    }
+
+    let (glue, module) = (read_bytes(glue)?, read_bytes(module)?);
+    let hash = content_hash(&[&glue, &module]);
+    let glue_name = format!("{PACKAGE}-{hash}.js");
+    let module_name = format!("{PACKAGE}-{hash}_bg.wasm");
+    let start_name = format!("start-{hash}.js");
+    write(&next.join(&glue_name), &glue)?;
+    write(&next.join(&module_name), &module)?;
+    write(
+        &next.join(&start_name),
+        start_script(&glue_name, &module_name).as_bytes(),
+    )?;
+    if snippets.is_dir() {
+        copy_tree(snippets, &next.join("snippets"))?;
+    }
+    let page = with_loader(&page, &glue_name, &module_name, &start_name)?;
+    write(&next.join("index.html"), page.as_bytes())?;
+
+    let _ = std::fs::remove_dir_all(&dist);
+    std::fs::rename(&next, &dist)
+        .map_err(|e| format!("cannot move {} to dist/: {e}", next.display()))?;
+    println!("  web app written to {}", dist.display());
+    Ok(())
+}
+
+/// The module that starts the app: a file, not an inline script, so the page needs no exception
+/// in the server's Content-Security-Policy.
+fn start_script(glue: &str, module: &str) -> String {
+    format!("import init from \"/{glue}\";\ninit({{ module_or_path: \"/{module}\" }});\n")
+}
+
+/// The page with the app's loading at the end of its head: preloads for both of its files, which
+/// the start module then asks for.
+fn with_loader(page: &str, glue: &str, module: &str, start: &str) -> Result<String, String> {
+    if !page.contains("</head>") {
+        return Err("web/index.html has no </head> to put the app's loader before".to_owned());
+    }
+    let loader = format!(
+        "  <link rel=\"modulepreload\" href=\"/{glue}\" />\n    \
+         <link rel=\"preload\" href=\"/{module}\" as=\"fetch\" type=\"application/wasm\" \
+         crossorigin=\"anonymous\" />\n    \
+         <script type=\"module\" src=\"/{start}\"></script>\n  </head>"
+    );
+    Ok(page.replacen("</head>", &loader, 1))
+}
+
+/// `name` with `-<hash>` before its extension: `style.css` → `style-0123456789abcdef.css`.
+fn hashed_name(name: &str, hash: String) -> String {
+    match name.rsplit_once('.') {
+        Some((stem, extension)) => format!("{stem}-{hash}.{extension}"),
+        None => format!("{name}-{hash}"),
+    }
+}
+
+/// 16 hex digits that change when any of the contents does (cache busting, not security).
+fn content_hash(contents: &[&[u8]]) -> String {
+    let mut hasher = std::hash::DefaultHasher::new();
+    for content in contents {
+        hasher.write(content);
+    }
+    format!("{:016x}", hasher.finish())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    create_dir(to)?;
+    let entries =
+        std::fs::read_dir(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+    for entry in entries.flatten() {
+        let (path, target) = (entry.path(), to.join(entry.file_name()));
+        if path.is_dir() {
+            copy_tree(&path, &target)?;
+        } else {
+            write(&target, &read_bytes(&path)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn create_dir(path: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashed_names_keep_the_extension_the_server_recognises() {
+        assert_eq!(
+            hashed_name("style.css", "0123456789abcdef".to_owned()),
+            "style-0123456789abcdef.css"
+        );
+        assert_eq!(content_hash(&[b"a", b"b"]).len(), 16);
+        assert_ne!(content_hash(&[b"a"]), content_hash(&[b"b"]));
+    }
+
+    #[test]
+    fn the_loader_goes_at_the_end_of_the_head() {
+        let page = "<html>\n  <head>\n    <title>t</title>\n  </head>\n  <body></body>\n</html>\n";
+        let page = with_loader(page, "app-1.js", "app-1_bg.wasm", "start-1.js").expect("a head");
+        let loader = page
+            .find("<script type=\"module\" src=\"/start-1.js\"></script>")
+            .expect("the loader");
+        assert!(page.find("<title>").expect("title") < loader);
+        assert!(loader < page.find("</head>").expect("head end"));
+        assert!(page.contains("<link rel=\"modulepreload\" href=\"/app-1.js\" />"));
+        assert!(with_loader("<html></html>", "a.js", "a.wasm", "s.js").is_err());
+        let start = start_script("app-1.js", "app-1_bg.wasm");
+        assert!(start.starts_with("import init from \"/app-1.js\";"));
+        assert!(start.contains("module_or_path: \"/app-1_bg.wasm\""));
+    }
+}
