@@ -1,7 +1,7 @@
 //! `cargo xtask <command>`: everything a developer or CI runs, with every install step in code so
 //! a fresh machine needs nothing but Rust.
 //!
-//! - `setup`: installs the wasm32 target, the wasm-bindgen-cli matching Cargo.lock and wasm-opt.
+//! - `setup`: installs the wasm32 target, wasm-opt (npm's `binaryen`) and cargo-nextest.
 //! - `run`:   installs what it needs, builds the server and the web app side by side (quick
 //!   profiles), starts the server on embedded defaults.
 //! - `test`:  setup, then fmt, clippy (native and wasm32, while the tests and the release web
@@ -64,7 +64,7 @@ const HELP: &str = "usage: cargo xtask <command>
   bench ...   benchmarks: idle, stream, churn, smoke (see docs/performance.md)
   fuzz [--time S] [TARGET...]  the fuzz targets (fuzz/), S seconds each; the corpus grows
   web         build the web app into dist/ (quickly, as `run` does; --release as CI does)
-  setup       install the wasm target, wasm-bindgen-cli and wasm-opt";
+  setup       install the wasm target, wasm-opt and cargo-nextest";
 
 /// Everything CI runs. Each step is timed; the first failure stops the run.
 fn test() -> Result<(), String> {
@@ -78,23 +78,11 @@ fn test() -> Result<(), String> {
         result
     };
 
-    // What installs for minutes without a core of its own to spare runs beside the Rust steps:
     // Debian's packages (Chromium, Redis, and Postgres when the machine has none) download and
-    // unpack, and wasm-bindgen-cli compiles, needed only by the web build.
+    // unpack beside the Rust steps.
     let postgres_package = services::postgres_package_needed();
     let debian = tools::Background::debian_packages(postgres_package);
-    tools::lockfile(&Output::Terminal)?;
-    let bindgen = tools::Background::spawn(
-        "installing wasm-bindgen-cli",
-        "wasm-bindgen.log",
-        tools::wasm_bindgen,
-    );
-    step("setup", &mut || {
-        let out = Output::Terminal;
-        tools::wasm_target(&out)?;
-        tools::wasm_opt(&out)?;
-        tools::nextest(&out)
-    })?;
+    step("setup", &mut tools::setup)?;
     step("fmt", &mut || {
         tools::status(cmd("cargo", &["fmt", "--all", "--", "--check"]).current_dir(&root))
     })?;
@@ -126,11 +114,11 @@ fn test() -> Result<(), String> {
         ]))
     })?;
     step("web release build (and clippy, wasm32)", &mut || {
-        bindgen.wait()?;
         let mut compile = web::compile_command(web::RELEASE);
         cargo.configure(&mut compile);
         tools::status(&mut compile)?;
-        web::package(web::RELEASE, &Output::Terminal)
+        // The workspace's wasm-bindgen, which the build step compiled.
+        web::package(web::RELEASE, &web::bindgen_binary("dev"), &Output::Terminal)
     })?;
     step("web bundle size", &mut check_bundle_size)?;
     step("browser install", &mut || {

@@ -1,17 +1,16 @@
 //! `cargo xtask run`: from a fresh clone to a serving app as fast as this machine allows.
 //!
 //! Two lines of work run side by side, each logging to a file under `target/xtask/`:
-//! - the server, built with the `local` profile (the dev profile without debug info: quick to
-//!   build, fast enough to chat with; `dist` keeps the full release profile). It needs no tool,
-//!   and in this profile it reads the web app from `dist/` at run time, so it does not wait for
-//!   the web build;
-//! - the web app: after the wasm32 target, two things at once — installing wasm-bindgen-cli and
-//!   compiling the app's wasm (`web-local` profile, in its own target directory so it does not
-//!   wait for the server build's lock) — then wasm-bindgen and `dist/` (without `wasm-opt`: a few
-//!   hundred KiB bigger, minutes quicker).
+//! - the server and the workspace's wasm-bindgen, built with the `local` profile (the dev profile
+//!   without debug info: quick to build, fast enough to chat with; `dist` keeps the full release
+//!   profile). In this profile the server reads the web app from `dist/` at run time, so it does
+//!   not wait for the web build;
+//! - the web app: the wasm32 target, then the app's wasm (`web-local` profile, in its own target
+//!   directory so it does not wait for the server build's lock).
 //!
-//! Measured cold on a 2-core machine (README): run one after another, the tool alone took longer
-//! than the server build, and the web compile waited for it.
+//! Then wasm-bindgen and `dist/` (without `wasm-opt`: a few hundred KiB bigger, minutes
+//! quicker), and the server starts. Nothing is installed with `cargo install`: trunk and
+//! wasm-bindgen-cli took most of a cold run's minutes.
 //!
 //! A progress line every few seconds says which steps are running and for how long.
 
@@ -116,7 +115,7 @@ pub fn run(server_args: &[String]) -> Result<(), String> {
         let progress = progress.clone();
         let out = Output::Log(server_log.clone());
         std::thread::spawn(move || {
-            progress.step("server build", || {
+            progress.step("server build (and wasm-bindgen's)", || {
                 out.run(
                     cmd(
                         "cargo",
@@ -128,6 +127,10 @@ pub fn run(server_args: &[String]) -> Result<(), String> {
                             "wadi-server",
                             "--bin",
                             "wadi",
+                            "-p",
+                            web::BINDGEN,
+                            "--bin",
+                            web::BINDGEN,
                         ],
                     )
                     .current_dir(workspace_root()),
@@ -139,31 +142,25 @@ pub fn run(server_args: &[String]) -> Result<(), String> {
     let web = progress
         .step("wasm32 target", || tools::wasm_target(&out))
         .and_then(|()| {
-            std::thread::scope(|scope| {
-                let bindgen = scope.spawn(|| {
-                    let out = Output::Log(fresh_log(&logs, "wasm-bindgen.log"));
-                    progress.step("wasm-bindgen-cli", || tools::wasm_bindgen(&out))
-                });
-                let compiled = progress.step("web app compile", || {
-                    out.run(&mut web::compile_command(web::LOCAL))
-                });
-                let bindgen = bindgen
-                    .join()
-                    .unwrap_or_else(|_| Err("the wasm-bindgen-cli install panicked".to_owned()));
-                bindgen.and(compiled)
+            progress.step("web app compile", || {
+                out.run(&mut web::compile_command(web::LOCAL))
             })
-        })
-        .and_then(|()| progress.step("web app files", || web::package(web::LOCAL, &out)));
+        });
     let server = server
         .join()
         .unwrap_or_else(|_| Err("the server build panicked".to_owned()));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    if let Err(error) = &web {
-        tools::show_tail(&web_log);
-        return Err(error.clone());
-    }
     if let Err(error) = &server {
         tools::show_tail(&server_log);
+        return Err(error.clone());
+    }
+    let web = web.and_then(|()| {
+        progress.step("web app files", || {
+            web::package(web::LOCAL, &web::bindgen_binary("local"), &out)
+        })
+    });
+    if let Err(error) = &web {
+        tools::show_tail(&web_log);
         return Err(error.clone());
     }
 

@@ -121,26 +121,6 @@ fn cargo_bin_dir() -> PathBuf {
     PathBuf::from(home).join(".cargo").join("bin")
 }
 
-/// The version of `package` recorded in Cargo.lock.
-fn locked_version(package: &str) -> Result<String, String> {
-    let lock_path = workspace_root().join("Cargo.lock");
-    let lock = std::fs::read_to_string(&lock_path)
-        .map_err(|e| format!("cannot read {}: {e}", lock_path.display()))?;
-    let name_line = format!("name = \"{package}\"");
-    let mut lines = lock.lines();
-    while let Some(line) = lines.next() {
-        if line.trim() == name_line
-            && let Some(version) = lines
-                .next()
-                .and_then(|next| next.trim().strip_prefix("version = \""))
-                .and_then(|rest| rest.strip_suffix('"'))
-        {
-            return Ok(version.to_owned());
-        }
-    }
-    Err(format!("{package} is not in Cargo.lock"))
-}
-
 /// Where a step's commands write: the terminal, or a log file (for steps that run side by side).
 #[derive(Clone, Debug)]
 pub enum Output {
@@ -189,12 +169,12 @@ pub fn setup() -> Result<(), String> {
     nextest(&Output::Terminal)
 }
 
-/// What the web build needs: the wasm32 target, wasm-bindgen-cli and wasm-opt.
+/// What the web build needs besides the workspace's own wasm-bindgen: the wasm32 target and
+/// wasm-opt.
 pub fn web_tools() -> Result<(), String> {
     let out = Output::Terminal;
     lockfile(&out)?;
     wasm_target(&out)?;
-    wasm_bindgen(&out)?;
     wasm_opt(&out)
 }
 
@@ -308,28 +288,6 @@ pub fn wasm_target(out: &Output) -> Result<(), String> {
     ))
 }
 
-/// The wasm-bindgen CLI matching the library in Cargo.lock exactly (or the generated JS glue is
-/// wrong). Not `--locked`: the registry mirror can lag the newest versions of its dependencies.
-/// A debug build: it installs in about a third of the time and still processes the app's wasm in
-/// seconds.
-pub fn wasm_bindgen(out: &Output) -> Result<(), String> {
-    let bindgen = locked_version("wasm-bindgen")?;
-    if version_of("wasm-bindgen") == Some(format!("wasm-bindgen {bindgen}")) {
-        return Ok(());
-    }
-    out.run(&mut cmd(
-        "cargo",
-        &[
-            "install",
-            "wasm-bindgen-cli",
-            "--version",
-            &bindgen,
-            "--force",
-            "--debug",
-        ],
-    ))
-}
-
 /// wasm-opt from npm's `binaryen` (Debian's is too old), for release web builds.
 pub fn wasm_opt(out: &Output) -> Result<(), String> {
     let binaryen_major = BINARYEN_VERSION.split('.').next().unwrap_or_default();
@@ -382,7 +340,7 @@ impl Step {
     /// One summary line: the step, its outcome and how long it took.
     pub fn finish(self, ok: bool) -> String {
         let line = format!(
-            "{:<34} {} {:>7.1}s",
+            "{:<40} {} {:>7.1}s",
             self.name,
             if ok { "ok  " } else { "FAIL" },
             self.started.elapsed().as_secs_f64()

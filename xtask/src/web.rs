@@ -1,5 +1,5 @@
-//! The web app's build, in four steps: cargo compiles the app to wasm32, wasm-bindgen writes its
-//! JavaScript glue, `wasm-opt -Oz` shrinks it (release builds only), and `dist/` receives every
+//! The web app's build, in four steps: cargo compiles the app to wasm32, wasm-bindgen (the
+//! workspace's `xtask/bindgen`) writes its JavaScript glue, `wasm-opt -Oz` shrinks it (release builds only), and `dist/` receives every
 //! file under a content-hashed name, with `web/index.html` pointing at them and a small start
 //! module that loads the app (no inline script: the page needs no exception in the server's
 //! Content-Security-Policy).
@@ -75,14 +75,31 @@ pub fn compile_command(profile: Profile) -> Command {
     command
 }
 
-/// Compiles the app and writes `dist/`.
-pub fn build(profile: Profile, out: &Output) -> Result<(), String> {
-    out.run(&mut compile_command(profile))?;
-    package(profile, out)
+/// The workspace's wasm-bindgen (`xtask/bindgen`), as cargo builds it with `cargo_profile`.
+pub fn bindgen_binary(cargo_profile: &str) -> PathBuf {
+    let dir = if cargo_profile == "dev" {
+        "debug"
+    } else {
+        cargo_profile
+    };
+    workspace_root().join("target").join(dir).join(BINDGEN)
 }
 
-/// Writes `dist/` from the wasm that [`compile_command`] built.
-pub fn package(profile: Profile, out: &Output) -> Result<(), String> {
+/// The package of the workspace's wasm-bindgen, for `cargo build -p`.
+pub const BINDGEN: &str = "xtask-bindgen";
+
+/// Compiles the app and its wasm-bindgen, and writes `dist/`.
+pub fn build(profile: Profile, out: &Output) -> Result<(), String> {
+    out.run(
+        cmd("cargo", &["build", "--profile", "local", "-p", BINDGEN]).current_dir(workspace_root()),
+    )?;
+    out.run(&mut compile_command(profile))?;
+    package(profile, &bindgen_binary("local"), out)
+}
+
+/// Writes `dist/` from the wasm that [`compile_command`] built, with `bindgen` (see
+/// [`bindgen_binary`]).
+pub fn package(profile: Profile, bindgen: &Path, out: &Output) -> Result<(), String> {
     let target_dir = profile.target_dir();
     let wasm = target_dir
         .join("wasm32-unknown-unknown")
@@ -90,16 +107,7 @@ pub fn package(profile: Profile, out: &Output) -> Result<(), String> {
         .join(format!("{PACKAGE}.wasm"));
     let staging = target_dir.join("wasm-bindgen").join(profile.cargo);
     let _ = std::fs::remove_dir_all(&staging);
-    let mut bindgen = cmd(
-        "wasm-bindgen",
-        &["--target", "web", "--no-typescript", "--out-name", PACKAGE],
-    );
-    bindgen
-        .arg("--out-dir")
-        .arg(&staging)
-        .arg(&wasm)
-        .env("PATH", tools::path_with_tools());
-    out.run(&mut bindgen)?;
+    out.run(Command::new(bindgen).arg(&wasm).arg(&staging).arg(PACKAGE))?;
     let glue = staging.join(format!("{PACKAGE}.js"));
     let mut module = staging.join(format!("{PACKAGE}_bg.wasm"));
     if profile.optimise {
