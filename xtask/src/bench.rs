@@ -38,10 +38,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Ok(());
     };
     match scenario.as_str() {
-        "smoke" => smoke(
-            cmd("cargo", &["build", "--workspace", "--bins", "--tests"])
-                .current_dir(workspace_root()),
-        ),
+        "smoke" => smoke(cmd("cargo", &tools::TEST_BUILD).current_dir(workspace_root())),
         "help" | "--help" | "-h" => {
             println!("{HELP}");
             Ok(())

@@ -78,6 +78,7 @@ fn test() -> Result<(), String> {
         result
     };
 
+    let clippy = TestCargo::clippy_driver()?;
     // Debian's packages (Chromium, Redis, and Postgres when the machine has none) download and
     // unpack beside the Rust steps.
     let postgres_package = services::postgres_package_needed();
@@ -95,9 +96,12 @@ fn test() -> Result<(), String> {
         postgres = services::postgres_for_tests()?;
         Ok(())
     })?;
-    let cargo = TestCargo::new(postgres.as_ref().map(|postgres| postgres.url.as_str()))?;
+    let cargo = TestCargo::new(
+        clippy,
+        postgres.as_ref().map(|postgres| postgres.url.as_str()),
+    );
     step("clippy and build (native)", &mut || {
-        tools::status(&mut cargo.command(&["build", "--workspace", "--bins", "--tests"]))
+        tools::status(&mut cargo.command(&tools::TEST_BUILD))
     })?;
     step("Redis for the tests", &mut || {
         debian.wait()?;
@@ -118,7 +122,11 @@ fn test() -> Result<(), String> {
         cargo.configure(&mut compile);
         tools::status(&mut compile)?;
         // The workspace's wasm-bindgen, which the build step compiled.
-        web::package(web::RELEASE, &web::bindgen_binary("dev"), &Output::Terminal)
+        web::package(
+            web::RELEASE,
+            &web::bindgen_binary("debug"),
+            &Output::Terminal,
+        )
     })?;
     step("web bundle size", &mut check_bundle_size)?;
     step("browser install", &mut || {
@@ -150,7 +158,7 @@ fn test() -> Result<(), String> {
         tools::status(&mut nextest)
     })?;
     step("benchmark smoke", &mut || {
-        bench::smoke(&mut cargo.command(&["build", "--workspace", "--bins", "--tests"]))
+        bench::smoke(&mut cargo.command(&tools::TEST_BUILD))
     })?;
 
     println!(
@@ -175,17 +183,23 @@ struct TestCargo {
 }
 
 impl TestCargo {
-    fn new(postgres_url: Option<&str>) -> Result<Self, String> {
+    /// The toolchain's clippy driver, which `cargo clippy` would use.
+    fn clippy_driver() -> Result<PathBuf, String> {
         let sysroot = tools::output(&mut cmd("rustc", &["--print", "sysroot"]))?;
         let driver = Path::new(sysroot.trim()).join("bin").join("clippy-driver");
-        if !driver.exists() {
-            return Err(format!(
+        if driver.exists() {
+            Ok(driver)
+        } else {
+            Err(format!(
                 "{} is missing: `rustup component add clippy`",
                 driver.display()
-            ));
+            ))
         }
+    }
+
+    fn new(clippy_driver: PathBuf, postgres_url: Option<&str>) -> Self {
         let mut env = vec![
-            ("RUSTC_WORKSPACE_WRAPPER", driver.into_os_string()),
+            ("RUSTC_WORKSPACE_WRAPPER", clippy_driver.into_os_string()),
             // cargo-clippy's encoding of the arguments after its `--`.
             (
                 "CLIPPY_ARGS",
@@ -195,7 +209,7 @@ impl TestCargo {
         if let Some(url) = postgres_url {
             env.push(("WADI_TEST_POSTGRES_URL", url.into()));
         }
-        Ok(Self { env })
+        Self { env }
     }
 
     /// `cargo <args>` in the workspace, in this environment.
@@ -254,7 +268,7 @@ fn build_web(args: &[String]) -> Result<(), String> {
         [flag] if flag == "--release" => web::RELEASE,
         _ => return Err(format!("usage: cargo xtask web [--release]\n\n{HELP}")),
     };
-    tools::web_tools()?;
+    tools::web_tools(profile.optimises())?;
     web::build(profile, &Output::Terminal)
 }
 
@@ -310,7 +324,7 @@ fn build_release_server() -> Result<PathBuf, String> {
 
 /// A release build of the web app and the server; returns the binary's path.
 fn dist() -> Result<PathBuf, String> {
-    tools::web_tools()?;
+    tools::web_tools(true)?;
     web::build(web::RELEASE, &Output::Terminal)?;
     let root = workspace_root();
     build_release_server()?;

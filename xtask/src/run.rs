@@ -9,8 +9,7 @@
 //!   directory so it does not wait for the server build's lock).
 //!
 //! Then wasm-bindgen and `dist/` (without `wasm-opt`: a few hundred KiB bigger, minutes
-//! quicker), and the server starts. Nothing is installed with `cargo install`: trunk and
-//! wasm-bindgen-cli took most of a cold run's minutes.
+//! quicker), and the server starts. Nothing is installed with `cargo install`.
 //!
 //! A progress line every few seconds says which steps are running and for how long.
 

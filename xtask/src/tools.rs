@@ -108,6 +108,9 @@ pub fn path_with_tools() -> OsString {
     std::env::join_paths(dirs).unwrap_or_default()
 }
 
+/// What `cargo xtask test` builds for its tests, the browser tests and the benchmark smoke.
+pub const TEST_BUILD: [&str; 4] = ["build", "--workspace", "--bins", "--tests"];
+
 /// Where npm-installed build tools live: inside `target/`, so `cargo clean` removes them too.
 fn node_tools_dir() -> PathBuf {
     workspace_root().join("target").join("tools")
@@ -165,17 +168,17 @@ impl Output {
 /// Installs everything `cargo xtask test` needs besides Debian's packages, skipping what is
 /// already there at the right version.
 pub fn setup() -> Result<(), String> {
-    web_tools()?;
+    web_tools(true)?;
     nextest(&Output::Terminal)
 }
 
-/// What the web build needs besides the workspace's own wasm-bindgen: the wasm32 target and
-/// wasm-opt.
-pub fn web_tools() -> Result<(), String> {
+/// What the web build needs besides the workspace's own wasm-bindgen: the wasm32 target, and
+/// wasm-opt for a release build.
+pub fn web_tools(release: bool) -> Result<(), String> {
     let out = Output::Terminal;
     lockfile(&out)?;
     wasm_target(&out)?;
-    wasm_opt(&out)
+    if release { wasm_opt(&out) } else { Ok(()) }
 }
 
 /// The end of a failed step's log, so the cause shows without opening it.
@@ -197,35 +200,9 @@ pub struct Background {
 }
 
 impl Background {
-    /// `work` on a thread of its own, writing to `target/xtask/<log>`, whose end is shown if the
-    /// work fails.
-    pub fn spawn(
-        name: &'static str,
-        log: &str,
-        work: impl FnOnce(&Output) -> Result<(), String> + Send + 'static,
-    ) -> Self {
-        let log = workspace_root().join("target").join("xtask").join(log);
-        let handle = std::thread::spawn(move || {
-            if let Some(dir) = log.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            }
-            let done = work(&Output::Log(log.clone()));
-            if done.is_err() {
-                show_tail(&log);
-            }
-            done
-        });
-        Self {
-            name,
-            handle: std::sync::Mutex::new(Some(handle)),
-            result: std::sync::OnceLock::new(),
-        }
-    }
-
     /// Debian's packages the tests need (Chromium and ChromeDriver for the browser tests,
     /// `redis-server` for the cluster tests, `postgresql` when asked), installed in one `apt-get`
-    /// run when any is missing.
+    /// run when any is missing, with its output in `target/xtask/apt.log`.
     pub fn debian_packages(postgres: bool) -> Self {
         let mut missing = Vec::new();
         if !chromium_present() {
@@ -237,13 +214,29 @@ impl Background {
         if postgres {
             missing.push("postgresql");
         }
-        Self::spawn("installing Debian's packages", "apt.log", move |out| {
+        let handle = std::thread::spawn(move || {
             if missing.is_empty() {
-                Ok(())
-            } else {
-                apt_install(&missing, out)
+                return Ok(());
             }
-        })
+            let log = workspace_root()
+                .join("target")
+                .join("xtask")
+                .join("apt.log");
+            if let Some(dir) = log.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            let installed = apt_install(&missing, &Output::Log(log.clone()));
+            if installed.is_err() {
+                show_tail(&log);
+            }
+            installed
+        });
+        Self {
+            name: "installing Debian's packages",
+            handle: std::sync::Mutex::new(Some(handle)),
+            result: std::sync::OnceLock::new(),
+        }
     }
 
     /// Waits for the work (the first call) and returns its result (every call).

@@ -1,11 +1,8 @@
 //! The web app's build, in four steps: cargo compiles the app to wasm32, wasm-bindgen (the
-//! workspace's `xtask/bindgen`) writes its JavaScript glue, `wasm-opt -Oz` shrinks it (release builds only), and `dist/` receives every
-//! file under a content-hashed name, with `web/index.html` pointing at them and a small start
-//! module that loads the app (no inline script: the page needs no exception in the server's
-//! Content-Security-Policy).
-//!
-//! This used to be trunk's job. Installing trunk was the biggest step of a cold
-//! `cargo xtask run` (minutes of compiling on 2 cores), for what these few steps do.
+//! workspace's `xtask/bindgen`) writes its JavaScript glue, `wasm-opt -Oz` shrinks it (release
+//! builds only), and `dist/` receives every file under a content-hashed name, with
+//! `web/index.html` pointing at them and a small start module that loads the app (no inline
+//! script: the page needs no exception in the server's Content-Security-Policy).
 
 use std::{
     hash::Hasher,
@@ -28,6 +25,11 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// Whether this build needs `wasm-opt`.
+    pub fn optimises(self) -> bool {
+        self.optimise
+    }
+
     fn target_dir(self) -> PathBuf {
         let target = workspace_root().join("target");
         match self.target_subdir {
@@ -75,20 +77,18 @@ pub fn compile_command(profile: Profile) -> Command {
     command
 }
 
-/// The workspace's wasm-bindgen (`xtask/bindgen`), as cargo builds it with `cargo_profile`.
-pub fn bindgen_binary(cargo_profile: &str) -> PathBuf {
-    let dir = if cargo_profile == "dev" {
-        "debug"
-    } else {
-        cargo_profile
-    };
+/// The workspace's wasm-bindgen (`xtask/bindgen`), as cargo built it into `target/<dir>`
+/// (`debug` for the dev profile, else the profile's name).
+pub fn bindgen_binary(dir: &str) -> PathBuf {
     workspace_root().join("target").join(dir).join(BINDGEN)
 }
 
 /// The package of the workspace's wasm-bindgen, for `cargo build -p`.
 pub const BINDGEN: &str = "xtask-bindgen";
 
-/// Compiles the app and its wasm-bindgen, and writes `dist/`.
+/// Compiles the app and its wasm-bindgen, and writes `dist/`. (`run` builds the same wasm-bindgen
+/// together with the server, so cargo unifies its dependencies' features differently: the first
+/// build here after a `run` compiles some of them again.)
 pub fn build(profile: Profile, out: &Output) -> Result<(), String> {
     out.run(
         cmd("cargo", &["build", "--profile", "local", "-p", BINDGEN]).current_dir(workspace_root()),
@@ -129,21 +129,28 @@ pub fn package(profile: Profile, bindgen: &Path, out: &Output) -> Result<(), Str
 fn write_dist(glue: &Path, module: &Path, snippets: &Path) -> Result<(), String> {
     let root = workspace_root();
     let dist = root.join("dist");
-    let next = root.join("target").join("dist.new");
-    let _ = std::fs::remove_dir_all(&next);
+    // Beside `dist/`, not in `target/`: `target/` may be another file system (a container
+    // build's cache mount), which a rename cannot cross.
+    let (next, old) = (root.join("dist.new"), root.join("dist.old"));
+    for leftover in [&next, &old] {
+        let _ = std::fs::remove_dir_all(leftover);
+    }
     create_dir(&next)?;
 
     let mut page = read(&root.join("web").join("index.html"))?;
-    for entry in std::fs::read_dir(root.join("public"))
-        .map_err(|e| format!("cannot read public/: {e}"))?
-        .flatten()
-    {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for path in files_in(&root.join("public"))? {
+        let name = file_name(&path);
+        let reference = format!("\"/{name}\"");
+        if !page.contains(&reference) {
+            return Err(format!(
+                "web/index.html does not refer to public/{name} as {reference}: each file of \
+                 public/ is served under a content-hashed name, which the page must point at"
+            ));
+        }
         let bytes = read_bytes(&path)?;
         let hashed = hashed_name(&name, content_hash(&[&bytes]));
         write(&next.join(&hashed), &bytes)?;
-        page = page.replace(&format!("\"/{name}\""), &format!("\"/{hashed}\""));
+        page = page.replace(&reference, &format!("\"/{hashed}\""));
     }
 
     let (glue, module) = (read_bytes(glue)?, read_bytes(module)?);
@@ -163,9 +170,16 @@ fn write_dist(glue: &Path, module: &Path, snippets: &Path) -> Result<(), String>
     let page = with_loader(&page, &glue_name, &module_name, &start_name)?;
     write(&next.join("index.html"), page.as_bytes())?;
 
-    let _ = std::fs::remove_dir_all(&dist);
-    std::fs::rename(&next, &dist)
-        .map_err(|e| format!("cannot move {} to dist/: {e}", next.display()))?;
+    // The old build goes aside first, so a failed swap never leaves no `dist/` at all.
+    let rename = |from: &Path, to: &Path| {
+        std::fs::rename(from, to)
+            .map_err(|e| format!("cannot move {} to {}: {e}", from.display(), to.display()))
+    };
+    if dist.exists() {
+        rename(&dist, &old)?;
+    }
+    rename(&next, &dist)?;
+    let _ = std::fs::remove_dir_all(&old);
     println!("  web app written to {}", dist.display());
     Ok(())
 }
@@ -191,9 +205,10 @@ fn with_loader(page: &str, glue: &str, module: &str, start: &str) -> Result<Stri
     Ok(page.replacen("</head>", &loader, 1))
 }
 
-/// `name` with `-<hash>` before its extension: `style.css` → `style-0123456789abcdef.css`.
+/// `name` with `-<hash>` before its first dot, where the server looks for it (`is_hashed` in
+/// `server/src/http/static_files.rs`): `style.css` → `style-0123456789abcdef.css`.
 fn hashed_name(name: &str, hash: String) -> String {
-    match name.rsplit_once('.') {
+    match name.split_once('.') {
         Some((stem, extension)) => format!("{stem}-{hash}.{extension}"),
         None => format!("{name}-{hash}"),
     }
@@ -210,10 +225,8 @@ fn content_hash(contents: &[&[u8]]) -> String {
 
 fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     create_dir(to)?;
-    let entries =
-        std::fs::read_dir(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-    for entry in entries.flatten() {
-        let (path, target) = (entry.path(), to.join(entry.file_name()));
+    for path in files_in(from)? {
+        let target = to.join(file_name(&path));
         if path.is_dir() {
             copy_tree(&path, &target)?;
         } else {
@@ -221,6 +234,24 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The entries of `dir`, sorted.
+fn files_in(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", dir.display());
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(cannot)? {
+        paths.push(entry.map_err(cannot)?.path());
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -248,6 +279,10 @@ mod tests {
         assert_eq!(
             hashed_name("style.css", "0123456789abcdef".to_owned()),
             "style-0123456789abcdef.css"
+        );
+        assert_eq!(
+            hashed_name("app.min.js", "0123456789abcdef".to_owned()),
+            "app-0123456789abcdef.min.js"
         );
         assert_eq!(content_hash(&[b"a", b"b"]).len(), 16);
         assert_ne!(content_hash(&[b"a"]), content_hash(&[b"b"]));

@@ -66,10 +66,7 @@ pub fn router(state: AppState) -> Router {
     let web_app = axum::routing::any(static_files::serve)
         .layer(compression)
         .with_state(state.clone());
-    let security = Arc::new(security::SecurityHeaders::new(
-        &state.config,
-        state.assets.index_html().as_deref(),
-    ));
+    let security = Arc::new(security::SecurityHeaders::new(&state.config));
     router
         .fallback_service(web_app)
         .layer(axum::middleware::from_fn_with_state(

@@ -69,18 +69,6 @@ fn build_time_dist() -> Option<PathBuf> {
     dir.join("index.html").is_file().then_some(dir)
 }
 
-impl WebAssets {
-    /// The app's page, as served.
-    pub fn index_html(&self) -> Option<String> {
-        match self {
-            Self::Dir(dir) => std::fs::read_to_string(dir.join("index.html")).ok(),
-            Self::Embedded => Embedded::get("index.html")
-                .map(|file| String::from_utf8_lossy(&file.data).into_owned()),
-            Self::Missing => None,
-        }
-    }
-}
-
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const REVALIDATE: &str = "no-cache";
 
@@ -169,6 +157,8 @@ mod tests {
         assert!(is_hashed("wadi-web-b5516eb625f0c04c_bg.wasm"));
         assert!(is_hashed("wadi-web-b5516eb625f0c04c.js"));
         assert!(is_hashed("style-8d79e167be55f883.css"));
+        assert!(is_hashed("start-b5516eb625f0c04c.js"));
+        assert!(is_hashed("favicon-2b3596f32f96c75c.svg"));
         assert!(!is_hashed("index.html"));
         assert!(!is_hashed("c/0193-abc"));
         assert!(!is_hashed("favicon.svg"));

@@ -2,9 +2,8 @@
 //! command line (`wasm-bindgen --target web --no-typescript`), from the library that command
 //! line wraps.
 //!
-//! A workspace crate instead of `cargo install wasm-bindgen-cli`: it compiles with the rest of
-//! the build, sharing its dependencies, and without the command line's test runner (an HTTP
-//! server and client), which took most of that install's minutes.
+//! A workspace crate, so it compiles with the rest of the build, sharing its dependencies, and
+//! without the command line's test runner (an HTTP server and client).
 
 use std::process::ExitCode;
 
@@ -20,9 +19,9 @@ fn main() -> ExitCode {
         .and_then(|bindgen| {
             bindgen
                 .typescript(false)
-                // As the command line does by default: the glue keeps its fallback path to the
-                // module (the start module passes the path anyway).
-                .omit_default_module_path(false)
+                // No fallback path to the module in the glue: the module's name in `dist/` is
+                // hashed, and the start module passes it.
+                .omit_default_module_path(true)
                 .out_name(out_name)
                 .generate(out_dir)
         });
