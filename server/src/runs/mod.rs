@@ -12,6 +12,7 @@
 //! mirrors fed from the shared log (`cluster`) and the store (`mirror`). Instances heartbeat into
 //! the store, and any of them reaps the runs of one that stopped (`liveness`).
 
+mod checkpoints;
 pub mod cluster;
 pub mod handle;
 pub mod hub;
@@ -222,6 +223,8 @@ pub struct Runs {
     replicators: TaskTracker,
     liveness: liveness::Liveness,
     load: load::Load,
+    /// Streaming runs' progress, written in batches.
+    checkpoints: checkpoints::Checkpointer,
 }
 
 impl Runs {
@@ -240,6 +243,7 @@ impl Runs {
             settings.message_rate_burst,
             settings.message_rate_per_minute,
         );
+        let checkpoints = checkpoints::Checkpointer::start(store.clone());
         let runs = Arc::new(Self {
             instance,
             store,
@@ -253,6 +257,7 @@ impl Runs {
             replicators: TaskTracker::new(),
             liveness: liveness::Liveness::default(),
             load: load::Load::default(),
+            checkpoints,
         });
         runs.load.watch_lag(runs.settings.max_loop_lag);
         if let Some(events) = events {

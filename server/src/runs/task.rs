@@ -17,7 +17,7 @@ use crate::{
     ids::MessageId,
     metrics::StatusLabel,
     model::{ChatMessage, ModelError, ModelEvent, ModelStream, tokens},
-    store::{Checkpoint, CheckpointResult, ChunkEnds, RunOutcome, StoreResult},
+    store::{Checkpoint, CheckpointResult, ChunkEnds, RunOutcome},
     util::now_millis,
 };
 
@@ -223,36 +223,40 @@ impl Tail {
 }
 
 /// Saves the output in the background as it grows: each checkpoint appends what is new since
-/// the last one, and the stream never waits on storage. A checkpoint the store refuses because
-/// the run is no longer ours (it was reaped while this process was paused) stops the run.
+/// the last one (written with other runs' in one transaction, `checkpoints.rs`), and the stream
+/// never waits on storage. A checkpoint the store refuses because the run is no longer ours (it
+/// was reaped while this process was paused) stops the run.
 #[derive(Default)]
 struct Checkpoints {
     saved_seq: u64,
-    saving: Option<tokio::task::JoinHandle<(u64, StoreResult<CheckpointResult>)>>,
+    /// The checkpoint being written: the seq it reaches, and its answer to come.
+    saving: Option<(u64, super::checkpoints::Answer)>,
 }
 
 impl Checkpoints {
     fn tick(&mut self, ctx: &Runs, handle: &RunHandle) {
-        if let Some(saving) = &self.saving {
-            if !saving.is_finished() {
-                return;
-            }
-            if let Some(Ok((to_seq, result))) =
-                self.saving.take().and_then(|task| task.now_or_never())
-            {
-                match result {
-                    Ok(CheckpointResult::Saved) => self.saved_seq = to_seq,
-                    Ok(CheckpointResult::Behind { stored_seq }) => {
-                        self.saved_seq = u64::try_from(stored_seq).unwrap_or_default();
-                    }
-                    Ok(CheckpointResult::Fenced) => {
-                        tracing::warn!("the run is no longer this instance's; cutting it off");
-                        ctx.metrics.fenced_runs.inc();
-                        handle.stop(RunStatus::Interrupted);
-                        return;
-                    }
-                    Err(error) => tracing::warn!(%error, "cannot save run progress"),
+        if let Some((to_seq, answer)) = &mut self.saving {
+            let answered = match answer.try_recv() {
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return,
+                Ok(answered) => answered,
+                // Not written (the writer is gone): tried again below.
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => None,
+            };
+            let to_seq = *to_seq;
+            self.saving = None;
+            match answered {
+                Some(CheckpointResult::Saved) => self.saved_seq = to_seq,
+                Some(CheckpointResult::Behind { stored_seq }) => {
+                    self.saved_seq = u64::try_from(stored_seq).unwrap_or_default();
                 }
+                Some(CheckpointResult::Fenced) => {
+                    tracing::warn!("the run is no longer this instance's; cutting it off");
+                    ctx.metrics.fenced_runs.inc();
+                    handle.stop(RunStatus::Interrupted);
+                    return;
+                }
+                // Its batch failed (logged there): the next checkpoint covers it.
+                None => {}
             }
         }
         if handle.last_seq() <= self.saved_seq {
@@ -265,11 +269,8 @@ impl Checkpoints {
             ends: ChunkEnds::encode(&ends),
             to_seq: i64::try_from(to_seq).unwrap_or(i64::MAX),
         };
-        let store = ctx.store.clone();
-        let (id, owner) = (handle.id, ctx.instance);
-        self.saving = Some(tokio::spawn(async move {
-            (to_seq, store.checkpoint_run(id, owner, &checkpoint).await)
-        }));
+        let answer = ctx.checkpoints.queue(handle.id, ctx.instance, checkpoint);
+        self.saving = Some((to_seq, answer));
     }
 }
 

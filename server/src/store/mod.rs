@@ -255,14 +255,13 @@ pub trait Store: Send + Sync + 'static {
     /// Starts another run for an existing user message (a regenerated answer), bumping the
     /// conversation's `updated_at`. [`Constraint::OneActiveRun`] if one is streaming.
     async fn insert_run(&self, run: &RunRecord) -> StoreResult<()>;
-    /// Appends a running run's new output, if `owner` still drives it and the stored output
-    /// reaches exactly `checkpoint.from_seq`.
-    async fn checkpoint_run(
+    /// Appends running runs' new output, in one transaction: each run's, if its owner still
+    /// drives it and its stored output reaches exactly `checkpoint.from_seq`. One result per
+    /// checkpoint, in order.
+    async fn checkpoint_runs(
         &self,
-        id: RunId,
-        owner: InstanceId,
-        checkpoint: &Checkpoint,
-    ) -> StoreResult<CheckpointResult>;
+        checkpoints: &[(RunId, InstanceId, Checkpoint)],
+    ) -> StoreResult<Vec<CheckpointResult>>;
     /// Ends a `running` run driven by `owner` and stores its answer as an assistant message,
     /// atomically (`None` as the owner matches any: only for rows no instance owns). False if
     /// the run was not running with that owner (reaped, already finished, or its conversation

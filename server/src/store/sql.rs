@@ -674,44 +674,54 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn checkpoint_run(
+            async fn checkpoint_runs(
                 &self,
-                id: $crate::ids::RunId,
-                owner: $crate::ids::InstanceId,
-                checkpoint: &$crate::store::Checkpoint,
-            ) -> $crate::store::StoreResult<$crate::store::CheckpointResult> {
-                // Appends, never rewrites: a long answer costs its new text per checkpoint, not
-                // its whole length.
-                let done = sqlx::query(
-                    "UPDATE runs SET output = output || $4, chunk_ends = chunk_ends || $5, \
-                     last_seq = $6 WHERE id = $1 AND status = 'running' \
-                     AND owner_instance = $2 AND last_seq = $3",
-                )
-                .bind(id)
-                .bind(owner)
-                .bind(checkpoint.from_seq)
-                .bind(&checkpoint.delta)
-                .bind(&checkpoint.ends)
-                .bind(checkpoint.to_seq)
-                .execute(&self.pool)
-                .await?;
-                if done.rows_affected() == 1 {
-                    return Ok($crate::store::CheckpointResult::Saved);
-                }
-                let row: Option<(String, Option<$crate::ids::InstanceId>, i64)> = sqlx::query_as(
-                    "SELECT status, owner_instance, last_seq FROM runs WHERE id = $1",
-                )
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(match row {
-                    Some((status, Some(driver), stored_seq))
-                        if status == "running" && driver == owner =>
-                    {
-                        $crate::store::CheckpointResult::Behind { stored_seq }
+                checkpoints: &[(
+                    $crate::ids::RunId,
+                    $crate::ids::InstanceId,
+                    $crate::store::Checkpoint,
+                )],
+            ) -> $crate::store::StoreResult<Vec<$crate::store::CheckpointResult>> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let mut results = Vec::with_capacity(checkpoints.len());
+                for (id, owner, checkpoint) in checkpoints {
+                    // Appends, never rewrites: a long answer costs its new text per
+                    // checkpoint, not its whole length.
+                    let done = sqlx::query(
+                        "UPDATE runs SET output = output || $4, chunk_ends = chunk_ends || $5, \
+                         last_seq = $6 WHERE id = $1 AND status = 'running' \
+                         AND owner_instance = $2 AND last_seq = $3",
+                    )
+                    .bind(id)
+                    .bind(owner)
+                    .bind(checkpoint.from_seq)
+                    .bind(&checkpoint.delta)
+                    .bind(&checkpoint.ends)
+                    .bind(checkpoint.to_seq)
+                    .execute(&mut *tx)
+                    .await?;
+                    if done.rows_affected() == 1 {
+                        results.push($crate::store::CheckpointResult::Saved);
+                        continue;
                     }
-                    _ => $crate::store::CheckpointResult::Fenced,
-                })
+                    let row: Option<(String, Option<$crate::ids::InstanceId>, i64)> =
+                        sqlx::query_as(
+                            "SELECT status, owner_instance, last_seq FROM runs WHERE id = $1",
+                        )
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    results.push(match row {
+                        Some((status, Some(driver), stored_seq))
+                            if status == "running" && driver == *owner =>
+                        {
+                            $crate::store::CheckpointResult::Behind { stored_seq }
+                        }
+                        _ => $crate::store::CheckpointResult::Fenced,
+                    });
+                }
+                tx.commit().await?;
+                Ok(results)
             }
 
             async fn finish_run(
