@@ -230,7 +230,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
         if path.is_dir() {
             copy_tree(&path, &target)?;
         } else {
-            write(&target, &read_bytes(&path)?)?;
+            crate::copy(&path, &target)?;
         }
     }
     Ok(())

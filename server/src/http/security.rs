@@ -36,8 +36,8 @@ impl SecurityHeaders {
             connect.push_str(&origin);
         }
         let policy = format!(
-            "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data:; \
-             font-src 'self'; manifest-src 'self'; connect-src {connect}; \
+            "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; \
+             img-src 'self' data:; font-src 'self'; manifest-src 'self'; connect-src {connect}; \
              frame-ancestors 'none'; base-uri 'none'; form-action 'self'; \
              report-uri {REPORT_PATH}"
         );
