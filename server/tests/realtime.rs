@@ -1944,3 +1944,176 @@ async fn messages_are_rate_limited_per_user_across_sockets_and_rest() {
     someone_else.send_and_finish(&theirs, "mine").await;
     server.shutdown().await.unwrap();
 }
+
+on_both_engines!(checkpoints_written_together_each_get_their_own_answer);
+
+/// One batch of progress checkpoints, as the checkpoint writer sends it: each row is answered on
+/// its own (saved, behind, fenced), in order, and only the saved ones change their run.
+async fn checkpoints_written_together_each_get_their_own_answer(engine: Engine) {
+    use wadi_protocol::{RunStatus, api::Role};
+    use wadi_server::{
+        ids::{ConversationId, InstanceId, MessageId, RunId, UserId},
+        store::{
+            Checkpoint, CheckpointResult, ConversationRecord, MessageRecord, RunOutcome, RunRecord,
+            UserRecord,
+        },
+    };
+
+    let db = common::TestDb::create(engine).await;
+    let config = db.config();
+    let store = wadi_server::store::connect(
+        config.database_url.as_ref().map(|url| url.expose()),
+        &config.data_dir,
+    )
+    .await
+    .unwrap();
+    let now = 1_700_000_000_000;
+    let user = UserId::new();
+    store
+        .create_user(&UserRecord {
+            id: user,
+            email: format!("{}@example.com", uuid::Uuid::new_v4()),
+            password_hash: "x".into(),
+            user_metadata: "{}".into(),
+            created_at: now,
+            updated_at: now,
+            last_sign_in_at: None,
+        })
+        .await
+        .unwrap();
+    let owner = InstanceId::new();
+    let other = InstanceId::new();
+    // Four runs, each in its own conversation (one may stream per conversation), all driven by
+    // `owner` and with nothing stored yet.
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        let conversation = ConversationId::new();
+        store
+            .create_conversation(&ConversationRecord {
+                id: conversation,
+                owner_id: user,
+                title: None,
+                created_at: now,
+                updated_at: now,
+                model: None,
+                system_prompt: None,
+            })
+            .await
+            .unwrap();
+        let run = RunRecord {
+            id: RunId::new(),
+            conversation_id: conversation,
+            owner_id: user,
+            message_id: MessageId::new(),
+            status: RunStatus::Running,
+            model: "fake-model".into(),
+            output: String::new(),
+            chunk_ends: String::new(),
+            error: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            usage_estimated: false,
+            last_seq: 0,
+            started_at: now,
+            finished_at: None,
+            owner_instance: Some(owner),
+            stop_requested_at: None,
+        };
+        let message = MessageRecord {
+            id: MessageId::new(),
+            conversation_id: conversation,
+            role: Role::User,
+            content: format!("question {i}"),
+            run_id: Some(run.id),
+            client_message_id: None,
+            created_at: now,
+            parent_id: None,
+        };
+        store
+            .insert_user_message(&message, "title", Some(&run))
+            .await
+            .unwrap();
+        runs.push(run);
+    }
+    let [saved, behind, foreign, finished] = [0, 1, 2, 3].map(|i| runs[i].id);
+    // `finished` ends before the batch is written; its owner still has a checkpoint queued.
+    assert!(
+        store
+            .finish_run(
+                finished,
+                Some(owner),
+                &RunOutcome {
+                    status: RunStatus::Stopped,
+                    output: "kept".into(),
+                    chunk_ends: "4".into(),
+                    error: None,
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                    usage_estimated: false,
+                    last_seq: 1,
+                    finished_at: now + 1,
+                    message_id: runs[3].message_id,
+                },
+            )
+            .await
+            .unwrap()
+    );
+
+    let checkpoint = |from_seq: i64, delta: &str, ends: &str, to_seq: i64| Checkpoint {
+        from_seq,
+        delta: delta.into(),
+        ends: ends.into(),
+        to_seq,
+    };
+    let results = store
+        .checkpoint_runs(&[
+            (saved, owner, checkpoint(0, "Hello", "5,", 1)),
+            // Stored at 0, but this one thinks 2 was saved: told where the store is.
+            (behind, owner, checkpoint(2, "lost", "9,", 3)),
+            (foreign, other, checkpoint(0, "not mine", "8,", 1)),
+            (finished, owner, checkpoint(1, " more", "9,", 2)),
+            // The same run twice in one batch: the second continues from the first.
+            (saved, owner, checkpoint(1, " world", "11,", 2)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        results,
+        [
+            CheckpointResult::Saved,
+            CheckpointResult::Behind { stored_seq: 0 },
+            CheckpointResult::Fenced,
+            CheckpointResult::Fenced,
+            CheckpointResult::Saved,
+        ]
+    );
+
+    let stored = |id| {
+        let store = store.clone();
+        async move { store.run_by_id(id).await.unwrap().unwrap() }
+    };
+    let run = stored(saved).await;
+    assert_eq!(
+        (run.output.as_str(), run.chunk_ends.as_str(), run.last_seq),
+        ("Hello world", "5,11,", 2)
+    );
+    for id in [behind, foreign] {
+        let run = stored(id).await;
+        assert_eq!(
+            (run.output.as_str(), run.last_seq, run.status),
+            ("", 0, RunStatus::Running),
+            "a refused checkpoint writes nothing"
+        );
+    }
+    let run = stored(finished).await;
+    assert_eq!(
+        (run.output.as_str(), run.last_seq, run.status),
+        ("kept", 1, RunStatus::Stopped),
+        "a finished run keeps its outcome"
+    );
+    assert_eq!(
+        store.checkpoint_runs(&[]).await.unwrap(),
+        [],
+        "an empty batch"
+    );
+}
