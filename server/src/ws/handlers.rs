@@ -12,7 +12,7 @@ use super::{
     outbox::Offer,
     registry::{Control, Endpoint},
     socket::{Exit, Flow, Session, Socket},
-    writer::Outbound,
+    wire::Outbound,
 };
 use crate::{
     auth::{AuthUser, VerifyError},

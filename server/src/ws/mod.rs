@@ -5,7 +5,7 @@ mod handlers;
 mod outbox;
 pub mod registry;
 mod socket;
-mod writer;
+mod wire;
 
 use std::time::Duration;
 

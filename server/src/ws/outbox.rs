@@ -1,18 +1,22 @@
 //! A socket's bounded send queue. It does the job of a bounded `mpsc` channel but allocates
 //! nothing until the first frame: tokio's channel allocates a block of 32 slots up front, which
-//! for thousands of idle sockets is a large share of their memory (docs/performance.md).
+//! for thousands of idle sockets is a large share of their memory (docs/performance.md). Run
+//! watchers and the socket's own task put frames in; the socket's task takes them out and
+//! writes them.
 
 use std::{
     collections::VecDeque,
     pin::pin,
     sync::{Mutex, MutexGuard},
+    task::{Context, Poll},
 };
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
-use super::writer::Outbound;
+use super::wire::Outbound;
 
-/// The writer is gone: nothing more can be queued.
+/// The socket is gone: nothing more can be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Closed;
 
@@ -41,6 +45,8 @@ struct State {
     /// Bytes of text queued.
     bytes: usize,
     closed: bool,
+    /// A sender waits for room (so taking a frame must wake it).
+    senders_wait: bool,
 }
 
 impl State {
@@ -54,7 +60,7 @@ impl State {
 fn size_of(item: &Outbound) -> usize {
     match item {
         Outbound::Text(text) => text.len(),
-        Outbound::Ping | Outbound::Close(..) => 0,
+        Outbound::Ping => 0,
     }
 }
 
@@ -64,12 +70,10 @@ pub struct Outbox {
     state: Mutex<State>,
     capacity: usize,
     byte_capacity: usize,
-    /// Signalled when an item is queued (the writer waits on it).
-    queued: Notify,
+    /// The socket's task, waiting for a frame to write.
+    queued: AtomicWaker,
     /// Signalled when room frees up (senders wait on it).
     room: Notify,
-    /// Signalled when the writer closes the outbox.
-    gone: Notify,
 }
 
 impl Outbox {
@@ -78,9 +82,8 @@ impl Outbox {
             state: Mutex::new(State::default()),
             capacity: capacity.max(1),
             byte_capacity: byte_capacity.max(1),
-            queued: Notify::new(),
+            queued: AtomicWaker::new(),
             room: Notify::new(),
-            gone: Notify::new(),
         }
     }
 
@@ -91,9 +94,9 @@ impl Outbox {
         }
     }
 
-    /// Queues one of the socket's own frames (pong, error, ping, close) if there is room,
-    /// counting a small reserve beyond the capacity: a queue that run chunks filled a moment ago
-    /// must not make a healthy client look slow.
+    /// Queues one of the socket's own frames (pong, error, ping) if there is room, counting a
+    /// small reserve beyond the capacity: a queue that run chunks filled a moment ago must not
+    /// make a healthy client look slow.
     pub fn try_push(&self, item: Outbound) -> Result<(), TryPushError> {
         match self.offer_within(
             item,
@@ -125,7 +128,7 @@ impl Outbox {
             state.bytes += size;
             state.items.push_back(item);
         }
-        self.queued.notify_one();
+        self.queued.wake();
         Offer::Queued
     }
 
@@ -148,61 +151,52 @@ impl Outbox {
                         state.items.push_back(item);
                     }
                     drop(state);
-                    self.queued.notify_one();
+                    self.queued.wake();
                     return Ok(());
                 }
+                state.senders_wait = true;
             }
             room.await;
         }
     }
 
-    /// Moves up to `max` queued frames into `into`, waiting for at least one. Returns 0 once the
-    /// outbox is closed and empty.
-    pub async fn pop_many(&self, into: &mut Vec<Outbound>, max: usize) -> usize {
-        loop {
-            let mut queued = pin!(self.queued.notified());
-            queued.as_mut().enable();
-            {
-                let mut state = self.state();
-                let count = state.items.len().min(max);
-                if count > 0 {
-                    let taken: usize = state.items.iter().take(count).map(size_of).sum();
-                    state.bytes -= taken;
-                    into.extend(state.items.drain(..count));
-                    if state.items.is_empty() && state.items.capacity() > self.capacity {
-                        // Give back a burst's memory.
-                        state.items = VecDeque::new();
-                    }
-                    drop(state);
-                    self.room.notify_waiters();
-                    return count;
-                }
-                if state.closed {
-                    return 0;
-                }
-            }
-            queued.await;
+    /// The oldest queued frame; `Ready(None)` once the outbox is closed and empty. While the
+    /// queue is empty, the caller is woken when a frame is queued.
+    pub fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<Outbound>> {
+        if let Some(item) = self.pop() {
+            return Poll::Ready(Some(item));
+        }
+        // Registered before looking again, so a frame queued in between is not missed.
+        self.queued.register(cx.waker());
+        match self.pop() {
+            Some(item) => Poll::Ready(Some(item)),
+            None if self.state().closed => Poll::Ready(None),
+            None => Poll::Pending,
         }
     }
 
-    /// The writer is gone: wakes every waiting sender (they get [`Closed`]).
+    fn pop(&self) -> Option<Outbound> {
+        let mut state = self.state();
+        let item = state.items.pop_front()?;
+        state.bytes -= size_of(&item);
+        if state.items.is_empty() && state.items.capacity() > self.capacity {
+            // Give back a burst's memory.
+            state.items = VecDeque::new();
+        }
+        let wake = std::mem::take(&mut state.senders_wait);
+        drop(state);
+        if wake {
+            self.room.notify_waiters();
+        }
+        Some(item)
+    }
+
+    /// The socket is ending: wakes every waiting sender (they get [`Closed`]). What was queued
+    /// can still be taken.
     pub fn close(&self) {
         self.state().closed = true;
         self.room.notify_waiters();
-        self.queued.notify_one();
-        self.gone.notify_waiters();
-    }
-
-    /// Resolves once the outbox is closed.
-    pub async fn closed(&self) {
-        loop {
-            let mut gone = pin!(self.gone.notified());
-            gone.as_mut().enable();
-            if self.state().closed {
-                return;
-            }
-            gone.await;
-        }
+        self.queued.wake();
     }
 }
 
@@ -219,8 +213,20 @@ mod tests {
     fn text(item: &Outbound) -> String {
         match item {
             Outbound::Text(text) => text.as_str().to_owned(),
-            _ => String::new(),
+            Outbound::Ping => String::new(),
         }
+    }
+
+    /// Up to `max` queued frames, waiting for the first (none once closed and empty).
+    async fn take(outbox: &Outbox, max: usize) -> Vec<Outbound> {
+        let first = std::future::poll_fn(|cx| outbox.poll_pop(cx)).await;
+        let mut taken: Vec<_> = first.into_iter().collect();
+        while taken.len() < max
+            && let Some(item) = outbox.pop()
+        {
+            taken.push(item);
+        }
+        taken
     }
 
     #[tokio::test]
@@ -237,8 +243,8 @@ mod tests {
             outbox.try_push(frame("one too many")),
             Err(TryPushError::Full)
         );
-        let mut batch = Vec::new();
-        assert_eq!(outbox.pop_many(&mut batch, 100).await, 2 + RESERVE);
+        let batch = take(&outbox, 100).await;
+        assert_eq!(batch.len(), 2 + RESERVE);
         assert_eq!(text(&batch[0]), "a");
         assert_eq!(text(&batch[1]), "b");
     }
@@ -255,8 +261,7 @@ mod tests {
             matches!(outbox.offer(frame("y")), Offer::Full(_)),
             "over 10 bytes"
         );
-        let mut batch = Vec::new();
-        outbox.pop_many(&mut batch, 10).await;
+        take(&outbox, 10).await;
         for _ in 0..2 {
             assert!(matches!(outbox.offer(frame("12345")), Offer::Queued));
         }
@@ -268,7 +273,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_outbox_makes_senders_wait_until_the_writer_takes_frames() {
+    async fn a_full_outbox_makes_senders_wait_until_the_socket_takes_frames() {
         let outbox = Arc::new(Outbox::new(1, 1 << 20));
         assert!(matches!(outbox.offer(frame("first")), Offer::Queued));
         let sender = tokio::spawn({
@@ -277,37 +282,48 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!sender.is_finished(), "waits while full");
-        let mut batch = Vec::new();
-        outbox.pop_many(&mut batch, 10).await;
-        sender.await.unwrap().unwrap();
-        batch.clear();
-        outbox.pop_many(&mut batch, 10).await;
-        assert_eq!(text(&batch[0]), "second");
+        take(&outbox, 1).await;
+        tokio::time::timeout(Duration::from_secs(1), sender)
+            .await
+            .expect("taking a frame wakes the sender")
+            .unwrap()
+            .unwrap();
+        assert_eq!(text(&take(&outbox, 10).await[0]), "second");
     }
 
     #[tokio::test]
-    async fn closing_releases_senders_and_the_writer() {
+    async fn a_frame_queued_wakes_the_socket_waiting_for_one() {
+        let outbox = Arc::new(Outbox::new(4, 1 << 20));
+        let socket = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { take(&outbox, 1).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(matches!(outbox.offer(frame("late")), Offer::Queued));
+        let taken = tokio::time::timeout(Duration::from_secs(5), socket)
+            .await
+            .expect("woken by the frame")
+            .unwrap();
+        assert_eq!(text(&taken[0]), "late");
+    }
+
+    #[tokio::test]
+    async fn closing_releases_senders_and_the_socket() {
         let outbox = Arc::new(Outbox::new(1, 1 << 20));
         assert!(matches!(outbox.offer(frame("x")), Offer::Queued));
         let sender = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.push(frame("y")).await }
         });
-        let watcher = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.closed().await }
-        });
         tokio::task::yield_now().await;
         outbox.close();
         assert_eq!(sender.await.unwrap(), Err(Closed));
-        watcher.await.unwrap();
         assert_eq!(outbox.try_push(frame("z")), Err(TryPushError::Closed));
-        let mut batch = Vec::new();
         assert_eq!(
-            outbox.pop_many(&mut batch, 10).await,
+            take(&outbox, 10).await.len(),
             1,
             "what was queued still drains"
         );
-        assert_eq!(outbox.pop_many(&mut batch, 10).await, 0);
+        assert!(take(&outbox, 10).await.is_empty());
     }
 }

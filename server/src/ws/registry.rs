@@ -6,9 +6,10 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
 };
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use uuid::Uuid;
 
 use wadi_protocol::ServerMessage;
@@ -35,31 +36,39 @@ pub enum Control {
 #[derive(Default)]
 pub struct Inbox {
     notes: Mutex<VecDeque<Control>>,
-    ready: Notify,
+    /// The socket's task, waiting for a note.
+    ready: AtomicWaker,
 }
 
 impl Inbox {
     pub fn post(&self, note: Control) {
+        self.notes().push_back(note);
+        self.ready.wake();
+    }
+
+    fn notes(&self) -> MutexGuard<'_, VecDeque<Control>> {
         match self.notes.lock() {
-            Ok(mut notes) => notes.push_back(note),
-            Err(poisoned) => poisoned.into_inner().push_back(note),
+            Ok(notes) => notes,
+            Err(poisoned) => poisoned.into_inner(),
         }
-        self.ready.notify_one();
+    }
+
+    /// The next note; while there is none, the caller is woken when one is posted.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Control> {
+        if let Some(note) = self.notes().pop_front() {
+            return Poll::Ready(note);
+        }
+        // Registered before looking again, so a note posted in between is not missed.
+        self.ready.register(cx.waker());
+        match self.notes().pop_front() {
+            Some(note) => Poll::Ready(note),
+            None => Poll::Pending,
+        }
     }
 
     /// The next note, waiting for one if there is none.
     pub async fn next(&self) -> Control {
-        loop {
-            let note = match self.notes.lock() {
-                Ok(mut notes) => notes.pop_front(),
-                Err(poisoned) => poisoned.into_inner().pop_front(),
-            };
-            if let Some(note) = note {
-                return note;
-            }
-            // A post between the check and here leaves a permit: no wake-up is lost.
-            self.ready.notified().await;
-        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 }
 

@@ -1,13 +1,13 @@
-//! One socket's loop: a `select!` over the next frame, the auth deadline or token expiry, notes
-//! from the rest of the server, the heartbeat and shutdown. Frames go to the handlers
-//! (`handlers.rs`); writes go through the socket's bounded queue to the writer (`writer.rs`).
+//! One socket's loop: a `select!` over the connection (the next frame, while queued frames are
+//! written), the auth deadline or token expiry, notes from the rest of the server, the
+//! heartbeat and shutdown. Frames go to the handlers (`handlers.rs`); what the socket sends
+//! goes through its bounded queue (`outbox.rs`) and is written by this same task (`wire.rs`).
 //! However the socket ends, its registry entry and run watchers go, and a close frame is sent
 //! when one can be.
 
 use std::{collections::HashMap, ops::ControlFlow, pin::pin, sync::Arc, time::Duration};
 
 use axum::extract::ws::{Message, WebSocket};
-use futures_util::{Stream, StreamExt};
 use tokio::{
     task::JoinHandle,
     time::{Instant, Sleep},
@@ -18,7 +18,7 @@ use wadi_protocol::{ErrorCode, PROTOCOL_VERSION, ServerMessage, close};
 use super::{
     outbox::{Outbox, TryPushError},
     registry::{Control, Endpoint, Inbox},
-    writer::{Outbound, close_socket, write_loop},
+    wire::{Event, Outbound, Wire},
 };
 use crate::{
     auth::AuthUser, ids::RunId, limits::TokenBucket, metrics::EndpointLabel, runs::Lease,
@@ -82,11 +82,20 @@ struct Connection {
 }
 
 /// Runs a socket to its end. Whatever ends it, its registry entry and watcher tasks go.
-pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr: std::net::IpAddr) {
+///
+/// Not an `async fn`: its arguments would stay in the future, beside the copies made of them
+/// (the connection alone is ~370 bytes), for as long as the socket is open. Built here, they
+/// are moved into the future once.
+pub fn serve(
+    socket: WebSocket,
+    state: AppState,
+    endpoint: Endpoint,
+    addr: std::net::IpAddr,
+) -> impl Future<Output = ()> + Send {
     let id = Uuid::now_v7();
     let span = tracing::info_span!("ws", client_id = %id, endpoint = endpoint.label());
     let inbox = Arc::new(Inbox::default());
-    let _registration = state.clients.register(id, endpoint, inbox.clone(), addr);
+    let registration = state.clients.register(id, endpoint, inbox.clone(), addr);
     let gauge = state
         .metrics
         .connections
@@ -95,18 +104,15 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
         })
         .clone();
     gauge.inc();
-
-    let (sink, mut stream) = socket.split();
     let out = Arc::new(Outbox::new(
         state.config.sockets.send_queue,
         state.config.sockets.send_queue_bytes,
     ));
-    let writer = tokio::spawn(write_loop(
-        sink,
+    let mut wire = Wire::new(
+        socket,
         out.clone(),
         state.config.sockets.slow_client_timeout,
-        inbox.clone(),
-    ));
+    );
     let rate = TokenBucket::new(
         state.config.sockets.ws_rate_burst,
         state.config.sockets.ws_rate_per_second,
@@ -114,7 +120,7 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
     let mut connection = Connection {
         socket: Socket {
             id,
-            state: state.clone(),
+            state,
             endpoint,
             out,
             inbox,
@@ -123,89 +129,77 @@ pub async fn serve(socket: WebSocket, state: AppState, endpoint: Endpoint, addr:
         session: None,
         last_seen: Instant::now(),
     };
-    let exit = tracing::Instrument::instrument(connection.run(&mut stream), span.clone()).await;
-
-    let mut watchers = connection
-        .session
-        .take()
-        .map(|session| session.watchers)
-        .unwrap_or_default();
-    if matches!(
-        exit,
-        Exit::Close {
-            code: close::GOING_AWAY,
-            ..
-        }
-    ) {
-        // Shutdown: runs were stopped and saved first; let watchers hand over their `complete`
-        // frames before the close frame.
-        let drain = futures_util::future::join_all(watchers.values_mut());
-        let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+    async move {
+        let exit = tracing::Instrument::instrument(connection.run(&mut wire), span).await;
+        connection.close(&mut wire, exit).await;
+        gauge.dec();
+        drop(registration);
     }
-    for watcher in watchers.values() {
-        watcher.abort();
-    }
-    let out = connection.socket.out.clone();
-    drop(connection);
-    match exit {
-        Exit::Gone => writer.abort(),
-        Exit::Slow => {
-            state.metrics.slow_client_closes.inc();
-            state.metrics.close(close::TRY_AGAIN_LATER);
-            tracing::info!("closing a client that does not read");
-            // Said through the queue's reserve, in case the client reads again within the
-            // grace; if it does not, the writer is dropped with the socket.
-            let error = ErrorCode::SlowConsumer.frame("you did not read fast enough; reconnect");
-            close_socket(
-                &out,
-                writer,
-                close::TRY_AGAIN_LATER,
-                Some(error),
-                CLOSE_GRACE,
-            )
-            .await;
-        }
-        Exit::Close { code, error } => {
-            state.metrics.close(code);
-            // A run socket closing normally may still be sending a large `complete`: give it
-            // the same patience as any frame. Other closes need only a moment.
-            let grace = if code == close::NORMAL {
-                state.config.sockets.slow_client_timeout
-            } else {
-                CLOSE_GRACE
-            };
-            close_socket(&out, writer, code, error, grace).await;
-            if code != close::GOING_AWAY {
-                await_close_reply(&mut stream).await;
-            }
-        }
-    }
-    gauge.dec();
-}
-
-/// The closing handshake's second half: the client's close frame (or the end of its stream),
-/// for at most [`CLOSE_GRACE`]. Dropping the connection right after our close frame would let
-/// whatever the client sends meanwhile (a pong, its own close) reach a closed socket, whose
-/// reset can discard our close frame, unread, on the client's side: it would see 1006 instead
-/// of our code.
-async fn await_close_reply(
-    stream: &mut (impl Stream<Item = Result<Message, axum::Error>> + Unpin),
-) {
-    let reply = async {
-        while let Some(Ok(message)) = stream.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(CLOSE_GRACE, reply).await;
 }
 
 impl Connection {
-    async fn run(
-        &mut self,
-        stream: &mut (impl Stream<Item = Result<Message, axum::Error>> + Unpin),
-    ) -> Exit {
+    /// Ends the socket as `exit` says: its watchers go (on shutdown, after handing over their
+    /// last frames), then the close frame, if one can be sent.
+    async fn close(&mut self, wire: &mut Wire, exit: Exit) {
+        let mut watchers = self
+            .session
+            .take()
+            .map(|session| session.watchers)
+            .unwrap_or_default();
+        if matches!(
+            exit,
+            Exit::Close {
+                code: close::GOING_AWAY,
+                ..
+            }
+        ) {
+            // Shutdown: runs were stopped and saved first; let watchers hand over their
+            // `complete` frames before the close frame, writing them meanwhile.
+            let drain = futures_util::future::join_all(watchers.values_mut());
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                tokio::select! {
+                    _ = drain => {}
+                    () = wire.write_until_stuck() => {}
+                }
+            })
+            .await;
+        }
+        for watcher in watchers.values() {
+            watcher.abort();
+        }
+        drop(watchers);
+        let state = &self.socket.state;
+        match exit {
+            Exit::Gone => {}
+            Exit::Slow => {
+                state.metrics.slow_client_closes.inc();
+                state.metrics.close(close::TRY_AGAIN_LATER);
+                tracing::info!("closing a client that does not read");
+                // Said through the queue's reserve, in case the client reads again within the
+                // grace; if it does not, the connection is dropped.
+                let error =
+                    ErrorCode::SlowConsumer.frame("you did not read fast enough; reconnect");
+                wire.close(close::TRY_AGAIN_LATER, Some(error), CLOSE_GRACE)
+                    .await;
+            }
+            Exit::Close { code, error } => {
+                state.metrics.close(code);
+                // A run socket closing normally may still be sending a large `complete`: give
+                // it the same patience as any frame. Other closes need only a moment.
+                let grace = if code == close::NORMAL {
+                    state.config.sockets.slow_client_timeout
+                } else {
+                    CLOSE_GRACE
+                };
+                wire.close(code, error, grace).await;
+                if code != close::GOING_AWAY {
+                    wire.await_close_reply(CLOSE_GRACE).await;
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, wire: &mut Wire) -> Exit {
         if let ControlFlow::Break(exit) = self.socket.send(&ServerMessage::Connected {
             client_id: self.socket.id,
             protocol_version: PROTOCOL_VERSION,
@@ -213,43 +207,49 @@ impl Connection {
             return exit;
         }
         let config = self.socket.state.config.clone();
+        // Made once and polled again on every wake: a future made anew each time would take
+        // the token's lock to register, and again to deregister, for every frame written.
         let shutdown = self.socket.state.shutdown.clone();
-        let mut deadline: std::pin::Pin<&mut Sleep> =
-            pin!(tokio::time::sleep(config.sockets.auth_timeout));
+        let mut shutdown = pin!(shutdown.cancelled());
+        // One timer for the auth deadline (then the token's expiry) and the heartbeat: it
+        // fires at whichever is due first.
         let heartbeat_every = config.sockets.heartbeat_interval;
-        let mut heartbeat =
-            tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline = Instant::now() + config.sockets.auth_timeout;
+        let mut next_ping = Instant::now() + heartbeat_every;
+        let mut timer: std::pin::Pin<&mut Sleep> =
+            pin!(tokio::time::sleep_until(deadline.min(next_ping)));
         loop {
             let flow = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => ControlFlow::Break(Exit::close(
+                () = shutdown.as_mut() => ControlFlow::Break(Exit::close(
                     close::GOING_AWAY,
                     Some((ErrorCode::ShuttingDown, "the server is shutting down; reconnect shortly")),
                 )),
-                () = deadline.as_mut() => ControlFlow::Break(match self.session {
-                    None => Exit::close(
-                        close::POLICY_VIOLATION,
-                        Some((ErrorCode::AuthTimeout, "no auth frame before the deadline")),
-                    ),
-                    Some(_) => Exit::close(
-                        close::TOKEN_EXPIRED,
-                        Some((ErrorCode::TokenExpired, "the access token expired; refresh it and reconnect")),
-                    ),
-                }),
-                note = self.socket.inbox.next() => self.on_note(note),
-                _ = heartbeat.tick() => {
+                () = timer.as_mut() => if Instant::now() >= deadline {
+                    ControlFlow::Break(match self.session {
+                        None => Exit::close(
+                            close::POLICY_VIOLATION,
+                            Some((ErrorCode::AuthTimeout, "no auth frame before the deadline")),
+                        ),
+                        Some(_) => Exit::close(
+                            close::TOKEN_EXPIRED,
+                            Some((ErrorCode::TokenExpired, "the access token expired; refresh it and reconnect")),
+                        ),
+                    })
+                } else {
+                    next_ping = Instant::now() + heartbeat_every;
                     if self.last_seen.elapsed() > heartbeat_every * 2 {
                         ControlFlow::Break(Exit::close(close::HEARTBEAT_TIMEOUT, None))
                     } else {
                         self.socket.queue(Outbound::Ping)
                     }
-                }
-                () = self.socket.out.closed() => ControlFlow::Break(Exit::Gone),
-                frame = stream.next() => match frame {
-                    None => ControlFlow::Break(Exit::Gone),
-                    Some(Err(error)) => ControlFlow::Break(read_error(error)),
-                    Some(Ok(message)) => {
+                },
+                note = std::future::poll_fn(|cx| self.socket.inbox.poll_next(cx)) => self.on_note(note),
+                event = wire.next_event() => match event {
+                    Event::Read(None) | Event::WriteFailed => ControlFlow::Break(Exit::Gone),
+                    Event::Stalled => ControlFlow::Break(Exit::Slow),
+                    Event::Read(Some(Err(error))) => ControlFlow::Break(read_error(error)),
+                    Event::Read(Some(Ok(message))) => {
                         self.last_seen = Instant::now();
                         // Boxed: the handlers' state would otherwise sit in every idle socket's
                         // task (~1 KiB each, measured).
@@ -260,10 +260,12 @@ impl Connection {
             if let ControlFlow::Break(exit) = flow {
                 return exit;
             }
-            if let Some(session) = &self.session
-                && deadline.deadline() != session.expires
-            {
-                deadline.as_mut().reset(session.expires);
+            if let Some(session) = &self.session {
+                deadline = session.expires;
+            }
+            let due = deadline.min(next_ping);
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
             }
         }
     }
@@ -306,7 +308,7 @@ impl Connection {
 }
 
 impl Socket {
-    /// Queues a frame for the writer; a full queue means the client is not reading.
+    /// Queues a frame to send; a full queue means the client is not reading.
     pub(super) fn send(&self, frame: &ServerMessage) -> Flow {
         self.queue(Outbound::Text(frame.encode().into()))
     }
