@@ -93,6 +93,7 @@ pub async fn run_notifying(
                     tracing::warn!("some runs did not save within the grace period");
                 }
                 state.shutdown.cancel();
+                state.clients.shut_down();
             })
             .into_future()
     });

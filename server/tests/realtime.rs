@@ -1125,16 +1125,34 @@ async fn connection_caps_per_user_and_in_total() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
-    // 1 MiB of answer in 16 KiB deltas, as fast as the fake can send them.
+    // 1 MiB of answer: its queue of 4 frames fills long before the end.
+    stalled_client_is_cut_off(64, |config| config.sockets.send_queue = 4).await;
+}
+
+#[tokio::test]
+async fn a_client_whose_connection_stops_taking_frames_is_closed_with_room_in_its_queue() {
+    // 6 MiB of answer, more than the kernel buffers hold (4 MiB of send buffer here at most),
+    // and a queue that never fills: the write itself stalls.
+    stalled_client_is_cut_off(384, |config| {
+        config.sockets.send_queue = 100_000;
+        config.sockets.send_queue_bytes = 1 << 30;
+    })
+    .await;
+}
+
+/// A client that authenticates and then never reads, while another follows an answer of
+/// `deltas` 16 KiB deltas sent as fast as the fake can: the stalled one is closed as slow
+/// before the end, and the other gets everything.
+async fn stalled_client_is_cut_off(deltas: usize, adjust: impl FnOnce(&mut wadi_server::Config)) {
     let big = "z".repeat(16 * 1024);
     let upstream = FakeUpstream::start(Script::Tokens {
-        tokens: vec![big; 64],
+        tokens: vec![big; deltas],
         pace: Duration::ZERO,
     })
     .await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
-        config.sockets.send_queue = 4;
         config.sockets.slow_client_timeout = Duration::from_millis(500);
+        adjust(config);
     })
     .await;
     let api = server.user().await;
@@ -1173,11 +1191,12 @@ async fn a_client_that_never_reads_is_closed_and_never_slows_the_others() {
     assert_eq!(complete["status"], "completed");
     assert_eq!(
         text(&frames).len(),
-        64 * 16 * 1024,
+        deltas * 16 * 1024,
         "the reader got everything"
     );
 
-    // The stalled client is cut off once its queue has been full for the slow-client timeout.
+    // The stalled client is cut off once its queue has been full, or its writes have made no
+    // progress, for the slow-client timeout.
     server
         .await_metric("wadi_slow_client_closes_total", 1.0)
         .await;

@@ -29,6 +29,8 @@ pub enum Control {
     RunSent,
     /// A frame to send as it is (user sockets: a conversation changed).
     Send(Arc<ServerMessage>),
+    /// The server is shutting down (its runs were stopped and saved).
+    Shutdown,
 }
 
 /// Notes for one socket's task, oldest first. Most sockets are idle and never get one, so this
@@ -172,6 +174,16 @@ impl Registry {
         match self.index.lock() {
             Ok(index) => index,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Tells every open socket that the server is shutting down. Called after the shutdown
+    /// token is cancelled: a socket registered later finds the token cancelled when it starts.
+    /// (A note, not the token, because a socket polls its notes on every wake-up: polling the
+    /// token's future takes a lock that every socket shares.)
+    pub fn shut_down(&self) {
+        for entry in self.index().clients.values() {
+            entry.inbox.post(Control::Shutdown);
         }
     }
 

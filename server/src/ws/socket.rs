@@ -207,10 +207,11 @@ impl Connection {
             return exit;
         }
         let config = self.socket.state.config.clone();
-        // Made once and polled again on every wake: a future made anew each time would take
-        // the token's lock to register, and again to deregister, for every frame written.
-        let shutdown = self.socket.state.shutdown.clone();
-        let mut shutdown = pin!(shutdown.cancelled());
+        // Shutdown arrives as a note; one that began before this socket was registered is
+        // seen here.
+        if self.socket.state.shutdown.is_cancelled() {
+            return going_away();
+        }
         // One timer for the auth deadline (then the token's expiry) and the heartbeat: it
         // fires at whichever is due first.
         let heartbeat_every = config.sockets.heartbeat_interval;
@@ -221,10 +222,7 @@ impl Connection {
         loop {
             let flow = tokio::select! {
                 biased;
-                () = shutdown.as_mut() => ControlFlow::Break(Exit::close(
-                    close::GOING_AWAY,
-                    Some((ErrorCode::ShuttingDown, "the server is shutting down; reconnect shortly")),
-                )),
+                note = std::future::poll_fn(|cx| self.socket.inbox.poll_next(cx)) => self.on_note(note),
                 () = timer.as_mut() => if Instant::now() >= deadline {
                     ControlFlow::Break(match self.session {
                         None => Exit::close(
@@ -244,7 +242,6 @@ impl Connection {
                         self.socket.queue(Outbound::Ping)
                     }
                 },
-                note = std::future::poll_fn(|cx| self.socket.inbox.poll_next(cx)) => self.on_note(note),
                 event = wire.next_event() => match event {
                     Event::Read(None) | Event::WriteFailed => ControlFlow::Break(Exit::Gone),
                     Event::Stalled => ControlFlow::Break(Exit::Slow),
@@ -253,7 +250,15 @@ impl Connection {
                         self.last_seen = Instant::now();
                         // Boxed: the handlers' state would otherwise sit in every idle socket's
                         // task (~1 KiB each, measured).
-                        Box::pin(self.on_message(message)).await
+                        let mut handling = Box::pin(self.on_message(message));
+                        // What is queued keeps going out while a handler waits on the store. A
+                        // handler is never dropped half-way: if writing fails meanwhile, it
+                        // finishes, and the next turn of the loop meets the failure.
+                        tokio::select! {
+                            biased;
+                            flow = &mut handling => flow,
+                            () = wire.write_until_stuck() => handling.await,
+                        }
                     }
                 },
             };
@@ -281,6 +286,7 @@ impl Connection {
             Control::SlowConsumer => ControlFlow::Break(Exit::Slow),
             Control::RunSent => ControlFlow::Break(Exit::close(close::NORMAL, None)),
             Control::Send(frame) => self.socket.send(&frame),
+            Control::Shutdown => ControlFlow::Break(going_away()),
         }
     }
 
@@ -334,6 +340,16 @@ impl Socket {
         self.send_error(ErrorCode::RateLimited, "too many frames; slow down")?;
         ControlFlow::Continue(false)
     }
+}
+
+fn going_away() -> Exit {
+    Exit::close(
+        close::GOING_AWAY,
+        Some((
+            ErrorCode::ShuttingDown,
+            "the server is shutting down; reconnect shortly",
+        )),
+    )
 }
 
 /// A read error: too-large frames and invalid UTF-8 get their RFC 6455 close codes; anything
