@@ -31,7 +31,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Conversations created per user.
     pub conversation_limiter: Arc<crate::limits::KeyedLimiter<crate::ids::UserId>>,
-    /// Cancelled when the server starts shutting down; sockets watch it.
+    /// Cancelled when the server starts shutting down. Open sockets are then told through
+    /// their inbox (`Registry::shut_down`); a socket checks it once when it starts.
     pub shutdown: CancellationToken,
     /// Every socket's task, so shutdown can wait for their close frames to go out (hyper stops
     /// tracking a connection once it is upgraded).

@@ -65,6 +65,10 @@ pub(super) struct Wire {
     stalled: Option<Pin<Box<Sleep>>>,
     /// Whether `stalled` is counting (writes are waiting on the client).
     waiting: bool,
+    /// A write failed. Remembered, because not every failure repeats (a frame too large for
+    /// the write buffer fails alone), and one met while draining beside a handler must still
+    /// end the socket on the loop's next turn.
+    failed: bool,
 }
 
 impl Wire {
@@ -77,6 +81,7 @@ impl Wire {
             stall,
             stalled: None,
             waiting: false,
+            failed: false,
         }
     }
 
@@ -97,6 +102,17 @@ impl Wire {
     /// Writes what is queued. Ready once everything queued is written and flushed (the caller
     /// is then woken when more is queued); pending while the socket cannot take more.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteError>> {
+        if self.failed {
+            return Poll::Ready(Err(WriteError::Failed));
+        }
+        let result = self.poll_write_batch(cx);
+        if matches!(result, Poll::Ready(Err(WriteError::Failed))) {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn poll_write_batch(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteError>> {
         let mut written = 0;
         loop {
             if self.next.is_none() && written < WRITE_BATCH {
