@@ -151,6 +151,38 @@ async fn requests_and_runs_are_exported_as_one_trace_to_an_otlp_receiver() {
     assert_eq!(run["parentSpanId"], request["spanId"]);
     assert!(attribute(&run, "run_id").is_some());
 
+    // A run sent over a socket is a child of the span of the frame that sent it, which carries
+    // the socket's fields (the socket keeps no span open: it would cost each idle socket
+    // memory).
+    let (mut ws, _) = common::ws::WsClient::authed(
+        server,
+        &format!("/ws/chat/{conversation}"),
+        user.token.as_deref().unwrap(),
+    )
+    .await;
+    ws.send(json!({"type": "message", "content": "over the socket"}))
+        .await;
+    let frames = ws.until("complete").await;
+    let run_id = frames[0]["runId"].as_str().unwrap().to_owned();
+    let run = received
+        .span("the socket's run", |span| {
+            span["name"] == "run"
+                && attribute(span, "run_id") == Some(&json!({"stringValue": run_id}))
+        })
+        .await;
+    let frame = received
+        .span("the socket frame's span", |span| {
+            span["spanId"] == run["parentSpanId"]
+        })
+        .await;
+    assert_eq!(frame["name"], "ws", "{frame:#}");
+    assert_eq!(
+        attribute(&frame, "endpoint"),
+        Some(&json!({"stringValue": "chat"}))
+    );
+    assert!(attribute(&frame, "client_id").is_some(), "{frame:#}");
+    assert!(attribute(&frame, "request_id").is_some(), "{frame:#}");
+
     // Spans without a caller's trace start their own.
     let other = received
         .span("a sign-up", |span| span["name"] == "POST /auth/v1/signup")

@@ -240,7 +240,7 @@ fn accept(
             .into_response();
     }
     let max_frame = state.config.sockets.max_frame_bytes;
-    let request = tracing::Span::current();
+    let request_id = crate::http::request_log::request_id();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -249,11 +249,7 @@ fn accept(
         .max_message_size(max_frame)
         .on_upgrade(move |socket| {
             let sockets = state.sockets.clone();
-            // The upgraded socket runs in a task of its own: it takes the request's span along.
-            sockets.track_future(tracing::Instrument::instrument(
-                socket::serve(socket, state, endpoint, addr),
-                request,
-            ))
+            sockets.track_future(socket::serve(socket, state, endpoint, addr, request_id))
         })
 }
 

@@ -62,6 +62,8 @@ pub(super) struct Socket {
     pub out: Arc<Outbox>,
     pub inbox: Arc<Inbox>,
     pub rate: TokenBucket,
+    /// The id of the upgrade request, for the socket's span.
+    pub request_id: Option<Box<str>>,
 }
 
 /// What an authenticated socket has.
@@ -91,9 +93,9 @@ pub fn serve(
     state: AppState,
     endpoint: Endpoint,
     addr: std::net::IpAddr,
+    request_id: Option<String>,
 ) -> impl Future<Output = ()> + Send {
     let id = Uuid::now_v7();
-    let span = tracing::info_span!("ws", client_id = %id, endpoint = endpoint.label());
     let inbox = Arc::new(Inbox::default());
     let registration = state.clients.register(id, endpoint, inbox.clone(), addr);
     let gauge = state
@@ -125,13 +127,15 @@ pub fn serve(
             out,
             inbox,
             rate,
+            request_id: request_id.map(String::into_boxed_str),
         },
         session: None,
         last_seen: Instant::now(),
     };
     async move {
-        let exit = tracing::Instrument::instrument(connection.run(&mut wire), span).await;
-        connection.close(&mut wire, exit).await;
+        let exit = connection.run(&mut wire).await;
+        let span = connection.socket.span();
+        tracing::Instrument::instrument(connection.close(&mut wire, exit), span).await;
         gauge.dec();
         drop(registration);
     }
@@ -250,7 +254,9 @@ impl Connection {
                         self.last_seen = Instant::now();
                         // Boxed: the handlers' state would otherwise sit in every idle socket's
                         // task (~1 KiB each, measured).
-                        let mut handling = Box::pin(self.on_message(message));
+                        let span = self.socket.span();
+                        let mut handling =
+                            Box::pin(tracing::Instrument::instrument(self.on_message(message), span));
                         // What is queued keeps going out while a handler waits on the store. A
                         // handler is never dropped half-way: if writing fails meanwhile, it
                         // finishes, and the next turn of the loop meets the failure.
@@ -339,6 +345,21 @@ impl Socket {
         }
         self.send_error(ErrorCode::RateLimited, "too many frames; slow down")?;
         ControlFlow::Continue(false)
+    }
+}
+
+impl Socket {
+    /// The span of what the socket does: made for each frame handled and for the close, not
+    /// kept open with the socket (an open span costs about 0.5 KiB with the log layer, more
+    /// than a tenth of an idle socket; docs/performance.md). Runs a frame starts are its
+    /// children.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "ws",
+            request_id = self.request_id.as_deref(),
+            client_id = %self.id,
+            endpoint = self.endpoint.label(),
+        )
     }
 }
 
