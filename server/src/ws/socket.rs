@@ -252,11 +252,16 @@ impl Connection {
                     Event::Read(Some(Err(error))) => ControlFlow::Break(read_error(error)),
                     Event::Read(Some(Ok(message))) => {
                         self.last_seen = Instant::now();
+                        // Control frames (a pong every heartbeat) get no span of their own.
+                        let span = match message {
+                            Message::Text(_) | Message::Binary(_) => self.socket.span(),
+                            _ => tracing::Span::none(),
+                        };
                         // Boxed: the handlers' state would otherwise sit in every idle socket's
                         // task (~1 KiB each, measured).
-                        let span = self.socket.span();
-                        let mut handling =
-                            Box::pin(tracing::Instrument::instrument(self.on_message(message), span));
+                        let handling =
+                            tracing::Instrument::instrument(self.on_message(message), span);
+                        let mut handling = Box::pin(handling);
                         // What is queued keeps going out while a handler waits on the store. A
                         // handler is never dropped half-way: if writing fails meanwhile, it
                         // finishes, and the next turn of the loop meets the failure.
@@ -349,9 +354,9 @@ impl Socket {
 }
 
 impl Socket {
-    /// The span of what the socket does: made for each frame handled and for the close, not
-    /// kept open with the socket (an open span costs about 0.5 KiB with the log layer, more
-    /// than a tenth of an idle socket; docs/performance.md). Runs a frame starts are its
+    /// The span of what the socket does: made for each text frame handled and for the close,
+    /// not kept open with the socket (an open span costs about 0.5 KiB with the log layer,
+    /// more than a tenth of an idle socket; docs/performance.md). Runs a frame starts are its
     /// children.
     fn span(&self) -> tracing::Span {
         tracing::info_span!(
