@@ -119,3 +119,62 @@ async fn the_user_socket_needs_a_valid_token() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// Every change reaches every open user socket promptly, whether the socket was idle or busy
+/// with a frame of its own when it was told. The heartbeat is set to an hour: a socket whose
+/// task missed a wake-up would otherwise be woken by its next ping and hide the loss.
+#[tokio::test]
+async fn every_user_socket_hears_every_change_without_waiting_for_a_heartbeat() {
+    let server = TestServer::configured(common::Engine::Sqlite, |config| {
+        config.sockets.heartbeat_interval = std::time::Duration::from_secs(3600);
+        // The sockets' pings come faster than a client's would.
+        config.sockets.ws_rate_burst = 1000;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let mut sockets = Vec::new();
+    for _ in 0..6 {
+        let (socket, _) = WsClient::authed(&server, "/ws/user", &token(&api)).await;
+        sockets.push(socket);
+    }
+    for round in 0..40 {
+        // Half the sockets are handling a frame of theirs as the change is posted.
+        for socket in sockets.iter_mut().skip(round % 2).step_by(2) {
+            socket.send(json!({"type": "ping"})).await;
+        }
+        let title = format!("Round {round}");
+        let (status, _) = api
+            .call(
+                reqwest::Method::PATCH,
+                &format!("/api/conversations/{conversation}"),
+                Some(json!({"title": title})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        for (index, socket) in sockets.iter_mut().enumerate() {
+            let pinged = index % 2 == round % 2;
+            let mut frames = vec![socket.next().await];
+            if pinged {
+                frames.push(socket.next().await);
+            }
+            let changes: Vec<_> = frames
+                .iter()
+                .filter(|frame| frame["type"] == "conversation")
+                .collect();
+            assert_eq!(
+                changes.len(),
+                1,
+                "socket {index}, round {round}: {frames:?}"
+            );
+            assert_eq!(changes[0]["title"], title.as_str(), "socket {index}");
+            if pinged {
+                assert!(
+                    frames.iter().any(|frame| frame["type"] == "pong"),
+                    "socket {index}, round {round}: {frames:?}"
+                );
+            }
+        }
+    }
+    server.shutdown().await.unwrap();
+}
