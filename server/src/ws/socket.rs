@@ -351,9 +351,7 @@ impl Socket {
         self.send_error(ErrorCode::RateLimited, "too many frames; slow down")?;
         ControlFlow::Continue(false)
     }
-}
 
-impl Socket {
     /// The span of what the socket does: made for each text frame handled and for the close,
     /// not kept open with the socket (an open span costs about 0.5 KiB with the log layer,
     /// more than a tenth of an idle socket; docs/performance.md). Runs a frame starts are its
