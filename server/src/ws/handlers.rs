@@ -192,6 +192,7 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
             // Subscribed to the user's channel, so that changes made through other instances
             // reach this socket too.
             let user_events = runs.watch_user(user.id).await;
+            tracing::debug!(client_id = %socket.id, user_id = %user.id, "user socket authenticated");
             let session = Session {
                 user,
                 expires,

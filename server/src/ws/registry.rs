@@ -352,13 +352,22 @@ impl Announce for Registry {
             change: changed.change,
             title: changed.title.clone(),
         });
+        let mut told = 0;
         for client in clients {
             if let Some(entry) = index.clients.get(client)
                 && entry.endpoint == Endpoint::User
             {
                 entry.inbox.post(Control::Send(frame.clone()));
+                told += 1;
             }
         }
+        tracing::debug!(
+            user_id = %changed.user,
+            conversation_id = %changed.conversation,
+            change = ?changed.change,
+            sockets = told,
+            "conversation change posted to user sockets"
+        );
     }
 }
 

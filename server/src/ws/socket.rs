@@ -296,7 +296,10 @@ impl Connection {
             }
             Control::SlowConsumer => ControlFlow::Break(Exit::Slow),
             Control::RunSent => ControlFlow::Break(Exit::close(close::NORMAL, None)),
-            Control::Send(frame) => self.socket.send(&frame),
+            Control::Send(frame) => {
+                tracing::debug!(client_id = %self.socket.id, "queueing a frame posted to this socket");
+                self.socket.send(&frame)
+            }
             Control::Shutdown => ControlFlow::Break(going_away()),
         }
     }

@@ -62,7 +62,9 @@ impl App {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("WADI_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
+            // The socket's debug lines (when a conversation frame was posted and queued) are
+            // printed with a failing test's output, to tell a server delay from a client one.
+            .env("RUST_LOG", "warn,wadi_server::ws=debug")
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         for (key, value) in env {
