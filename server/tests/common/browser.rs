@@ -271,10 +271,20 @@ impl Browser {
             if truthy {
                 return value;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
+            if tokio::time::Instant::now() >= deadline {
+                // What the page held at that moment (the failure screenshot comes later, after
+                // the server is gone).
+                let page = self
+                    .client
+                    .execute(
+                        "return [location.href, document.body.innerText.slice(0, 3000), \
+                         document.querySelector('.sidebar')?.outerHTML.slice(0, 4000)];",
+                        vec![],
+                    )
+                    .await
+                    .ok();
+                panic!("timed out waiting for {what}; the page then: {page:?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
