@@ -2019,25 +2019,15 @@ async fn checkpoints_written_together_each_get_their_own_answer(engine: Engine) 
             })
             .await
             .unwrap();
-        let run = RunRecord {
-            id: RunId::new(),
-            conversation_id: conversation,
-            owner_id: user,
-            message_id: MessageId::new(),
-            status: RunStatus::Running,
-            model: "fake-model".into(),
-            output: String::new(),
-            chunk_ends: String::new(),
-            error: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            usage_estimated: false,
-            last_seq: 0,
-            started_at: now,
-            finished_at: None,
-            owner_instance: Some(owner),
-            stop_requested_at: None,
-        };
+        let run = RunRecord::running(
+            RunId::new(),
+            conversation,
+            user,
+            MessageId::new(),
+            "fake-model".into(),
+            now,
+            owner,
+        );
         let message = MessageRecord {
             id: MessageId::new(),
             conversation_id: conversation,

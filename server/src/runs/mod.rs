@@ -439,25 +439,15 @@ impl Runs {
             .ok_or(AppError::NotFound)?
             .model
             .unwrap_or_else(|| self.model.name().to_owned());
-        let run = RunRecord {
-            id: run_id,
+        let run = RunRecord::running(
+            run_id,
             conversation_id,
-            owner_id: user,
-            message_id: message.id,
-            status: RunStatus::Running,
+            user,
+            message.id,
             model,
-            output: String::new(),
-            chunk_ends: String::new(),
-            error: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            usage_estimated: false,
-            last_seq: 0,
-            started_at: now,
-            finished_at: None,
-            owner_instance: Some(self.instance),
-            stop_requested_at: None,
-        };
+            now,
+            self.instance,
+        );
         let handle = RunHandle::new(
             RunKey {
                 id: run_id,

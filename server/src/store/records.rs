@@ -227,6 +227,39 @@ pub struct RunRecord {
     pub stop_requested_at: Option<i64>,
 }
 
+impl RunRecord {
+    /// A run starting now on `owner_instance`: `running`, with nothing streamed yet.
+    pub fn running(
+        id: RunId,
+        conversation_id: ConversationId,
+        owner_id: UserId,
+        message_id: MessageId,
+        model: String,
+        started_at: i64,
+        owner_instance: InstanceId,
+    ) -> Self {
+        Self {
+            id,
+            conversation_id,
+            owner_id,
+            message_id,
+            status: RunStatus::Running,
+            model,
+            output: String::new(),
+            chunk_ends: String::new(),
+            error: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            usage_estimated: false,
+            last_seq: 0,
+            started_at,
+            finished_at: None,
+            owner_instance: Some(owner_instance),
+            stop_requested_at: None,
+        }
+    }
+}
+
 /// How a run ended, written in one transaction with the assistant message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
