@@ -209,7 +209,10 @@ impl Scenario {
                     eprintln!("screenshot of the failure: {}", path.display());
                 }
             }
-            drop(held);
+            // Ended like a passing test's: killing chromedriver alone leaves Chromium running.
+            for browser in held {
+                let _ = browser.client.close().await;
+            }
             std::panic::resume_unwind(error.into_panic());
         }
         for browser in held {
