@@ -361,6 +361,7 @@ impl Announce for Registry {
                 told += 1;
             }
         }
+        drop(index);
         tracing::debug!(
             user_id = %changed.user,
             conversation_id = %changed.conversation,
