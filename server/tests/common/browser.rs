@@ -200,7 +200,7 @@ impl Scenario {
         let scenario = Scenario::default();
         let result = tokio::spawn(body(scenario.clone())).await;
         let held = std::mem::take(&mut *scenario.held.lock().await);
-        if let Err(error) = result {
+        if result.is_err() {
             let dir = screenshot_dir();
             for browser in &held {
                 if let Ok(png) = browser.client.screenshot().await {
@@ -209,14 +209,14 @@ impl Scenario {
                     eprintln!("screenshot of the failure: {}", path.display());
                 }
             }
-            // Ended like a passing test's: killing chromedriver alone leaves Chromium running.
-            for browser in held {
-                let _ = browser.client.close().await;
-            }
-            std::panic::resume_unwind(error.into_panic());
         }
+        // Passed or failed, the sessions are closed: killing chromedriver alone would leave
+        // Chromium running.
         for browser in held {
             let _ = browser.client.close().await;
+        }
+        if let Err(error) = result {
+            std::panic::resume_unwind(error.into_panic());
         }
     }
 }
