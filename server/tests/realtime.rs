@@ -1200,13 +1200,23 @@ async fn stalled_client_is_cut_off(deltas: usize, adjust: impl FnOnce(&mut wadi_
     server
         .await_metric("wadi_slow_client_closes_total", 1.0)
         .await;
-    // What it had received stops short of the end: it never got `complete`.
+    // What it had received stops short of the end: its backlog was dropped, not written (which
+    // a client that reads fast once judged slow would otherwise get in full), so it never got
+    // `complete`; it was told why, then closed.
     let mut got_complete = false;
+    let mut told = false;
+    let mut close_code = None;
     {
         use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
         while let Ok(Some(Ok(message))) = tokio::time::timeout(TIMEOUT, stalled.next()).await {
-            if let Ok(text) = message.to_text() {
-                got_complete |= text.contains("\"complete\"");
+            match message {
+                Message::Text(text) => {
+                    got_complete |= text.contains("\"complete\"");
+                    told |= text.contains("\"slow_consumer\"");
+                }
+                Message::Close(frame) => close_code = frame.map(|frame| u16::from(frame.code)),
+                _ => {}
             }
         }
     }
@@ -1214,6 +1224,8 @@ async fn stalled_client_is_cut_off(deltas: usize, adjust: impl FnOnce(&mut wadi_
         !got_complete,
         "the stalled client was cut off before the end"
     );
+    assert!(told, "the stalled client was told it was too slow");
+    assert_eq!(close_code, Some(wadi_protocol::close::TRY_AGAIN_LATER));
     assert_eq!(server.metric("wadi_slow_client_closes_total").await, 1.0);
     drop(stalled);
     server.shutdown().await.unwrap();

@@ -191,6 +191,17 @@ impl Outbox {
         Some(item)
     }
 
+    /// Drops every queued frame (a client judged slow would only fall further behind; it
+    /// resumes from its last seq after reconnecting). Senders waiting for room are woken.
+    pub fn clear(&self) {
+        {
+            let mut state = self.state();
+            state.items = VecDeque::new();
+            state.bytes = 0;
+        }
+        self.room.notify_waiters();
+    }
+
     /// The socket is ending: wakes every waiting sender (they get [`Closed`]). What was queued
     /// can still be taken.
     pub fn close(&self) {
@@ -325,5 +336,31 @@ mod tests {
             "what was queued still drains"
         );
         assert!(take(&outbox, 10).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn clearing_drops_the_backlog_and_frees_its_room() {
+        let outbox = Arc::new(Outbox::new(2, 1 << 20));
+        assert!(matches!(outbox.offer(frame("old 1")), Offer::Queued));
+        assert!(matches!(outbox.offer(frame("old 2")), Offer::Queued));
+        let sender = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.push(frame("waiting")).await }
+        });
+        tokio::task::yield_now().await;
+        outbox.clear();
+        tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("clearing wakes a sender waiting for room")
+            .unwrap()
+            .unwrap();
+        outbox.try_push(frame("last word")).unwrap();
+        outbox.close();
+        let left: Vec<_> = take(&outbox, 10).await.iter().map(text).collect();
+        assert_eq!(
+            left,
+            ["waiting", "last word"],
+            "nothing from before the clear"
+        );
     }
 }

@@ -179,12 +179,12 @@ impl Connection {
                 state.metrics.slow_client_closes.inc();
                 state.metrics.close(close::TRY_AGAIN_LATER);
                 tracing::info!("closing a client that does not read");
-                // Said through the queue's reserve, in case the client reads again within the
-                // grace; if it does not, the connection is dropped.
+                // Its backlog is dropped; the error and the close frame are said in case the
+                // client reads again within the grace; if it does not, the connection is
+                // dropped.
                 let error =
                     ErrorCode::SlowConsumer.frame("you did not read fast enough; reconnect");
-                wire.close(close::TRY_AGAIN_LATER, Some(error), CLOSE_GRACE)
-                    .await;
+                wire.close_slow(error, CLOSE_GRACE).await;
             }
             Exit::Close { code, error } => {
                 state.metrics.close(code);

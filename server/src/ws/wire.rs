@@ -204,6 +204,16 @@ impl Wire {
         let _ = tokio::time::timeout(grace, send).await;
     }
 
+    /// Closes a client that does not read: what is queued for it is dropped, not written (it
+    /// would only delay the close; the client resumes from its last seq after reconnecting),
+    /// then the `error` frame and the close frame are written within `grace`. A frame the
+    /// socket has started stays whole: its rest goes first.
+    pub(super) async fn close_slow(&mut self, error: ServerMessage, grace: Duration) {
+        self.out.clear();
+        self.next = None;
+        self.close(close::TRY_AGAIN_LATER, Some(error), grace).await;
+    }
+
     /// The closing handshake's second half: the client's close frame (or the end of its
     /// stream), for at most `grace`. Dropping the connection right after our close frame would
     /// let whatever the client sends meanwhile (a pong, its own close) reach a closed socket,
