@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use wadi_protocol::{ClientMessage, api};
 
 use crate::{
@@ -72,41 +71,33 @@ pub fn cursor(data: &[u8]) {
 }
 
 /// An upstream answer as bytes on the wire, cut into pieces where the fuzzer says: the SSE
-/// parser, the chunk JSON, and what a chunk becomes.
+/// decoder, the chunk JSON, and what a chunk becomes. However the body is cut, it decodes to the
+/// same events and ends the same way.
 pub fn upstream_sse(data: &[u8]) {
+    use crate::model::sse::{Decoder, Fed};
     let (cuts, body) = match data.split_first() {
         Some((cuts, body)) => (usize::from(*cuts).max(1), body),
         None => return,
     };
-    let pieces: Vec<Result<axum::body::Bytes, std::io::Error>> = body
-        .chunks(cuts)
-        .map(|piece| Ok(axum::body::Bytes::copy_from_slice(piece)))
-        .collect();
-    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(runtime) => runtime,
-        Err(_) => return,
-    };
-    runtime.block_on(async {
-        let mut events = eventsource_stream::EventStream::new(futures_util::stream::iter(pieces));
-        while let Some(event) = events.next().await {
-            let Ok(event) = event else {
-                continue;
-            };
-            if event.data == "[DONE]" {
-                break;
-            }
-            if let Ok(chunk) = serde_json::from_str::<
-                async_openai::types::chat::CreateChatCompletionStreamResponse,
-            >(&event.data)
-            {
-                for event in crate::model::openai::events_of(chunk) {
-                    if let crate::model::ModelEvent::Delta(text) = event {
-                        assert!(!text.is_empty(), "empty deltas are dropped");
-                    }
-                }
+    let decode = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+        let mut decoder = Decoder::default();
+        let mut events = Vec::new();
+        for piece in pieces {
+            let fed = decoder.feed(piece, &mut events);
+            if fed != Fed::Open {
+                return (events, fed);
             }
         }
-    });
+        (events, Fed::Open)
+    };
+    let whole = decode(&mut std::iter::once(body));
+    let cut = decode(&mut body.chunks(cuts));
+    for event in &whole.0 {
+        if let crate::model::ModelEvent::Delta(text) = event {
+            assert!(!text.is_empty(), "empty deltas are dropped");
+        }
+    }
+    assert_eq!(whole, cut, "cut every {cuts} bytes");
 }
 
 /// A REST body, as each JSON endpoint reads it, and the rules applied after.

@@ -95,6 +95,13 @@ async fn a_provider_that_sends_garbage_or_breaks_mid_event_fails_the_run_cleanly
                 Step::Fail,
             ],
         ),
+        (
+            "an error event",
+            vec![Step::Raw(
+                "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n"
+                    .into(),
+            )],
+        ),
     ] {
         ws.send(json!({"type": "message", "content": case})).await;
         let start = ws.next().await;
@@ -634,6 +641,22 @@ async fn upstream_failure_mid_stream_fails_the_run_and_keeps_the_output(engine: 
         upstream.statuses_served(),
         vec![500, 500, 500, 500],
         "1 try + 3 retries"
+    );
+
+    // A spent quota is a refusal: no wait cures it, so it is not asked again.
+    upstream.set_script(Script::Error {
+        status: 429,
+        kind: "insufficient_quota",
+    });
+    ws.send(json!({"type": "message", "content": "out of money"}))
+        .await;
+    let frames = ws.until("complete").await;
+    let error = frames.iter().find(|f| f["code"] == "model_error").unwrap();
+    assert_eq!(error["message"], "the model provider refused the request");
+    assert_eq!(
+        upstream.statuses_served(),
+        vec![500, 500, 500, 500, 429],
+        "no retry"
     );
 
     // A refusal (a bad key, say): the provider's message stays in the log.

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod demo;
 pub mod openai;
+pub mod sse;
 pub mod tokens;
 
 use std::{pin::Pin, time::Duration};
@@ -71,7 +72,7 @@ pub enum ModelEvent {
 /// Why a model failed: a kind users may see (the `Display` text, sent in `error` frames and
 /// saved with the run), and a detail for operators (logged, never sent: it can name the
 /// provider's URL, its request ids, or echo the prompt).
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
     /// The provider could not be reached (connection refused, DNS, TLS, connect timeout).
     #[error("the model provider could not be reached")]

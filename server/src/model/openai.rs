@@ -1,29 +1,48 @@
-//! Any OpenAI-compatible chat completions endpoint, through async-openai.
+//! Any OpenAI-compatible chat completions endpoint, over reqwest.
 //!
-//! async-openai retries 429 and 5xx answers with exponential backoff (100 ms doubling, at most
-//! 3 retries, honouring `Retry-After`) before the response starts, i.e. before the first token.
-//! After that a failure ends the run. Dropping the stream drops the HTTP response, which closes
-//! the connection: the provider stops generating.
+//! A provider that answers 429 or 5xx, or cannot be connected to, is asked again with
+//! exponential backoff ([`FIRST_BACKOFF`] doubling, at most [`RETRIES`] times, honouring
+//! `Retry-After` up to [`MAX_BACKOFF`]) before the response starts, i.e. before the first token.
+//! After that a failure ends the run. The body is decoded in the caller's task as it arrives
+//! ([`super::sse`]). Dropping the stream drops the HTTP response, which closes the connection:
+//! the provider stops generating.
 
-use async_openai::{
-    Client,
-    config::OpenAIConfig,
-    types::chat::{
-        ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
-        ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-        ChatCompletionStreamOptions, CreateChatCompletionRequest,
-        CreateChatCompletionStreamResponse,
-    },
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
 };
-use async_trait::async_trait;
-use futures_util::StreamExt;
-use wadi_protocol::{Usage, api::Role};
 
-use super::{ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream, ProviderSettings};
-use crate::config::SecretUrl;
+use async_trait::async_trait;
+use axum::body::Bytes;
+use futures_util::Stream;
+use reqwest::{
+    Response, StatusCode,
+    header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER},
+};
+use serde::{Deserialize, Serialize};
+use wadi_protocol::api::Role;
+
+use super::{
+    ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream, ProviderSettings,
+    sse::{Decoder, Fed},
+};
+use crate::config::{Secret, SecretUrl};
+
+/// Times a request is sent again after a 429, a 5xx or a failed connection.
+pub const RETRIES: u32 = 3;
+/// The wait before the first retry; it doubles with each one.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait between tries, whatever `Retry-After` asks.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// How much of an error answer is read, for the log.
+const MAX_ERROR_BODY: usize = 16 * 1024;
 
 pub struct OpenAiModel {
-    client: Client<OpenAIConfig>,
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<Secret>,
     model: String,
     temperature: Option<f32>,
 }
@@ -35,37 +54,104 @@ impl OpenAiModel {
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ModelError::Unreachable {
-                detail: e.to_string(),
+                detail: error_chain(&e),
             })?;
         let base_url = settings
             .openai_base_url
             .as_ref()
             .map_or(super::OPENAI_BASE_URL, SecretUrl::expose);
-        let mut config = OpenAIConfig::new().with_api_base(base_url.trim_end_matches('/'));
-        if let Some(key) = &settings.openai_api_key {
-            config = config.with_api_key(key.expose());
-        }
         Ok(Self {
-            client: Client::with_config(config).with_http_client(http),
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: settings.openai_api_key.clone(),
             model: settings.model.clone(),
             temperature: settings.temperature,
         })
     }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url));
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        }
+    }
+
+    /// Sends what `build` makes until it is answered with a success, or with something not worth
+    /// asking again, or the retries are spent.
+    async fn send(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Response, ModelError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut retries = 0;
+        loop {
+            let refused = match build().send().await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => Refusal::read(response).await,
+                Err(error) => Refusal::of_send(&error),
+            };
+            if !refused.retry || retries == RETRIES {
+                return Err(refused.error);
+            }
+            retries += 1;
+            let delay = refused
+                .retry_after
+                .map_or(backoff, |asked| asked.min(MAX_BACKOFF));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tracing::warn!(
+                detail = refused.error.detail(),
+                retry = retries,
+                "the model provider failed; asking again in {delay:?}"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
 }
 
-fn request_message(message: &ChatMessage) -> ChatCompletionRequestMessage {
-    let content = message.content.clone();
-    match message.role {
-        Role::System => {
-            ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage::from(content))
-        }
-        Role::User => {
-            ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(content))
-        }
-        Role::Assistant => ChatCompletionRequestMessage::Assistant(
-            ChatCompletionRequestAssistantMessage::from(content),
-        ),
+#[derive(Serialize)]
+struct CompletionRequest<'a> {
+    model: &'a str,
+    messages: Vec<RequestMessage<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Serialize)]
+struct RequestMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+fn request_message(message: &ChatMessage) -> RequestMessage<'_> {
+    let role = match message.role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+    };
+    RequestMessage {
+        role,
+        content: &message.content,
     }
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ListedModel>,
+}
+
+#[derive(Deserialize)]
+struct ListedModel {
+    id: String,
 }
 
 #[async_trait]
@@ -75,12 +161,15 @@ impl ChatModel for OpenAiModel {
     }
 
     async fn list(&self) -> Result<Vec<String>, ModelError> {
-        let listed = self
-            .client
-            .models()
-            .list()
-            .await
-            .map_err(|e| classify(&e))?;
+        let response = self
+            .send(|| self.request(reqwest::Method::GET, "/models"))
+            .await?;
+        let body = response.bytes().await.map_err(|e| ModelError::Broken {
+            detail: error_chain(&e),
+        })?;
+        let listed: ModelList = serde_json::from_slice(&body).map_err(|e| ModelError::Broken {
+            detail: format!("a model list that is not one: {e}"),
+        })?;
         let mut names: Vec<String> = listed.data.into_iter().map(|model| model.id).collect();
         names.sort();
         Ok(names)
@@ -91,78 +180,269 @@ impl ChatModel for OpenAiModel {
         model: &str,
         history: &[ChatMessage],
     ) -> Result<ModelStream, ModelError> {
-        let request = CreateChatCompletionRequest {
-            model: model.to_owned(),
+        let request = CompletionRequest {
+            model,
             messages: history.iter().map(request_message).collect(),
             temperature: self.temperature,
-            stream: Some(true),
-            stream_options: Some(ChatCompletionStreamOptions {
-                include_usage: Some(true),
-                ..Default::default()
-            }),
-            ..Default::default()
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
         };
-        let stream = self
-            .client
-            .chat()
-            .create_stream(request)
-            .await
-            .map_err(|e| classify(&e))?;
-        let events = stream.flat_map(|item| {
-            let events: Vec<Result<ModelEvent, ModelError>> = match item {
-                Err(error) => vec![Err(classify(&error))],
-                Ok(chunk) => events_of(chunk).into_iter().map(Ok).collect(),
+        let body = Bytes::from(
+            serde_json::to_vec(&request).map_err(|e| ModelError::Broken {
+                detail: e.to_string(),
+            })?,
+        );
+        let response = self
+            .send(|| {
+                self.request(reqwest::Method::POST, "/chat/completions")
+                    .header(CONTENT_TYPE, "application/json")
+                    .header(ACCEPT, "text/event-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(Box::pin(Answer {
+            body: Box::pin(response.bytes_stream()),
+            decoder: Decoder::default(),
+            ready: VecDeque::new(),
+            end: None,
+        }))
+    }
+}
+
+/// A streaming answer: the response body, decoded as it is polled.
+struct Answer {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    decoder: Decoder,
+    /// Decoded events not yet taken.
+    ready: VecDeque<ModelEvent>,
+    /// Set when nothing more is read: how the stream ends once `ready` is drained.
+    end: Option<Option<ModelError>>,
+}
+
+impl Stream for Answer {
+    type Item = Result<ModelEvent, ModelError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(event) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if let Some(end) = &mut this.end {
+                return Poll::Ready(end.take().map(Err));
+            }
+            this.end = match ready!(this.body.as_mut().poll_next(cx)) {
+                Some(Ok(bytes)) => match this.decoder.feed(&bytes, &mut this.ready) {
+                    Fed::Open => None,
+                    Fed::Done => Some(None),
+                    Fed::Failed(error) => Some(Some(error)),
+                },
+                Some(Err(error)) => Some(Some(ModelError::Broken {
+                    detail: error_chain(&error),
+                })),
+                // The connection closed cleanly without `[DONE]`: some servers end that way.
+                None => Some(None),
             };
-            futures_util::stream::iter(events)
-        });
-        Ok(Box::pin(events))
+        }
     }
 }
 
-/// What one streamed chunk says: the first choice's text, and the usage when it is reported.
-pub fn events_of(chunk: CreateChatCompletionStreamResponse) -> Vec<ModelEvent> {
-    let mut events: Vec<_> = chunk
-        .choices
-        .into_iter()
-        .filter(|choice| choice.index == 0)
-        .filter_map(|choice| choice.delta.content)
-        .filter(|content| !content.is_empty())
-        .map(ModelEvent::Delta)
-        .collect();
-    if let Some(usage) = chunk.usage {
-        events.push(ModelEvent::Usage(Usage {
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            total_tokens: usage.total_tokens,
-            estimated: false,
-        }));
-    }
-    events
+/// An answer other than a success, or a request that was never answered.
+struct Refusal {
+    error: ModelError,
+    /// Worth asking again.
+    retry: bool,
+    /// How long the provider asked to wait.
+    retry_after: Option<Duration>,
 }
 
-/// The public kind of an async-openai error, keeping its text as the detail.
-fn classify(error: &async_openai::error::OpenAIError) -> ModelError {
-    use async_openai::error::OpenAIError;
-    let detail = error.to_string();
-    match error {
-        OpenAIError::Reqwest(inner) if inner.is_connect() || inner.is_timeout() => {
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+}
+
+impl Refusal {
+    fn of_send(error: &reqwest::Error) -> Self {
+        let detail = error_chain(error);
+        let error = if error.is_connect() || error.is_timeout() {
             ModelError::Unreachable { detail }
+        } else {
+            ModelError::Broken { detail }
+        };
+        Self {
+            retry: matches!(error, ModelError::Unreachable { .. }),
+            error,
+            retry_after: None,
         }
-        OpenAIError::Reqwest(inner) => match inner.status() {
-            Some(status) if status.as_u16() == 429 || status.is_server_error() => {
-                ModelError::Unavailable { detail }
-            }
-            Some(status) if status.is_client_error() => ModelError::Refused { detail },
-            _ => ModelError::Broken { detail },
-        },
-        OpenAIError::ApiError(response) => {
-            let status = response.status_code;
-            if status.as_u16() == 429 || status.is_server_error() {
-                ModelError::Unavailable { detail }
-            } else {
-                ModelError::Refused { detail }
+    }
+
+    async fn read(mut response: Response) -> Self {
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let mut body = Vec::new();
+        while body.len() < MAX_ERROR_BODY {
+            match response.chunk().await {
+                Ok(Some(piece)) => body.extend_from_slice(&piece),
+                Ok(None) | Err(_) => break,
             }
         }
-        _ => ModelError::Broken { detail },
+        body.truncate(MAX_ERROR_BODY);
+        Self::classify(status, retry_after, &body)
+    }
+
+    fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Self {
+        let said = serde_json::from_slice::<ErrorBody>(body)
+            .ok()
+            .map(|b| b.error);
+        let message = said
+            .as_ref()
+            .and_then(|error| error.message.clone())
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        let detail = format!("HTTP {status}: {message}");
+        // A spent quota is a 429 that no wait will cure.
+        let out_of_quota = said.as_ref().is_some_and(|error| {
+            error.kind.as_deref() == Some("insufficient_quota")
+                || error.code.as_ref().and_then(|code| code.as_str()) == Some("insufficient_quota")
+        });
+        let (error, retry) = if status == StatusCode::TOO_MANY_REQUESTS && !out_of_quota
+            || status.is_server_error()
+        {
+            (ModelError::Unavailable { detail }, true)
+        } else if status.is_client_error() {
+            (ModelError::Refused { detail }, false)
+        } else {
+            (ModelError::Broken { detail }, false)
+        };
+        Self {
+            error,
+            retry,
+            retry_after,
+        }
+    }
+}
+
+/// `Retry-After` in seconds (the form providers use; an HTTP date is ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// An error and its causes, for the log: reqwest's own text alone rarely says what happened.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, body: &str) -> Refusal {
+        Refusal::classify(StatusCode::from_u16(status).unwrap(), None, body.as_bytes())
+    }
+
+    #[test]
+    fn refusals_are_classified_by_status_and_quota() {
+        let rate = classify(
+            429,
+            r#"{"error":{"message":"slow down","type":"requests"}}"#,
+        );
+        assert!(rate.retry);
+        assert_eq!(
+            rate.error,
+            ModelError::Unavailable {
+                detail: "HTTP 429 Too Many Requests: slow down".into()
+            }
+        );
+        for quota in [
+            r#"{"error":{"message":"no money","type":"insufficient_quota"}}"#,
+            r#"{"error":{"message":"no money","code":"insufficient_quota"}}"#,
+        ] {
+            let spent = classify(429, quota);
+            assert!(!spent.retry, "{quota}");
+            assert!(matches!(spent.error, ModelError::Refused { .. }), "{quota}");
+        }
+        let down = classify(503, "<html>gateway</html>");
+        assert!(down.retry);
+        assert_eq!(
+            down.error.detail(),
+            "HTTP 503 Service Unavailable: <html>gateway</html>"
+        );
+        let key = classify(401, r#"{"error":{"message":"bad key","code":null}}"#);
+        assert!(!key.retry);
+        assert!(matches!(key.error, ModelError::Refused { .. }));
+        let odd = classify(304, "");
+        assert!(!odd.retry);
+        assert!(matches!(odd.error, ModelError::Broken { .. }));
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, " 2 ".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn the_request_is_what_openai_expects() {
+        let history = [
+            ChatMessage {
+                role: Role::System,
+                content: "be brief".into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: "hi \"there\"".into(),
+            },
+        ];
+        let request = CompletionRequest {
+            model: "m",
+            messages: history.iter().map(request_message).collect(),
+            temperature: None,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            serde_json::json!({
+                "model": "m",
+                "messages": [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "hi \"there\""}],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            })
+        );
     }
 }

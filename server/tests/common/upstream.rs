@@ -35,6 +35,8 @@ pub enum Script {
     Manual,
     /// Answer with this HTTP status and an OpenAI-style error body.
     Status(u16),
+    /// Answer with this HTTP status and an error body of this `type` (`insufficient_quota`).
+    Error { status: u16, kind: &'static str },
 }
 
 /// A step the test makes a manual stream take.
@@ -234,7 +236,12 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
     let script = shared.script.lock().unwrap().clone();
     let cancelled = Arc::new(AtomicBool::new(false));
     let cancel_seen = Arc::new(Notify::new());
-    if let Script::Status(status) = script {
+    let refusal = match script {
+        Script::Status(status) => Some((status, "server_error")),
+        Script::Error { status, kind } => Some((status, kind)),
+        Script::Tokens { .. } | Script::Manual => None,
+    };
+    if let Some((status, kind)) = refusal {
         shared.statuses_served.lock().unwrap().push(status);
         let _ = shared.arrived.send(Arc::new(Request {
             body,
@@ -243,7 +250,7 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
             cancel_seen,
         }));
         let status = StatusCode::from_u16(status).unwrap();
-        let error = json!({"error": {"message": "fake upstream error", "type": "server_error",
+        let error = json!({"error": {"message": "fake upstream error", "type": kind,
                                      "param": null, "code": null}});
         return (status, Json(error)).into_response();
     }

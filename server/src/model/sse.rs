@@ -1,0 +1,396 @@
+//! The body of a streamed chat completion: server-sent events, each `data` a JSON chunk, ending
+//! with `data: [DONE]`.
+//!
+//! Decoded in the run's own task as the bytes arrive, with no task or channel in between, and
+//! parsed into just what WADI uses: the first choice's text and the usage. Everything else in a
+//! chunk (ids, model, fingerprints, logprobs, tool calls) is skipped without allocating.
+
+use std::{borrow::Cow, fmt, marker::PhantomData};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{SeqAccess, Visitor},
+};
+use wadi_protocol::Usage;
+
+use super::{ModelError, ModelEvent};
+
+/// Longest event WADI accepts. A chunk carries one token, a few hundred bytes; anything near this
+/// is not a chat completion.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Where the stream stands after some bytes were fed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fed {
+    /// More may come.
+    Open,
+    /// `[DONE]` arrived: the answer is complete.
+    Done,
+    /// The stream carried something that is not an answer; nothing after it counts.
+    Failed(ModelError),
+}
+
+/// An incremental server-sent-events decoder that turns each event's data into [`ModelEvent`]s.
+#[derive(Default)]
+pub struct Decoder {
+    /// Bytes of a line not yet ended.
+    line: Vec<u8>,
+    /// The data lines of the event being read, joined by `\n`.
+    data: Vec<u8>,
+    /// The event has a `data` field (which may be empty).
+    has_data: bool,
+    /// The event's `event` field is `keepalive` (some providers send those; they carry nothing).
+    keepalive: bool,
+    /// The previous byte was a `\r`: a `\n` right after it ends no second line.
+    after_cr: bool,
+}
+
+impl Decoder {
+    /// Feeds the next bytes of the body, appending what complete events said to `out`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut impl Extend<ModelEvent>) -> Fed {
+        let mut rest = bytes;
+        if self.after_cr {
+            self.after_cr = false;
+            if let Some(stripped) = rest.strip_prefix(b"\n") {
+                rest = stripped;
+            }
+        }
+        while let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let (content, tail) = rest.split_at(end);
+            let fed = if self.line.is_empty() {
+                self.line_ended(content, out)
+            } else {
+                self.line.extend_from_slice(content);
+                let line = std::mem::take(&mut self.line);
+                let fed = self.line_ended(&line, out);
+                self.line = line;
+                self.line.clear();
+                fed
+            };
+            if fed != Fed::Open {
+                return fed;
+            }
+            rest = match tail {
+                [b'\r', b'\n', after @ ..] => after,
+                [b'\r'] => {
+                    self.after_cr = true;
+                    &[]
+                }
+                [_, after @ ..] => after,
+                [] => &[],
+            };
+        }
+        self.line.extend_from_slice(rest);
+        // The same check as on a whole line: a line is refused however it arrives.
+        if self.line.len() > MAX_EVENT_BYTES {
+            return Fed::Failed(too_long("a line"));
+        }
+        Fed::Open
+    }
+
+    fn line_ended(&mut self, line: &[u8], out: &mut impl Extend<ModelEvent>) -> Fed {
+        if line.len() > MAX_EVENT_BYTES {
+            return Fed::Failed(too_long("a line"));
+        }
+        if line.is_empty() {
+            return self.dispatch(out);
+        }
+        if line[0] == b':' {
+            return Fed::Open;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+            }
+            None => (line, &[][..]),
+        };
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.has_data = true;
+                self.data.extend_from_slice(value);
+                if self.data.len() > MAX_EVENT_BYTES {
+                    return Fed::Failed(too_long("an event"));
+                }
+            }
+            b"event" => self.keepalive = value == b"keepalive",
+            // `id` and `retry` matter to a browser reconnecting; a completion is never resumed.
+            _ => {}
+        }
+        Fed::Open
+    }
+
+    fn dispatch(&mut self, out: &mut impl Extend<ModelEvent>) -> Fed {
+        let fed = if !self.has_data || self.keepalive {
+            Fed::Open
+        } else if self.data == b"[DONE]" {
+            Fed::Done
+        } else {
+            match chunk_events(&self.data, out) {
+                Ok(()) => Fed::Open,
+                Err(error) => Fed::Failed(error),
+            }
+        };
+        self.data.clear();
+        self.has_data = false;
+        self.keepalive = false;
+        fed
+    }
+}
+
+fn broken(detail: String) -> ModelError {
+    ModelError::Broken { detail }
+}
+
+fn too_long(what: &str) -> ModelError {
+    broken(format!("{what} longer than {MAX_EVENT_BYTES} bytes"))
+}
+
+/// What one chunk's JSON says: the first choice's text (when not empty), then the usage.
+pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<(), ModelError> {
+    let chunk: Chunk<'_> = serde_json::from_slice(json).map_err(|error| {
+        let shown = String::from_utf8_lossy(&json[..json.len().min(200)]).into_owned();
+        broken(format!("a chunk that is not JSON ({error}): {shown}"))
+    })?;
+    if let Some(error) = chunk.error {
+        return Err(broken(format!(
+            "the provider sent an error mid-stream: {}",
+            error.message.as_deref().unwrap_or("(no message)")
+        )));
+    }
+    let Some(FirstChoice(text)) = chunk.choices else {
+        return Err(broken("a chunk without choices".to_owned()));
+    };
+    if let Some(text) = text.filter(|text| !text.is_empty()) {
+        out.extend([ModelEvent::Delta(text.into_owned())]);
+    }
+    if let Some(usage) = chunk.usage {
+        out.extend([ModelEvent::Usage(Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens,
+            estimated: false,
+        })]);
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    choices: Option<FirstChoice<'a>>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<ChunkError>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+#[derive(Deserialize)]
+struct ChunkError {
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+/// The text of the choice with index 0 in a `choices` array; the others are skipped (WADI asks
+/// for one choice, a provider may still send more).
+struct FirstChoice<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Choices<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Choices<'a> {
+            type Value = FirstChoice<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of choices")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut first = None;
+                while let Some(choice) = seq.next_element::<Choice<'a>>()? {
+                    if choice.index == 0 && first.is_none() {
+                        first = Some(choice.delta.and_then(|delta| delta.content));
+                    }
+                }
+                Ok(FirstChoice(first.flatten()))
+            }
+        }
+        deserializer.deserialize_seq(Choices(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(text: &str) -> String {
+        serde_json::json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "system_fingerprint": "fp", "usage": null,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                         "logprobs": null, "finish_reason": null}],
+        })
+        .to_string()
+    }
+
+    const USAGE: &str = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+
+    fn body() -> String {
+        format!(
+            ": comment\n\ndata: {}\n\nevent: keepalive\ndata: {{}}\n\ndata: {}\r\n\r\ndata: {}\rdata:\r\rdata: {USAGE}\n\ndata: [DONE]\n\ndata: {}\n\n",
+            delta("Hello"),
+            delta(", wörld ✓"),
+            delta("\"quoted\"\n"),
+            delta("after the end"),
+        )
+    }
+
+    fn expected() -> Vec<ModelEvent> {
+        vec![
+            ModelEvent::Delta("Hello".into()),
+            ModelEvent::Delta(", wörld ✓".into()),
+            ModelEvent::Delta("\"quoted\"\n".into()),
+            ModelEvent::Usage(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2,
+                total_tokens: 9,
+                estimated: false,
+            }),
+        ]
+    }
+
+    /// Feeds `pieces` in order; returns the events and how the stream ended.
+    fn decode<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> (Vec<ModelEvent>, Fed) {
+        let mut decoder = Decoder::default();
+        let mut out = Vec::new();
+        for piece in pieces {
+            let fed = decoder.feed(piece, &mut out);
+            if fed != Fed::Open {
+                return (out, fed);
+            }
+        }
+        (out, Fed::Open)
+    }
+
+    #[test]
+    fn decodes_a_body_however_it_is_cut() {
+        let body = body();
+        let bytes = body.as_bytes();
+        assert_eq!(decode([bytes]), (expected(), Fed::Done));
+        // Every cut, including inside `\r\n`, a multi-byte character and `[DONE]`.
+        for cut in 0..=bytes.len() {
+            let (head, tail) = bytes.split_at(cut);
+            assert_eq!(
+                decode([head, tail]),
+                (expected(), Fed::Done),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(
+            decode(bytes.chunks(1)),
+            (expected(), Fed::Done),
+            "byte by byte"
+        );
+    }
+
+    /// A `data:` line with nothing after it is an event with empty data: not JSON.
+    #[test]
+    fn an_empty_data_line_is_not_a_chunk() {
+        let (events, fed) = decode([&b"data:\n\n"[..]]);
+        assert!(events.is_empty());
+        assert!(
+            matches!(fed, Fed::Failed(ModelError::Broken { .. })),
+            "{fed:?}"
+        );
+    }
+
+    #[test]
+    fn multi_line_data_is_joined() {
+        let json = delta("two lines");
+        let (head, tail) = json.split_at(json.find("\"choices\"").unwrap());
+        let body = format!("data: {head}\ndata: {tail}\n\n");
+        let (events, fed) = decode([body.as_bytes()]);
+        assert_eq!(fed, Fed::Open);
+        assert_eq!(events, vec![ModelEvent::Delta("two lines".into())]);
+    }
+
+    #[test]
+    fn only_the_first_choice_counts_and_empty_text_is_dropped() {
+        let json = r#"{"choices":[{"index":1,"delta":{"content":"other"}},{"index":0,"delta":{"content":"mine"}}]}"#;
+        let mut out = Vec::new();
+        chunk_events(json.as_bytes(), &mut out).unwrap();
+        assert_eq!(out, vec![ModelEvent::Delta("mine".into())]);
+        for nothing in [
+            r#"{"choices":[{"index":0,"delta":{"content":""}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[{"index":0}]}"#,
+            r#"{"choices":[]}"#,
+        ] {
+            let mut out = Vec::new();
+            chunk_events(nothing.as_bytes(), &mut out).unwrap();
+            assert!(out.is_empty(), "{nothing}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_an_answer_breaks_the_stream() {
+        for (json, says) in [
+            ("{this is not json]", "not JSON"),
+            (r#"{"id":"x"}"#, "without choices"),
+            (r#"{"choices":{"index":0}}"#, "not JSON"),
+            (
+                r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+                "mid-stream: overloaded",
+            ),
+        ] {
+            let mut out = Vec::new();
+            let error = chunk_events(json.as_bytes(), &mut out).unwrap_err();
+            assert!(matches!(error, ModelError::Broken { .. }), "{json}");
+            assert!(error.detail().contains(says), "{json}: {}", error.detail());
+        }
+    }
+
+    #[test]
+    fn an_endless_event_is_refused() {
+        let mut decoder = Decoder::default();
+        let mut out = Vec::new();
+        assert_eq!(decoder.feed(b"data: \"", &mut out), Fed::Open);
+        let piece = vec![b'a'; 64 * 1024];
+        let mut fed = Fed::Open;
+        for _ in 0..=MAX_EVENT_BYTES / piece.len() {
+            fed = decoder.feed(&piece, &mut out);
+            if fed != Fed::Open {
+                break;
+            }
+        }
+        assert!(
+            matches!(&fed, Fed::Failed(error) if error.detail().contains("longer than")),
+            "{fed:?}"
+        );
+    }
+}
