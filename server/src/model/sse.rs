@@ -55,7 +55,7 @@ impl Decoder {
                 rest = stripped;
             }
         }
-        while let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
             let (content, tail) = rest.split_at(end);
             let fed = if self.line.is_empty() {
                 self.line_ended(content, out)
@@ -98,7 +98,7 @@ impl Decoder {
         if line[0] == b':' {
             return Fed::Open;
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(colon) => {
                 let value = &line[colon + 1..];
                 (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
