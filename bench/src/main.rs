@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     client::Sources,
-    scenario::{Bench, Outcome, churn, compare, idle, stream},
+    scenario::{Bench, Outcome, churn, compare, idle, instructions, stream},
     target::Target,
 };
 
@@ -91,6 +91,9 @@ enum Command {
     /// Stream and idle against WADI and against the reference server (`bench/reference/`),
     /// one after the other, and the ratios.
     Compare(compare::Args),
+    /// The server's user-space instructions per delivered chunk, counted by callgrind (short
+    /// against long answers at low load): repeatable, where CPU time is not.
+    Instructions(instructions::Args),
     /// Serve the fake OpenAI-compatible upstream (prints its base URL).
     Upstream {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -142,6 +145,7 @@ async fn run(cli: Cli) -> Result<bool> {
         server_bin: cli.server_bin.clone(),
         server_env: cli.server_env.clone(),
         reference: None,
+        wrapper: Vec::new(),
     };
     // A different first address each run: sockets closed by the previous run still hold their
     // ports for a minute.
@@ -154,6 +158,16 @@ async fn run(cli: Cli) -> Result<bool> {
         let outcome = compare::run(&options, &out_dir, sources, args).await?;
         println!("{}", outcome.summary);
         let path = out_dir.join("compare.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
+        println!("  report: {}", path.display());
+        return Ok(outcome.correct);
+    }
+    if let Command::Instructions(args) = &cli.command {
+        let out_dir = cli.out_dir.join("instructions");
+        std::fs::create_dir_all(&out_dir)?;
+        let outcome = instructions::run(&options, &out_dir, sources, args).await?;
+        println!("{}", outcome.summary);
+        let path = out_dir.join("instructions.json");
         std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
         println!("  report: {}", path.display());
         return Ok(outcome.correct);
@@ -200,7 +214,10 @@ async fn scenarios(bench: &Bench, command: Command, check_targets: bool) -> Resu
             let churn = churn::run(bench, &smoke_churn()).await?;
             correct &= finish(bench, "smoke-churn", churn, false)?;
         }
-        Command::Upstream { .. } | Command::IdleWorker | Command::Compare(_) => {}
+        Command::Upstream { .. }
+        | Command::IdleWorker
+        | Command::Compare(_)
+        | Command::Instructions(_) => {}
     }
     Ok(correct)
 }

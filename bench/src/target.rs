@@ -59,6 +59,8 @@ pub struct Options {
     pub server_env: Vec<String>,
     /// Start the reference server (`node <this script>`, `bench/reference/`) instead of `wadi`.
     pub reference: Option<PathBuf>,
+    /// A command the server runs under (`valgrind --tool=callgrind ...`), its arguments first.
+    pub wrapper: Vec<String>,
 }
 
 /// A started server and its upstream, stopped by [`Target::stop`] (or killed on drop).
@@ -79,6 +81,8 @@ struct Launcher {
     reference: bool,
     /// What it prints, followed by its URL, once it listens.
     ready_line: &'static str,
+    /// What it runs under, if anything.
+    wrapper: Vec<String>,
 }
 
 impl Launcher {
@@ -88,6 +92,7 @@ impl Launcher {
                 path: script.clone(),
                 reference: true,
                 ready_line: "reference is running at ",
+                wrapper: options.wrapper.clone(),
             },
             (None, bin) => Self {
                 path: match bin {
@@ -99,6 +104,7 @@ impl Launcher {
                 },
                 reference: false,
                 ready_line: "WADI is running at ",
+                wrapper: options.wrapper.clone(),
             },
         };
         if !launcher.path.exists() {
@@ -112,13 +118,24 @@ impl Launcher {
     }
 
     fn command(&self) -> Command {
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args);
+                command
+            }
+            None if self.reference => Command::new("node"),
+            None => return Command::new(&self.path),
+        };
         if self.reference {
-            let mut node = Command::new("node");
-            node.arg(&self.path).env("PORT", "0");
-            node
+            if !self.wrapper.is_empty() {
+                command.arg("node");
+            }
+            command.arg(&self.path).env("PORT", "0");
         } else {
-            Command::new(&self.path)
+            command.arg(&self.path);
         }
+        command
     }
 }
 

@@ -9,6 +9,9 @@
 //! - `compare`: stream and idle against WADI and against the reference server
 //!   (`bench/reference/`, the original's Node stack, its packages installed by `npm ci`), and
 //!   the ratios.
+//! - `instructions`: the server's user-space instructions per delivered chunk, counted by
+//!   callgrind (valgrind, installed from Debian's packages when missing): short against long
+//!   answers at low load, so setup cancels out. Repeatable on a busy machine, unlike CPU time.
 //! - `upstream`: only the fake OpenAI-compatible upstream, to benchmark another server.
 //!
 //! Reports go to `target/bench/`.
@@ -17,7 +20,14 @@ use std::path::PathBuf;
 
 use crate::tools::{self, cmd, workspace_root};
 
-const SCENARIOS: [&str; 5] = ["idle", "stream", "churn", "compare", "upstream"];
+const SCENARIOS: [&str; 6] = [
+    "idle",
+    "stream",
+    "churn",
+    "compare",
+    "instructions",
+    "upstream",
+];
 
 const HELP: &str = "usage: cargo xtask bench <scenario> [ARGS]
 
@@ -28,6 +38,9 @@ const HELP: &str = "usage: cargo xtask bench <scenario> [ARGS]
                   test` does
   compare [ARGS]  stream and idle against WADI and against the reference server
                   (bench/reference/: Node ws + Express + openai), and the ratios
+  instructions [ARGS]
+                  the server's instructions per delivered chunk, counted by callgrind
+                  (valgrind): repeatable where CPU time is not, for comparing builds
   upstream [ARGS] only the fake OpenAI-compatible upstream
 
 `cargo xtask bench <scenario> --help` lists a scenario's arguments. Reports: target/bench/.";
@@ -46,6 +59,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         name if SCENARIOS.contains(&name) => {
             if name == "compare" {
                 reference_packages()?;
+            }
+            if name == "instructions" && !tools::on_path("valgrind") {
+                tools::apt_install(&["valgrind"], &tools::Output::Terminal)?;
             }
             let bench = build_release()?;
             let mut command = cmd(&bench.to_string_lossy(), &[name]);

@@ -4,6 +4,7 @@
 pub mod churn;
 pub mod compare;
 pub mod idle;
+pub mod instructions;
 pub mod stream;
 pub mod worker;
 
