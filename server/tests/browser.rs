@@ -1223,3 +1223,70 @@ async fn another_tab_sees_new_conversations_and_finished_answers_live() {
     })
     .await;
 }
+
+/// Holds, in the page, the first conversation-list answer that carries `First title` until
+/// `window.__release()`; `window.__delivered` is set two frames after it was handed over.
+const HOLD_FIRST_TITLE_LIST: &str = r#"
+const original = window.fetch;
+window.__origFetch = original;
+window.__held = false;
+window.fetch = async function (input, init) {
+    const url = typeof input === 'string' ? input : input.url;
+    const method = ((init && init.method) || (typeof input === 'string' ? 'GET' : input.method)).toUpperCase();
+    const response = await original.call(window, input, init);
+    if (method === 'GET' && /\/api\/conversations(\?|$)/.test(new URL(url, location.href).pathname + new URL(url, location.href).search) && !window.__held) {
+        const text = await response.clone().text();
+        if (text.includes('First title')) {
+            window.__held = true;
+            await new Promise(release => { window.__release = release; });
+            requestAnimationFrame(() => requestAnimationFrame(() => { window.__delivered = true; }));
+        }
+    }
+    return response;
+};
+return true;
+"#;
+
+/// Renames `conversation` over REST, outside the app (as another device would).
+async fn rename_elsewhere(browser: &Browser, conversation: &str, title: &str) {
+    browser
+        .js(&format!(
+            "const s = JSON.parse(localStorage.getItem('wadi.session')); \
+             window.__renamed = null; \
+             window.__origFetch('/api/conversations/{conversation}', {{method: 'PATCH', \
+               headers: {{'Authorization': 'Bearer ' + s.access_token, 'Content-Type': 'application/json'}}, \
+               body: JSON.stringify({{title: '{title}'}})}}).then(r => {{ window.__renamed = r.status; }}); \
+             return true;"
+        ))
+        .await;
+    browser
+        .until("the rename answered", "window.__renamed === 200")
+        .await;
+}
+
+/// Every change reloads the conversation list; when two reloads' answers arrive out of order,
+/// the list keeps the newer one instead of going back to what the older one said.
+#[tokio::test]
+async fn the_conversation_list_never_goes_back_to_an_older_answer() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        let app = App::start(&upstream.base_url, &[]).await;
+        let browser = scenario.browser("list-order", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        let conversation = new_conversation(&browser).await;
+        online(&browser).await;
+        browser.js(HOLD_FIRST_TITLE_LIST).await;
+        let title = format!("document.querySelector('.sidebar .conversation a[href=\"/c/{conversation}\"]')?.innerText");
+        // The first rename's list reload is answered, and its answer held in the page.
+        rename_elsewhere(&browser, &conversation, "First title").await;
+        browser.until("the first list answer held", "window.__held").await;
+        // The second rename's reload overtakes it.
+        rename_elsewhere(&browser, &conversation, "Second title").await;
+        browser.until("the second title listed", &format!("{title} === 'Second title'")).await;
+        // Then the older answer arrives: it is dropped.
+        browser.js("window.__release(); return true").await;
+        browser.until("the older answer handed over", "window.__delivered").await;
+        assert_eq!(browser.js(&format!("return {title}")).await, serde_json::json!("Second title"));
+    })
+    .await;
+}

@@ -16,14 +16,25 @@ pub fn Sidebar() -> impl IntoView {
     let loading = RwSignal::new(false);
     let error = RwSignal::new(None::<String>);
 
+    // Each load of the first page bumps the generation, and an answer is applied only if no
+    // newer load started meanwhile: two quick changes start two loads whose answers can arrive
+    // in either order, and the older one would put a stale list back. (`try_get_value`: the
+    // sidebar may be gone by then, on sign-out.)
+    let generation = StoredValue::new(0_u64);
     // (Re)load the first page whenever the list may have changed.
     let load_first = {
         let api = api.clone();
         move || {
             let api = api.clone();
+            generation.update_value(|g| *g += 1);
+            let mine = generation.get_value();
             spawn_local(async move {
                 loading.set(true);
-                match api.conversations(None).await {
+                let page = api.conversations(None).await;
+                if generation.try_get_value() != Some(mine) {
+                    return;
+                }
+                match page {
                     Ok(page) => {
                         items.set(page.items);
                         cursor.set(page.next_cursor);
@@ -84,8 +95,14 @@ pub fn Sidebar() -> impl IntoView {
             }
             loading.set(true);
             let api = api.clone();
+            let mine = generation.get_value();
             spawn_local(async move {
-                match api.conversations(Some(&next)).await {
+                let page = api.conversations(Some(&next)).await;
+                // A page of a list reloaded since belongs to neither.
+                if generation.try_get_value() != Some(mine) {
+                    return;
+                }
+                match page {
                     Ok(page) => {
                         items.update(|items| {
                             for item in page.items {
