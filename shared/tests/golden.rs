@@ -288,6 +288,44 @@ fn conversation_changes_have_pinned_json() {
 }
 
 #[test]
+fn a_chunk_written_directly_is_the_frame_serde_writes() {
+    let contents = [
+        "",
+        "abc",
+        "quotes \" and backslashes \\ and / slashes",
+        "line\nbreaks\r\ttabs",
+        "controls \u{0} \u{1} \u{1f} \u{7f}",
+        "wörld ✓ 日本語 🦀",
+        "\u{2028}\u{2029} and </script>",
+    ];
+    for (i, content) in contents.into_iter().enumerate() {
+        for seq in [1, 9, 10, u64::from(u32::MAX) + 7, u64::MAX] {
+            let expected = ServerMessage::Chunk {
+                run_id: RUN,
+                seq,
+                content: content.to_owned(),
+            }
+            .encode();
+            assert_eq!(
+                ServerMessage::encode_chunk(RUN, seq, content),
+                expected,
+                "content {i}, seq {seq}"
+            );
+        }
+    }
+    let random = uuid::Uuid::from_u128(0xa1b2_c3d4_e5f6_4789_8abc_def0_1234_5678);
+    assert_eq!(
+        ServerMessage::encode_chunk(random, 1, "x"),
+        ServerMessage::Chunk {
+            run_id: random,
+            seq: 1,
+            content: "x".into(),
+        }
+        .encode()
+    );
+}
+
+#[test]
 fn chunk_and_complete_keep_the_original_fields() {
     // The original client reads `content` from chunk and `fullOutput` from complete; we only add.
     let chunk = to_value(&ServerMessage::Chunk {

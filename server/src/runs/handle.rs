@@ -86,14 +86,11 @@ impl Log {
         }
         let index = (seq - 1) as usize;
         let start = if index == 0 { 0 } else { self.ends[index - 1] };
-        let text = Utf8Bytes::from(
-            ServerMessage::Chunk {
-                run_id: run_id.into(),
-                seq,
-                content: self.output[start..self.ends[index]].to_owned(),
-            }
-            .encode(),
-        );
+        let text = Utf8Bytes::from(ServerMessage::encode_chunk(
+            run_id.into(),
+            seq,
+            &self.output[start..self.ends[index]],
+        ));
         // Keep it if it extends the window (or starts a new one past it); an old chunk replayed
         // is not kept.
         if seq >= held {
