@@ -91,7 +91,8 @@ pub fn upstream_sse(data: &[u8]) {
         (events, Fed::Open)
     };
     let whole = decode(&mut std::iter::once(body));
-    let cut = decode(&mut body.chunks(cuts));
+    // Each piece followed by an empty read, as HTTP/2 can deliver.
+    let cut = decode(&mut body.chunks(cuts).flat_map(|piece| [piece, &[][..]]));
     for event in &whole.0 {
         if let crate::model::ModelEvent::Delta(text) = event {
             assert!(!text.is_empty(), "empty deltas are dropped");

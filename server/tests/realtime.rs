@@ -96,6 +96,13 @@ async fn a_provider_that_sends_garbage_or_breaks_mid_event_fails_the_run_cleanly
             ],
         ),
         (
+            "a clean end inside an event",
+            vec![
+                Step::Raw("data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo".into()),
+                Step::End,
+            ],
+        ),
+        (
             "an error event",
             vec![Step::Raw(
                 "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n"
@@ -1209,14 +1216,10 @@ async fn stalled_client_is_cut_off(deltas: usize, adjust: impl FnOnce(&mut wadi_
     reader
         .send(json!({"type": "message", "content": "lots"}))
         .await;
-    let frames = reader.until("complete").await;
-    let complete = frames.last().unwrap();
-    assert_eq!(complete["status"], "completed");
-    assert_eq!(
-        text(&frames).len(),
-        deltas * 16 * 1024,
-        "the reader got everything"
-    );
+    // The reader reads on its own, so that the stalled client is read from as soon as it is
+    // cut off, however long the answer takes: what the server says to it must arrive within
+    // the close's grace.
+    let reading = tokio::spawn(async move { reader.until("complete").await });
 
     // The stalled client is cut off once its queue has been full, or its writes have made no
     // progress, for the slow-client timeout.
@@ -1249,6 +1252,14 @@ async fn stalled_client_is_cut_off(deltas: usize, adjust: impl FnOnce(&mut wadi_
     );
     assert!(told, "the stalled client was told it was too slow");
     assert_eq!(close_code, Some(wadi_protocol::close::TRY_AGAIN_LATER));
+    let frames = reading.await.unwrap();
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(
+        text(&frames).len(),
+        deltas * 16 * 1024,
+        "the reader got everything"
+    );
     assert_eq!(server.metric("wadi_slow_client_closes_total").await, 1.0);
     drop(stalled);
     server.shutdown().await.unwrap();

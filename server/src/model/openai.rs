@@ -85,7 +85,6 @@ impl OpenAiModel {
         &self,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Response, ModelError> {
-        let mut backoff = FIRST_BACKOFF;
         let mut retries = 0;
         loop {
             let refused = match build().send().await {
@@ -97,10 +96,7 @@ impl OpenAiModel {
                 return Err(refused.error);
             }
             retries += 1;
-            let delay = refused
-                .retry_after
-                .map_or(backoff, |asked| asked.min(MAX_BACKOFF));
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            let delay = retry_delay(retries, refused.retry_after);
             tracing::warn!(
                 detail = refused.error.detail(),
                 retry = retries,
@@ -242,8 +238,9 @@ impl Stream for Answer {
                 Some(Err(error)) => Some(Some(ModelError::Broken {
                     detail: error_chain(&error),
                 })),
-                // The connection closed cleanly without `[DONE]`: some servers end that way.
-                None => Some(None),
+                // The connection closed cleanly without `[DONE]`: some servers end that way,
+                // but not inside an event.
+                None => Some(this.decoder.finish()),
             };
         }
     }
@@ -274,16 +271,18 @@ struct ErrorDetail {
 }
 
 impl Refusal {
-    fn of_send(error: &reqwest::Error) -> Self {
-        let detail = error_chain(error);
-        let error = if error.is_connect() || error.is_timeout() {
+    fn of_send(failure: &reqwest::Error) -> Self {
+        let detail = error_chain(failure);
+        let error = if failure.is_connect() || failure.is_timeout() {
             ModelError::Unreachable { detail }
         } else {
             ModelError::Broken { detail }
         };
+        // A connection that failed is tried again; a request that timed out is not (it would
+        // only wait as long again).
         Self {
-            retry: matches!(error, ModelError::Unreachable { .. }),
             error,
+            retry: failure.is_connect(),
             retry_after: None,
         }
     }
@@ -331,6 +330,13 @@ impl Refusal {
             retry_after,
         }
     }
+}
+
+/// The wait before retry number `retry` (from 1): what the provider asked, or the backoff,
+/// never more than [`MAX_BACKOFF`].
+fn retry_delay(retry: u32, asked: Option<Duration>) -> Duration {
+    let backoff = FIRST_BACKOFF.saturating_mul(1_u32 << retry.clamp(1, 16).saturating_sub(1));
+    asked.unwrap_or(backoff).min(MAX_BACKOFF)
 }
 
 /// `Retry-After` in seconds (the form providers use; an HTTP date is ignored).
@@ -398,6 +404,29 @@ mod tests {
         let odd = classify(304, "");
         assert!(!odd.retry);
         assert!(matches!(odd.error, ModelError::Broken { .. }));
+    }
+
+    #[test]
+    fn retries_back_off_or_wait_as_asked_within_the_cap() {
+        let ms = Duration::from_millis;
+        let backoff: Vec<_> = (1..=RETRIES)
+            .map(|retry| retry_delay(retry, None))
+            .collect();
+        assert_eq!(backoff, [ms(100), ms(200), ms(400)]);
+        assert_eq!(retry_delay(7, None), ms(6400));
+        assert_eq!(retry_delay(8, None), MAX_BACKOFF);
+        assert_eq!(retry_delay(99, None), MAX_BACKOFF);
+        assert_eq!(
+            retry_delay(1, Some(ms(2000))),
+            ms(2000),
+            "Retry-After honoured"
+        );
+        assert_eq!(retry_delay(3, Some(ms(0))), ms(0));
+        assert_eq!(
+            retry_delay(1, Some(Duration::from_secs(3600))),
+            MAX_BACKOFF,
+            "but not an hour"
+        );
     }
 
     #[test]

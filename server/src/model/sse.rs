@@ -43,13 +43,30 @@ pub struct Decoder {
     keepalive: bool,
     /// The previous byte was a `\r`: a `\n` right after it ends no second line.
     after_cr: bool,
+    /// Past the start of the stream, where a byte-order mark may stand.
+    started: bool,
 }
+
+/// UTF-8's byte-order mark, skipped at the start of a stream.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl Decoder {
     /// Feeds the next bytes of the body, appending what complete events said to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut impl Extend<ModelEvent>) -> Fed {
+        if !self.started {
+            // A byte-order mark may open the stream, split across reads like anything else:
+            // held until it can be told from the first line.
+            self.line.extend_from_slice(bytes);
+            if self.line.len() < BOM.len() && BOM.starts_with(&self.line) {
+                return Fed::Open;
+            }
+            self.started = true;
+            let opening = std::mem::take(&mut self.line);
+            return self.feed(opening.strip_prefix(BOM).unwrap_or(&opening), out);
+        }
         let mut rest = bytes;
-        if self.after_cr {
+        // An empty read says nothing about what follows a `\r`.
+        if self.after_cr && !rest.is_empty() {
             self.after_cr = false;
             if let Some(stripped) = rest.strip_prefix(b"\n") {
                 rest = stripped;
@@ -86,6 +103,13 @@ impl Decoder {
             return Fed::Failed(too_long("a line"));
         }
         Fed::Open
+    }
+
+    /// The body ended without `[DONE]`: an error if it stopped inside an event (its last
+    /// words would be lost without a trace); `None` at an event's end, as some servers close.
+    pub fn finish(&self) -> Option<ModelError> {
+        (!self.line.is_empty() || self.has_data)
+            .then(|| broken("the stream ended inside an event".to_owned()))
     }
 
     fn line_ended(&mut self, line: &[u8], out: &mut impl Extend<ModelEvent>) -> Fed {
@@ -306,13 +330,29 @@ mod tests {
         let body = body();
         let bytes = body.as_bytes();
         assert_eq!(decode([bytes]), (expected(), Fed::Done));
-        // Every cut, including inside `\r\n`, a multi-byte character and `[DONE]`.
+        // Every cut, including inside `\r\n`, a multi-byte character and `[DONE]`, also with an
+        // empty read at the cut (HTTP/2 can deliver one).
         for cut in 0..=bytes.len() {
             let (head, tail) = bytes.split_at(cut);
             assert_eq!(
                 decode([head, tail]),
                 (expected(), Fed::Done),
                 "cut at {cut}"
+            );
+            assert_eq!(
+                decode([head, &[][..], tail]),
+                (expected(), Fed::Done),
+                "cut at {cut}, an empty read between"
+            );
+        }
+        // A byte-order mark at the start is skipped, however it arrives.
+        let marked = [BOM, bytes].concat();
+        for cut in 0..=4 {
+            let (head, tail) = marked.split_at(cut);
+            assert_eq!(
+                decode([head, tail]),
+                (expected(), Fed::Done),
+                "BOM cut at {cut}"
             );
         }
         assert_eq!(
@@ -377,6 +417,28 @@ mod tests {
             let error = chunk_events(json.as_bytes(), &mut out).unwrap_err();
             assert!(matches!(error, ModelError::Broken { .. }), "{json}");
             assert!(error.detail().contains(says), "{json}: {}", error.detail());
+        }
+    }
+
+    #[test]
+    fn a_body_that_ends_inside_an_event_is_cut_off() {
+        let whole = format!("data: {}\n\n", delta("kept"));
+        for (ending, cut_off) in [
+            ("", false),
+            (": a comment\n", false),
+            (
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo",
+                true,
+            ),
+            ("data: {\"choices\":[]}\n", true),
+            ("event: keepalive", true),
+        ] {
+            let mut decoder = Decoder::default();
+            let mut out = Vec::new();
+            let body = format!("{whole}{ending}");
+            assert_eq!(decoder.feed(body.as_bytes(), &mut out), Fed::Open);
+            assert_eq!(out, vec![ModelEvent::Delta("kept".into())], "{ending:?}");
+            assert_eq!(decoder.finish().is_some(), cut_off, "{ending:?}");
         }
     }
 

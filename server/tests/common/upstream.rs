@@ -48,6 +48,8 @@ pub enum Step {
     Fail,
     /// Send these bytes as they are (garbage, half an event).
     Raw(String),
+    /// End the body cleanly where it is, without usage or `[DONE]`.
+    End,
 }
 
 /// One request the fake received.
@@ -223,6 +225,13 @@ struct CancelGuard {
     seen: Arc<Notify>,
 }
 
+impl CancelGuard {
+    /// The stream ended as the script said: not a cancellation.
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         if !self.finished {
@@ -303,6 +312,10 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
                     let mut bytes = sse(&usage(sent)).to_vec();
                     bytes.extend_from_slice(b"data: [DONE]\n\n");
                     (Ok(Bytes::from(bytes)), sent, true)
+                }
+                Some(Some(Step::End)) => {
+                    guard.finish();
+                    return None;
                 }
                 Some(Some(Step::Fail)) => {
                     guard.finished = true;
