@@ -191,15 +191,19 @@ impl Outbox {
         Some(item)
     }
 
-    /// Drops every queued frame (a client judged slow would only fall further behind; it
-    /// resumes from its last seq after reconnecting). Senders waiting for room are woken.
-    pub fn clear(&self) {
+    /// Ends the queue with `last` as the only frame left in it: what was queued is dropped (a
+    /// client judged slow would only fall further behind; it resumes from its last seq after
+    /// reconnecting), and nothing more can be queued. One step, so that no frame a sender
+    /// queues meanwhile can come before `last`. Waiting senders get [`Closed`].
+    pub fn close_with_last(&self, last: Outbound) {
         {
             let mut state = self.state();
-            state.items = VecDeque::new();
-            state.bytes = 0;
+            state.items = VecDeque::from([last]);
+            state.bytes = state.items.iter().map(size_of).sum();
+            state.closed = true;
         }
         self.room.notify_waiters();
+        self.queued.wake();
     }
 
     /// The socket is ending: wakes every waiting sender (they get [`Closed`]). What was queued
@@ -339,7 +343,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn clearing_drops_the_backlog_and_frees_its_room() {
+    async fn closing_with_a_last_frame_drops_the_backlog_and_takes_nothing_after() {
         let outbox = Arc::new(Outbox::new(2, 1 << 20));
         assert!(matches!(outbox.offer(frame("old 1")), Offer::Queued));
         assert!(matches!(outbox.offer(frame("old 2")), Offer::Queued));
@@ -348,19 +352,16 @@ mod tests {
             async move { outbox.push(frame("waiting")).await }
         });
         tokio::task::yield_now().await;
-        outbox.clear();
-        tokio::time::timeout(Duration::from_secs(5), sender)
+        outbox.close_with_last(frame("last word"));
+        let waited = tokio::time::timeout(Duration::from_secs(5), sender)
             .await
-            .expect("clearing wakes a sender waiting for room")
-            .unwrap()
+            .expect("closing wakes a sender waiting for room")
             .unwrap();
-        outbox.try_push(frame("last word")).unwrap();
-        outbox.close();
+        assert_eq!(waited, Err(Closed));
+        assert!(matches!(outbox.offer(frame("late")), Offer::Closed));
+        assert_eq!(outbox.try_push(frame("own")), Err(TryPushError::Closed));
         let left: Vec<_> = take(&outbox, 10).await.iter().map(text).collect();
-        assert_eq!(
-            left,
-            ["waiting", "last word"],
-            "nothing from before the clear"
-        );
+        assert_eq!(left, ["last word"], "nothing before it, nothing after it");
+        assert!(take(&outbox, 10).await.is_empty());
     }
 }

@@ -209,9 +209,10 @@ impl Wire {
     /// then the `error` frame and the close frame are written within `grace`. A frame the
     /// socket has started stays whole: its rest goes first.
     pub(super) async fn close_slow(&mut self, error: ServerMessage, grace: Duration) {
-        self.out.clear();
+        self.out
+            .close_with_last(Outbound::Text(error.encode().into()));
         self.next = None;
-        self.close(close::TRY_AGAIN_LATER, Some(error), grace).await;
+        self.close(close::TRY_AGAIN_LATER, None, grace).await;
     }
 
     /// The closing handshake's second half: the client's close frame (or the end of its
