@@ -29,6 +29,9 @@ async fn exchange(
         .await;
     assert_eq!(status, StatusCode::CREATED, "{sent}");
     let request = upstream.next_request().await;
+    assert_eq!(request.headers["authorization"], "Bearer sk-test");
+    assert_eq!(request.headers["openai-organization"], "org-wadi");
+    assert_eq!(request.headers["openai-project"], "proj-wadi");
     request.token(text);
     request.send(Step::Finish);
     let run = sent["run"]["id"].as_str().unwrap();
@@ -48,6 +51,8 @@ async fn models_and_system_prompts_are_chosen_per_conversation(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = TestServer::configured(engine, |config| {
         upstream.configure(config);
+        config.provider.openai_organization = Some("org-wadi".into());
+        config.provider.openai_project = Some("proj-wadi".into());
         config.provider.models = vec!["big-model".into(), " small-model ".into(), "".into()];
         config.runs.system_prompt = Some("Server default prompt.".into());
     })

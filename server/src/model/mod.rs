@@ -31,6 +31,14 @@ pub struct ProviderSettings {
     #[arg(long, env = "OPENAI_BASE_URL")]
     pub openai_base_url: Option<SecretUrl>,
 
+    /// The OpenAI organization requests are made for (the `OpenAI-Organization` header).
+    #[arg(long, env = "OPENAI_ORG_ID")]
+    pub openai_organization: Option<String>,
+
+    /// The OpenAI project requests are made for (the `OpenAI-Project` header).
+    #[arg(long, env = "OPENAI_PROJECT_ID")]
+    pub openai_project: Option<String>,
+
     /// The model to ask.
     #[arg(long, env = "WADI_MODEL", default_value = "gpt-4o-mini")]
     pub model: String,

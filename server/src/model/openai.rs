@@ -49,7 +49,20 @@ pub struct OpenAiModel {
 
 impl OpenAiModel {
     pub fn new(settings: &ProviderSettings) -> Result<Self, ModelError> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("openai-organization", &settings.openai_organization),
+            ("openai-project", &settings.openai_project),
+        ] {
+            if let Some(value) = value.as_deref().filter(|value| !value.is_empty()) {
+                let value = value.parse().map_err(|_| ModelError::Refused {
+                    detail: format!("{name} is not a valid header value"),
+                })?;
+                headers.insert(name, value);
+            }
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(settings.model_connect_timeout)
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()

@@ -55,6 +55,8 @@ pub enum Step {
 /// One request the fake received.
 pub struct Request {
     pub body: Value,
+    /// The request's headers (authorization, organization, project).
+    pub headers: axum::http::HeaderMap,
     steps: Option<mpsc::UnboundedSender<Step>>,
     cancelled: Arc<AtomicBool>,
     cancel_seen: Arc<Notify>,
@@ -241,7 +243,11 @@ impl Drop for CancelGuard {
     }
 }
 
-async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+async fn completions(
+    State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     let script = shared.script.lock().unwrap().clone();
     let cancelled = Arc::new(AtomicBool::new(false));
     let cancel_seen = Arc::new(Notify::new());
@@ -254,6 +260,7 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
         shared.statuses_served.lock().unwrap().push(status);
         let _ = shared.arrived.send(Arc::new(Request {
             body,
+            headers: headers.clone(),
             steps: None,
             cancelled,
             cancel_seen,
@@ -283,6 +290,7 @@ async fn completions(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
     }
     let _ = shared.arrived.send(Arc::new(Request {
         body,
+        headers,
         steps: Some(steps_tx),
         cancelled: cancelled.clone(),
         cancel_seen: cancel_seen.clone(),
