@@ -153,21 +153,31 @@ async fn run(cli: Cli) -> Result<bool> {
         first: (stamp::now_micros() / 1000 % 10_000_000) as u32,
         count: cli.sources.max(1),
     };
-    if let Command::Compare(args) = &cli.command {
-        let out_dir = cli.out_dir.join("compare");
-        let outcome = compare::run(&options, &out_dir, sources, args).await?;
+    // The scenarios that start their own servers, and report in a folder of their own.
+    let own = match &cli.command {
+        Command::Compare(args) => {
+            let out_dir = cli.out_dir.join("compare");
+            Some((
+                out_dir.clone(),
+                compare::run(&options, &out_dir, sources, args).await?,
+            ))
+        }
+        Command::Instructions(args) => {
+            let out_dir = cli.out_dir.join("instructions");
+            std::fs::create_dir_all(&out_dir)?;
+            Some((
+                out_dir.clone(),
+                instructions::run(&options, &out_dir, sources, args).await?,
+            ))
+        }
+        _ => None,
+    };
+    if let Some((out_dir, outcome)) = own {
         println!("{}", outcome.summary);
-        let path = out_dir.join("compare.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
-        println!("  report: {}", path.display());
-        return Ok(outcome.correct);
-    }
-    if let Command::Instructions(args) = &cli.command {
-        let out_dir = cli.out_dir.join("instructions");
-        std::fs::create_dir_all(&out_dir)?;
-        let outcome = instructions::run(&options, &out_dir, sources, args).await?;
-        println!("{}", outcome.summary);
-        let path = out_dir.join("instructions.json");
+        let name = out_dir
+            .file_name()
+            .map_or_else(Default::default, |name| name.to_owned());
+        let path = out_dir.join(name).with_extension("json");
         std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
         println!("  report: {}", path.display());
         return Ok(outcome.correct);

@@ -74,25 +74,14 @@ pub fn cursor(data: &[u8]) {
 /// decoder, the chunk JSON, and what a chunk becomes. However the body is cut, it decodes to the
 /// same events and ends the same way.
 pub fn upstream_sse(data: &[u8]) {
-    use crate::model::sse::{Decoder, Fed};
+    use crate::model::sse::decode_all;
     let (cuts, body) = match data.split_first() {
         Some((cuts, body)) => (usize::from(*cuts).max(1), body),
         None => return,
     };
-    let decode = |pieces: &mut dyn Iterator<Item = &[u8]>| {
-        let mut decoder = Decoder::default();
-        let mut events = Vec::new();
-        for piece in pieces {
-            let fed = decoder.feed(piece, &mut events);
-            if fed != Fed::Open {
-                return (events, fed);
-            }
-        }
-        (events, Fed::Open)
-    };
-    let whole = decode(&mut std::iter::once(body));
+    let whole = decode_all([body]);
     // Each piece followed by an empty read, as HTTP/2 can deliver.
-    let cut = decode(&mut body.chunks(cuts).flat_map(|piece| [piece, &[][..]]));
+    let cut = decode_all(body.chunks(cuts).flat_map(|piece| [piece, &[][..]]));
     for event in &whole.0 {
         if let crate::model::ModelEvent::Delta(text) = event {
             assert!(!text.is_empty(), "empty deltas are dropped");

@@ -165,6 +165,20 @@ impl Decoder {
     }
 }
 
+/// A whole body, given in pieces: its events and how it ended (`Open` if it did not). For
+/// tests and the fuzz target.
+pub fn decode_all<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> (Vec<ModelEvent>, Fed) {
+    let mut decoder = Decoder::default();
+    let mut events = Vec::new();
+    for piece in pieces {
+        let fed = decoder.feed(piece, &mut events);
+        if fed != Fed::Open {
+            return (events, fed);
+        }
+    }
+    (events, Fed::Open)
+}
+
 fn broken(detail: String) -> ModelError {
     ModelError::Broken { detail }
 }
@@ -312,35 +326,22 @@ mod tests {
         ]
     }
 
-    /// Feeds `pieces` in order; returns the events and how the stream ended.
-    fn decode<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> (Vec<ModelEvent>, Fed) {
-        let mut decoder = Decoder::default();
-        let mut out = Vec::new();
-        for piece in pieces {
-            let fed = decoder.feed(piece, &mut out);
-            if fed != Fed::Open {
-                return (out, fed);
-            }
-        }
-        (out, Fed::Open)
-    }
-
     #[test]
     fn decodes_a_body_however_it_is_cut() {
         let body = body();
         let bytes = body.as_bytes();
-        assert_eq!(decode([bytes]), (expected(), Fed::Done));
+        assert_eq!(decode_all([bytes]), (expected(), Fed::Done));
         // Every cut, including inside `\r\n`, a multi-byte character and `[DONE]`, also with an
         // empty read at the cut (HTTP/2 can deliver one).
         for cut in 0..=bytes.len() {
             let (head, tail) = bytes.split_at(cut);
             assert_eq!(
-                decode([head, tail]),
+                decode_all([head, tail]),
                 (expected(), Fed::Done),
                 "cut at {cut}"
             );
             assert_eq!(
-                decode([head, &[][..], tail]),
+                decode_all([head, &[][..], tail]),
                 (expected(), Fed::Done),
                 "cut at {cut}, an empty read between"
             );
@@ -350,13 +351,13 @@ mod tests {
         for cut in 0..=4 {
             let (head, tail) = marked.split_at(cut);
             assert_eq!(
-                decode([head, tail]),
+                decode_all([head, tail]),
                 (expected(), Fed::Done),
                 "BOM cut at {cut}"
             );
         }
         assert_eq!(
-            decode(bytes.chunks(1)),
+            decode_all(bytes.chunks(1)),
             (expected(), Fed::Done),
             "byte by byte"
         );
@@ -365,7 +366,7 @@ mod tests {
     /// A `data:` line with nothing after it is an event with empty data: not JSON.
     #[test]
     fn an_empty_data_line_is_not_a_chunk() {
-        let (events, fed) = decode([&b"data:\n\n"[..]]);
+        let (events, fed) = decode_all([&b"data:\n\n"[..]]);
         assert!(events.is_empty());
         assert!(
             matches!(fed, Fed::Failed(ModelError::Broken { .. })),
@@ -378,7 +379,7 @@ mod tests {
         let json = delta("two lines");
         let (head, tail) = json.split_at(json.find("\"choices\"").unwrap());
         let body = format!("data: {head}\ndata: {tail}\n\n");
-        let (events, fed) = decode([body.as_bytes()]);
+        let (events, fed) = decode_all([body.as_bytes()]);
         assert_eq!(fed, Fed::Open);
         assert_eq!(events, vec![ModelEvent::Delta("two lines".into())]);
     }
