@@ -185,3 +185,23 @@ async fn a_star_lists_the_providers_models_and_asks_rarely() {
     assert_eq!(upstream.model_lists(), 1, "the list is cached");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_provider_that_never_lists_its_models_leaves_the_default_one() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    upstream.hang_model_lists();
+    let server = TestServer::configured(Engine::Sqlite, |config| {
+        upstream.configure(config);
+        config.provider.models = vec!["*".into()];
+        config.provider.model_list_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let api = server.user().await;
+    let (status, models) = tokio::time::timeout(TIMEOUT, api.get("/api/models"))
+        .await
+        .expect("the list is answered without the provider's");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["models"], json!(["fake-model"]));
+    assert_eq!(upstream.model_lists(), 1, "a timeout is not retried");
+    server.shutdown().await.unwrap();
+}

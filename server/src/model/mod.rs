@@ -56,6 +56,11 @@ pub struct ProviderSettings {
     #[arg(long, env = "WADI_MODEL_CONNECT_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
     pub model_connect_timeout: Duration,
 
+    /// Time allowed for the provider to list its models (`--models '*'`); past it, only the
+    /// default model is offered until the next try, 30 s later.
+    #[arg(long, env = "WADI_MODEL_LIST_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
+    pub model_list_timeout: Duration,
+
     /// Pause between the demo model's words.
     #[arg(long, env = "WADI_DEMO_PACE", value_parser = crate::config::parse_duration, default_value = "40ms")]
     pub demo_pace: Duration,

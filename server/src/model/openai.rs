@@ -45,6 +45,7 @@ pub struct OpenAiModel {
     api_key: Option<Secret>,
     model: String,
     temperature: Option<f32>,
+    list_timeout: Duration,
 }
 
 impl OpenAiModel {
@@ -79,6 +80,7 @@ impl OpenAiModel {
             api_key: settings.openai_api_key.clone(),
             model: settings.model.clone(),
             temperature: settings.temperature,
+            list_timeout: settings.model_list_timeout,
         })
     }
 
@@ -171,7 +173,12 @@ impl ChatModel for OpenAiModel {
 
     async fn list(&self) -> Result<Vec<String>, ModelError> {
         let response = self
-            .send(|| self.request(reqwest::Method::GET, "/models"))
+            .send(|| {
+                // A provider that never answers must not hold the model list (a timeout is not
+                // retried).
+                self.request(reqwest::Method::GET, "/models")
+                    .timeout(self.list_timeout)
+            })
             .await?;
         let body = response.bytes().await.map_err(|e| ModelError::Broken {
             detail: error_chain(&e),

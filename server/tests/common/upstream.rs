@@ -117,10 +117,15 @@ struct Shared {
     /// What `GET /v1/models` lists, and how often it was asked.
     models: Mutex<Vec<String>>,
     model_lists: std::sync::atomic::AtomicUsize,
+    /// `GET /v1/models` never answers.
+    models_hang: AtomicBool,
 }
 
 async fn models(State(shared): State<Arc<Shared>>) -> Json<Value> {
     shared.model_lists.fetch_add(1, Ordering::SeqCst);
+    if shared.models_hang.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     let data: Vec<Value> = shared
         .models
         .lock()
@@ -149,6 +154,7 @@ impl FakeUpstream {
             statuses_served: Mutex::new(Vec::new()),
             models: Mutex::new(vec!["fake-model".to_owned()]),
             model_lists: std::sync::atomic::AtomicUsize::new(0),
+            models_hang: AtomicBool::new(false),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
@@ -180,6 +186,11 @@ impl FakeUpstream {
     /// Sets what `GET /v1/models` lists.
     pub fn set_models(&self, models: &[&str]) {
         *self.shared.models.lock().unwrap() = models.iter().map(|m| (*m).to_owned()).collect();
+    }
+
+    /// Makes `GET /v1/models` never answer.
+    pub fn hang_model_lists(&self) {
+        self.shared.models_hang.store(true, Ordering::SeqCst);
     }
 
     /// How many times `GET /v1/models` was asked.
