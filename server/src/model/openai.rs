@@ -22,7 +22,6 @@ use reqwest::{
     header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER},
 };
 use serde::{Deserialize, Serialize};
-use wadi_protocol::api::Role;
 
 use super::{
     ChatMessage, ChatModel, ModelError, ModelEvent, ModelStream, ProviderSettings,
@@ -144,13 +143,8 @@ struct StreamOptions {
 }
 
 fn request_message(message: &ChatMessage) -> RequestMessage<'_> {
-    let role = match message.role {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-    };
     RequestMessage {
-        role,
+        role: message.role.as_str(),
         content: &message.content,
     }
 }
@@ -385,6 +379,8 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use wadi_protocol::api::Role;
+
     use super::*;
 
     fn classify(status: u16, body: &str) -> Refusal {
