@@ -153,34 +153,16 @@ async fn run(cli: Cli) -> Result<bool> {
         first: (stamp::now_micros() / 1000 % 10_000_000) as u32,
         count: cli.sources.max(1),
     };
-    // The scenarios that start their own servers, and report in a folder of their own.
-    let own = match &cli.command {
-        Command::Compare(args) => {
-            let out_dir = cli.out_dir.join("compare");
-            Some((
-                out_dir.clone(),
-                compare::run(&options, &out_dir, sources, args).await?,
-            ))
-        }
-        Command::Instructions(args) => {
-            let out_dir = cli.out_dir.join("instructions");
-            std::fs::create_dir_all(&out_dir)?;
-            Some((
-                out_dir.clone(),
-                instructions::run(&options, &out_dir, sources, args).await?,
-            ))
-        }
-        _ => None,
-    };
-    if let Some((out_dir, outcome)) = own {
-        println!("{}", outcome.summary);
-        let name = out_dir
-            .file_name()
-            .map_or_else(Default::default, |name| name.to_owned());
-        let path = out_dir.join(name).with_extension("json");
-        std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
-        println!("  report: {}", path.display());
-        return Ok(outcome.correct);
+    // The scenarios that start their own servers, each reporting in a folder of its own.
+    if let Command::Compare(args) = &cli.command {
+        let out_dir = cli.out_dir.join("compare");
+        let outcome = compare::run(&options, &out_dir, sources, args).await?;
+        return own_report(&out_dir, "compare", &outcome);
+    }
+    if let Command::Instructions(args) = &cli.command {
+        let out_dir = cli.out_dir.join("instructions");
+        let outcome = instructions::run(&options, &out_dir, sources, args).await?;
+        return own_report(&out_dir, "instructions", &outcome);
     }
     let target = Target::start(&options, &cli.out_dir).await?;
     let bench = Bench {
@@ -234,6 +216,16 @@ async fn scenarios(bench: &Bench, command: Command, check_targets: bool) -> Resu
 
 /// Prints the summary line and writes the report; false if the harness saw failures (or, with
 /// `check_targets`, the target was missed).
+/// Prints a scenario's summary and writes its report to `<out_dir>/<name>.json`; whether the
+/// harness saw nothing wrong.
+fn own_report(out_dir: &std::path::Path, name: &str, outcome: &Outcome) -> Result<bool> {
+    println!("{}", outcome.summary);
+    let path = out_dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&outcome.result)?)?;
+    println!("  report: {}", path.display());
+    Ok(outcome.correct)
+}
+
 fn finish(bench: &Bench, name: &str, outcome: Outcome, check_targets: bool) -> Result<bool> {
     println!("{}", outcome.summary);
     let path = report::write(&bench.out_dir, name, &bench.target, outcome.result)?;

@@ -2,6 +2,7 @@
 //! the limits a benchmark needs raised), or any protocol v1 server already running at a URL.
 
 use std::{
+    ffi::OsString,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
@@ -87,25 +88,25 @@ struct Launcher {
 
 impl Launcher {
     fn of(options: &Options) -> Result<Self> {
-        let launcher = match (&options.reference, &options.server_bin) {
-            (Some(script), _) => Self {
-                path: script.clone(),
-                reference: true,
-                ready_line: "reference is running at ",
-                wrapper: options.wrapper.clone(),
-            },
-            (None, bin) => Self {
-                path: match bin {
+        let (path, reference, ready_line) = match (&options.reference, &options.server_bin) {
+            (Some(script), _) => (script.clone(), true, "reference is running at "),
+            (None, bin) => (
+                match bin {
                     Some(bin) => bin.clone(),
                     None => std::env::current_exe()?
                         .parent()
                         .context("this program has no directory")?
                         .join("wadi"),
                 },
-                reference: false,
-                ready_line: "WADI is running at ",
-                wrapper: options.wrapper.clone(),
-            },
+                false,
+                "WADI is running at ",
+            ),
+        };
+        let launcher = Self {
+            path,
+            reference,
+            ready_line,
+            wrapper: options.wrapper.clone(),
         };
         if !launcher.path.exists() {
             bail!(
@@ -118,22 +119,16 @@ impl Launcher {
     }
 
     fn command(&self) -> Command {
-        let mut command = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args);
-                command
-            }
-            None if self.reference => Command::new("node"),
-            None => return Command::new(&self.path),
-        };
+        // What runs, in order: the wrapper, `node` for the reference, the binary or script.
+        let mut argv: Vec<OsString> = self.wrapper.iter().map(OsString::from).collect();
         if self.reference {
-            if !self.wrapper.is_empty() {
-                command.arg("node");
-            }
-            command.arg(&self.path).env("PORT", "0");
-        } else {
-            command.arg(&self.path);
+            argv.push("node".into());
+        }
+        argv.push(self.path.clone().into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        if self.reference {
+            command.env("PORT", "0");
         }
         command
     }

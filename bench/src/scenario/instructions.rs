@@ -9,7 +9,10 @@
 //! startup and setup (signing keys, password hashes, migrations) cancelled out. What the
 //! kernel does (the sends, the loopback) is not counted: callgrind sees user space only.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -48,7 +51,7 @@ struct Sitting {
     /// Instructions in all, less one-off initialisers (see [`counted`]).
     instructions: u64,
     /// Instructions by function (their own, not their callees').
-    functions: Vec<(String, u64)>,
+    functions: HashMap<String, u64>,
     correct: bool,
 }
 
@@ -66,6 +69,7 @@ pub async fn run(
             bail!("{tool} is not installed (Debian: apt-get install valgrind)");
         }
     }
+    std::fs::create_dir_all(out_dir)?;
     let short = sitting(options, out_dir, sources, args, args.short).await?;
     let long = sitting(options, out_dir, sources, args, args.long).await?;
     let chunks = long.chunks.saturating_sub(short.chunks);
@@ -77,11 +81,7 @@ pub async fn run(
         .functions
         .iter()
         .map(|(name, count)| {
-            let before = short
-                .functions
-                .iter()
-                .find(|(other, _)| other == name)
-                .map_or(0, |(_, count)| *count);
+            let before = short.functions.get(name).copied().unwrap_or(0);
             (
                 name.clone(),
                 (*count as f64 - before as f64) / chunks as f64,
@@ -178,8 +178,8 @@ async fn sitting(
 /// The instructions in a callgrind file, less those of one-off initialisers (`OnceCell`s: a
 /// clock calibration in one spins for a fixed time, so its count varies from run to run), and
 /// each function's own count.
-fn counted(file: &PathBuf) -> Result<(u64, Vec<(String, u64)>)> {
-    let annotate = |inclusive: bool| -> Result<Vec<(String, u64)>> {
+fn counted(file: &PathBuf) -> Result<(u64, HashMap<String, u64>)> {
+    let annotate = |inclusive: bool| -> Result<HashMap<String, u64>> {
         let output = std::process::Command::new("callgrind_annotate")
             .arg(format!(
                 "--inclusive={}",
@@ -199,10 +199,8 @@ fn counted(file: &PathBuf) -> Result<(u64, Vec<(String, u64)>)> {
         Ok(parse_annotate(&String::from_utf8_lossy(&output.stdout)))
     };
     let inclusive = annotate(true)?;
-    let total = inclusive
-        .iter()
-        .find(|(name, _)| name == "PROGRAM TOTALS")
-        .map(|(_, count)| *count)
+    let total = *inclusive
+        .get(TOTAL)
         .context("callgrind_annotate printed no total")?;
     let once = inclusive
         .iter()
@@ -210,17 +208,18 @@ fn counted(file: &PathBuf) -> Result<(u64, Vec<(String, u64)>)> {
         .map(|(_, count)| *count)
         .max()
         .unwrap_or(0);
-    let functions = annotate(false)?
-        .into_iter()
-        .filter(|(name, _)| name != "PROGRAM TOTALS")
-        .collect();
+    let mut functions = annotate(false)?;
+    functions.remove(TOTAL);
     Ok((total.saturating_sub(once), functions))
 }
 
+/// What `callgrind_annotate` calls the whole program's count.
+const TOTAL: &str = "PROGRAM TOTALS";
+
 /// `callgrind_annotate`'s lines `  1,234 (12.34%)  file:function [object]`, as (function,
 /// count); the same function from several objects or files is summed.
-fn parse_annotate(text: &str) -> Vec<(String, u64)> {
-    let mut counts: Vec<(String, u64)> = Vec::new();
+fn parse_annotate(text: &str) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
     for line in text.lines() {
         let line = line.trim_start();
         let Some((number, rest)) = line.split_once(' ') else {
@@ -243,10 +242,7 @@ fn parse_annotate(text: &str) -> Vec<(String, u64)> {
         {
             name = function;
         }
-        match counts.iter_mut().find(|(other, _)| other == name) {
-            Some((_, sum)) => *sum += count,
-            None => counts.push((name.to_owned(), count)),
-        }
+        *counts.entry(name.to_owned()).or_default() += count;
     }
     counts
 }
@@ -281,7 +277,7 @@ Ir                    file:function
 ";
         assert_eq!(
             parse_annotate(text),
-            vec![
+            HashMap::from([
                 ("PROGRAM TOTALS".to_owned(), 585_331_448),
                 (
                     "argon2::Argon2::compress::compress_avx2".to_owned(),
@@ -293,7 +289,7 @@ Ir                    file:function
                         .to_owned(),
                     5_433_650
                 ),
-            ]
+            ])
         );
     }
 }
