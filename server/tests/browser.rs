@@ -1234,7 +1234,7 @@ window.fetch = async function (input, init) {
     const url = typeof input === 'string' ? input : input.url;
     const method = ((init && init.method) || (typeof input === 'string' ? 'GET' : input.method)).toUpperCase();
     const response = await original.call(window, input, init);
-    if (method === 'GET' && /\/api\/conversations(\?|$)/.test(new URL(url, location.href).pathname + new URL(url, location.href).search) && !window.__held) {
+    if (method === 'GET' && new URL(url, location.href).pathname === '/api/conversations' && !window.__held) {
         const text = await response.clone().text();
         if (text.includes('First title')) {
             window.__held = true;
