@@ -1,7 +1,7 @@
 //! `instructions`: the server's user-space instructions per delivered chunk, counted by
 //! callgrind. CPU time per chunk moves by a third between runs of one binary on a shared
-//! machine; instruction counts do not, so two builds can be compared in minutes, a change of a
-//! few percent included (`docs/performance.md`, "Counting instructions").
+//! machine; instruction counts spread by up to 5 %, so two builds can be compared in minutes
+//! (`docs/performance.md`, "Counting instructions").
 //!
 //! The stream scenario runs twice at low load on a server started under
 //! `valgrind --tool=callgrind`: once with short answers, once with long ones. The difference
