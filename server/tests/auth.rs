@@ -209,6 +209,7 @@ on_both_engines!(
     the_parent_of_the_active_token_gets_it_back_and_other_reuse_revokes_the_session,
     concurrent_refreshes_with_one_token_get_the_same_child,
     a_replayed_token_never_forks_the_session_and_logout_ends_it_all,
+    rotated_tokens_past_the_retention_are_deleted_at_the_next_refresh,
     wrong_password_and_unknown_email_answer_identically,
     signup_errors_match_supabase,
     login_and_signup_are_rate_limited_per_address,
@@ -426,6 +427,57 @@ async fn a_replayed_token_never_forks_the_session_and_logout_ends_it_all(engine:
         );
     }
     assert_eq!(session_tokens(&server, &session).await, 0, "pruned with it");
+    server.shutdown().await.unwrap();
+}
+
+async fn rotated_tokens_past_the_retention_are_deleted_at_the_next_refresh(engine: Engine) {
+    // With no retention and no reuse window, a rotation keeps only the token it rotates (the
+    // parent of the new one) and the new one; with the defaults (24 h) a token stays.
+    let server = TestServer::configured(engine.clone(), |config| {
+        config.auth.refresh_reuse_interval = std::time::Duration::ZERO;
+        config.auth.refresh_token_retention = std::time::Duration::ZERO;
+    })
+    .await;
+    let session = server.sign_up().await;
+    let mut tokens = vec![session.refresh_token().to_owned()];
+    for _ in 0..4 {
+        let next: Value = refresh(&server, tokens.last().unwrap())
+            .await
+            .json()
+            .await
+            .unwrap();
+        tokens.push(next["refresh_token"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        session_tokens(&server, &session).await,
+        2,
+        "the active token and its parent"
+    );
+    // The parent still gets the active token back (its holder lost the last answer).
+    let retried: Value = refresh(&server, &tokens[3]).await.json().await.unwrap();
+    assert_eq!(retried["refresh_token"], tokens[4].as_str());
+    // A deleted token is unknown: refused, and the session it belonged to goes on.
+    assert_eq!(
+        error_code(refresh(&server, &tokens[1]).await).await,
+        (StatusCode::BAD_REQUEST, "refresh_token_not_found".into())
+    );
+    let next = refresh(&server, &tokens[4]).await;
+    assert_eq!(next.status(), 200, "the session was not revoked");
+    assert_eq!(session_tokens(&server, &session).await, 2);
+    server.shutdown().await.unwrap();
+
+    let server = TestServer::on(engine).await;
+    let session = server.sign_up().await;
+    let mut token = session.refresh_token().to_owned();
+    for _ in 0..3 {
+        let next: Value = refresh(&server, &token).await.json().await.unwrap();
+        token = next["refresh_token"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(
+        session_tokens(&server, &session).await,
+        4,
+        "kept within the default retention"
+    );
     server.shutdown().await.unwrap();
 }
 

@@ -57,6 +57,11 @@ pub struct AuthSettings {
     #[arg(long, env = "WADI_REFRESH_REUSE_INTERVAL", value_parser = crate::config::parse_duration, default_value = "10s")]
     pub refresh_reuse_interval: Duration,
 
+    /// How long a rotated refresh token is kept (never less than the reuse interval); older ones
+    /// are deleted at the session's next refresh.
+    #[arg(long, env = "WADI_REFRESH_TOKEN_RETENTION", value_parser = crate::config::parse_duration, default_value = "24h")]
+    pub refresh_token_retention: Duration,
+
     /// Shortest password the embedded auth service accepts (Supabase's default is 6).
     #[arg(long, env = "WADI_PASSWORD_MIN_LENGTH", default_value_t = 6)]
     pub password_min_length: usize,

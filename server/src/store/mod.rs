@@ -135,14 +135,16 @@ pub trait Store: Send + Sync + 'static {
 
     async fn refresh_token_by_hash(&self, hash: &str) -> StoreResult<Option<RefreshTokenRecord>>;
     /// Rotates an active token in one transaction: revokes it (keeping `next_token`, the sealed
-    /// successor), inserts `child` and bumps the session's `updated_at`. False if the token was
-    /// revoked already (a concurrent refresh won; its child is committed by the time this
+    /// successor), inserts `child`, bumps the session's `updated_at`, and deletes the session's
+    /// other revoked tokens rotated at or before `revoked_before` (Unix ms). False if the token
+    /// was revoked already (a concurrent refresh won; its child is committed by the time this
     /// returns), in which case nothing is written.
     async fn rotate_refresh_token(
         &self,
         id: Uuid,
         next_token: &str,
         child: &RefreshTokenRecord,
+        revoked_before: i64,
     ) -> StoreResult<bool>;
     /// Inserts a token into an existing session and bumps the session's `updated_at`.
     async fn insert_refresh_token(&self, token: &RefreshTokenRecord) -> StoreResult<()>;

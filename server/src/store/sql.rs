@@ -266,6 +266,7 @@ macro_rules! sql_store {
                 id: uuid::Uuid,
                 next_token: &str,
                 child: &$crate::store::RefreshTokenRecord,
+                revoked_before: i64,
             ) -> $crate::store::StoreResult<bool> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 // Of two concurrent rotations of one token, the second waits here for the
@@ -288,6 +289,17 @@ macro_rules! sql_store {
                     .bind(child.created_at)
                     .execute(&mut *tx)
                     .await?;
+                // The token just rotated stays whatever its age: it is the parent of the
+                // active one, which its holder gets back if the answer was lost.
+                sqlx::query(
+                    "DELETE FROM refresh_tokens WHERE session_id = $1 AND revoked = TRUE \
+                     AND updated_at <= $2 AND id <> $3",
+                )
+                .bind(child.session_id)
+                .bind(revoked_before)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(true)
             }

@@ -33,6 +33,8 @@ pub struct EmbeddedAuth {
     issuer: String,
     access_ttl: Duration,
     reuse_interval: Duration,
+    /// How long a rotated token is kept (at least `reuse_interval`).
+    retention: Duration,
     password_min_length: usize,
     clock: crate::util::Clock,
     /// Verified against when an email is unknown, so that a wrong email costs the same time as
@@ -77,6 +79,9 @@ impl EmbeddedAuth {
             issuer,
             access_ttl: settings.access_token_ttl,
             reuse_interval: settings.refresh_reuse_interval,
+            retention: settings
+                .refresh_token_retention
+                .max(settings.refresh_reuse_interval),
             password_min_length: settings.password_min_length,
             clock,
             dummy_hash,
@@ -196,6 +201,10 @@ impl EmbeddedAuth {
     ///   session's active token too (tabs racing on one token);
     /// - any other reuse means the token leaked: the whole session is revoked.
     ///
+    /// A rotation also deletes the session's tokens rotated more than the retention ago (but
+    /// never the one it rotates): presented again, they are "not found", as GoTrue's cleanup
+    /// of revoked tokens makes them.
+    ///
     /// The active token is found by following the chain of sealed successors from the token
     /// presented (see [`seal`]), so only a holder of a token in the chain can learn it.
     pub async fn refresh(&self, token: &str) -> Result<IssuedSession, AuthApiError> {
@@ -225,9 +234,15 @@ impl EmbeddedAuth {
 
         if !record.revoked {
             let (child_token, child) = new_refresh_token(session.id, Some(record.id), now);
+            let retention = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
             let rotated = self
                 .store
-                .rotate_refresh_token(record.id, &seal(token, &child_token), &child)
+                .rotate_refresh_token(
+                    record.id,
+                    &seal(token, &child_token),
+                    &child,
+                    now.saturating_sub(retention),
+                )
                 .await
                 .map_err(|error| match error {
                     // The session was deleted between our read and this write (a logout).
