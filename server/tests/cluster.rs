@@ -396,6 +396,10 @@ async fn a_killed_owners_run_is_reaped_and_its_watchers_told() {
         said.concat(),
         "what it produced is kept"
     );
+    // The provider's report died with the owner: the reaper counts what was asked and said.
+    assert_eq!(complete["usage"]["estimated"], true, "{complete}");
+    assert!(complete["usage"]["promptTokens"].as_u64().unwrap() > 0);
+    assert!(complete["usage"]["completionTokens"].as_u64().unwrap() >= 5);
     let (status, output, last_seq, _) = cluster
         .db
         .run_row(uuid::Uuid::parse_str(&run_id).unwrap())

@@ -1819,6 +1819,15 @@ async fn a_crash_leaves_runs_interrupted_with_their_flushed_output() {
     assert_eq!(db.count(interrupted, run_id).await, 1);
     let answer = "SELECT COUNT(*) FROM messages WHERE run_id = $1 AND role = 'assistant'";
     assert_eq!(db.count(answer, run_id).await, 1);
+    // Its usage died with the process: the server counts the prompt and the words kept, as for
+    // a stopped run.
+    let counted = "SELECT COUNT(*) FROM runs WHERE id = $1 AND usage_estimated \
+                   AND prompt_tokens > 0 AND completion_tokens BETWEEN 3 AND 8";
+    assert_eq!(
+        db.count(counted, run_id).await,
+        1,
+        "the usage was estimated"
+    );
     restarted.shutdown().await.unwrap();
 }
 

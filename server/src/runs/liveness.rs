@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wadi_protocol::RunStatus;
 
-use super::Runs;
+use super::{Runs, task};
 use crate::{
     error::AppError,
     ids::ConversationId,
@@ -207,6 +207,7 @@ impl Runs {
             )
             .await?;
         for (run, outcome) in &reaped {
+            self.count_reaped(run, outcome).await;
             self.metrics.reaped_runs.inc();
             tracing::warn!(
                 run_id = %run.id,
@@ -257,6 +258,43 @@ impl Runs {
         }
     }
 
+    /// Saves the server's count of a reaped run's prompt and output, as for any run the
+    /// provider did not report on: whatever it reported died with the instance that drove
+    /// the run. Done after the reap's transaction (counting can take a while; the store's
+    /// write lock is not held meanwhile) and before watchers are told, so that `complete`
+    /// carries it.
+    async fn count_reaped(&self, run: &RunRecord, outcome: &RunOutcome) {
+        let request = match task::history(
+            self,
+            run.id,
+            run.conversation_id,
+            run.owner_id,
+            run.message_id,
+        )
+        .await
+        {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, %error, "cannot count a reaped run's tokens");
+                return;
+            }
+        };
+        let Some(usage) = task::estimate_usage(request, outcome.output.clone()).await else {
+            return;
+        };
+        if let Err(error) = self
+            .store
+            .record_estimated_usage(
+                run.id,
+                i64::from(usage.prompt_tokens),
+                i64::from(usage.completion_tokens),
+            )
+            .await
+        {
+            tracing::warn!(run_id = %run.id, %error, "cannot save a reaped run's usage");
+        }
+    }
+
     /// Ends a run whose driver is gone (dead instance, or a task here that lost it).
     async fn end_orphan(&self, run: &RunRecord) -> Result<bool, StoreError> {
         let outcome = self.reaped_outcome(run).await;
@@ -265,6 +303,7 @@ impl Runs {
             .finish_run(run.id, run.owner_instance, &outcome)
             .await?;
         if ended {
+            self.count_reaped(run, &outcome).await;
             self.metrics.reaped_runs.inc();
             let last = u64::try_from(outcome.last_seq).unwrap_or_default();
             self.cluster.end(run.id, outcome.status, last).await;

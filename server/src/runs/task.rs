@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     dto,
-    ids::MessageId,
+    ids::{ConversationId, MessageId, RunId, UserId},
     metrics::StatusLabel,
     model::{ChatMessage, ModelError, ModelEvent, ModelStream, tokens},
     store::{Checkpoint, CheckpointResult, ChunkEnds, RunOutcome},
@@ -40,7 +40,14 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
     async move {
         let started = Instant::now();
         ctx.metrics.active_runs.inc();
-        let request = history(&ctx, &handle).await;
+        let request = history(
+            &ctx,
+            handle.id,
+            handle.conversation_id,
+            handle.owner_id,
+            handle.message_id,
+        )
+        .await;
         let (status, usage, error) = match &request {
             Ok(request) => stream_answer(&ctx, &handle, started, request).await,
             Err(error) => (RunStatus::Failed, None, Some(error.clone())),
@@ -275,7 +282,7 @@ impl Checkpoints {
 }
 
 /// What a run asks the model.
-struct Request {
+pub(super) struct Request {
     model: String,
     messages: Vec<ChatMessage>,
 }
@@ -284,20 +291,26 @@ struct Request {
 /// prompt (or the server's), then the latest messages of the path that ends at the user message
 /// being answered (that message last): exactly the branch the answer belongs to, never another
 /// version's. Empty answers (runs stopped before their first token) are left out.
-async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Request, String> {
+pub(super) async fn history(
+    ctx: &Runs,
+    run_id: RunId,
+    conversation_id: ConversationId,
+    owner_id: UserId,
+    message_id: MessageId,
+) -> Result<Request, String> {
     let unavailable = |error: crate::store::StoreError| {
         tracing::error!(%error, "cannot load the conversation for the model");
         "the server could not load the conversation; try again".to_owned()
     };
     let model = ctx
         .store
-        .run_by_id(handle.id)
+        .run_by_id(run_id)
         .await
         .map_err(unavailable)?
         .map_or_else(|| ctx.model.name().to_owned(), |run| run.model);
     let prompt = ctx
         .store
-        .conversation(handle.conversation_id, handle.owner_id)
+        .conversation(conversation_id, owner_id)
         .await
         .map_err(unavailable)?
         .and_then(|conversation| conversation.system_prompt)
@@ -305,8 +318,8 @@ async fn history(ctx: &Runs, handle: &RunHandle) -> Result<Request, String> {
     let records = ctx
         .store
         .path(
-            handle.conversation_id,
-            handle.message_id,
+            conversation_id,
+            message_id,
             ctx.settings.history_messages.max(1),
         )
         .await
@@ -386,7 +399,7 @@ async fn save_outcome(
 
 /// The usage of a run the provider did not report on, counted with the model's tokenizer on a
 /// blocking thread (the first count loads the vocabulary).
-async fn estimate_usage(request: Request, output: String) -> Option<Usage> {
+pub(super) async fn estimate_usage(request: Request, output: String) -> Option<Usage> {
     tokio::task::spawn_blocking(move || {
         tokens::estimate(&request.model, &request.messages, &output)
     })
