@@ -293,7 +293,12 @@ async fn signup_login_user_refresh_logout(engine: Engine) {
 }
 
 async fn reuse_within_the_window_returns_the_active_token(engine: Engine) {
-    let server = TestServer::on(engine).await;
+    // A retention shorter than the reuse window is raised to it: no token a tab may still
+    // present within the window is deleted.
+    let server = TestServer::configured(engine, |config| {
+        config.auth.refresh_token_retention = std::time::Duration::ZERO;
+    })
+    .await;
     let session = server.sign_up().await;
     let first = session.refresh_token();
     let second: Value = refresh(&server, first).await.json().await.unwrap();
@@ -432,7 +437,7 @@ async fn a_replayed_token_never_forks_the_session_and_logout_ends_it_all(engine:
 
 async fn rotated_tokens_past_the_retention_are_deleted_at_the_next_refresh(engine: Engine) {
     // With no retention and no reuse window, a rotation keeps only the token it rotates (the
-    // parent of the new one) and the new one; with the defaults (24 h) a token stays.
+    // parent of the new one) and the new one; with the defaults (a week) a token stays.
     let server = TestServer::configured(engine.clone(), |config| {
         config.auth.refresh_reuse_interval = std::time::Duration::ZERO;
         config.auth.refresh_token_retention = std::time::Duration::ZERO;

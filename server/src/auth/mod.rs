@@ -59,7 +59,7 @@ pub struct AuthSettings {
 
     /// How long a rotated refresh token is kept (never less than the reuse interval); older ones
     /// are deleted at the session's next refresh.
-    #[arg(long, env = "WADI_REFRESH_TOKEN_RETENTION", value_parser = crate::config::parse_duration, default_value = "24h")]
+    #[arg(long, env = "WADI_REFRESH_TOKEN_RETENTION", value_parser = crate::config::parse_duration, default_value = "168h")]
     pub refresh_token_retention: Duration,
 
     /// Shortest password the embedded auth service accepts (Supabase's default is 6).
