@@ -21,7 +21,7 @@ use std::{
 use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wadi_protocol::RunStatus;
+use wadi_protocol::{RunStatus, Usage};
 
 use super::{Runs, task};
 use crate::{
@@ -32,6 +32,10 @@ use crate::{
     util::now_millis,
 };
 
+/// How long one reap may spend counting the tokens of the runs it saves, in all (their
+/// provider's reports died with their owner). Past it, runs are saved without usage: a mass
+/// failover must not hold up the heartbeat that follows it (the reap runs inside it).
+const COUNT_BUDGET: Duration = Duration::from_secs(3);
 /// Runs reaped per statement (the rest go on the next beat).
 const REAP_BATCH: u32 = 50;
 /// An instance row silent this many timeouts is deleted (its runs were reaped long before).
@@ -72,12 +76,14 @@ impl Liveness {
 /// that log holds beyond the stored checkpoint.
 struct Reaped<'a> {
     runs: &'a Runs,
+    /// Tokens are counted until then (see [`COUNT_BUDGET`]).
+    count_until: Instant,
 }
 
 #[async_trait]
 impl Finalize for Reaped<'_> {
     async fn finalize(&self, run: &RunRecord) -> RunOutcome {
-        self.runs.reaped_outcome(run).await
+        self.runs.reaped_outcome(run, self.count_until).await
     }
 }
 
@@ -203,11 +209,13 @@ impl Runs {
                 timeout,
                 forget_after.max(timeout),
                 REAP_BATCH,
-                &Reaped { runs: self },
+                &Reaped {
+                    runs: self,
+                    count_until: Instant::now() + COUNT_BUDGET,
+                },
             )
             .await?;
         for (run, outcome) in &reaped {
-            self.count_reaped(run, outcome).await;
             self.metrics.reaped_runs.inc();
             tracing::warn!(
                 run_id = %run.id,
@@ -223,7 +231,7 @@ impl Runs {
     }
 
     /// A dead owner's run as it is saved: what the store and the shared log hold.
-    async fn reaped_outcome(&self, run: &RunRecord) -> RunOutcome {
+    async fn reaped_outcome(&self, run: &RunRecord, count_until: Instant) -> RunOutcome {
         let tail = self.cluster.fence(run).await;
         let mut output = run.output.clone();
         let mut ends = ChunkEnds::parse(&run.chunk_ends)
@@ -243,67 +251,55 @@ impl Runs {
         } else {
             RunStatus::Interrupted
         };
+        let usage = self.count_reaped(run, &output, count_until).await;
         RunOutcome {
             status,
             output,
             chunk_ends: ChunkEnds::encode(&ends),
             error: (status == RunStatus::Interrupted)
                 .then(|| "the server streaming this answer stopped".to_owned()),
-            prompt_tokens: None,
-            completion_tokens: None,
-            usage_estimated: false,
+            prompt_tokens: usage.map(|u| i64::from(u.prompt_tokens)),
+            completion_tokens: usage.map(|u| i64::from(u.completion_tokens)),
+            usage_estimated: usage.is_some(),
             last_seq,
             finished_at: now_millis(),
             message_id: MessageId::new(),
         }
     }
 
-    /// Saves the server's count of a reaped run's prompt and output, as for any run the
-    /// provider did not report on: whatever it reported died with the instance that drove
-    /// the run. Done after the reap's transaction (counting can take a while; the store's
-    /// write lock is not held meanwhile) and before watchers are told, so that `complete`
-    /// carries it.
-    async fn count_reaped(&self, run: &RunRecord, outcome: &RunOutcome) {
-        let request = match task::history(
-            self,
-            run.id,
-            run.conversation_id,
-            run.owner_id,
-            run.message_id,
-        )
-        .await
-        {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::warn!(run_id = %run.id, %error, "cannot count a reaped run's tokens");
-                return;
-            }
-        };
-        let Some(usage) = task::estimate_usage(request, outcome.output.clone()).await else {
-            return;
-        };
-        if let Err(error) = self
-            .store
-            .record_estimated_usage(
+    /// The server's count of a reaped run's prompt (the conversation as stored) and output, as
+    /// for any run the provider did not report on: whatever it reported died with the instance
+    /// that drove the run. `None` if it cannot be counted before `until`.
+    async fn count_reaped(&self, run: &RunRecord, output: &str, until: Instant) -> Option<Usage> {
+        let count = async {
+            let request = task::history(
+                self,
                 run.id,
-                i64::from(usage.prompt_tokens),
-                i64::from(usage.completion_tokens),
+                run.conversation_id,
+                run.owner_id,
+                run.message_id,
             )
             .await
-        {
-            tracing::warn!(run_id = %run.id, %error, "cannot save a reaped run's usage");
+            .ok()?;
+            task::estimate_usage(request, output.to_owned()).await
+        };
+        let counted = tokio::time::timeout_at(until, count).await;
+        if counted.is_err() {
+            tracing::warn!(run_id = %run.id, "no time left to count a reaped run's tokens");
         }
+        counted.ok().flatten()
     }
 
     /// Ends a run whose driver is gone (dead instance, or a task here that lost it).
     async fn end_orphan(&self, run: &RunRecord) -> Result<bool, StoreError> {
-        let outcome = self.reaped_outcome(run).await;
+        let outcome = self
+            .reaped_outcome(run, Instant::now() + COUNT_BUDGET)
+            .await;
         let ended = self
             .store
             .finish_run(run.id, run.owner_instance, &outcome)
             .await?;
         if ended {
-            self.count_reaped(run, &outcome).await;
             self.metrics.reaped_runs.inc();
             let last = u64::try_from(outcome.last_seq).unwrap_or_default();
             self.cluster.end(run.id, outcome.status, last).await;

@@ -299,7 +299,7 @@ pub(super) async fn history(
     message_id: MessageId,
 ) -> Result<Request, String> {
     let unavailable = |error: crate::store::StoreError| {
-        tracing::error!(%error, "cannot load the conversation for the model");
+        tracing::error!(%error, %run_id, "cannot load the conversation's history");
         "the server could not load the conversation; try again".to_owned()
     };
     let model = ctx

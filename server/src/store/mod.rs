@@ -274,15 +274,6 @@ pub trait Store: Send + Sync + 'static {
         owner: Option<InstanceId>,
         outcome: &RunOutcome,
     ) -> StoreResult<bool>;
-    /// Saves the server's count of what a finished run cost, if the run has no usage yet (a
-    /// reaped run: the provider's report, if any, died with the instance that drove it). False
-    /// if it had usage or is not finished.
-    async fn record_estimated_usage(
-        &self,
-        id: RunId,
-        prompt_tokens: i64,
-        completion_tokens: i64,
-    ) -> StoreResult<bool>;
     /// Records a stop request for the caller's running run; answers the instance driving it
     /// (`Some(None)` for a row from before instances were recorded), or `None` if the run is
     /// not the caller's or not running.

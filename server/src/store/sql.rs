@@ -852,25 +852,6 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn record_estimated_usage(
-                &self,
-                id: $crate::ids::RunId,
-                prompt_tokens: i64,
-                completion_tokens: i64,
-            ) -> $crate::store::StoreResult<bool> {
-                let done = sqlx::query(
-                    "UPDATE runs SET prompt_tokens = $2, completion_tokens = $3, \
-                     usage_estimated = TRUE WHERE id = $1 AND status <> 'running' \
-                     AND prompt_tokens IS NULL AND completion_tokens IS NULL",
-                )
-                .bind(id)
-                .bind(prompt_tokens)
-                .bind(completion_tokens)
-                .execute(&self.pool)
-                .await?;
-                Ok(done.rows_affected() == 1)
-            }
-
             async fn reap_runs(
                 &self,
                 timeout: std::time::Duration,
