@@ -254,6 +254,57 @@ async fn stop_on_another_instance_cancels_the_upstream_request() {
     not(wadi_postgres),
     ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
 )]
+async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    // The owner's own checks (checkpoints, heartbeats) would find the run gone too, but only
+    // after these intervals: the stop must come from the delete.
+    let cluster = Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count: 2,
+            redis: true,
+            proxy_first_to_redis: false,
+            model_url: &upstream.base_url,
+            env: &[
+                ("WADI_FLUSH_INTERVAL", "1h"),
+                ("WADI_INSTANCE_HEARTBEAT", "30s"),
+                ("WADI_INSTANCE_TIMEOUT", "120s"),
+            ],
+        },
+    )
+    .await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let (mut on_a, _) = WsClient::authed(a, &format!("/ws/chat/{conversation}"), &token).await;
+    on_a.send(json!({"type": "message", "content": "a long answer"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("first words ");
+    read_text(&mut on_a, "first words ").await;
+
+    let (status, _) = on(b, &api)
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/conversations/{conversation}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    request.cancelled().await;
+    let complete = on_a.until("complete").await.pop().unwrap();
+    assert_eq!(complete["runId"], run_id.as_str());
+    assert_eq!(complete["status"], "stopped");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
 async fn a_stop_whose_message_is_lost_still_stops_the_run_through_the_store() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let cluster = Cluster::start(

@@ -67,6 +67,7 @@ on_both_engines!(
     the_full_flow_streams_saves_and_matches,
     stop_before_the_first_token_cancels_upstream,
     stop_mid_stream_keeps_exactly_what_was_sent,
+    deleting_a_conversation_stops_its_streaming_answer_at_once,
     a_run_survives_disconnect_and_resumes_on_a_run_socket,
     resume_over_sse_with_last_event_id,
     a_reconnecting_chat_socket_learns_of_and_resumes_the_active_run,
@@ -278,6 +279,62 @@ async fn stop_before_the_first_token_cancels_upstream(engine: Engine) {
     let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
     assert_eq!(run["status"], "stopped");
     assert_eq!(run["output"], "");
+    server.shutdown().await.unwrap();
+}
+
+async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    // No checkpoint and no heartbeat during the test: they would notice the deleted run too,
+    // within a second or two, and hide whether the delete itself stops it.
+    let server = setup(engine, &upstream, |config| {
+        config.runs.flush_interval = Duration::from_secs(3600);
+        config.runs.instance_heartbeat = Duration::from_secs(3600);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "a long answer"}))
+        .await;
+    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("first words ");
+    read_text(&mut ws, "first words ").await;
+
+    // Another user cannot delete it (and so cannot stop it).
+    let other = server.user().await;
+    let (status, _) = other
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/conversations/{conversation}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    request.token("more ");
+    read_text(&mut ws, "more ").await;
+
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/conversations/{conversation}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    // The provider is let go of at once, and the open socket is told the answer stopped.
+    request.cancelled().await;
+    let complete = ws.until("complete").await.pop().unwrap();
+    assert_eq!(complete["runId"], run_id.as_str());
+    assert_eq!(complete["status"], "stopped");
+    // Nothing of it came back.
+    let (status, _) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(status, 404);
+    let (status, _) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    assert_eq!(status, 404);
     server.shutdown().await.unwrap();
 }
 

@@ -248,7 +248,12 @@ async fn remove(
     user: AuthUser,
     IdPath(id): IdPath<ConversationId>,
 ) -> Result<StatusCode, AppError> {
+    // Read before the delete, which takes the run's row with it.
+    let streaming = state.store.active_run(id).await?;
     if state.store.delete_conversation(id, user.id).await? {
+        if let Some(run) = streaming.filter(|run| run.owner_id == user.id) {
+            state.runs.cancel_deleted(&run).await;
+        }
         state
             .runs
             .conversation_changed(user.id, id, ConversationChange::Deleted, None);

@@ -706,6 +706,23 @@ impl Runs {
         Ok(())
     }
 
+    /// The run's conversation was deleted while it streamed: it is stopped at once wherever it
+    /// is driven, so the provider is not asked for more of an answer nobody can keep (nothing of
+    /// it is saved: its rows went with the conversation). Without this, its owner would notice
+    /// only at its next checkpoint or heartbeat.
+    pub async fn cancel_deleted(&self, run: &RunRecord) {
+        tracing::info!(run_id = %run.id, owner = ?run.owner_instance, "conversation deleted while its answer streamed; stopping it");
+        match run.owner_instance {
+            Some(owner) if owner == self.instance => {
+                if let Some(owned) = self.hub.owned(run.id) {
+                    owned.stop(RunStatus::Stopped);
+                }
+            }
+            Some(owner) => self.cluster.send_stop(owner, run.id).await,
+            None => {}
+        }
+    }
+
     /// This instance's sockets of `user` want to learn of runs started elsewhere; resolves once
     /// that is in place (so a run started after it is announced, and one started before it is
     /// in the store).
