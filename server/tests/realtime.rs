@@ -68,6 +68,7 @@ on_both_engines!(
     stop_before_the_first_token_cancels_upstream,
     stop_mid_stream_keeps_exactly_what_was_sent,
     deleting_a_conversation_stops_its_streaming_answer_at_once,
+    another_users_run_cannot_be_read_followed_or_stopped_over_rest,
     a_run_survives_disconnect_and_resumes_on_a_run_socket,
     resume_over_sse_with_last_event_id,
     a_reconnecting_chat_socket_learns_of_and_resumes_the_active_run,
@@ -335,6 +336,43 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
         .get(&format!("/api/conversations/{conversation}/messages"))
         .await;
     assert_eq!(status, 404);
+    server.shutdown().await.unwrap();
+}
+
+async fn another_users_run_cannot_be_read_followed_or_stopped_over_rest(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "private"}))
+        .await;
+    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("secret ");
+    read_text(&mut ws, "secret ").await;
+
+    let other = server.user().await;
+    let anonymous = server.anonymous();
+    for (who, expected) in [(&other, 404), (&anonymous, 401)] {
+        let (status, body) = who.get(&format!("/api/runs/{run_id}")).await;
+        assert_eq!(status, expected, "{body}");
+        assert!(!body.to_string().contains("secret"), "{body}");
+        let (status, body) = who.get(&format!("/api/runs/{run_id}/events")).await;
+        assert_eq!(status, expected, "{body}");
+        let (status, body) = who
+            .post(&format!("/api/runs/{run_id}/stop"), json!({}))
+            .await;
+        assert_eq!(status, expected, "{body}");
+    }
+    // The run went on, untouched.
+    request.token("still going");
+    read_text(&mut ws, "still going").await;
+    request.send(Step::Finish);
+    let complete = ws.until("complete").await.pop().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], "secret still going");
     server.shutdown().await.unwrap();
 }
 
