@@ -397,6 +397,20 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
         )
         .await;
     expect(s, &b, 400, "invalid_message", "rename without title");
+    // A query string that does not parse (a repeated key) is a JSON error too, on every route
+    // that reads one (axum's own answer is plain text).
+    let run = Uuid::now_v7();
+    for path in [
+        "/api/search?q=a&q=b".to_owned(),
+        format!("/api/conversations/{id}/path?through=x&through=y"),
+        format!("/api/conversations/{id}/export?format=md&format=json"),
+        format!("/api/runs/{run}/events?afterSeq=1&afterSeq=2"),
+        format!("/ws/runs/{run}/stream?afterSeq=1&afterSeq=2"),
+        "/api/conversations?limit=1&limit=2".to_owned(),
+    ] {
+        let (s, b) = api.get(&path).await;
+        expect(s, &b, 400, "invalid_request", &path);
+    }
 
     // Nothing was written by any of it.
     let uuid = Uuid::parse_str(&id).unwrap();

@@ -13,7 +13,7 @@ use wadi_protocol::{
     api::{self, CreateConversation, Page, PathPage, SendMessage, UpdateConversation},
 };
 
-use super::extract::{ApiJson, IdPath, IdsPath, PageQuery, decode_cursor, encode_cursor};
+use super::extract::{ApiJson, ApiQuery, IdPath, IdsPath, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
     content::check_message,
@@ -311,7 +311,7 @@ async fn path(
     user: AuthUser,
     IdPath(id): IdPath<ConversationId>,
     page: PageQuery,
-    axum::extract::Query(query): axum::extract::Query<PathQuery>,
+    ApiQuery(query): ApiQuery<PathQuery>,
 ) -> Result<Json<PathPage>, AppError> {
     owned_conversation(&state, &user, id).await?;
     let empty = || {
@@ -384,7 +384,7 @@ async fn export(
     State(state): State<AppState>,
     user: AuthUser,
     IdPath(id): IdPath<ConversationId>,
-    axum::extract::Query(query): axum::extract::Query<ExportQuery>,
+    ApiQuery(query): ApiQuery<ExportQuery>,
 ) -> Result<Response, AppError> {
     let conversation = owned_conversation(&state, &user, id).await?;
     let conversation = dto::conversation(&conversation);

@@ -78,6 +78,20 @@ impl<S: Send + Sync, A: From<Uuid>, B: From<Uuid>> FromRequestParts<S> for IdsPa
     }
 }
 
+/// A query string: `invalid_request` if it does not parse (a repeated key, a mistyped value).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let Query(query) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| AppError::invalid(ErrorCode::InvalidRequest, e.body_text()))?;
+        Ok(Self(query))
+    }
+}
+
 /// `?cursor=…&limit=…` of a paginated list.
 pub struct PageQuery {
     pub cursor: Option<String>,
@@ -96,9 +110,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
             cursor: Option<String>,
             limit: Option<String>,
         }
-        let Query(raw) = Query::<Raw>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| AppError::invalid(ErrorCode::InvalidRequest, e.body_text()))?;
+        let ApiQuery(raw) = ApiQuery::<Raw>::from_request_parts(parts, state).await?;
         let limit = match raw.limit {
             None => DEFAULT_PAGE,
             Some(text) => match text.parse::<u32>() {

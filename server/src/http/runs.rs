@@ -5,7 +5,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::State,
     http::HeaderMap,
     response::{
         IntoResponse, Response,
@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use wadi_protocol::{ErrorCode, api};
 
-use super::extract::IdPath;
+use super::extract::{ApiQuery, IdPath};
 use crate::{
     auth::AuthUser,
     dto,
@@ -80,10 +80,8 @@ async fn events(
     user: AuthUser,
     IdPath(id): IdPath<RunId>,
     headers: HeaderMap,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Response, AppError> {
-    let Query(query) =
-        query.map_err(|e| AppError::invalid(ErrorCode::InvalidRequest, e.body_text()))?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(value) => Some(

@@ -7,7 +7,7 @@ use wadi_protocol::{
     api::{ConversationHit, Highlight, MessageHit, SearchResults},
 };
 
-use super::extract::{PageQuery, decode_cursor, encode_cursor};
+use super::extract::{ApiQuery, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
     dto::UNTITLED,
@@ -36,7 +36,7 @@ async fn search(
     State(state): State<AppState>,
     user: AuthUser,
     page: PageQuery,
-    axum::extract::Query(query): axum::extract::Query<SearchQuery>,
+    ApiQuery(query): ApiQuery<SearchQuery>,
 ) -> Result<Json<SearchResults>, AppError> {
     let text = query.q.unwrap_or_default();
     if text.chars().count() > MAX_QUERY_CHARS {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State, WebSocketUpgrade},
+    extract::{Path, State, WebSocketUpgrade},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -23,7 +23,7 @@ pub use registry::{Caps, Control, Endpoint, Inbox, Refusal, Registry};
 
 use crate::{
     error::AppError,
-    http::ClientAddr,
+    http::{ClientAddr, extract::ApiQuery},
     ids::{ConversationId, RunId},
     state::AppState,
 };
@@ -144,7 +144,7 @@ async fn chat(
 async fn run_stream(
     State(state): State<AppState>,
     Path(run_id): Path<String>,
-    Query(query): Query<StreamQuery>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,

@@ -12,7 +12,10 @@ use std::{net::IpAddr, sync::Arc};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Query, State, rejection::BytesRejection},
+    extract::{
+        DefaultBodyLimit, Query, State,
+        rejection::{BytesRejection, QueryRejection},
+    },
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -114,6 +117,14 @@ fn too_large() -> AuthApiError {
 }
 
 /// Parses a JSON body the way GoTrue does: unknown fields and `null`s are ignored.
+/// A query string, or `validation_failed` (a repeated key, a mistyped value) in Supabase's
+/// error shape instead of axum's plain text.
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, AuthApiError> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|rejection| AuthApiError::validation(rejection.body_text()))
+}
+
 pub fn json_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, AuthApiError> {
@@ -205,9 +216,10 @@ struct GrantQuery {
 async fn token(
     State(state): State<EmbeddedState>,
     ClientAddr(addr): ClientAddr,
-    Query(query): Query<GrantQuery>,
+    grant: Result<Query<GrantQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AuthApiError> {
+    let query = query(grant)?;
     let body: Credentials = json_body(body)?;
     let session = match query.grant_type.as_str() {
         "password" => {
@@ -324,9 +336,10 @@ fn global_scope() -> String {
 
 async fn logout(
     State(state): State<EmbeddedState>,
-    Query(query): Query<LogoutQuery>,
+    scope: Result<Query<LogoutQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, AuthApiError> {
+    let query = query(scope)?;
     let caller = authenticate(&state, &headers).await?;
     let session_id = caller.session_id.unwrap_or_default();
     state
