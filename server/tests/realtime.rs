@@ -1927,6 +1927,45 @@ async fn a_crash_leaves_runs_interrupted_with_their_flushed_output() {
 }
 
 #[tokio::test]
+async fn malformed_socket_requests_get_json_errors() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |_| {}).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let run = uuid::Uuid::now_v7();
+    // Real handshakes to addresses that are not valid.
+    for path in [
+        "/ws/chat/not-a-uuid".to_owned(),
+        "/ws/runs/nope/stream".to_owned(),
+        format!("/ws/runs/{run}/stream?afterSeq=abc"),
+        format!("/ws/runs/{run}/stream?afterSeq=1&afterSeq=2"),
+    ] {
+        let url = format!("ws://{}{path}", server.addr);
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 400, "{path}");
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                        .unwrap_or_else(|e| panic!("{path}: not JSON: {e}"));
+                assert_eq!(body["code"], "invalid_request", "{path}");
+            }
+            other => panic!("{path} must be refused, got {other:?}"),
+        }
+    }
+    // Plain requests to socket addresses (no handshake).
+    for path in [
+        format!("/ws/chat/{conversation}"),
+        "/ws/user".to_owned(),
+        format!("/ws/runs/{run}/stream"),
+    ] {
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_request", "{path}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_client_that_stops_answering_pings_is_closed_with_4002() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     // Long enough that a reading client on a loaded test machine (parallel tests, a fuzzer)

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use axum::{
     Json, Router,
-    extract::{Path, State, WebSocketUpgrade},
-    http::{HeaderMap, StatusCode, header},
+    extract::{FromRequestParts, Path, State, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -126,7 +126,7 @@ async fn chat(
     Path(conversation_id): Path<String>,
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    Upgrade(upgrade): Upgrade,
 ) -> Response {
     let Ok(conversation_id) = conversation_id.parse::<ConversationId>() else {
         return AppError::invalid(ErrorCode::InvalidRequest, "not a conversation id")
@@ -147,7 +147,7 @@ async fn run_stream(
     ApiQuery(query): ApiQuery<StreamQuery>,
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    Upgrade(upgrade): Upgrade,
 ) -> Response {
     let Ok(run_id) = run_id.parse::<RunId>() else {
         return AppError::invalid(ErrorCode::InvalidRequest, "not a run id").into_response();
@@ -175,9 +175,29 @@ async fn user_socket(
     State(state): State<AppState>,
     ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    Upgrade(upgrade): Upgrade,
 ) -> Response {
     accept(state, &headers, addr, upgrade, Endpoint::User)
+}
+
+/// The handshake, or a JSON `invalid_request` for a request that is not one (axum's own
+/// answer is plain text).
+struct Upgrade(WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| {
+                AppError::invalid(
+                    ErrorCode::InvalidRequest,
+                    format!("not a WebSocket handshake: {}", rejection.body_text()),
+                )
+            })
+    }
 }
 
 /// Checks the origin and the connection caps, then upgrades with lean buffers.
