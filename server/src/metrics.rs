@@ -46,6 +46,7 @@ pub struct Metrics {
     pub redis_append_seconds: Histogram,
     pub redis_errors: Counter,
     pub csp_violations: Counter,
+    pub csp_reports_unlogged: Counter,
     pub refused_connections: Family<ReasonLabel, Counter>,
     pub overload_refusals: Counter,
 }
@@ -164,6 +165,12 @@ impl Metrics {
             "Content-Security-Policy violations reported by browsers",
             csp_violations.clone(),
         );
+        let csp_reports_unlogged = Counter::default();
+        registry.register(
+            "csp_reports_unlogged",
+            "Content-Security-Policy reports counted but not logged (over the logging budget)",
+            csp_reports_unlogged.clone(),
+        );
         let refused_connections = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "refused_connections",
@@ -194,6 +201,7 @@ impl Metrics {
             redis_append_seconds,
             redis_errors,
             csp_violations,
+            csp_reports_unlogged,
             refused_connections,
             overload_refusals,
         }

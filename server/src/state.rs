@@ -31,6 +31,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Conversations created per user.
     pub conversation_limiter: Arc<crate::limits::KeyedLimiter<crate::ids::UserId>>,
+    /// CSP reports logged (the route is public; past the budget they are only counted).
+    pub csp_log_budget: Arc<std::sync::Mutex<crate::limits::TokenBucket>>,
     /// Cancelled when the server starts shutting down. Open sockets are then told through
     /// their inbox (`Registry::shut_down`); a socket checks it once when it starts.
     pub shutdown: CancellationToken,
@@ -150,6 +152,9 @@ impl AppState {
         ));
         Ok(Self {
             conversation_limiter,
+            csp_log_budget: Arc::new(std::sync::Mutex::new(
+                crate::http::security::report_log_budget(),
+            )),
             config: Arc::new(config),
             assets: Arc::new(assets),
             store,

@@ -372,4 +372,31 @@ async fn responses_carry_security_headers() {
         .unwrap();
     assert_eq!(report.status(), StatusCode::NO_CONTENT);
     assert_eq!(server.metric("wadi_csp_violations_total").await, 1.0);
+
+    // The route is public: what is not a report is refused and not counted, and a flood is
+    // counted in full but logged only up to a budget (20, then 20 a minute).
+    let post = |body: &'static str| {
+        server
+            .http
+            .post(server.url("/api/csp-report"))
+            .header("content-type", "application/csp-report")
+            .body(body)
+            .send()
+    };
+    let refused = post("not a report").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_json");
+    for _ in 0..30 {
+        let report = post(r#"{"csp-report":{"violated-directive":"img-src"}}"#)
+            .await
+            .unwrap();
+        assert_eq!(report.status(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(server.metric("wadi_csp_violations_total").await, 31.0);
+    let unlogged = server.metric("wadi_csp_reports_unlogged_total").await;
+    assert!(
+        (5.0..=11.0).contains(&unlogged),
+        "31 reports against a budget of 20 (plus a slow refill): {unlogged} unlogged"
+    );
 }

@@ -10,13 +10,15 @@ use std::sync::Arc;
 
 use axum::{
     body::Bytes,
-    extract::{Request, State},
+    extract::{Request, State, rejection::BytesRejection},
     http::{HeaderName, HeaderValue, StatusCode, header},
     middleware::Next,
     response::Response,
 };
 
-use crate::{config::Config, state::AppState};
+use wadi_protocol::ErrorCode;
+
+use crate::{config::Config, error::AppError, limits::TokenBucket, state::AppState};
 
 /// Where browsers report violations.
 pub const REPORT_PATH: &str = "/api/csp-report";
@@ -85,13 +87,45 @@ pub async fn layer(
     response
 }
 
-/// `POST /api/csp-report`: a browser reporting a violation of the policy.
-pub async fn report(State(state): State<AppState>, body: Bytes) -> StatusCode {
+/// Reports logged at most, in a burst and then per minute, whoever sends them: the route is
+/// public and each report is a log line of up to 2 KiB, so without a budget anyone could fill
+/// the log. Every report is counted all the same.
+const LOGGED_BURST: u32 = 20;
+const LOGGED_PER_MINUTE: f64 = 20.0;
+
+pub fn report_log_budget() -> TokenBucket {
+    TokenBucket::new(LOGGED_BURST, LOGGED_PER_MINUTE / 60.0)
+}
+
+/// `POST /api/csp-report`: a browser reporting a violation of the policy (a JSON document;
+/// anything else is `invalid_json` and not counted).
+pub async fn report(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, AppError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::TooLarge("the report is too large".into())
+        } else {
+            AppError::invalid(ErrorCode::InvalidJson, rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|error| {
+        AppError::invalid(ErrorCode::InvalidJson, format!("not a report: {error}"))
+    })?;
     state.metrics.csp_violations.inc();
-    let text = String::from_utf8_lossy(&body);
-    let text: String = text.chars().take(2048).collect();
-    tracing::warn!(report = %text, "Content-Security-Policy violation reported");
-    StatusCode::NO_CONTENT
+    let logged = match state.csp_log_budget.lock() {
+        Ok(mut budget) => budget.try_take(),
+        Err(poisoned) => poisoned.into_inner().try_take(),
+    };
+    if logged {
+        let text = String::from_utf8_lossy(&body);
+        let text: String = text.chars().take(2048).collect();
+        tracing::warn!(report = %text, "Content-Security-Policy violation reported");
+    } else {
+        state.metrics.csp_reports_unlogged.inc();
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `https://x.supabase.co/any/path` → `https://x.supabase.co`.
