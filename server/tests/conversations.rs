@@ -301,8 +301,19 @@ async fn another_users_conversation_is_a_404_on_every_route(engine: Engine) {
     );
     let (_, listed) = intruder.get("/api/conversations").await;
     assert_eq!(listed["items"], json!([]));
-    // Without a token: 401 on every route.
-    for (method, path, body) in routes(&id) {
+    // Without a token: 401 on every route, and on the lists and creation too.
+    let own = [
+        (Method::GET, "/api/conversations".to_owned(), None),
+        (
+            Method::POST,
+            "/api/conversations".to_owned(),
+            Some(json!({})),
+        ),
+        (Method::GET, format!("/api/conversations/{id}/path"), None),
+        (Method::GET, format!("/api/conversations/{id}/export"), None),
+        (Method::GET, "/api/search?q=hello".to_owned(), None),
+    ];
+    for (method, path, body) in routes(&id).into_iter().chain(own) {
         let (status, answer) = server.anonymous().call(method, &path, body).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(answer["code"], "invalid_token");
@@ -385,6 +396,25 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
     }
     let (s, b) = api.post("/api/conversations", json!({"title": ""})).await;
     expect(s, &b, 400, "invalid_message", "empty title");
+    let (s, b) = json_of(
+        raw(Method::POST, "/api/conversations", "{not json")
+            .await
+            .unwrap(),
+    )
+    .await;
+    expect(s, &b, 400, "invalid_json", "malformed JSON on create");
+    let (s, b) = api.post("/api/conversations", json!({"title": 5})).await;
+    expect(s, &b, 400, "invalid_message", "title of the wrong type");
+    let (s, b) = api
+        .post(
+            "/api/conversations",
+            json!({"systemPrompt": "x".repeat(40_000)}),
+        )
+        .await;
+    expect(s, &b, 413, "too_large", "system prompt over the limit");
+    let (s, b) =
+        common::declared_oversized_post(&server, api.token.as_deref(), "/api/conversations").await;
+    expect(s, &b, 413, "too_large", "create body over the limit");
     let (s, b) = api
         .post("/api/conversations", json!({"title": "t".repeat(201)}))
         .await;
