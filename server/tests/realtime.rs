@@ -69,6 +69,7 @@ on_both_engines!(
     stop_mid_stream_keeps_exactly_what_was_sent,
     deleting_a_conversation_stops_its_streaming_answer_at_once,
     another_users_run_cannot_be_read_followed_or_stopped_over_rest,
+    another_users_run_cannot_be_stopped_or_resumed_over_a_socket,
     a_run_survives_disconnect_and_resumes_on_a_run_socket,
     resume_over_sse_with_last_event_id,
     a_reconnecting_chat_socket_learns_of_and_resumes_the_active_run,
@@ -367,6 +368,47 @@ async fn another_users_run_cannot_be_read_followed_or_stopped_over_rest(engine: 
         assert_eq!(status, expected, "{body}");
     }
     // The run went on, untouched.
+    request.token("still going");
+    read_text(&mut ws, "still going").await;
+    request.send(Step::Finish);
+    let complete = ws.until("complete").await.pop().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], "secret still going");
+    server.shutdown().await.unwrap();
+}
+
+async fn another_users_run_cannot_be_stopped_or_resumed_over_a_socket(engine: Engine) {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(engine, &upstream, |_| {}).await;
+    let owner = server.user().await;
+    let conversation = owner.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&owner)).await;
+    ws.send(json!({"type": "message", "content": "private"}))
+        .await;
+    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("secret ");
+    read_text(&mut ws, "secret ").await;
+
+    let intruder = server.user().await;
+    let theirs = intruder.new_conversation().await;
+    let (mut other, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{theirs}"), &token(&intruder)).await;
+    other.send(json!({"type": "stop", "runId": run_id})).await;
+    let refused = other.next().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "no_active_run", "{refused}");
+    other
+        .send(json!({"type": "resume", "runId": run_id, "afterSeq": 0}))
+        .await;
+    let refused = other.next().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "not_found", "{refused}");
+    // The socket is still usable, and nothing of the run reached it.
+    other.send(json!({"type": "ping"})).await;
+    assert_eq!(other.next().await["type"], "pong");
+
     request.token("still going");
     read_text(&mut ws, "still going").await;
     request.send(Step::Finish);
@@ -881,6 +923,21 @@ async fn auth_deadline_bad_tokens_and_frames_before_auth(engine: Engine) {
     assert_eq!(early.next().await["code"], "not_authenticated");
     early.send(json!({"type": "stop"})).await;
     assert_eq!(early.next().await["code"], "not_authenticated");
+    let someone = uuid::Uuid::now_v7();
+    early
+        .send(json!({"type": "regenerate", "messageId": someone}))
+        .await;
+    assert_eq!(early.next().await["code"], "not_authenticated");
+    early
+        .send(json!({"type": "resume", "runId": someone, "afterSeq": 0}))
+        .await;
+    assert_eq!(early.next().await["code"], "not_authenticated");
+    // An auth frame without its token, or with one of the wrong type, is a typed error; the
+    // socket can still authenticate.
+    early.send(json!({"type": "auth"})).await;
+    assert_eq!(early.next().await["code"], "invalid_message");
+    early.send(json!({"type": "auth", "token": 5})).await;
+    assert_eq!(early.next().await["code"], "invalid_message");
     early.send(json!({"type": "ping"})).await;
     assert_eq!(early.next().await["type"], "pong");
     early
