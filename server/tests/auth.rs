@@ -289,6 +289,33 @@ async fn signup_login_user_refresh_logout(engine: Engine) {
         refresh(&server, signed_up.refresh_token()).await.status(),
         200
     );
+    // Logging out of a session that has ended is refused like any use of it.
+    let again = server
+        .http
+        .post(server.url("/auth/v1/logout?scope=local"))
+        .bearer_auth(access_2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(again).await,
+        (StatusCode::FORBIDDEN, "session_not_found".into())
+    );
+    // /user without a token, or with one that is not a JWT, says so in Supabase's shape.
+    let anonymous = server
+        .http
+        .get(server.url("/auth/v1/user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(anonymous).await,
+        (StatusCode::UNAUTHORIZED, "no_authorization".into())
+    );
+    assert_eq!(
+        error_code(get_user(&server, "garbage").await).await,
+        (StatusCode::FORBIDDEN, "bad_jwt".into())
+    );
     server.shutdown().await.unwrap();
 }
 
