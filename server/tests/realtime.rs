@@ -337,6 +337,39 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
         .get(&format!("/api/conversations/{conversation}/messages"))
         .await;
     assert_eq!(status, 404);
+    // The deleted conversation takes nothing more, over REST or its still open socket.
+    let (status, _) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "after the delete"}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = api
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/conversations/{conversation}"),
+            Some(json!({"title": "back?"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    ws.send(json!({"type": "message", "content": "after the delete"}))
+        .await;
+    let refused = ws.next().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "not_found", "{refused}");
+    let id = uuid::Uuid::parse_str(&conversation).unwrap();
+    assert_eq!(
+        server
+            .db()
+            .count(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = $1",
+                id
+            )
+            .await,
+        0,
+        "nothing written"
+    );
     server.shutdown().await.unwrap();
 }
 
