@@ -4,11 +4,14 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use common::{
     Api, Engine, TIMEOUT, TestServer,
-    upstream::{FakeUpstream, Script, Step},
+    upstream::{FakeUpstream, Request, Script, Step},
     ws::{WsClient, chunks, text},
 };
 use serde_json::{Value, json};
@@ -284,6 +287,36 @@ async fn stop_before_the_first_token_cancels_upstream(engine: Engine) {
     server.shutdown().await.unwrap();
 }
 
+/// A new conversation of `api`'s, a chat socket on it, and a run answering `content` there
+/// whose first words (`first`) the socket has read: (socket, conversation, run id, request).
+async fn streaming_run(
+    server: &TestServer,
+    upstream: &FakeUpstream,
+    api: &Api<'_>,
+    first: &str,
+) -> (WsClient, String, String, Arc<Request>) {
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(server, &format!("/ws/chat/{conversation}"), &token(api)).await;
+    ws.send(json!({"type": "message", "content": "a long answer"}))
+        .await;
+    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token(first);
+    read_text(&mut ws, first).await;
+    (ws, conversation, run_id, request)
+}
+
+/// Streams `rest` and ends the run: it completes with `whole`, as if nothing had happened.
+async fn finishes_untouched(ws: &mut WsClient, request: &Request, rest: &str, whole: &str) {
+    request.token(rest);
+    read_text(ws, rest).await;
+    request.send(Step::Finish);
+    let complete = ws.until("complete").await.pop().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], whole);
+}
+
 async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     // No checkpoint and no heartbeat during the test: they would notice the deleted run too,
@@ -294,15 +327,8 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
     })
     .await;
     let api = server.user().await;
-    let conversation = api.new_conversation().await;
-    let (mut ws, _) =
-        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
-    ws.send(json!({"type": "message", "content": "a long answer"}))
-        .await;
-    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
-    let request = upstream.next_request().await;
-    request.token("first words ");
-    read_text(&mut ws, "first words ").await;
+    let (mut ws, conversation, run_id, request) =
+        streaming_run(&server, &upstream, &api, "first words ").await;
 
     // Another user cannot delete it (and so cannot stop it).
     let other = server.user().await;
@@ -377,15 +403,7 @@ async fn another_users_run_cannot_be_read_followed_or_stopped_over_rest(engine: 
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |_| {}).await;
     let api = server.user().await;
-    let conversation = api.new_conversation().await;
-    let (mut ws, _) =
-        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
-    ws.send(json!({"type": "message", "content": "private"}))
-        .await;
-    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
-    let request = upstream.next_request().await;
-    request.token("secret ");
-    read_text(&mut ws, "secret ").await;
+    let (mut ws, _, run_id, request) = streaming_run(&server, &upstream, &api, "secret ").await;
 
     let other = server.user().await;
     let anonymous = server.anonymous();
@@ -400,13 +418,7 @@ async fn another_users_run_cannot_be_read_followed_or_stopped_over_rest(engine: 
             .await;
         assert_eq!(status, expected, "{body}");
     }
-    // The run went on, untouched.
-    request.token("still going");
-    read_text(&mut ws, "still going").await;
-    request.send(Step::Finish);
-    let complete = ws.until("complete").await.pop().unwrap();
-    assert_eq!(complete["status"], "completed");
-    assert_eq!(complete["fullOutput"], "secret still going");
+    finishes_untouched(&mut ws, &request, "still going", "secret still going").await;
     server.shutdown().await.unwrap();
 }
 
@@ -414,15 +426,7 @@ async fn another_users_run_cannot_be_stopped_or_resumed_over_a_socket(engine: En
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |_| {}).await;
     let owner = server.user().await;
-    let conversation = owner.new_conversation().await;
-    let (mut ws, _) =
-        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&owner)).await;
-    ws.send(json!({"type": "message", "content": "private"}))
-        .await;
-    let run_id = ws.next().await["runId"].as_str().unwrap().to_owned();
-    let request = upstream.next_request().await;
-    request.token("secret ");
-    read_text(&mut ws, "secret ").await;
+    let (mut ws, _, run_id, request) = streaming_run(&server, &upstream, &owner, "secret ").await;
 
     let intruder = server.user().await;
     let theirs = intruder.new_conversation().await;
@@ -441,13 +445,7 @@ async fn another_users_run_cannot_be_stopped_or_resumed_over_a_socket(engine: En
     // The socket is still usable, and nothing of the run reached it.
     other.send(json!({"type": "ping"})).await;
     assert_eq!(other.next().await["type"], "pong");
-
-    request.token("still going");
-    read_text(&mut ws, "still going").await;
-    request.send(Step::Finish);
-    let complete = ws.until("complete").await.pop().unwrap();
-    assert_eq!(complete["status"], "completed");
-    assert_eq!(complete["fullOutput"], "secret still going");
+    finishes_untouched(&mut ws, &request, "still going", "secret still going").await;
     server.shutdown().await.unwrap();
 }
 
