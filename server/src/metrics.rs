@@ -42,6 +42,7 @@ pub struct Metrics {
     /// Runs driven elsewhere that this instance mirrors for its sockets.
     pub remote_watchers: Gauge,
     pub reaped_runs: Counter,
+    pub runs_announced_again: Counter,
     pub fenced_runs: Counter,
     pub redis_append_seconds: Histogram,
     pub redis_errors: Counter,
@@ -132,6 +133,12 @@ impl Metrics {
             "Runs driven by other instances that sockets here follow",
             remote_watchers.clone(),
         );
+        let runs_announced_again = Counter::default();
+        registry.register(
+            "runs_announced_again",
+            "Runs started elsewhere announced to sockets here from the store, after a gap in the cluster's events",
+            runs_announced_again.clone(),
+        );
         let reaped_runs = Counter::default();
         registry.register(
             "reaped_runs",
@@ -197,6 +204,7 @@ impl Metrics {
             run_duration,
             remote_watchers,
             reaped_runs,
+            runs_announced_again,
             fenced_runs,
             redis_append_seconds,
             redis_errors,

@@ -305,6 +305,97 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
     not(wadi_postgres),
     ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
 )]
+async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_sockets() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count: 2,
+            redis: true,
+            proxy_first_to_redis: true,
+            model_url: &upstream.base_url,
+            env: &[],
+        },
+    )
+    .await;
+    let (deaf, driver) = (cluster.at(0), cluster.at(1));
+    let api = driver.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    let (mut on_deaf, _) = WsClient::authed(deaf, &chat, &token).await;
+
+    // The first instance stops hearing Redis (its subscription connection is cut, and it
+    // cannot connect again), and notices.
+    let errors = deaf.metric("wadi_redis_errors_total").await;
+    cluster.redis_proxy.as_ref().unwrap().partition();
+    tokio::time::timeout(TIMEOUT, async {
+        while deaf.metric("wadi_redis_errors_total").await <= errors {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the cut was never noticed");
+    // Meanwhile an answer starts on the second: its announcement cannot reach the first.
+    let (mut on_driver, _) = WsClient::authed(driver, &chat, &token).await;
+    on_driver
+        .send(json!({"type": "message", "content": "while it is deaf"}))
+        .await;
+    let run_id = on_driver.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("while deaf ");
+    read_text(&mut on_driver, "while deaf ").await;
+
+    // Once it hears Redis again, its socket learns of the run from the store and follows it
+    // from its first chunk, to the end.
+    cluster.redis_proxy.as_ref().unwrap().heal();
+    let start = on_deaf.until("start").await.pop().unwrap();
+    assert_eq!(start["runId"], run_id.as_str());
+    read_text(&mut on_deaf, "while deaf ").await;
+    let announced = |count: f64| async move {
+        tokio::time::timeout(TIMEOUT, async {
+            while deaf.metric("wadi_runs_announced_again_total").await < count {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the run was never announced again");
+    };
+    announced(1.0).await;
+
+    // Another gap: the run is announced again, and the socket, which follows it already, goes
+    // on where it was (no second `start`, no chunk twice).
+    let errors = deaf.metric("wadi_redis_errors_total").await;
+    cluster.redis_proxy.as_ref().unwrap().partition();
+    tokio::time::timeout(TIMEOUT, async {
+        while deaf.metric("wadi_redis_errors_total").await <= errors {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the second cut was never noticed");
+    cluster.redis_proxy.as_ref().unwrap().heal();
+    announced(2.0).await;
+    request.token("and after");
+    let frames = read_text(&mut on_deaf, "and after").await;
+    assert_eq!(
+        chunks(&frames),
+        vec![(2, "and after".to_owned())],
+        "{frames:?}"
+    );
+    assert!(frames.iter().all(|f| f["type"] != "start"), "{frames:?}");
+    request.send(Step::Finish);
+    let complete = on_deaf.until("complete").await.pop().unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(complete["fullOutput"], "while deaf and after");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
 async fn a_stop_whose_message_is_lost_still_stops_the_run_through_the_store() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let cluster = Cluster::start(

@@ -57,6 +57,9 @@ pub enum ClusterEvent {
     RunStarted(RunStarted),
     /// A conversation of a user with sockets here changed somewhere.
     Changed(Changed),
+    /// Events may have been lost (the subscription connection was down and is back): what
+    /// they would have announced is read from the store instead.
+    Resync,
 }
 
 /// A live event of one run, from its log's channel. Delivery is at most once: a consumer checks

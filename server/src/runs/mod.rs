@@ -124,6 +124,8 @@ pub trait Announce: Send + Sync + 'static {
     fn run_started(&self, handle: &Arc<RunHandle>);
     /// True if a chat socket here shows the conversation.
     fn shows(&self, conversation: ConversationId) -> bool;
+    /// Every conversation a chat socket here shows.
+    fn shown(&self) -> Vec<ConversationId>;
     /// Tells the user's sockets here that one of their conversations changed.
     fn conversation_changed(&self, changed: &cluster::Changed);
 }
@@ -773,8 +775,38 @@ impl Runs {
                     }
                 }
                 ClusterEvent::Changed(changed) => runs.sockets.conversation_changed(&changed),
+                ClusterEvent::Resync => {
+                    tokio::spawn(async move { runs.announce_missed_runs().await });
+                }
             }
         }
+    }
+
+    /// After a gap in the cluster's events: the runs streaming elsewhere in conversations shown
+    /// here are announced to their sockets, as their lost `RunStarted` would have done (a
+    /// socket already following one is left as it is).
+    async fn announce_missed_runs(self: &Arc<Self>) {
+        let shown = self.sockets.shown();
+        let mut announced = 0;
+        for conversation in shown {
+            match self.store.active_run(conversation).await {
+                Ok(Some(run)) if run.owner_instance != Some(self.instance) => {
+                    let handle = self.handle_for(run);
+                    self.sockets.run_started(&handle);
+                    self.metrics.runs_announced_again.inc();
+                    announced += 1;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot look for runs announced while Redis was away");
+                    return;
+                }
+            }
+        }
+        tracing::info!(
+            runs = announced,
+            "runs started elsewhere announced again after a gap"
+        );
     }
 
     /// Shutdown: stops every run driven here as `interrupted` and waits up to `grace` for them

@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -213,6 +213,8 @@ struct Shared {
     next_route: AtomicU64,
     events: mpsc::UnboundedSender<ClusterEvent>,
     metrics: Arc<Metrics>,
+    /// The subscription connection was lost since the last successful probe.
+    gap: AtomicBool,
 }
 
 impl Shared {
@@ -240,6 +242,7 @@ impl Shared {
             PushKind::Disconnection => {
                 tracing::warn!("lost the Redis subscription connection; followers will catch up");
                 self.metrics.redis_errors.inc();
+                self.gap.store(true, Ordering::SeqCst);
                 self.resync();
                 return;
             }
@@ -351,6 +354,7 @@ impl RedisCluster {
             next_route: AtomicU64::new(1),
             events: events_tx,
             metrics,
+            gap: AtomicBool::new(false),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), pushes));
         tokio::spawn(probe(Arc::downgrade(&shared), subscriber.clone()));
@@ -778,9 +782,13 @@ async fn probe(shared: std::sync::Weak<Shared>, mut subscriber: ConnectionManage
                 .await,
             Ok(Ok(_))
         );
-        if ok && !healthy {
-            tracing::info!("Redis subscriptions are back; followers catch up");
+        // Back after a failed probe, or reconnected by this probe after a lost connection:
+        // the channels are subscribed again, so what was missed meanwhile can be read now.
+        let reconnected = ok && shared.gap.swap(false, Ordering::SeqCst);
+        if ok && (!healthy || reconnected) {
+            tracing::info!("Redis subscriptions are back; followers and announcements catch up");
             shared.resync();
+            let _ = shared.events.send(ClusterEvent::Resync);
         }
         if !ok && healthy {
             shared.metrics.redis_errors.inc();

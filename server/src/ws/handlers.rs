@@ -430,7 +430,8 @@ impl Session {
             .count()
     }
 
-    fn follows(&self, run: RunId) -> bool {
+    /// True if this socket follows the run (its watcher has not finished).
+    pub(super) fn follows(&self, run: RunId) -> bool {
         self.watchers
             .get(&run)
             .is_some_and(|watcher| !watcher.is_finished())

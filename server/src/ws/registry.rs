@@ -341,6 +341,10 @@ impl Announce for Registry {
         self.index().by_conversation.contains_key(&conversation)
     }
 
+    fn shown(&self) -> Vec<ConversationId> {
+        self.index().by_conversation.keys().copied().collect()
+    }
+
     /// Sends a `conversation` frame to every user socket of the user here.
     fn conversation_changed(&self, changed: &crate::runs::cluster::Changed) {
         let index = self.index();

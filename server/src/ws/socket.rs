@@ -289,7 +289,11 @@ impl Connection {
     fn on_note(&mut self, note: Control) -> Flow {
         match note {
             Control::RunStarted(handle) => {
-                if let Some(session) = &mut self.session {
+                // Announced again (after a gap in the cluster's events) while this socket
+                // follows it already: nothing to do; watching again would resend it.
+                if let Some(session) = &mut self.session
+                    && !session.follows(handle.id)
+                {
                     session.watch(&self.socket, handle, 0, true);
                 }
                 ControlFlow::Continue(())
