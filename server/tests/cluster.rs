@@ -324,6 +324,7 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
     let conversation = api.new_conversation().await;
     let chat = format!("/ws/chat/{conversation}");
     let (mut on_deaf, _) = WsClient::authed(deaf, &chat, &token).await;
+    let (mut user_on_deaf, _) = WsClient::authed(deaf, "/ws/user", &token).await;
 
     // The first instance stops hearing Redis (its subscription connection is cut, and it
     // cannot connect again), and notices.
@@ -351,6 +352,9 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
     cluster.redis_proxy.as_ref().unwrap().heal();
     let start = on_deaf.until("start").await.pop().unwrap();
     assert_eq!(start["runId"], run_id.as_str());
+    // Its user socket, whose `conversation` frames (the message sent) were lost, is told to
+    // reload.
+    user_on_deaf.until("resync").await;
     read_text(&mut on_deaf, "while deaf ").await;
     let announced = |count: f64| async move {
         tokio::time::timeout(TIMEOUT, async {

@@ -160,6 +160,9 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         title: Option<String>,
     },
+    /// User socket: `conversation` frames may have been lost (the server's instance could not
+    /// hear the others for a while). Reload the list, as after a reconnect.
+    Resync,
 }
 
 /// What happened to a conversation (the `conversation` frame's `change`).

@@ -249,6 +249,7 @@ fn server_frames_have_pinned_json() {
             json!({"type": "error", "code": "overloaded", "message": "busy", "retryAfterMs": 2000}),
         ),
         (ServerMessage::Pong, json!({"type": "pong"})),
+        (ServerMessage::Resync, json!({"type": "resync"})),
     ];
     for (frame, expected) in cases {
         assert_eq!(to_value(&frame), expected);

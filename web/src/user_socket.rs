@@ -94,6 +94,8 @@ async fn connection(
                         on_frame(None);
                     }
                     Ok(frame @ ServerMessage::Conversation { .. }) => on_frame(Some(frame)),
+                    // Changes may have been lost: reload, as after a reconnect.
+                    Ok(ServerMessage::Resync) => on_frame(None),
                     _ => {}
                 },
                 Some(Ok(Message::Bytes(_))) | Some(Err(_)) => {

@@ -513,7 +513,8 @@ impl ChatState {
             ServerMessage::Authenticated { active_run, .. } => self.on_authenticated(active_run),
             ServerMessage::Connected { .. }
             | ServerMessage::Pong
-            | ServerMessage::Conversation { .. } => Vec::new(),
+            | ServerMessage::Conversation { .. }
+            | ServerMessage::Resync => Vec::new(),
         }
     }
 
