@@ -126,8 +126,8 @@ pub trait Announce: Send + Sync + 'static {
     fn shows(&self, conversation: ConversationId) -> bool;
     /// Every conversation a chat socket here shows.
     fn shown(&self) -> Vec<ConversationId>;
-    /// Tells every user socket here that `conversation` frames may have been lost.
-    fn changes_may_be_lost(&self);
+    /// Tells every authenticated chat and user socket here that events may have been lost.
+    fn events_may_be_lost(&self);
     /// Tells the user's sockets here that one of their conversations changed.
     fn conversation_changed(&self, changed: &cluster::Changed);
 }
@@ -778,7 +778,7 @@ impl Runs {
                 }
                 ClusterEvent::Changed(changed) => runs.sockets.conversation_changed(&changed),
                 ClusterEvent::Resync => {
-                    runs.sockets.changes_may_be_lost();
+                    runs.sockets.events_may_be_lost();
                     tokio::spawn(async move { runs.announce_missed_runs().await });
                 }
             }

@@ -345,18 +345,19 @@ impl Announce for Registry {
         self.index().by_conversation.keys().copied().collect()
     }
 
-    fn changes_may_be_lost(&self) {
+    fn events_may_be_lost(&self) {
         let frame = Arc::new(ServerMessage::Resync);
         let index = self.index();
         let mut told = 0;
         for entry in index.clients.values() {
-            if entry.endpoint == Endpoint::User && entry.user.is_some() {
+            let shows_a_list = matches!(entry.endpoint, Endpoint::User | Endpoint::Chat { .. });
+            if shows_a_list && entry.user.is_some() {
                 entry.inbox.post(Control::Send(frame.clone()));
                 told += 1;
             }
         }
         drop(index);
-        tracing::info!(sockets = told, "user sockets told to reload after a gap");
+        tracing::info!(sockets = told, "sockets told to reload after a gap");
     }
 
     /// Sends a `conversation` frame to every user socket of the user here.

@@ -454,6 +454,17 @@ impl ChatState {
 
     /// After (re)authenticating: resume the answer we were showing from its last applied seq,
     /// or adopt the run the server says is active, then resend unacknowledged messages.
+    /// The server's events may have been lost (its instance could not hear the others for a
+    /// while): an answer that started and ended meanwhile is fetched with the shown path. Not
+    /// while an answer streams or a message is on its way: their own frames bring them (and
+    /// one run at a time per conversation means nothing else can have been missed).
+    fn on_resync(&mut self) -> Vec<Command> {
+        if self.streaming.is_some() || !self.pending.is_empty() {
+            return Vec::new();
+        }
+        vec![Command::RefreshHistory]
+    }
+
     pub fn on_authenticated(&mut self, active_run: Option<ActiveRun>) -> Vec<Command> {
         let mut commands = Vec::new();
         match (&self.streaming, active_run) {
@@ -513,8 +524,8 @@ impl ChatState {
             ServerMessage::Authenticated { active_run, .. } => self.on_authenticated(active_run),
             ServerMessage::Connected { .. }
             | ServerMessage::Pong
-            | ServerMessage::Conversation { .. }
-            | ServerMessage::Resync => Vec::new(),
+            | ServerMessage::Conversation { .. } => Vec::new(),
+            ServerMessage::Resync => self.on_resync(),
         }
     }
 
@@ -860,6 +871,24 @@ mod tests {
         );
         chat.apply(chunk(1, "x"));
         assert_eq!(chat.streaming.as_ref().unwrap().text, "x");
+    }
+
+    #[test]
+    fn a_resync_refreshes_the_history_unless_an_answer_streams() {
+        let mut chat = ChatState::default();
+        assert_eq!(
+            chat.apply(ServerMessage::Resync),
+            vec![Command::RefreshHistory]
+        );
+        chat.apply(start());
+        assert_eq!(chat.apply(ServerMessage::Resync), Vec::new());
+        chat.apply(complete("done", RunStatus::Completed));
+        chat.send("next".into(), "c-2".into());
+        assert_eq!(
+            chat.apply(ServerMessage::Resync),
+            Vec::new(),
+            "a message on its way"
+        );
     }
 
     #[test]
