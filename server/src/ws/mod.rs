@@ -180,22 +180,25 @@ async fn user_socket(
     accept(state, &headers, addr, upgrade, Endpoint::User)
 }
 
-/// The handshake, or a JSON `invalid_request` for a request that is not one (axum's own
-/// answer is plain text).
+/// The handshake, or for a request that is not one a JSON `invalid_request` with axum's
+/// status (`400` for missing or wrong handshake headers, `426` when the connection cannot be
+/// upgraded, e.g. HTTP/1.0; axum's own body is plain text).
 struct Upgrade(WebSocketUpgrade);
 
 impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
-    type Rejection = AppError;
+    type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
         WebSocketUpgrade::from_request_parts(parts, state)
             .await
             .map(Self)
             .map_err(|rejection| {
-                AppError::invalid(
-                    ErrorCode::InvalidRequest,
-                    format!("not a WebSocket handshake: {}", rejection.body_text()),
-                )
+                let error = ApiError {
+                    code: ErrorCode::InvalidRequest,
+                    message: format!("not a WebSocket handshake: {}", rejection.body_text()),
+                    request_id: crate::http::request_log::request_id(),
+                };
+                (rejection.status(), Json(error)).into_response()
             })
     }
 }
