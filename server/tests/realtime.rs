@@ -2050,6 +2050,25 @@ async fn malformed_socket_requests_get_json_errors() {
         assert_eq!(status, 400, "{path}: {body}");
         assert_eq!(body["code"], "invalid_request", "{path}");
     }
+    // A handshake over HTTP/1.0, which cannot upgrade: 426, still in JSON.
+    let answer = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(
+            b"GET /ws/user HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(TIMEOUT, tcp.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        answer
+    };
+    assert!(answer.starts_with("HTTP/1.0 426"), "{answer}");
+    assert!(answer.contains(r#""code":"invalid_request""#), "{answer}");
     server.shutdown().await.unwrap();
 }
 
