@@ -49,6 +49,36 @@ fn say(request: &Request, words: &[String]) {
     }
 }
 
+/// Two instances, the first of which reaches Redis through a proxy the test can cut.
+async fn first_behind_a_proxy(upstream: &FakeUpstream) -> Cluster {
+    Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count: 2,
+            redis: true,
+            proxy_first_to_redis: true,
+            model_url: &upstream.base_url,
+            env: &[],
+        },
+    )
+    .await
+}
+
+/// Cuts the first instance off Redis (its connections are cut, and it cannot connect again)
+/// and waits until it has noticed.
+async fn cut_off_first(cluster: &Cluster) {
+    let first = cluster.at(0);
+    let errors = first.metric("wadi_redis_errors_total").await;
+    cluster.redis_proxy.as_ref().unwrap().partition();
+    tokio::time::timeout(TIMEOUT, async {
+        while first.metric("wadi_redis_errors_total").await <= errors {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the cut was never noticed");
+}
+
 /// Reads frames until a `resync` has come and the chunks' text is `expected`.
 async fn until_resync_and_text(ws: &mut WsClient, expected: &str) -> Vec<Value> {
     let mut frames: Vec<Value> = Vec::new();
@@ -316,17 +346,7 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
 )]
 async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_sockets() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = Cluster::start(
-        Engine::postgres().admin_url(),
-        Options {
-            count: 2,
-            redis: true,
-            proxy_first_to_redis: true,
-            model_url: &upstream.base_url,
-            env: &[],
-        },
-    )
-    .await;
+    let cluster = first_behind_a_proxy(&upstream).await;
     let (deaf, driver) = (cluster.at(0), cluster.at(1));
     let api = driver.user().await;
     let token = api.token.clone().unwrap();
@@ -335,17 +355,8 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
     let (mut on_deaf, _) = WsClient::authed(deaf, &chat, &token).await;
     let (mut user_on_deaf, _) = WsClient::authed(deaf, "/ws/user", &token).await;
 
-    // The first instance stops hearing Redis (its subscription connection is cut, and it
-    // cannot connect again), and notices.
-    let errors = deaf.metric("wadi_redis_errors_total").await;
-    cluster.redis_proxy.as_ref().unwrap().partition();
-    tokio::time::timeout(TIMEOUT, async {
-        while deaf.metric("wadi_redis_errors_total").await <= errors {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the cut was never noticed");
+    // The first instance stops hearing Redis, and notices.
+    cut_off_first(&cluster).await;
     // Meanwhile an answer starts on the second: its announcement cannot reach the first.
     let (mut on_driver, _) = WsClient::authed(driver, &chat, &token).await;
     on_driver
@@ -380,15 +391,7 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
 
     // Another gap: the run is announced again, and the socket, which follows it already, goes
     // on where it was (no second `start`, no chunk twice).
-    let errors = deaf.metric("wadi_redis_errors_total").await;
-    cluster.redis_proxy.as_ref().unwrap().partition();
-    tokio::time::timeout(TIMEOUT, async {
-        while deaf.metric("wadi_redis_errors_total").await <= errors {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the second cut was never noticed");
+    cut_off_first(&cluster).await;
     cluster.redis_proxy.as_ref().unwrap().heal();
     announced(2.0).await;
     request.token("and after");
@@ -413,17 +416,7 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
 )]
 async fn a_stop_whose_message_is_lost_still_stops_the_run_through_the_store() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = Cluster::start(
-        Engine::postgres().admin_url(),
-        Options {
-            count: 2,
-            redis: true,
-            proxy_first_to_redis: true,
-            model_url: &upstream.base_url,
-            env: &[],
-        },
-    )
-    .await;
+    let cluster = first_behind_a_proxy(&upstream).await;
     let (a, b) = (cluster.at(0), cluster.at(1));
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -687,17 +680,7 @@ async fn a_redis_restart_mid_run_loses_and_repeats_nothing() {
 )]
 async fn an_owner_cut_off_from_redis_for_a_while_loses_and_repeats_nothing() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = Cluster::start(
-        Engine::postgres().admin_url(),
-        Options {
-            count: 2,
-            redis: true,
-            proxy_first_to_redis: true,
-            model_url: &upstream.base_url,
-            env: &[],
-        },
-    )
-    .await;
+    let cluster = first_behind_a_proxy(&upstream).await;
     let api = cluster.at(0).user().await;
     let token = api.token.clone().unwrap();
     let conversation = api.new_conversation().await;
