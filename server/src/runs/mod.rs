@@ -789,21 +789,37 @@ impl Runs {
     /// here are announced to their sockets, as their lost `RunStarted` would have done (a
     /// socket already following one is left as it is).
     async fn announce_missed_runs(self: &Arc<Self>) {
-        let shown = self.sockets.shown();
-        let mut announced = 0;
-        for conversation in shown {
-            match self.store.active_run(conversation).await {
-                Ok(Some(run)) if run.owner_instance != Some(self.instance) => {
-                    let handle = self.handle_for(run);
-                    self.sockets.run_started(&handle);
-                    self.metrics.runs_announced_again.inc();
-                    announced += 1;
+        let shown: std::collections::HashSet<ConversationId> =
+            self.sockets.shown().into_iter().collect();
+        if shown.is_empty() {
+            return;
+        }
+        // One query for all of them, retried a few times: a Redis gap often comes with a
+        // database that is briefly unreachable too.
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        let running = loop {
+            match self.store.running_runs().await {
+                Ok(running) => break running,
+                Err(error) if attempt < 4 => {
+                    tracing::warn!(%error, attempt, "cannot look for runs announced while Redis was away; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
                 }
-                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(%error, "cannot look for runs announced while Redis was away");
                     return;
                 }
+            }
+        };
+        let mut announced = 0;
+        for run in running {
+            if shown.contains(&run.conversation_id) && run.owner_instance != Some(self.instance) {
+                let handle = self.handle_for(run);
+                self.sockets.run_started(&handle);
+                self.metrics.runs_announced_again.inc();
+                announced += 1;
             }
         }
         tracing::info!(

@@ -251,6 +251,8 @@ pub trait Store: Send + Sync + 'static {
     async fn run_by_id(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
     /// The conversation's `running` run, if any.
     async fn active_run(&self, conversation_id: ConversationId) -> StoreResult<Option<RunRecord>>;
+    /// Every `running` run, whoever drives it (few: at most the instances' caps on active runs).
+    async fn running_runs(&self) -> StoreResult<Vec<RunRecord>>;
     /// The run a user message started when it was sent, if any (regenerated answers are runs
     /// of the same message, started later).
     async fn run_for_message(&self, message_id: MessageId) -> StoreResult<Option<RunRecord>>;

@@ -839,6 +839,16 @@ macro_rules! sql_store {
                 Ok(count > 0)
             }
 
+            async fn running_runs(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::RunRecord>> {
+                Ok(sqlx::query_as::<$db, $crate::store::RunRecord>(
+                    "SELECT * FROM runs WHERE status = 'running'",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn owned_running_runs(
                 &self,
                 owner: $crate::ids::InstanceId,
