@@ -8,6 +8,15 @@ use axum::{
 };
 use wadi_protocol::{ErrorCode, api::ApiError};
 
+/// An error's JSON body, `{code, message, requestId}`, quoting the current request's id.
+pub fn error_body(code: ErrorCode, message: impl Into<String>) -> Json<ApiError> {
+    Json(ApiError {
+        code,
+        message: message.into(),
+        request_id: crate::http::request_log::request_id(),
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// The request is malformed or breaks a rule; nothing was written.
@@ -106,12 +115,7 @@ impl IntoResponse for AppError {
         } else {
             self.to_string()
         };
-        let body = ApiError {
-            code: self.code(),
-            message,
-            request_id: crate::http::request_log::request_id(),
-        };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, error_body(self.code(), message)).into_response();
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

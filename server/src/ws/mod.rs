@@ -10,19 +10,19 @@ mod wire;
 use std::time::Duration;
 
 use axum::{
-    Json, Router,
+    Router,
     extract::{FromRequestParts, Path, State, WebSocketUpgrade},
     http::{HeaderMap, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::get,
 };
 use serde::Deserialize;
-use wadi_protocol::{ErrorCode, api::ApiError};
+use wadi_protocol::ErrorCode;
 
 pub use registry::{Caps, Control, Endpoint, Inbox, Refusal, Registry};
 
 use crate::{
-    error::AppError,
+    error::{AppError, error_body},
     http::{ClientAddr, extract::ApiQuery},
     ids::{ConversationId, RunId},
     state::AppState,
@@ -193,12 +193,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .await
             .map(Self)
             .map_err(|rejection| {
-                let error = ApiError {
-                    code: ErrorCode::InvalidRequest,
-                    message: format!("not a WebSocket handshake: {}", rejection.body_text()),
-                    request_id: crate::http::request_log::request_id(),
-                };
-                (rejection.status(), Json(error)).into_response()
+                let message = format!("not a WebSocket handshake: {}", rejection.body_text());
+                (
+                    rejection.status(),
+                    error_body(ErrorCode::InvalidRequest, message),
+                )
+                    .into_response()
             })
     }
 }
@@ -215,11 +215,10 @@ fn accept(
         tracing::info!(origin = ?headers.get(header::ORIGIN), "socket refused: origin not allowed");
         return (
             StatusCode::FORBIDDEN,
-            Json(ApiError {
-                code: ErrorCode::InvalidRequest,
-                message: "this origin may not open sockets here".into(),
-                request_id: crate::http::request_log::request_id(),
-            }),
+            error_body(
+                ErrorCode::InvalidRequest,
+                "this origin may not open sockets here",
+            ),
         )
             .into_response();
     }
@@ -254,11 +253,7 @@ fn accept(
         return (
             status,
             [(header::RETRY_AFTER, "5")],
-            Json(ApiError {
-                code: ErrorCode::TooManyConnections,
-                message: message.into(),
-                request_id: crate::http::request_log::request_id(),
-            }),
+            error_body(ErrorCode::TooManyConnections, message),
         )
             .into_response();
     }
