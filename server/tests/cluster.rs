@@ -324,13 +324,7 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
     request.token("first words ");
     read_text(&mut on_a, "first words ").await;
 
-    let (status, _) = on(b, &api)
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/conversations/{conversation}"),
-            None,
-        )
-        .await;
+    let status = on(b, &api).delete_conversation(&conversation).await;
     assert_eq!(status, 204);
     request.cancelled().await;
     let complete = on_a.until("complete").await.pop().unwrap();

@@ -88,16 +88,12 @@ async fn crud_round_trip(engine: Engine) {
     assert_eq!(messages["items"][0]["id"], sent["message"]["id"]);
     assert_eq!(messages["items"][0]["runId"], sent["run"]["id"]);
 
-    let (status, _) = api
-        .call(Method::DELETE, &format!("/api/conversations/{id}"), None)
-        .await;
+    let status = api.delete_conversation(id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = api.get(&format!("/api/conversations/{id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "not_found");
-    let (status, _) = api
-        .call(Method::DELETE, &format!("/api/conversations/{id}"), None)
-        .await;
+    let status = api.delete_conversation(id).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.shutdown().await.unwrap();
 }
@@ -232,9 +228,7 @@ async fn deleting_a_conversation_deletes_its_messages(engine: Engine) {
     assert_eq!(server.db().count(count, uuid).await, 6);
     let runs = "SELECT COUNT(*) FROM runs WHERE conversation_id = $1";
     assert_eq!(server.db().count(runs, uuid).await, 3);
-    let (status, _) = api
-        .call(Method::DELETE, &format!("/api/conversations/{id}"), None)
-        .await;
+    let status = api.delete_conversation(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(server.db().count(count, uuid).await, 0);
     assert_eq!(server.db().count(runs, uuid).await, 0);

@@ -332,24 +332,12 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
 
     // Another user cannot delete it (and so cannot stop it).
     let other = server.user().await;
-    let (status, _) = other
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/conversations/{conversation}"),
-            None,
-        )
-        .await;
+    let status = other.delete_conversation(&conversation).await;
     assert_eq!(status, 404);
     request.token("more ");
     read_text(&mut ws, "more ").await;
 
-    let (status, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/conversations/{conversation}"),
-            None,
-        )
-        .await;
+    let status = api.delete_conversation(&conversation).await;
     assert_eq!(status, 204);
     // The provider is let go of at once, and the open socket is told the answer stopped.
     request.cancelled().await;

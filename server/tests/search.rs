@@ -123,13 +123,7 @@ async fn search_finds_only_your_words_marks_them_and_pages(engine: Engine) {
     assert_eq!(status, StatusCode::OK);
     let (_, found) = search(&api, "agility").await;
     assert_eq!(found["conversations"][0]["conversationId"], fox.as_str());
-    let (status, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/conversations/{lisbon}"),
-            None,
-        )
-        .await;
+    let status = api.delete_conversation(&lisbon).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, found) = search(&api, "zebra").await;
     assert!(found["messages"].as_array().unwrap().is_empty(), "{found}");

@@ -83,13 +83,7 @@ async fn the_user_socket_tells_of_every_change_to_your_conversations_only() {
         assert_eq!(error["code"], "invalid_request", "{frame}: {error}");
     }
 
-    let (status, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/conversations/{conversation}"),
-            None,
-        )
-        .await;
+    let status = api.delete_conversation(&conversation).await;
     assert_eq!(status, 204);
     let deleted = change(&mut socket).await;
     assert_eq!(deleted["change"], "deleted");

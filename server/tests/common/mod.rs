@@ -303,6 +303,17 @@ impl Api<'_> {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Deletes a conversation; the answer's status.
+    pub async fn delete_conversation(&self, id: &str) -> reqwest::StatusCode {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/api/conversations/{id}"),
+            None,
+        )
+        .await
+        .0
+    }
+
     /// Sends a message over REST and waits (through the run's SSE stream) until its run has
     /// ended and been saved. Returns the send's answer.
     pub async fn send_and_finish(&self, conversation: &str, content: &str) -> Value {
