@@ -663,6 +663,21 @@ async fn resume_over_sse_with_last_event_id(engine: Engine) {
         .await;
     assert_eq!(status, 400);
     assert_eq!(bad["code"], "invalid_request");
+    for last_event_id in ["soon", "-1", "1.5", "18446744073709551616"] {
+        let response = api
+            .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
+            .header("Last-Event-ID", last_event_id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "Last-Event-ID {last_event_id}");
+        let bad: Value = response.json().await.unwrap();
+        assert_eq!(
+            bad["code"], "invalid_request",
+            "Last-Event-ID {last_event_id}"
+        );
+        assert_eq!(bad["message"], "Last-Event-ID must be a seq");
+    }
     server.shutdown().await.unwrap();
 }
 
@@ -1238,6 +1253,16 @@ async fn oversized_frames_and_invalid_utf8_close_with_their_codes() {
         .await;
     let (frames, code) = big.until_closed().await;
     assert_eq!(code, 1009);
+    assert_eq!(frames[0]["code"], "too_large");
+
+    // Before authentication too: an oversized `auth` frame is refused unread.
+    let mut unauthed = WsClient::connect(&server, &path).await;
+    unauthed
+        .send(json!({"type": "auth", "token": "t".repeat(2000)}))
+        .await;
+    let (frames, code) = unauthed.until_closed().await;
+    assert_eq!(code, 1009);
+    assert_eq!(frames.len(), 1, "only the refusal: {frames:?}");
     assert_eq!(frames[0]["code"], "too_large");
 
     let (mut garbled, _) = WsClient::authed(&server, &path, &token(&api)).await;
