@@ -371,7 +371,12 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
     assert_eq!(starts.len(), 1, "{seen:?}");
     assert_eq!(starts[0]["runId"], run_id.as_str());
     assert_eq!(chunks(&seen), vec![(1, "while deaf ".to_owned())]);
-    user_on_deaf.until("resync").await;
+    let resync = user_on_deaf.until("resync").await.pop().unwrap();
+    // Both sockets on the instance reload, each at a random moment within 2 ms (1 000 a
+    // second).
+    assert_eq!(resync["withinMs"], 2, "{resync}");
+    let resync = seen.iter().find(|f| f["type"] == "resync").unwrap();
+    assert_eq!(resync["withinMs"], 2, "{resync}");
     let announced = |count: f64| async move {
         tokio::time::timeout(TIMEOUT, async {
             while deaf.metric("wadi_runs_announced_again_total").await < count {

@@ -160,9 +160,14 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         title: Option<String>,
     },
-    /// User socket: `conversation` frames may have been lost (the server's instance could not
-    /// hear the others for a while). Reload the list, as after a reconnect.
-    Resync,
+    /// Chat and user sockets: events may have been lost (the server's instance could not hear
+    /// the others for a while). Reload what is shown, as after a reconnect, at a uniformly
+    /// random moment within `within_ms`: every socket on the instance is told at once, and the
+    /// server sizes the window so that their reloads do not all land together.
+    Resync {
+        #[serde(default)]
+        within_ms: u64,
+    },
 }
 
 /// What happened to a conversation (the `conversation` frame's `change`).

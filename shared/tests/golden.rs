@@ -131,6 +131,11 @@ fn unknown_and_null_optional_fields_are_ignored() {
             after_seq: 0
         }
     );
+    // A server from before the window said only `resync`: reload at once.
+    assert_eq!(
+        ServerMessage::decode(r#"{"type":"resync"}"#).unwrap(),
+        ServerMessage::Resync { within_ms: 0 }
+    );
 }
 
 #[test]
@@ -249,7 +254,10 @@ fn server_frames_have_pinned_json() {
             json!({"type": "error", "code": "overloaded", "message": "busy", "retryAfterMs": 2000}),
         ),
         (ServerMessage::Pong, json!({"type": "pong"})),
-        (ServerMessage::Resync, json!({"type": "resync"})),
+        (
+            ServerMessage::Resync { within_ms: 1500 },
+            json!({"type": "resync", "withinMs": 1500}),
+        ),
     ];
     for (frame, expected) in cases {
         assert_eq!(to_value(&frame), expected);

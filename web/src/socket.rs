@@ -19,6 +19,7 @@ use std::{
 use futures::{
     FutureExt, SinkExt, StreamExt,
     channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded},
+    future::{Fuse, FusedFuture},
     stream::FusedStream,
 };
 use gloo_net::websocket::{Message, WebSocketError, futures::WebSocket};
@@ -548,11 +549,19 @@ impl Driver {
         // token expires.
         let mut sent = token;
         let mut refresh = refresh_timer(&self.api, Duration::ZERO);
+        // A `resync` is acted on at a moment of this tab's own within the server's window.
+        let mut resync = Fuse::terminated();
         loop {
             futures::select! {
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
                         let Ok(frame) = ServerMessage::decode(&text) else { continue };
+                        if let ServerMessage::Resync { within_ms } = frame {
+                            if resync.is_terminated() {
+                                resync = resync_timer(within_ms);
+                            }
+                            continue;
+                        }
                         if let ServerMessage::Authenticated { .. } = &frame {
                             authenticated = true;
                             self.backoff.reset();
@@ -617,6 +626,12 @@ impl Driver {
                         return Ended::Closed { authenticated, code: 1006 };
                     }
                 },
+                () = resync => {
+                    let commands = self.state.apply(ServerMessage::Resync { within_ms: 0 });
+                    if self.execute(&mut sink, commands).await.is_err() {
+                        return Ended::Closed { authenticated, code: 1006 };
+                    }
+                },
                 () = refresh => {
                     // Refresh before expiry (unless another part of the app already did) and
                     // hand the new token to the open socket.
@@ -670,11 +685,13 @@ impl Driver {
     }
 }
 
+/// A timer that fires at a random moment within a `resync`'s window.
+pub(crate) fn resync_timer(within_ms: u64) -> Fuse<gloo_timers::future::TimeoutFuture> {
+    gloo_timers::future::sleep(timing::resync_delay(within_ms, js_sys::Math::random())).fuse()
+}
+
 /// A timer that fires when the session should be refreshed, and not before `at_least`.
-fn refresh_timer(
-    api: &Api,
-    at_least: Duration,
-) -> futures::future::Fuse<gloo_timers::future::TimeoutFuture> {
+fn refresh_timer(api: &Api, at_least: Duration) -> Fuse<gloo_timers::future::TimeoutFuture> {
     let wait = api.auth.current().map_or(Duration::from_secs(3600), |s| {
         timing::refresh_delay(s.issued_at, s.expires_at, auth::now())
     });

@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{
+    FutureExt, SinkExt, StreamExt,
+    future::{Fuse, FusedFuture},
+};
 use gloo_net::websocket::{Message, WebSocketError, futures::WebSocket};
 use leptos::task::spawn_local;
 use wadi_protocol::{ClientMessage, ServerMessage};
@@ -19,6 +22,7 @@ use wadi_protocol::{ClientMessage, ServerMessage};
 use crate::{
     api::Api,
     auth,
+    socket::resync_timer,
     store::{Backoff, timing},
 };
 
@@ -81,6 +85,8 @@ async fn connection(
     let mut sent = token.clone();
     let mut refresh = refresh_timer(api, Duration::ZERO);
     let mut authenticated = false;
+    // A `resync` reloads at a moment of this tab's own within the server's window.
+    let mut resync = Fuse::terminated();
     loop {
         futures::select! {
             incoming = stream.next() => match incoming {
@@ -94,8 +100,9 @@ async fn connection(
                         on_frame(None);
                     }
                     Ok(frame @ ServerMessage::Conversation { .. }) => on_frame(Some(frame)),
-                    // Changes may have been lost: reload, as after a reconnect.
-                    Ok(ServerMessage::Resync) => on_frame(None),
+                    Ok(ServerMessage::Resync { within_ms }) if resync.is_terminated() => {
+                        resync = resync_timer(within_ms);
+                    }
                     _ => {}
                 },
                 Some(Ok(Message::Bytes(_))) | Some(Err(_)) => {
@@ -105,6 +112,8 @@ async fn connection(
                 }
                 None => return None,
             },
+            // Changes may have been lost: reload, as after a reconnect.
+            () = resync => on_frame(None),
             () = refresh => {
                 let token = api.auth.valid_token().await.ok()?;
                 let renewed = token != sent;
@@ -123,10 +132,7 @@ async fn connection(
 }
 
 /// When the session should be refreshed (and not before `at_least`).
-fn refresh_timer(
-    api: &Api,
-    at_least: Duration,
-) -> futures::future::Fuse<gloo_timers::future::TimeoutFuture> {
+fn refresh_timer(api: &Api, at_least: Duration) -> Fuse<gloo_timers::future::TimeoutFuture> {
     let wait = api.auth.current().map_or(Duration::from_secs(3600), |s| {
         timing::refresh_delay(s.issued_at, s.expires_at, auth::now())
     });

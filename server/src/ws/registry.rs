@@ -19,6 +19,18 @@ use crate::{
     runs::{Announce, RunHandle},
 };
 
+/// How many sockets told to reload (`resync`) may do so per second: each reload is a request or
+/// two (the list, the shown conversation's messages) that would otherwise all arrive at once.
+const RELOADS_PER_SECOND: usize = 1_000;
+/// The longest window a reload is spread over, however many sockets there are.
+const MAX_RELOAD_WINDOW_MS: u64 = 30_000;
+
+/// The window `told` sockets spread their reloads over, each at a random moment in it.
+fn reload_window_ms(told: usize) -> u64 {
+    let ms = told.saturating_mul(1_000) / RELOADS_PER_SECOND;
+    u64::try_from(ms).map_or(MAX_RELOAD_WINDOW_MS, |ms| ms.min(MAX_RELOAD_WINDOW_MS))
+}
+
 /// What the rest of the server tells a socket's task.
 pub enum Control {
     /// A run started in the socket's conversation.
@@ -346,18 +358,22 @@ impl Announce for Registry {
     }
 
     fn events_may_be_lost(&self) {
-        let frame = Arc::new(ServerMessage::Resync);
         let index = self.index();
-        let mut told = 0;
-        for entry in index.clients.values() {
-            let shows_a_list = matches!(entry.endpoint, Endpoint::User | Endpoint::Chat { .. });
-            if shows_a_list && entry.user.is_some() {
-                entry.inbox.post(Control::Send(frame.clone()));
-                told += 1;
-            }
+        let reloads = |entry: &&Entry| {
+            matches!(entry.endpoint, Endpoint::User | Endpoint::Chat { .. }) && entry.user.is_some()
+        };
+        let told = index.clients.values().filter(reloads).count();
+        let within_ms = reload_window_ms(told);
+        let frame = Arc::new(ServerMessage::Resync { within_ms });
+        for entry in index.clients.values().filter(reloads) {
+            entry.inbox.post(Control::Send(frame.clone()));
         }
         drop(index);
-        tracing::info!(sockets = told, "sockets told to reload after a gap");
+        tracing::info!(
+            sockets = told,
+            within_ms,
+            "sockets told to reload after a gap"
+        );
     }
 
     /// Sends a `conversation` frame to every user socket of the user here.
@@ -456,6 +472,16 @@ mod tests {
         tokio::task::yield_now().await;
         inbox.post(Control::RunSent);
         assert!(matches!(waiting.await.unwrap(), Control::RunSent));
+    }
+
+    #[test]
+    fn reloads_are_spread_by_how_many_sockets_reload() {
+        assert_eq!(reload_window_ms(0), 0);
+        assert_eq!(reload_window_ms(1), 1);
+        assert_eq!(reload_window_ms(2_500), 2_500);
+        assert_eq!(reload_window_ms(19_000), 19_000);
+        assert_eq!(reload_window_ms(100_000), MAX_RELOAD_WINDOW_MS);
+        assert_eq!(reload_window_ms(usize::MAX), MAX_RELOAD_WINDOW_MS);
     }
 
     #[test]

@@ -452,8 +452,6 @@ impl ChatState {
             .collect()
     }
 
-    /// After (re)authenticating: resume the answer we were showing from its last applied seq,
-    /// or adopt the run the server says is active, then resend unacknowledged messages.
     /// The server's events may have been lost (its instance could not hear the others for a
     /// while): an answer that started and ended meanwhile is fetched with the shown path. Not
     /// while an answer streams or a message is on its way: their own frames bring them (and
@@ -465,6 +463,8 @@ impl ChatState {
         vec![Command::RefreshHistory]
     }
 
+    /// After (re)authenticating: resume the answer we were showing from its last applied seq,
+    /// or adopt the run the server says is active, then resend unacknowledged messages.
     pub fn on_authenticated(&mut self, active_run: Option<ActiveRun>) -> Vec<Command> {
         let mut commands = Vec::new();
         match (&self.streaming, active_run) {
@@ -525,7 +525,7 @@ impl ChatState {
             ServerMessage::Connected { .. }
             | ServerMessage::Pong
             | ServerMessage::Conversation { .. } => Vec::new(),
-            ServerMessage::Resync => self.on_resync(),
+            ServerMessage::Resync { .. } => self.on_resync(),
         }
     }
 
@@ -877,15 +877,18 @@ mod tests {
     fn a_resync_refreshes_the_history_unless_an_answer_streams() {
         let mut chat = ChatState::default();
         assert_eq!(
-            chat.apply(ServerMessage::Resync),
+            chat.apply(ServerMessage::Resync { within_ms: 0 }),
             vec![Command::RefreshHistory]
         );
         chat.apply(start());
-        assert_eq!(chat.apply(ServerMessage::Resync), Vec::new());
+        assert_eq!(
+            chat.apply(ServerMessage::Resync { within_ms: 0 }),
+            Vec::new()
+        );
         chat.apply(complete("done", RunStatus::Completed));
         chat.send("next".into(), "c-2".into());
         assert_eq!(
-            chat.apply(ServerMessage::Resync),
+            chat.apply(ServerMessage::Resync { within_ms: 0 }),
             Vec::new(),
             "a message on its way"
         );

@@ -29,9 +29,31 @@ pub fn needs_refresh(issued_at: i64, expires_at: i64, now: i64) -> bool {
     refresh_delay(issued_at, expires_at, now).is_zero()
 }
 
+/// When to reload after a `resync` whose window is `within_ms`, given a uniform random number
+/// in `[0, 1)`: every socket on the server's instance was told at once, so each picks its own
+/// moment in the window.
+pub fn resync_delay(within_ms: u64, random: f64) -> Duration {
+    let share = if random.is_nan() {
+        0.0
+    } else {
+        random.clamp(0.0, 1.0)
+    };
+    Duration::from_millis(within_ms).mul_f64(share)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resync_reloads_land_anywhere_in_the_window_and_never_past_it() {
+        assert_eq!(resync_delay(0, 0.7), Duration::ZERO);
+        assert_eq!(resync_delay(2_000, 0.0), Duration::ZERO);
+        assert_eq!(resync_delay(2_000, 0.25), Duration::from_millis(500));
+        assert_eq!(resync_delay(2_000, 7.0), Duration::from_secs(2));
+        assert_eq!(resync_delay(2_000, -1.0), Duration::ZERO);
+        assert_eq!(resync_delay(2_000, f64::NAN), Duration::ZERO);
+    }
 
     #[test]
     fn hour_long_tokens_refresh_a_minute_early() {
