@@ -50,7 +50,7 @@ fn say(request: &Request, words: &[String]) {
 }
 
 /// Two instances, the first of which reaches Redis through a proxy the test can cut.
-async fn first_behind_a_proxy(upstream: &FakeUpstream) -> Cluster {
+async fn first_behind_a_proxy(upstream: &FakeUpstream, env: &[(&str, &str)]) -> Cluster {
     Cluster::start(
         Engine::postgres().admin_url(),
         Options {
@@ -58,7 +58,7 @@ async fn first_behind_a_proxy(upstream: &FakeUpstream) -> Cluster {
             redis: true,
             proxy_first_to_redis: true,
             model_url: &upstream.base_url,
-            env: &[],
+            env,
         },
     )
     .await
@@ -77,6 +77,17 @@ async fn cut_off_first(cluster: &Cluster) {
     })
     .await
     .expect("the cut was never noticed");
+}
+
+/// Waits until `server` has announced `count` runs again after gaps in all.
+async fn announced_again(server: &TestServer, count: f64) {
+    tokio::time::timeout(TIMEOUT, async {
+        while server.metric("wadi_runs_announced_again_total").await < count {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the run was never announced again");
 }
 
 /// Reads frames until a `resync` has come and the chunks' text is `expected`.
@@ -340,7 +351,7 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
 )]
 async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_sockets() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = first_behind_a_proxy(&upstream).await;
+    let cluster = first_behind_a_proxy(&upstream, &[]).await;
     let (deaf, driver) = (cluster.at(0), cluster.at(1));
     let api = driver.user().await;
     let token = api.token.clone().unwrap();
@@ -377,22 +388,13 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
     assert_eq!(resync["withinMs"], 2, "{resync}");
     let resync = seen.iter().find(|f| f["type"] == "resync").unwrap();
     assert_eq!(resync["withinMs"], 2, "{resync}");
-    let announced = |count: f64| async move {
-        tokio::time::timeout(TIMEOUT, async {
-            while deaf.metric("wadi_runs_announced_again_total").await < count {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the run was never announced again");
-    };
-    announced(1.0).await;
+    announced_again(deaf, 1.0).await;
 
     // Another gap: the run is announced again, and the socket, which follows it already, goes
     // on where it was (no second `start`, no chunk twice).
     cut_off_first(&cluster).await;
     cluster.redis_proxy.as_ref().unwrap().heal();
-    announced(2.0).await;
+    announced_again(deaf, 2.0).await;
     request.token("and after");
     let frames = until_resync_and_text(&mut on_deaf, "and after").await;
     assert_eq!(
@@ -413,9 +415,65 @@ async fn an_answer_started_while_an_instance_could_not_hear_redis_reaches_its_so
     not(wadi_postgres),
     ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
 )]
+async fn a_run_a_socket_was_sent_completely_is_not_sent_again_when_announced_after_a_gap() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    // No heartbeat during the test: the owner would end the run that the test marks streaming
+    // again (it drives no such run).
+    let cluster = first_behind_a_proxy(
+        &upstream,
+        &[
+            ("WADI_INSTANCE_HEARTBEAT", "1h"),
+            ("WADI_INSTANCE_TIMEOUT", "2h"),
+        ],
+    )
+    .await;
+    let (first, driver) = (cluster.at(0), cluster.at(1));
+    let api = driver.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    let (mut on_first, _) = WsClient::authed(first, &chat, &token).await;
+    let (mut on_driver, _) = WsClient::authed(driver, &chat, &token).await;
+    on_driver
+        .send(json!({"type": "message", "content": "answer once"}))
+        .await;
+    let run_id = on_driver.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    request.token("only once");
+    request.send(Step::Finish);
+    let frames = on_first.until("complete").await;
+    assert_eq!(text(&frames), "only once");
+
+    // The race this stands for: after a gap, the first instance reads the run as streaming
+    // from the store just before it ends, and announces it to its socket just after the socket
+    // was sent all of it. Here the run's row says `running` again.
+    let run = uuid::Uuid::parse_str(&run_id).unwrap();
+    cluster
+        .db
+        .execute("UPDATE runs SET status = 'running' WHERE id = $1", run)
+        .await;
+    cut_off_first(&cluster).await;
+    cluster.redis_proxy.as_ref().unwrap().heal();
+    announced_again(first, 1.0).await;
+    on_first.send(json!({"type": "ping"})).await;
+    let frames = on_first.until("pong").await;
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["type"] == "resync" || f["type"] == "pong"),
+        "the answer was sent again: {frames:?}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
 async fn a_stop_whose_message_is_lost_still_stops_the_run_through_the_store() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = first_behind_a_proxy(&upstream).await;
+    let cluster = first_behind_a_proxy(&upstream, &[]).await;
     let (a, b) = (cluster.at(0), cluster.at(1));
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -679,7 +737,7 @@ async fn a_redis_restart_mid_run_loses_and_repeats_nothing() {
 )]
 async fn an_owner_cut_off_from_redis_for_a_while_loses_and_repeats_nothing() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = first_behind_a_proxy(&upstream).await;
+    let cluster = first_behind_a_proxy(&upstream, &[]).await;
     let api = cluster.at(0).user().await;
     let token = api.token.clone().unwrap();
     let conversation = api.new_conversation().await;

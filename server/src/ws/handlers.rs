@@ -437,6 +437,12 @@ impl Session {
             .is_some_and(|watcher| !watcher.is_finished())
     }
 
+    /// True if this socket follows the run or was sent all of it: a finished watcher stays in
+    /// the map until the next `watch`, which is after any stale announcement of its run.
+    pub(super) fn watched(&self, run: RunId) -> bool {
+        self.watchers.contains_key(&run)
+    }
+
     /// Follows a run on this socket from the chunk after `after_seq`, replacing any watcher of
     /// the same run. The watcher never blocks the run: if the queue stays full for the
     /// slow-client timeout, the socket is closed.

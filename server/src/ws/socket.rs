@@ -290,9 +290,11 @@ impl Connection {
         match note {
             Control::RunStarted(handle) => {
                 // Announced again (after a gap in the cluster's events) while this socket
-                // follows it already: nothing to do; watching again would resend it.
+                // follows it, or after it was sent all of it (the run ended between the store
+                // read behind the announcement and now): nothing to do; watching again would
+                // resend it.
                 if let Some(session) = &mut self.session
-                    && !session.follows(handle.id)
+                    && !session.watched(handle.id)
                 {
                     session.watch(&self.socket, handle, 0, true);
                 }

@@ -167,6 +167,15 @@ impl TestDb {
         run
     }
 
+    /// Runs a statement with one UUID parameter directly against the database (Postgres only).
+    pub async fn execute(&self, sql: &str, id: uuid::Uuid) {
+        let (admin_url, name) = self.postgres.as_ref().expect("Postgres only");
+        let mut conn = PgConnection::connect(&database_url(admin_url, name))
+            .await
+            .unwrap();
+        sqlx::query(sql).bind(id).execute(&mut conn).await.unwrap();
+    }
+
     /// A run as stored (Postgres only): status, output, last seq and chunk ends.
     pub async fn run_row(&self, id: uuid::Uuid) -> (String, String, i64, String) {
         let (admin_url, name) = self.postgres.as_ref().expect("Postgres only");
