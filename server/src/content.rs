@@ -10,12 +10,28 @@ const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
 /// Length of a title derived from the first message, in characters.
 const DERIVED_TITLE_CHARS: usize = 60;
 
+/// Refuses text holding U+0000 (NUL). Postgres cannot store it, and no message or name means
+/// one; refused on every store alike, so a conversation moves between them unchanged.
+pub fn check_no_nul(field: &str, text: &str) -> Result<(), AppError> {
+    if text.contains('\0') {
+        return Err(AppError::invalid(
+            ErrorCode::InvalidMessage,
+            format!("{field} must not contain the character U+0000 (NUL)"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a message's content and client id; the same rules hold on the WebSocket.
 pub fn check_message(
     content: &str,
     client_message_id: Option<&str>,
     max_content_bytes: usize,
 ) -> Result<(), AppError> {
+    check_no_nul("message content", content)?;
+    if let Some(id) = client_message_id {
+        check_no_nul("clientMessageId", id)?;
+    }
     if content.trim().is_empty() {
         return Err(AppError::invalid(
             ErrorCode::EmptyContent,

@@ -421,6 +421,56 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
         )
         .await;
     expect(s, &b, 400, "invalid_message", "rename without title");
+    // U+0000 cannot be stored on Postgres: refused on every store alike, never a 500.
+    let conversation = format!("/api/conversations/{id}");
+    for (method, path, body, what) in [
+        (
+            Method::POST,
+            &messages,
+            json!({"content": "a\u{0}b"}),
+            "NUL in content",
+        ),
+        (
+            Method::POST,
+            &messages,
+            json!({"content": "ok", "clientMessageId": "c\u{0}"}),
+            "NUL in the client id",
+        ),
+        (
+            Method::POST,
+            &"/api/conversations".to_owned(),
+            json!({"title": "a\u{0}b"}),
+            "NUL in a new title",
+        ),
+        (
+            Method::POST,
+            &"/api/conversations".to_owned(),
+            json!({"systemPrompt": "a\u{0}b"}),
+            "NUL in a new system prompt",
+        ),
+        (
+            Method::PATCH,
+            &conversation,
+            json!({"title": "a\u{0}b"}),
+            "NUL in a rename",
+        ),
+        (
+            Method::PATCH,
+            &conversation,
+            json!({"systemPrompt": "a\u{0}b"}),
+            "NUL in a changed system prompt",
+        ),
+    ] {
+        let (s, b) = api.call(method, path, Some(body)).await;
+        expect(s, &b, 400, "invalid_message", what);
+        assert!(
+            b["message"].as_str().unwrap().contains("U+0000"),
+            "{what}: {b}"
+        );
+    }
+    // Every word of a search must match, so more words than it takes are refused, not dropped.
+    let (s, b) = api.get("/api/search?q=a+b+c+d+e+f+g+h+i").await;
+    expect(s, &b, 413, "too_large", "nine words");
     // A query string that does not parse (a repeated key) is a JSON error too, on every route
     // that reads one (axum's own answer is plain text).
     let run = Uuid::now_v7();

@@ -179,7 +179,8 @@ async fn concurrent_sends_start_one_run_and_never_end_it_as_an_orphan(engine: En
 }
 
 async fn the_full_flow_streams_saves_and_matches(engine: Engine) {
-    let upstream = FakeUpstream::start(tokens(&["Hel", "lo", ", ", "world", "!"])).await;
+    // A U+0000 from the provider is dropped (Postgres cannot store it): streamed and saved alike.
+    let upstream = FakeUpstream::start(tokens(&["Hel", "lo", ", ", "wor\u{0}ld", "!"])).await;
     let server = setup(engine, &upstream, |_| {}).await;
     let api = server.user().await;
     let conversation = api.new_conversation().await;

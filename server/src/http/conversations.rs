@@ -16,7 +16,7 @@ use wadi_protocol::{
 use super::extract::{ApiJson, ApiQuery, IdPath, IdsPath, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
-    content::check_message,
+    content::{check_message, check_no_nul},
     dto,
     error::AppError,
     ids::{ConversationId, MessageId},
@@ -96,6 +96,7 @@ fn next_page<T>(rows: &mut Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) ->
 }
 
 fn check_title(title: &str) -> Result<String, AppError> {
+    check_no_nul("title", title)?;
     let title = title.trim();
     if title.is_empty() {
         return Err(AppError::invalid(
@@ -226,6 +227,7 @@ fn check_system_prompt(state: &AppState, prompt: Option<&str>) -> Result<Option<
     let Some(prompt) = prompt else {
         return Ok(None);
     };
+    check_no_nul("the system prompt", prompt)?;
     let limit = state.config.runs.max_content_bytes;
     if prompt.len() > limit {
         return Err(AppError::TooLarge(format!(

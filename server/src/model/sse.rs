@@ -207,6 +207,15 @@ pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<()
     let Some(FirstChoice(text)) = chunk.choices else {
         return Err(broken("a chunk without choices".to_owned()));
     };
+    // U+0000 is dropped: Postgres cannot store it and no answer means one, so what is
+    // streamed is what every store saves.
+    let text = text.map(|text| {
+        if text.contains('\0') {
+            Cow::Owned(text.replace('\0', ""))
+        } else {
+            text
+        }
+    });
     if let Some(text) = text.filter(|text| !text.is_empty()) {
         out.extend([ModelEvent::Delta(text.into_owned())]);
     }

@@ -445,14 +445,21 @@ fn normalize_email(email: &str) -> Result<String, AuthApiError> {
     if email.is_empty() {
         return Err(AuthApiError::validation("An email address is required"));
     }
+    // The HTML form's rule (what GoTrue checks too), with a dot in the domain: no spaces,
+    // control characters, `<`, quotes, or empty domain labels.
+    let local_char = |c: char| c.is_ascii_alphanumeric() || ".!#$%&'*+/=?^_`{|}~-".contains(c);
+    let label = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
     let valid = email.len() <= MAX_EMAIL_BYTES
-        && !email.chars().any(char::is_whitespace)
         && email.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty()
-                && !domain.contains('@')
+                && local.chars().all(local_char)
                 && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
+                && domain.split('.').all(label)
         });
     if valid {
         Ok(email)
@@ -567,6 +574,13 @@ mod tests {
             normalize_email(" Alice@Example.COM ").unwrap(),
             "alice@example.com"
         );
+        for good in [
+            "first.last+tag@mail.example.co.uk",
+            "o'brien@example.com",
+            "x_y-z@sub-domain.example.org",
+        ] {
+            assert_eq!(normalize_email(good).unwrap(), good);
+        }
         for bad in [
             "",
             "alice",
@@ -575,6 +589,15 @@ mod tests {
             "a b@example.com",
             "a@b",
             "a@b@c.d",
+            "a\u{0}x@example.com",
+            "<script>x@example.com",
+            "\"quoted\"@example.com",
+            "ab@example..com",
+            "ab@-example.com",
+            "ab@example.com-",
+            "ab@exa_mple.com",
+            "tab\t@example.com",
+            "zoë@example.com",
         ] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
