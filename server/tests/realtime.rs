@@ -345,9 +345,24 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
     let complete = ws.until("complete").await.pop().unwrap();
     assert_eq!(complete["runId"], run_id.as_str());
     assert_eq!(complete["status"], "stopped");
-    // Nothing of it came back.
+    // Nothing of it came back: not its row, nor its replay, which this server keeps in memory
+    // for a while after a run ends.
     let (status, _) = api.get(&format!("/api/runs/{run_id}")).await;
     assert_eq!(status, 404);
+    let (status, body) = api.get(&format!("/api/runs/{run_id}/events")).await;
+    assert_eq!(status, 404, "{body}");
+    let mut replay = WsClient::connect(&server, &format!("/ws/runs/{run_id}/stream")).await;
+    replay
+        .send(json!({"type": "auth", "token": token(&api)}))
+        .await;
+    let (frames, code) = replay.until_closed().await;
+    assert_eq!(code, 1008, "{frames:?}");
+    assert_eq!(frames.len(), 1, "nothing but the refusal: {frames:?}");
+    assert_eq!(frames[0]["code"], "not_found");
+    ws.send(json!({"type": "resume", "runId": run_id, "afterSeq": 0}))
+        .await;
+    let refused = ws.next().await;
+    assert_eq!(refused["code"], "not_found", "{refused}");
     let (status, _) = api
         .get(&format!("/api/conversations/{conversation}/messages"))
         .await;

@@ -597,7 +597,19 @@ impl Runs {
         user: UserId,
     ) -> Result<Option<Arc<RunHandle>>, StoreError> {
         if let Some(handle) = self.hub.get(run_id) {
-            return Ok((handle.owner_id == user).then_some(handle));
+            if handle.owner_id != user {
+                return Ok(None);
+            }
+            // Kept here for replay after it ended (or streaming): its conversation, and with it
+            // the run, may have been deleted since, through any instance. Only if the store
+            // cannot say is the handle trusted as it is, so a replay survives a database blip.
+            return match self.store.run(run_id, user).await {
+                Ok(stored) => Ok(stored.map(|_| handle)),
+                Err(error) => {
+                    tracing::warn!(%error, %run_id, "cannot check that a run still exists; replaying it from memory");
+                    Ok(Some(handle))
+                }
+            };
         }
         Ok(self
             .store
