@@ -2,9 +2,10 @@
 //! account or user).
 
 use std::{
+    collections::HashMap,
     hash::Hash,
     num::NonZeroU32,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -40,15 +41,85 @@ impl TokenBucket {
     }
 
     fn try_take_at(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
-        self.updated = now;
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        self.updated = now;
+    }
+
+    /// Returns a token taken for an event that did not happen after all.
+    fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.capacity);
+    }
+
+    fn is_full_at(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.capacity
+    }
+}
+
+/// A token bucket per key whose tokens can be given back: for a limit on what was done (a
+/// message sent), checked before knowing whether it will be done (the conversation may be busy
+/// answering). One lock over all keys: for events counted in tens a second, not per chunk.
+pub struct RefundableLimiter<K: Hash + Eq> {
+    buckets: Mutex<HashMap<K, TokenBucket>>,
+    burst: u32,
+    per_second: f64,
+}
+
+impl<K: Hash + Eq> RefundableLimiter<K> {
+    pub fn per_minute(burst: u32, per_minute: f64) -> Self {
+        Self {
+            buckets: Mutex::default(),
+            burst,
+            per_second: per_minute / 60.0,
+        }
+    }
+
+    fn buckets(&self) -> std::sync::MutexGuard<'_, HashMap<K, TokenBucket>> {
+        match self.buckets.lock() {
+            Ok(buckets) => buckets,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Takes one event from `key`'s allowance if there is one.
+    pub fn take(&self, key: K) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets();
+        // Keys back at a full allowance are forgotten whenever the map has doubled since.
+        if buckets.len() >= 1_024 && buckets.len() == buckets.capacity() {
+            buckets.retain(|_, bucket| !bucket.is_full_at(now));
+        }
+        buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new_at(self.burst, self.per_second, now))
+            .try_take_at(now)
+    }
+
+    /// Gives back the token `take` took for an event that did not happen.
+    pub fn give_back(&self, key: &K) {
+        if let Some(bucket) = self.buckets().get_mut(key) {
+            bucket.give_back();
+        }
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.buckets().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets().is_empty()
     }
 }
 
@@ -138,6 +209,42 @@ mod tests {
             assert!(bucket.try_take_at(much_later));
         }
         assert!(!bucket.try_take_at(much_later));
+    }
+
+    #[test]
+    fn a_token_given_back_can_be_taken_again_but_never_beyond_the_burst() {
+        let limiter = RefundableLimiter::per_minute(2, 0.0);
+        assert!(limiter.take("a"));
+        assert!(limiter.take("a"));
+        assert!(!limiter.take("a"));
+        limiter.give_back(&"a");
+        assert!(limiter.take("a"), "given back");
+        assert!(!limiter.take("a"));
+        assert!(limiter.take("b"), "keys apart");
+        for _ in 0..5 {
+            limiter.give_back(&"b");
+        }
+        assert!(limiter.take("b"));
+        assert!(limiter.take("b"));
+        assert!(!limiter.take("b"), "never more than the burst");
+        limiter.give_back(&"unknown");
+        assert_eq!(limiter.len(), 2);
+    }
+
+    #[test]
+    fn keys_back_at_a_full_allowance_are_forgotten() {
+        // Refilled at once (a token a nanosecond or so): every key is full again by the sweep.
+        let limiter = RefundableLimiter::per_minute(1, 60e9);
+        for key in 0..100_000u32 {
+            assert!(limiter.take(key));
+        }
+        assert!(limiter.len() < 100_000, "swept: {}", limiter.len());
+        let limiter = RefundableLimiter::per_minute(1, 0.0);
+        for key in 0..5_000u32 {
+            assert!(limiter.take(key));
+        }
+        assert_eq!(limiter.len(), 5_000, "empty buckets are remembered");
+        assert!(!limiter.take(7));
     }
 
     #[test]

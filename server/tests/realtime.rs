@@ -2289,6 +2289,67 @@ async fn messages_are_rate_limited_per_user_across_sockets_and_rest() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn sends_refused_while_an_answer_streams_and_resends_do_not_use_up_the_message_rate() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.runs.message_rate_burst = 3;
+        config.runs.message_rate_per_minute = 0.01;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let messages = format!("/api/conversations/{conversation}/messages");
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "one", "clientMessageId": "c-1"}))
+        .await;
+    let start = ws.next().await;
+    assert_eq!(start["type"], "start", "{start}");
+    let request = upstream.next_request().await;
+
+    // A client retrying while the answer streams, over REST and the socket: refused, and free.
+    for _ in 0..5 {
+        let (status, body) = api.post(&messages, json!({"content": "again?"})).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["code"], "run_in_progress");
+    }
+    ws.send(json!({"type": "message", "content": "again?"}))
+        .await;
+    assert_eq!(ws.next().await["code"], "run_in_progress");
+    // Resends of the message already committed are free too.
+    for _ in 0..5 {
+        let (status, body) = api
+            .post(
+                &messages,
+                json!({"content": "one", "clientMessageId": "c-1"}),
+            )
+            .await;
+        assert!(status.is_success(), "{status} {body}");
+        assert_eq!(body["message"]["id"], start["messageId"]);
+    }
+    request.token("done");
+    request.send(Step::Finish);
+    ws.until("complete").await;
+
+    // Bad input is not: it spends the second message of the three.
+    let (status, _) = api
+        .post(
+            &messages,
+            json!({"content": "two", "parentId": uuid::Uuid::now_v7()}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, body) = api.post(&messages, json!({"content": "three"})).await;
+    assert_eq!(status, 201, "{body}");
+    let request = upstream.next_request().await;
+    request.send(Step::Finish);
+    ws.until("complete").await;
+    let (status, body) = api.post(&messages, json!({"content": "four"})).await;
+    assert_eq!(status, 429, "{body}");
+    server.shutdown().await.unwrap();
+}
+
 on_both_engines!(checkpoints_written_together_each_get_their_own_answer);
 
 /// One batch of progress checkpoints, as the checkpoint writer sends it: each row is answered on

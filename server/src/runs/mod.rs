@@ -38,7 +38,7 @@ use crate::{
     dto,
     error::AppError,
     ids::{ConversationId, InstanceId, MessageId, RunId, UserId},
-    limits::KeyedLimiter,
+    limits::RefundableLimiter,
     metrics::Metrics,
     model::ChatModel,
     store::{Constraint, MessageRecord, MessageRow, RunRecord, Store, StoreError},
@@ -222,7 +222,7 @@ pub struct Runs {
     pub cluster: Arc<dyn Cluster>,
     sockets: Arc<dyn Announce>,
     /// Messages per user (REST and WebSocket sends alike).
-    limiter: KeyedLimiter<UserId>,
+    limiter: RefundableLimiter<UserId>,
     /// Copies of runs' logs to the shared log, so shutdown can let them finish.
     replicators: TaskTracker,
     liveness: liveness::Liveness,
@@ -243,7 +243,7 @@ impl Runs {
             cluster,
             sockets,
         } = parts;
-        let limiter = KeyedLimiter::per_minute(
+        let limiter = RefundableLimiter::per_minute(
             settings.message_rate_burst,
             settings.message_rate_per_minute,
         );
@@ -293,12 +293,32 @@ impl Runs {
             client_message_id,
             placement,
         };
-        tokio::spawn(
+        let sent = tokio::spawn(
             async move { runs.commit_and_start(user, conversation_id, request).await }
                 .instrument(tracing::Span::current()),
         )
         .await
-        .map_err(AppError::internal)?
+        .map_err(AppError::internal)?;
+        self.settle(user, &sent);
+        sent
+    }
+
+    /// The message rate counts messages sent: a resend of one already committed, a send refused
+    /// because an answer is being written, or one the server could not take now (overloaded,
+    /// shutting down, storage away) gives its allowance back: a client retrying meanwhile must
+    /// not lock itself out. Bad input keeps it spent.
+    fn settle(&self, user: UserId, sent: &Result<Sent, AppError>) {
+        let nothing_new = match sent {
+            Ok(sent) => !sent.created,
+            Err(AppError::Conflict { code, .. }) => *code == ErrorCode::RunInProgress,
+            Err(
+                AppError::Overloaded { .. } | AppError::ShuttingDown | AppError::Unavailable(_),
+            ) => true,
+            Err(_) => false,
+        };
+        if nothing_new {
+            self.limiter.give_back(&user);
+        }
     }
 
     /// Starts another answer to the user message `message_id` of a conversation the caller
@@ -312,7 +332,7 @@ impl Runs {
     ) -> Result<Sent, AppError> {
         self.admit(user)?;
         let runs = self.clone();
-        tokio::spawn(
+        let sent = tokio::spawn(
             async move {
                 runs.commit_and_start(user, conversation_id, Request::Regenerate(message_id))
                     .await
@@ -320,19 +340,22 @@ impl Runs {
             .instrument(tracing::Span::current()),
         )
         .await
-        .map_err(AppError::internal)?
+        .map_err(AppError::internal)?;
+        self.settle(user, &sent);
+        sent
     }
 
     /// The checks before any work: the user's message rate, and the cap on runs here.
     fn admit(&self, user: UserId) -> Result<(), AppError> {
         // Per user, whichever socket or request it comes from: opening more sockets does not buy
         // more messages.
-        if !self.limiter.check(&user) {
+        if !self.limiter.take(user) {
             return Err(AppError::RateLimited);
         }
         // Refused at once when full, before any work (the exact check is at the reservation).
         let max = self.settings.max_active_runs;
         if max > 0 && self.hub.live() >= max {
+            self.limiter.give_back(&user);
             self.metrics.overload_refusals.inc();
             return Err(AppError::Overloaded {
                 retry_after: load::RETRY_AFTER,
