@@ -35,6 +35,7 @@ async fn serves_the_web_app_with_a_fallback_for_client_routes() {
     )
     .unwrap();
     std::fs::write(web.path().join("app-1234.js"), "console.log(1)").unwrap();
+    std::fs::create_dir(web.path().join("assets")).unwrap();
     let mut config = Config::for_tests(data.path().to_path_buf());
     config.web_dir = Some(web.path().to_path_buf());
     let server = TestServer::start_with(config).await;
@@ -68,6 +69,30 @@ async fn serves_the_web_app_with_a_fallback_for_client_routes() {
         .unwrap();
     assert_eq!(route.status(), StatusCode::OK);
     assert!(route.text().await.unwrap().contains("<title>app</title>"));
+
+    // A missing file is a 404, not the app's page: an asset of an older build must not be
+    // answered with HTML the browser then fails to run.
+    for missing in [
+        "/app-0000.js",
+        "/assets/missing-12345678.wasm",
+        "/favicon.ico",
+    ] {
+        let response = server.http.get(server.url(missing)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{missing}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "not_found", "{missing}");
+    }
+    // A directory is never redirected to itself with a slash: `//assets` would have gone to
+    // `//assets/`, another host to a browser.
+    for target in ["//assets", "/assets", "//assets/"] {
+        let (status, answer) = raw_get(&server, target).await;
+        assert_eq!(status, 200, "{target}: {answer}");
+        assert!(answer.contains("<title>app</title>"), "{target}: {answer}");
+        assert!(
+            !answer.to_lowercase().contains("location:"),
+            "{target}: {answer}"
+        );
+    }
 
     // Raw request lines, since HTTP clients normalise `..` away before sending.
     for target in [
@@ -125,6 +150,36 @@ async fn unknown_api_paths_are_json_404s() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["code"], "not_found");
     assert!(body["message"].is_string());
+    for path in ["/api", "/api/"] {
+        let response = server.http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "not_found", "{path}");
+    }
+    // A known path asked with a method it does not take: 405, its Allow header, and JSON.
+    for (method, path, allowed) in [
+        (reqwest::Method::PUT, "/api/conversations/0190", "PATCH"),
+        (reqwest::Method::DELETE, "/api/conversations", "POST"),
+        (reqwest::Method::POST, "/api/search", "GET"),
+        (reqwest::Method::GET, "/api/csp-report", "POST"),
+    ] {
+        let response = server
+            .http
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+        assert!(allow.contains(allowed), "{method} {path}: {allow}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_request", "{method} {path}");
+        assert!(body["requestId"].is_string(), "{body}");
+    }
     server.shutdown().await.unwrap();
 }
 

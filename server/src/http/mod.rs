@@ -16,7 +16,7 @@ use std::{
 use axum::{
     Json, Router,
     extract::{ConnectInfo, FromRequestParts, State},
-    http::{header, request::Parts},
+    http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -35,6 +35,8 @@ pub fn router(state: AppState) -> Router {
         .merge(search::router())
         .merge(runs::router())
         // Unknown API paths answer JSON 404s, not the web app's index page.
+        .route("/api", axum::routing::any(api_not_found))
+        .route("/api/", axum::routing::any(api_not_found))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
     let security = Arc::new(security::SecurityHeaders::new(&state.config));
     router
         .fallback_service(web_app)
+        .layer(axum::middleware::map_response(method_not_allowed_as_json))
         .layer(axum::middleware::from_fn_with_state(
             security,
             security::layer,
@@ -227,6 +230,29 @@ async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
 
 async fn api_not_found() -> AppError {
     AppError::NotFound
+}
+
+/// axum answers a known path asked with another method `405` with an empty body: given the
+/// JSON error every other refusal has (its `Allow` header kept).
+async fn method_not_allowed_as_json(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED
+        || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let (parts, _) = response.into_parts();
+    let mut answer = crate::error::error_body(
+        wadi_protocol::ErrorCode::InvalidRequest,
+        "this method is not allowed on this path (the Allow header lists those that are)",
+    )
+    .into_response();
+    *answer.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 /// `GET /api/me`: the verified caller.

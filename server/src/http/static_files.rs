@@ -90,7 +90,11 @@ pub async fn serve(State(state): State<AppState>, request: Request) -> Response 
     let mut response = match state.assets.as_ref() {
         WebAssets::Dir(dir) => {
             let index = ServeFile::new(dir.join("index.html"));
-            let service = ServeDir::new(dir).fallback(index);
+            // No redirect of a directory to its path with a slash: `//name` would be sent to
+            // `//name/`, which a browser reads as another host.
+            let service = ServeDir::new(dir)
+                .append_index_html_on_directories(false)
+                .fallback(index);
             match service.oneshot(request).await {
                 Ok(response) => response.map(Body::new),
                 Err(error) => match error {},
@@ -110,6 +114,15 @@ pub async fn serve(State(state): State<AppState>, request: Request) -> Response 
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"text/html"));
+    // The app's routes (`/`, `/c/{id}`) have no dots; a missing file (an asset of an older
+    // build, a typo) is a 404, not the app's page with 200.
+    let names_a_file = path
+        .rsplit('/')
+        .next()
+        .is_some_and(|name| name.contains('.'));
+    if served_index && names_a_file && path != "index.html" {
+        return AppError::NotFound.into_response();
+    }
     let cache = if is_hashed(&path) && !served_index {
         IMMUTABLE
     } else {
