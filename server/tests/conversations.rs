@@ -187,6 +187,17 @@ async fn message_pages_miss_and_repeat_nothing(engine: Engine) {
     assert_eq!(user_ids, sent.iter().collect::<Vec<_>>(), "oldest first");
     let ids = collect_pages(&api, &format!("/api/conversations/{id}/messages"), 5).await;
     assert_eq!(ids, all, "pages miss and repeat nothing");
+    // A cursor of this list is refused on another conversation's.
+    let (_, first) = api
+        .get(&format!("/api/conversations/{id}/messages?limit=3"))
+        .await;
+    let cursor = first["nextCursor"].as_str().unwrap();
+    let other = api.new_conversation().await;
+    let (status, body) = api
+        .get(&format!("/api/conversations/{other}/messages?cursor={cursor}"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_request");
     server.shutdown().await.unwrap();
 }
 
@@ -384,6 +395,8 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
     expect(s, &b, 400, "invalid_request", "cursor of another list");
     let (s, b) = api.get(&format!("{messages}?cursor=bm90LWEtdXVpZA")).await;
     expect(s, &b, 400, "invalid_request", "bad message cursor");
+    let (s, b) = api.get(&format!("{messages}?cursor={message_cursor}")).await;
+    expect(s, &b, 400, "invalid_request", "message cursor made up");
     for limit in ["0", "101", "ten"] {
         let (s, b) = api.get(&format!("/api/conversations?limit={limit}")).await;
         expect(s, &b, 400, "invalid_request", "bad limit");

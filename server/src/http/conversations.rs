@@ -277,7 +277,14 @@ async fn list_messages(
 ) -> Result<Json<Page<api::Message>>, AppError> {
     owned_conversation(&state, &user, id).await?;
     let after = match page.cursor.as_deref() {
-        Some(cursor) => Some(parse_message_cursor("m", cursor)?),
+        Some(cursor) => {
+            let after = parse_message_cursor("m", cursor)?;
+            // A cursor of another conversation's list (or made up) is refused, not an empty page.
+            if state.store.message(id, after).await?.is_none() {
+                return Err(AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor"));
+            }
+            Some(after)
+        }
         None => None,
     };
     let Some(leaf) = state.store.newest_leaf(id, None).await? else {
