@@ -54,13 +54,27 @@ pub fn check_message(
     Ok(())
 }
 
+/// A title on one line: control characters (line breaks, tabs, terminal escapes) become
+/// spaces, so that a title cannot break the lines it is shown on (the export's heading, a
+/// terminal, a log).
+pub fn one_line(title: &str) -> String {
+    title
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
 /// The title a conversation gets from its first message: the start of its first line.
 pub fn derive_title(content: &str) -> String {
     let line = content
         .lines()
         .map(str::trim)
         .find(|line| !line.is_empty())
+        .map(one_line)
         .unwrap_or_default();
+    let line = line.as_str();
     if line.chars().count() <= DERIVED_TITLE_CHARS {
         line.to_owned()
     } else {
@@ -81,7 +95,7 @@ pub fn markdown_export(
         at.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
     };
-    let mut out = format!("# {}\n\n", conversation.title.trim());
+    let mut out = format!("# {}\n\n", one_line(&conversation.title));
     let _ = writeln!(
         out,
         "_Exported from WADI. Started {}, last changed {}._\n",
@@ -118,5 +132,16 @@ mod tests {
         let title = derive_title(&long);
         assert!(title.ends_with('…'));
         assert!(title.chars().count() <= DERIVED_TITLE_CHARS);
+        assert_eq!(derive_title("\ttabbed\x1b[31m red"), "tabbed [31m red");
+    }
+
+    #[test]
+    fn titles_stay_on_one_line() {
+        assert_eq!(
+            one_line(" a\u{0}b\u{1b}[31mc\r\nd\u{85}e "),
+            "a b [31mc  d e"
+        );
+        assert_eq!(one_line("plain ✓ title"), "plain ✓ title");
+        assert_eq!(one_line("\n\t"), "");
     }
 }

@@ -64,6 +64,30 @@ async fn crud_round_trip(engine: Engine) {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(renamed["title"], "Trip to Lisbon");
+    // A title stays on one line: control characters become spaces (the export's heading, a
+    // terminal showing it).
+    let (status, odd) = api
+        .post(
+            "/api/conversations",
+            json!({"title": "first\nsecond\u{1b}[31m"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(odd["title"], "first second [31m");
+    let odd_id = odd["id"].as_str().unwrap();
+    let (status, odd) = api
+        .call(
+            Method::PATCH,
+            &format!("/api/conversations/{odd_id}"),
+            Some(json!({"title": "\tthird\r\nline"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(odd["title"], "third  line");
+    assert_eq!(
+        api.delete_conversation(odd_id).await,
+        StatusCode::NO_CONTENT
+    );
 
     let (status, sent) = api
         .post(
@@ -194,7 +218,9 @@ async fn message_pages_miss_and_repeat_nothing(engine: Engine) {
     let cursor = first["nextCursor"].as_str().unwrap();
     let other = api.new_conversation().await;
     let (status, body) = api
-        .get(&format!("/api/conversations/{other}/messages?cursor={cursor}"))
+        .get(&format!(
+            "/api/conversations/{other}/messages?cursor={cursor}"
+        ))
         .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["code"], "invalid_request");
@@ -395,7 +421,9 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
     expect(s, &b, 400, "invalid_request", "cursor of another list");
     let (s, b) = api.get(&format!("{messages}?cursor=bm90LWEtdXVpZA")).await;
     expect(s, &b, 400, "invalid_request", "bad message cursor");
-    let (s, b) = api.get(&format!("{messages}?cursor={message_cursor}")).await;
+    let (s, b) = api
+        .get(&format!("{messages}?cursor={message_cursor}"))
+        .await;
     expect(s, &b, 400, "invalid_request", "message cursor made up");
     for limit in ["0", "101", "ten"] {
         let (s, b) = api.get(&format!("/api/conversations?limit={limit}")).await;

@@ -16,7 +16,7 @@ use wadi_protocol::{
 use super::extract::{ApiJson, ApiQuery, IdPath, IdsPath, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
-    content::{check_message, check_no_nul},
+    content::{check_message, check_no_nul, one_line},
     dto,
     error::AppError,
     ids::{ConversationId, MessageId},
@@ -97,7 +97,8 @@ fn next_page<T>(rows: &mut Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) ->
 
 fn check_title(title: &str) -> Result<String, AppError> {
     check_no_nul("title", title)?;
-    let title = title.trim();
+    let title = one_line(title);
+    let title = title.as_str();
     if title.is_empty() {
         return Err(AppError::invalid(
             ErrorCode::InvalidMessage,
@@ -281,7 +282,10 @@ async fn list_messages(
             let after = parse_message_cursor("m", cursor)?;
             // A cursor of another conversation's list (or made up) is refused, not an empty page.
             if state.store.message(id, after).await?.is_none() {
-                return Err(AppError::invalid(ErrorCode::InvalidRequest, "invalid cursor"));
+                return Err(AppError::invalid(
+                    ErrorCode::InvalidRequest,
+                    "invalid cursor",
+                ));
             }
             Some(after)
         }
