@@ -30,6 +30,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     AppError::invalid(ErrorCode::InvalidJson, rejection.body_text())
                 }
             })?;
+        // Every body is an object: serde would also take an array of the fields in order.
+        let starts_an_object = matches!(
+            bytes.iter().find(|byte| !byte.is_ascii_whitespace()),
+            Some(b'{') | None
+        );
+        if !starts_an_object && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+            return Err(AppError::invalid(
+                ErrorCode::InvalidMessage,
+                "invalid request body: expected a JSON object",
+            ));
+        }
         serde_json::from_slice(&bytes).map(Self).map_err(|error| {
             use serde_json::error::Category;
             let code = match error.classify() {
