@@ -88,7 +88,7 @@ impl Metrics {
         let auth_failures = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "auth_failures",
-            "Refused tokens by reason",
+            "Refused tokens by reason, on sockets and REST requests alike",
             auth_failures.clone(),
         );
         let closes = Family::<CodeLabel, Counter>::default();

@@ -385,12 +385,7 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
     for body in [r#"["hello from an array"]"#, r#""hi""#, "7", "null"] {
         let (s, b) = json_of(raw(Method::POST, &messages, body).await.unwrap()).await;
         expect(s, &b, 400, "invalid_message", body);
-        let (s, b) = json_of(
-            raw(Method::POST, "/api/conversations", body)
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, b) = json_of(raw(Method::POST, "/api/conversations", body).await.unwrap()).await;
         expect(s, &b, 400, "invalid_message", body);
     }
     let (s, b) = api.post(&messages, json!({"clientMessageId": "x"})).await;

@@ -1908,6 +1908,15 @@ async fn readyz_and_metrics_report_the_server() {
     let mut bad = WsClient::connect(&server, &format!("/ws/chat/{conversation}")).await;
     bad.send(json!({"type": "auth", "token": "nope"})).await;
     bad.until_closed().await;
+    // A refused REST request counts too.
+    let refused = server
+        .http
+        .get(server.url("/api/conversations"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
     // The refused socket is gone once its task has finished: only `ws` remains.
     tokio::time::timeout(TIMEOUT, async {
         while server
@@ -1926,7 +1935,7 @@ async fn readyz_and_metrics_report_the_server() {
         "wadi_active_runs 0",
         "wadi_chunks_sent_total",
         "wadi_bytes_sent_total",
-        "wadi_auth_failures_total{reason=\"malformed\"} 1",
+        "wadi_auth_failures_total{reason=\"malformed\"} 2",
         "wadi_ws_closes_total{code=\"1008\"} 1",
         "wadi_runs_finished_total{status=\"completed\"} 1",
         "wadi_time_to_first_token_seconds_count 1",

@@ -204,6 +204,7 @@ impl FromRequestParts<AppState> for AuthUser {
         }
         verified.map_err(|error| {
             tracing::info!(reason = error.reason(), "request with a bad token");
+            state.metrics.auth_failure(error.reason());
             let code = match error {
                 VerifyError::Expired => ErrorCode::TokenExpired,
                 _ => ErrorCode::InvalidToken,
