@@ -32,7 +32,7 @@ pub fn check_message(
     if let Some(id) = client_message_id {
         check_no_nul("clientMessageId", id)?;
     }
-    if content.trim().is_empty() {
+    if is_blank(content) {
         return Err(AppError::invalid(
             ErrorCode::EmptyContent,
             "message content must not be empty",
@@ -54,6 +54,14 @@ pub fn check_message(
     Ok(())
 }
 
+/// True if nothing in `text` would show: whitespace, and the invisible format characters
+/// (zero-width spaces and joiners, the word joiner, byte order marks) that `trim` keeps.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| {
+        c.is_whitespace() || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
+    })
+}
+
 /// A title on one line: control characters (line breaks, tabs, terminal escapes) become
 /// spaces, so that a title cannot break the lines it is shown on (the export's heading, a
 /// terminal, a log).
@@ -68,17 +76,19 @@ pub fn one_line(title: &str) -> String {
 
 /// The title a conversation gets from its first message: the start of its first line.
 pub fn derive_title(content: &str) -> String {
+    use unicode_segmentation::UnicodeSegmentation;
     let line = content
         .lines()
         .map(str::trim)
-        .find(|line| !line.is_empty())
+        .find(|line| !is_blank(line))
         .map(one_line)
         .unwrap_or_default();
-    let line = line.as_str();
-    if line.chars().count() <= DERIVED_TITLE_CHARS {
-        line.to_owned()
+    // Cut between user-perceived characters: an emoji made of several (a family, a flag, a
+    // skin tone) is kept whole or left out, never shown in pieces.
+    if line.graphemes(true).count() <= DERIVED_TITLE_CHARS {
+        line
     } else {
-        let cut: String = line.chars().take(DERIVED_TITLE_CHARS - 1).collect();
+        let cut: String = line.graphemes(true).take(DERIVED_TITLE_CHARS - 1).collect();
         format!("{}…", cut.trim_end())
     }
 }
@@ -133,6 +143,21 @@ mod tests {
         assert!(title.ends_with('…'));
         assert!(title.chars().count() <= DERIVED_TITLE_CHARS);
         assert_eq!(derive_title("\ttabbed\x1b[31m red"), "tabbed [31m red");
+        assert_eq!(derive_title("\u{200B}\u{FEFF}\nsecond line"), "second line");
+        let family = "👨\u{200D}👩\u{200D}👧\u{200D}👦";
+        let title = derive_title(&family.repeat(70));
+        assert_eq!(
+            title,
+            format!("{}…", family.repeat(DERIVED_TITLE_CHARS - 1))
+        );
+    }
+
+    #[test]
+    fn invisible_characters_alone_are_blank() {
+        assert!(is_blank(" \u{200B}\u{200C}\u{200D}\u{2060}\u{FEFF}\n\t"));
+        assert!(is_blank(""));
+        assert!(!is_blank("\u{200B}a"));
+        assert!(!is_blank("👨\u{200D}👩"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use wadi_protocol::{
 use super::extract::{ApiJson, ApiQuery, IdPath, IdsPath, PageQuery, decode_cursor, encode_cursor};
 use crate::{
     auth::AuthUser,
-    content::{check_message, check_no_nul, one_line},
+    content::{check_message, check_no_nul, is_blank, one_line},
     dto,
     error::AppError,
     ids::{ConversationId, MessageId},
@@ -99,7 +99,7 @@ fn check_title(title: &str) -> Result<String, AppError> {
     check_no_nul("title", title)?;
     let title = one_line(title);
     let title = title.as_str();
-    if title.is_empty() {
+    if is_blank(title) {
         return Err(AppError::invalid(
             ErrorCode::InvalidMessage,
             "title must not be empty",
