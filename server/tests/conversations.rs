@@ -659,3 +659,100 @@ async fn a_full_disk_refuses_writes_clearly_and_half_writes_nothing() {
     server.shutdown().await.unwrap();
     drop(disk);
 }
+
+/// Fills the disk under `dir` to its last byte; the file to remove for room again.
+fn fill_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while file.write_all(&block).is_ok() {}
+    let small = [0u8; 512];
+    while file.write_all(&small).is_ok() {}
+    let _ = file.sync_all();
+    filler
+}
+
+#[tokio::test]
+async fn an_answer_whose_save_failed_is_saved_as_told_once_the_disk_has_room() {
+    use common::upstream::{FakeUpstream, Script, Step};
+    let Some(disk) = SmallDisk::mount("8m") else {
+        eprintln!(
+            "cannot mount a small tmpfs here (not root?): the unsaved-answer test did not run"
+        );
+        return;
+    };
+    let mut config = wadi_server::Config::for_tests(disk.dir.path().join("data"));
+    // Its task gives up on the save at once; no checkpoint holds the answer; the heartbeat
+    // comes often.
+    config.runs.save_patience = std::time::Duration::from_millis(200);
+    config.runs.flush_interval = std::time::Duration::from_secs(3600);
+    config.runs.instance_heartbeat = std::time::Duration::from_millis(100);
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    upstream.configure(&mut config);
+    let server = TestServer::start_with(config).await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (status, sent) = api
+        .post(
+            &format!("/api/conversations/{conversation}/messages"),
+            json!({"content": "a long answer, please"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{sent}");
+    let run = sent["run"]["id"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    // More than any free page of the database or its log can take.
+    let piece = "y".repeat(64 * 1024);
+    for _ in 0..32 {
+        request.token(&piece);
+    }
+    let filler = fill_disk(disk.dir.path());
+    request.send(Step::Finish);
+    // Its followers are told it completed, with all of it: that is what must be saved.
+    let events = api
+        .request(Method::GET, &format!("/api/runs/{run}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let complete = events
+        .rsplit("event: complete\ndata: ")
+        .next()
+        .and_then(|data| data.lines().next())
+        .expect("no complete event");
+    let complete: Value = serde_json::from_str(complete).unwrap();
+    assert_eq!(complete["status"], "completed");
+    assert_eq!(
+        complete["fullOutput"].as_str().unwrap().len(),
+        32 * 64 * 1024
+    );
+    let stored = || async { api.get(&format!("/api/runs/{run}")).await.1 };
+    assert_eq!(stored().await["status"], "running", "not saved yet");
+
+    // Room again: the heartbeat saves what the followers were told (before, it ended the run
+    // as an orphan with its last checkpoint: empty).
+    std::fs::remove_file(&filler).unwrap();
+    let saved = tokio::time::timeout(common::TIMEOUT, async {
+        loop {
+            let run = stored().await;
+            if run["status"] != "running" {
+                return run;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the answer was never saved");
+    assert_eq!(saved["status"], "completed");
+    assert_eq!(saved["output"], complete["fullOutput"]);
+    let (_, messages) = api
+        .get(&format!("/api/conversations/{conversation}/messages"))
+        .await;
+    assert_eq!(messages["items"][1]["content"], complete["fullOutput"]);
+    assert_eq!(messages["items"][1]["runStatus"], "completed");
+    server.shutdown().await.unwrap();
+    drop(disk);
+}

@@ -11,6 +11,10 @@
 //!
 //! A reaper reaps only after its own heartbeats have gone through for a whole timeout: after a
 //! store outage every neighbour looks silent, and they need that long to beat again.
+//!
+//! A run whose final save failed for longer than its task waits (the store was away) keeps its
+//! outcome here: every beat tries to save it, before any orphan is ended, so the store ends up
+//! with what the run's followers were told, not with its last checkpoint.
 
 use std::{
     collections::HashMap,
@@ -26,8 +30,7 @@ use wadi_protocol::{RunStatus, Usage};
 use super::{Runs, task};
 use crate::{
     error::AppError,
-    ids::ConversationId,
-    ids::MessageId,
+    ids::{ConversationId, MessageId, RunId},
     store::{ChunkEnds, Finalize, RunOutcome, RunRecord, StoreError},
     util::now_millis,
 };
@@ -42,15 +45,27 @@ const REAP_BATCH: u32 = 50;
 const FORGET_AFTER_TIMEOUTS: u32 = 20;
 /// A timeout no heartbeat can miss: reaping with it touches only runs with no instance row.
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// How long an outcome the store would not take is kept for another try; then the run is left
+/// to end as an orphan with its last checkpoint.
+const KEEP_UNSAVED_FOR: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 pub(super) struct Liveness {
     /// Since when this instance's heartbeats have been going through (reaping waits for a
     /// whole timeout of them).
     healthy_since: Mutex<Option<Instant>>,
+    /// Outcomes of runs driven here whose final save failed, and since when.
+    unsaved: Mutex<HashMap<RunId, (RunOutcome, Instant)>>,
 }
 
 impl Liveness {
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, (RunOutcome, Instant)>> {
+        match self.unsaved.lock() {
+            Ok(unsaved) => unsaved,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     fn beat(&self, ok: bool) {
         let mut since = match self.healthy_since.lock() {
             Ok(since) => since,
@@ -110,6 +125,56 @@ impl Runs {
         Ok(reaped)
     }
 
+    /// Keeps the outcome of a run driven here that the store would not take, for the heartbeat
+    /// to save.
+    pub(super) fn keep_unsaved(&self, run: RunId, outcome: RunOutcome) {
+        self.liveness
+            .unsaved()
+            .insert(run, (outcome, Instant::now()));
+    }
+
+    /// Tries to save every kept outcome (`only`: just that run's). Returns the runs tried: saved,
+    /// ended elsewhere meanwhile, or still kept; none of them is an orphan.
+    pub(super) async fn save_unsaved(&self, only: Option<RunId>) -> Vec<RunId> {
+        let kept: Vec<(RunId, RunOutcome)> = {
+            let mut unsaved = self.liveness.unsaved();
+            unsaved.retain(|run, (_, since)| {
+                let keep = since.elapsed() < KEEP_UNSAVED_FOR;
+                if !keep {
+                    tracing::error!(run_id = %run, "never managed to save the run's outcome; left to end as an orphan");
+                }
+                keep
+            });
+            unsaved
+                .iter()
+                .filter(|(run, _)| only.is_none_or(|only| only == **run))
+                .map(|(run, (outcome, _))| (*run, outcome.clone()))
+                .collect()
+        };
+        let mut tried = Vec::with_capacity(kept.len());
+        for (run, outcome) in kept {
+            match self
+                .store
+                .finish_run(run, Some(self.instance), &outcome)
+                .await
+            {
+                Ok(saved) => {
+                    if saved {
+                        tracing::info!(run_id = %run, status = outcome.status.as_str(), "saved a run's outcome after the store came back");
+                    } else {
+                        tracing::warn!(run_id = %run, "a run whose save failed was ended elsewhere meanwhile");
+                    }
+                    self.liveness.unsaved().remove(&run);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, run_id = %run, "still cannot save the run's outcome");
+                }
+            }
+            tried.push(run);
+        }
+        tried
+    }
+
     /// Heartbeats, checks this instance's runs and reaps, every heartbeat interval, until
     /// `shutdown`.
     pub fn keep_alive(self: &Arc<Self>, shutdown: CancellationToken) {
@@ -164,8 +229,10 @@ impl Runs {
         }
     }
 
-    /// Stop requests from elsewhere, fenced runs, and orphans (see the module doc).
+    /// Stop requests from elsewhere, fenced runs, outcomes kept unsaved, and orphans (see the
+    /// module doc).
     async fn check_own_runs(&self, active: &[Arc<super::RunHandle>]) -> Result<(), StoreError> {
+        let kept = self.save_unsaved(None).await;
         let stored: HashMap<_, _> = self
             .store
             .owned_running_runs(self.instance)
@@ -188,7 +255,7 @@ impl Runs {
             }
         }
         for &id in stored.keys() {
-            if self.drives(id) {
+            if self.drives(id) || kept.contains(&id) {
                 continue;
             }
             let Some(run) = self.store.run_by_id(id).await? else {
@@ -318,6 +385,12 @@ impl Runs {
             // It ended meanwhile.
             return Ok(true);
         };
+        if active.owner_instance == Some(self.instance)
+            && !self.save_unsaved(Some(active.id)).await.is_empty()
+        {
+            // Its kept outcome: saved now (the send may go ahead), or still not.
+            return Ok(!self.liveness.unsaved().contains_key(&active.id));
+        }
         let driven = match active.owner_instance {
             Some(owner) if owner == self.instance => self.hub.owned(active.id).is_some(),
             Some(owner) => {

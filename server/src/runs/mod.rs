@@ -69,6 +69,11 @@ pub struct RunSettings {
     #[arg(long, env = "WADI_FLUSH_INTERVAL", value_parser = crate::config::parse_duration, default_value = "1s")]
     pub flush_interval: Duration,
 
+    /// How long a run's final save is retried in its task before the outcome is kept for the
+    /// heartbeat to save (not a flag: tests shorten it).
+    #[arg(skip = task::SAVE_PATIENCE)]
+    pub save_patience: Duration,
+
     /// How long a finished run's chunks stay in memory for exact replay (`afterSeq`).
     #[arg(long, env = "WADI_RUN_RETENTION", value_parser = crate::config::parse_duration, default_value = "10m")]
     pub run_retention: Duration,
@@ -869,6 +874,8 @@ impl Runs {
     pub async fn shut_down(&self, grace: Duration) -> bool {
         let started = tokio::time::Instant::now();
         let saved = self.hub.interrupt_all(grace).await;
+        // A last try for outcomes the store would not take (they are lost with the process).
+        self.save_unsaved(None).await;
         self.replicators.close();
         let left = grace.saturating_sub(started.elapsed());
         let replicated = tokio::time::timeout(left, self.replicators.wait())

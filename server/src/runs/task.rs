@@ -24,10 +24,10 @@ use crate::{
 /// Coalescing stops at this size: one chunk is at most about this big (plus one delta).
 const MAX_CHUNK_BYTES: usize = 16 * 1024;
 
-/// How long a run's final save is retried: a database outage shorter than this loses nothing.
-/// After it the run stays `running` in the store with its last checkpoint, and the heartbeat
-/// ends it as an orphan (`interrupted`) once the database answers again.
-const SAVE_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a run's final save is retried in its task (`RunSettings::save_patience`). After
+/// it the run stays `running` in the store, and its outcome (what its followers were told) is
+/// kept: the heartbeat saves it once the database answers again.
+pub(super) const SAVE_PATIENCE: Duration = Duration::from_secs(60);
 /// The longest pause between two attempts.
 const SAVE_RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -383,13 +383,14 @@ async fn save_outcome(
         {
             Ok(true) => return ending,
             Ok(false) => return lost_ending(ctx, handle, ending).await,
-            Err(error) if started.elapsed() + delay < SAVE_PATIENCE => {
+            Err(error) if started.elapsed() + delay < ctx.settings.save_patience => {
                 tracing::warn!(%error, attempt, "cannot save the run's outcome; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(SAVE_RETRY_MAX);
             }
             Err(error) => {
-                tracing::error!(%error, "cannot save the run's outcome; giving up");
+                tracing::error!(%error, "cannot save the run's outcome; the heartbeat will retry");
+                ctx.keep_unsaved(handle.id, outcome);
                 break;
             }
         }
