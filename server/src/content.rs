@@ -68,7 +68,13 @@ pub fn is_blank(text: &str) -> bool {
 pub fn one_line(title: &str) -> String {
     title
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect::<String>()
         .trim()
         .to_owned()
@@ -79,9 +85,8 @@ pub fn derive_title(content: &str) -> String {
     use unicode_segmentation::UnicodeSegmentation;
     let line = content
         .lines()
-        .map(str::trim)
-        .find(|line| !is_blank(line))
         .map(one_line)
+        .find(|line| !is_blank(line))
         .unwrap_or_default();
     // Cut between user-perceived characters: an emoji made of several (a family, a flag, a
     // skin tone) is kept whole or left out, never shown in pieces.
@@ -144,6 +149,12 @@ mod tests {
         assert!(title.chars().count() <= DERIVED_TITLE_CHARS);
         assert_eq!(derive_title("\ttabbed\x1b[31m red"), "tabbed [31m red");
         assert_eq!(derive_title("\u{200B}\u{FEFF}\nsecond line"), "second line");
+        assert_eq!(
+            derive_title("\u{7}\nHello"),
+            "Hello",
+            "a line of control characters"
+        );
+        assert_eq!(derive_title("one\u{2028}two"), "one two");
         let family = "👨\u{200D}👩\u{200D}👧\u{200D}👦";
         let title = derive_title(&family.repeat(70));
         assert_eq!(

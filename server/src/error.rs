@@ -134,18 +134,8 @@ impl From<crate::store::StoreError> for AppError {
                 code: ErrorCode::InvalidRequest,
                 message: "that already exists".into(),
             },
-            // The database cannot be reached or talked to: no connection in time, the
-            // connection broke, or a new one met something that is not the database (a
-            // partition: `unexpected response from SSLRequest`, a TLS stream cut short).
-            StoreError::Database(
-                sqlx::Error::PoolTimedOut
-                | sqlx::Error::Io(_)
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::WorkerCrashed,
-            )
-            | StoreError::Full => Self::Unavailable(error.to_string()),
+            // E.g. a partition: `unexpected response from SSLRequest`, a TLS stream cut short.
+            error if error.is_unavailable() => Self::Unavailable(error.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -71,21 +71,30 @@ impl TokenBucket {
 /// message sent), checked before knowing whether it will be done (the conversation may be busy
 /// answering). One lock over all keys: for events counted in tens a second, not per chunk.
 pub struct RefundableLimiter<K: Hash + Eq> {
-    buckets: Mutex<HashMap<K, TokenBucket>>,
+    buckets: Mutex<Buckets<K>>,
     burst: u32,
     per_second: f64,
+}
+
+struct Buckets<K> {
+    by_key: HashMap<K, TokenBucket>,
+    /// The next sweep is when this many keys are tracked (twice what the last one kept).
+    sweep_at: usize,
 }
 
 impl<K: Hash + Eq> RefundableLimiter<K> {
     pub fn per_minute(burst: u32, per_minute: f64) -> Self {
         Self {
-            buckets: Mutex::default(),
+            buckets: Mutex::new(Buckets {
+                by_key: HashMap::new(),
+                sweep_at: MIN_SWEEP,
+            }),
             burst,
             per_second: per_minute / 60.0,
         }
     }
 
-    fn buckets(&self) -> std::sync::MutexGuard<'_, HashMap<K, TokenBucket>> {
+    fn buckets(&self) -> std::sync::MutexGuard<'_, Buckets<K>> {
         match self.buckets.lock() {
             Ok(buckets) => buckets,
             Err(poisoned) => poisoned.into_inner(),
@@ -96,11 +105,14 @@ impl<K: Hash + Eq> RefundableLimiter<K> {
     pub fn take(&self, key: K) -> bool {
         let now = Instant::now();
         let mut buckets = self.buckets();
-        // Keys back at a full allowance are forgotten whenever the map has doubled since.
-        if buckets.len() >= 1_024 && buckets.len() == buckets.capacity() {
-            buckets.retain(|_, bucket| !bucket.is_full_at(now));
+        // Keys back at a full allowance are forgotten whenever the map has doubled since the
+        // last sweep: amortised O(1) per take.
+        if buckets.by_key.len() >= buckets.sweep_at {
+            buckets.by_key.retain(|_, bucket| !bucket.is_full_at(now));
+            buckets.sweep_at = (buckets.by_key.len() * 2).max(MIN_SWEEP);
         }
         buckets
+            .by_key
             .entry(key)
             .or_insert_with(|| TokenBucket::new_at(self.burst, self.per_second, now))
             .try_take_at(now)
@@ -108,20 +120,23 @@ impl<K: Hash + Eq> RefundableLimiter<K> {
 
     /// Gives back the token `take` took for an event that did not happen.
     pub fn give_back(&self, key: &K) {
-        if let Some(bucket) = self.buckets().get_mut(key) {
+        if let Some(bucket) = self.buckets().by_key.get_mut(key) {
             bucket.give_back();
         }
     }
 
     /// Keys tracked now.
     pub fn len(&self) -> usize {
-        self.buckets().len()
+        self.buckets().by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets().is_empty()
+        self.buckets().by_key.is_empty()
     }
 }
+
+/// Below this many keys a `RefundableLimiter` never sweeps.
+const MIN_SWEEP: usize = 1_024;
 
 /// A rate limit per key (a client address, an account, a user): `governor`'s GCRA, one small
 /// state per key in a sharded map, so a check is O(1) whatever the number of keys. Keys back
@@ -245,6 +260,8 @@ mod tests {
         }
         assert_eq!(limiter.len(), 5_000, "empty buckets are remembered");
         assert!(!limiter.take(7));
+        // A sweep that frees nothing is not repeated on the next take.
+        assert!(limiter.buckets().sweep_at > 5_000);
     }
 
     #[test]

@@ -1891,7 +1891,11 @@ async fn resumes_in_flight_on_a_socket_are_capped() {
             _ => {}
         }
     }
-    assert_eq!(refused, 4, "at most 8 in flight");
+    // 4 here; 3 on a host whose socket buffers can take a whole megabyte-long answer.
+    assert!(
+        (3..=4).contains(&refused),
+        "at most 8 in flight: {refused} refused"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -2365,6 +2369,34 @@ async fn sends_refused_while_an_answer_streams_and_resends_do_not_use_up_the_mes
     ws.until("complete").await;
     let (status, body) = api.post(&messages, json!({"content": "four"})).await;
     assert_eq!(status, 429, "{body}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn attempts_refused_for_free_are_still_capped() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.runs.message_rate_burst = 2;
+        config.runs.message_rate_per_minute = 0.01;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let messages = format!("/api/conversations/{conversation}/messages");
+    let (status, body) = api.post(&messages, json!({"content": "one"})).await;
+    assert_eq!(status, 201, "{body}");
+    let request = upstream.next_request().await;
+    // Five attempts per message, ten in all: the first was the message, nine retries are
+    // refused for free (the second message stays available), and the next attempt is over the
+    // cap.
+    for _ in 0..9 {
+        let (status, body) = api.post(&messages, json!({"content": "again?"})).await;
+        assert_eq!(status, 409, "{body}");
+    }
+    let (status, body) = api.post(&messages, json!({"content": "again?"})).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited");
+    request.send(Step::Finish);
     server.shutdown().await.unwrap();
 }
 

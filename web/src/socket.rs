@@ -122,6 +122,7 @@ pub fn start(
         actions: receiver,
         backoff: Backoff::default(),
         frame: Rc::new(FrameScheduler::default()),
+        resync: Fuse::terminated(),
     };
     spawn_local(driver.run());
     ChatDriver { actions, alive }
@@ -174,6 +175,9 @@ struct Driver {
     actions: UnboundedReceiver<Action>,
     backoff: Backoff,
     frame: Rc<FrameScheduler>,
+    /// A `resync` is acted on at a moment of this tab's own within the server's window; kept
+    /// across reconnects, so a reconnect inside the window does not lose it.
+    resync: Fuse<gloo_timers::future::TimeoutFuture>,
 }
 
 fn client_message_id() -> String {
@@ -549,16 +553,14 @@ impl Driver {
         // token expires.
         let mut sent = token;
         let mut refresh = refresh_timer(&self.api, Duration::ZERO);
-        // A `resync` is acted on at a moment of this tab's own within the server's window.
-        let mut resync = Fuse::terminated();
         loop {
             futures::select! {
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
                         let Ok(frame) = ServerMessage::decode(&text) else { continue };
                         if let ServerMessage::Resync { within_ms } = frame {
-                            if resync.is_terminated() {
-                                resync = resync_timer(within_ms);
+                            if self.resync.is_terminated() {
+                                self.resync = resync_timer(within_ms);
                             }
                             continue;
                         }
@@ -626,7 +628,7 @@ impl Driver {
                         return Ended::Closed { authenticated, code: 1006 };
                     }
                 },
-                () = resync => {
+                () = &mut self.resync => {
                     let commands = self.state.apply(ServerMessage::Resync { within_ms: 0 });
                     if self.execute(&mut sink, commands).await.is_err() {
                         return Ended::Closed { authenticated, code: 1006 };

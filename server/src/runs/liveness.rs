@@ -133,8 +133,13 @@ impl Runs {
             .insert(run, (outcome, Instant::now()));
     }
 
+    /// True if an outcome is kept for the run: it is no orphan.
+    fn keeps_unsaved(&self, run: RunId) -> bool {
+        self.liveness.unsaved().contains_key(&run)
+    }
+
     /// Tries to save every kept outcome (`only`: just that run's). Returns the runs tried: saved,
-    /// ended elsewhere meanwhile, or still kept; none of them is an orphan.
+    /// ended elsewhere meanwhile, or still kept.
     pub(super) async fn save_unsaved(&self, only: Option<RunId>) -> Vec<RunId> {
         let kept: Vec<(RunId, RunOutcome)> = {
             let mut unsaved = self.liveness.unsaved();
@@ -166,8 +171,13 @@ impl Runs {
                     }
                     self.liveness.unsaved().remove(&run);
                 }
-                Err(error) => {
+                Err(error) if error.is_unavailable() => {
                     tracing::warn!(%error, run_id = %run, "still cannot save the run's outcome");
+                }
+                Err(error) => {
+                    // It would fail the same way again: left to end as an orphan.
+                    tracing::error!(%error, run_id = %run, "cannot save the run's outcome; giving up");
+                    self.liveness.unsaved().remove(&run);
                 }
             }
             tried.push(run);
@@ -232,7 +242,10 @@ impl Runs {
     /// Stop requests from elsewhere, fenced runs, outcomes kept unsaved, and orphans (see the
     /// module doc).
     async fn check_own_runs(&self, active: &[Arc<super::RunHandle>]) -> Result<(), StoreError> {
-        let kept = self.save_unsaved(None).await;
+        // Within one beat: saving many outcomes against a slow store must not delay the
+        // heartbeat until other instances take this one for dead.
+        let _ =
+            tokio::time::timeout(self.settings.instance_heartbeat, self.save_unsaved(None)).await;
         let stored: HashMap<_, _> = self
             .store
             .owned_running_runs(self.instance)
@@ -255,7 +268,8 @@ impl Runs {
             }
         }
         for &id in stored.keys() {
-            if self.drives(id) || kept.contains(&id) {
+            // Asked now, in this order: a task keeps its outcome before it stops driving.
+            if self.drives(id) || self.keeps_unsaved(id) {
                 continue;
             }
             let Some(run) = self.store.run_by_id(id).await? else {
@@ -389,7 +403,7 @@ impl Runs {
             && !self.save_unsaved(Some(active.id)).await.is_empty()
         {
             // Its kept outcome: saved now (the send may go ahead), or still not.
-            return Ok(!self.liveness.unsaved().contains_key(&active.id));
+            return Ok(!self.keeps_unsaved(active.id));
         }
         let driven = match active.owner_instance {
             Some(owner) if owner == self.instance => self.hub.owned(active.id).is_some(),

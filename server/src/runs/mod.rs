@@ -38,12 +38,16 @@ use crate::{
     dto,
     error::AppError,
     ids::{ConversationId, InstanceId, MessageId, RunId, UserId},
-    limits::RefundableLimiter,
+    limits::{KeyedLimiter, RefundableLimiter},
     metrics::Metrics,
     model::ChatModel,
     store::{Constraint, MessageRecord, MessageRow, RunRecord, Store, StoreError},
     util::now_millis,
 };
+
+/// Sends a user may attempt per message they may send: retries while an answer streams are
+/// free of the message rate, not unbounded.
+const ATTEMPTS_PER_MESSAGE: u32 = 5;
 
 /// How messages are accepted and runs behave. Part of [`crate::Config`].
 #[derive(Clone, Debug, clap::Args)]
@@ -228,6 +232,9 @@ pub struct Runs {
     sockets: Arc<dyn Announce>,
     /// Messages per user (REST and WebSocket sends alike).
     limiter: RefundableLimiter<UserId>,
+    /// Attempts per user, refused ones included: a refused send gives its message back, but
+    /// each attempt still costs the store some work.
+    attempts: KeyedLimiter<UserId>,
     /// Copies of runs' logs to the shared log, so shutdown can let them finish.
     replicators: TaskTracker,
     liveness: liveness::Liveness,
@@ -252,6 +259,12 @@ impl Runs {
             settings.message_rate_burst,
             settings.message_rate_per_minute,
         );
+        let attempts = KeyedLimiter::per_minute(
+            settings
+                .message_rate_burst
+                .saturating_mul(ATTEMPTS_PER_MESSAGE),
+            settings.message_rate_per_minute * f64::from(ATTEMPTS_PER_MESSAGE),
+        );
         let checkpoints = checkpoints::Checkpointer::start(store.clone());
         let runs = Arc::new(Self {
             instance,
@@ -263,6 +276,7 @@ impl Runs {
             cluster,
             sockets,
             limiter,
+            attempts,
             replicators: TaskTracker::new(),
             liveness: liveness::Liveness::default(),
             load: load::Load::default(),
@@ -354,7 +368,7 @@ impl Runs {
     fn admit(&self, user: UserId) -> Result<(), AppError> {
         // Per user, whichever socket or request it comes from: opening more sockets does not buy
         // more messages.
-        if !self.limiter.take(user) {
+        if !self.attempts.check(&user) || !self.limiter.take(user) {
             return Err(AppError::RateLimited);
         }
         // Refused at once when full, before any work (the exact check is at the reservation).
@@ -875,7 +889,8 @@ impl Runs {
         let started = tokio::time::Instant::now();
         let saved = self.hub.interrupt_all(grace).await;
         // A last try for outcomes the store would not take (they are lost with the process).
-        self.save_unsaved(None).await;
+        let left = grace.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, self.save_unsaved(None)).await;
         self.replicators.close();
         let left = grace.saturating_sub(started.elapsed());
         let replicated = tokio::time::timeout(left, self.replicators.wait())

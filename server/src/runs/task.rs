@@ -77,7 +77,8 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
                 "run ended"
             ),
         }
-        // Watchers send `complete` only now, so `complete` always means "saved".
+        // Watchers send `complete` only now, so `complete` means "saved", or kept to be saved
+        // when the store is back (see `save_outcome`).
         handle.finish(ending);
         ctx.conversation_changed(
             handle.owner_id,
@@ -388,9 +389,15 @@ async fn save_outcome(
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(SAVE_RETRY_MAX);
             }
-            Err(error) => {
+            Err(error) if error.is_unavailable() => {
                 tracing::error!(%error, "cannot save the run's outcome; the heartbeat will retry");
                 ctx.keep_unsaved(handle.id, outcome);
+                break;
+            }
+            Err(error) => {
+                // It would fail the same way again: the heartbeat ends it as an orphan, with its
+                // last checkpoint.
+                tracing::error!(%error, "cannot save the run's outcome; giving up");
                 break;
             }
         }

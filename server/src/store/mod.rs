@@ -42,6 +42,25 @@ pub enum StoreError {
     Full,
 }
 
+impl StoreError {
+    /// The database cannot be reached or talked to now (no connection in time, the connection
+    /// broke, a new one met something that is not the database: a partition), or its disk is
+    /// full: trying again later may work. Anything else would fail the same way again.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed,
+            ) | Self::Full
+        )
+    }
+}
+
 /// The uniqueness rules of the schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Constraint {
