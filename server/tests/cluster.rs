@@ -547,15 +547,7 @@ async fn restarting_or_crashing_one_instance_never_touches_another_ones_runs() {
         assert_eq!(complete["status"], "completed", "redis={redis}");
         assert_eq!(complete["fullOutput"], "one two");
         // And B, restarted, replays it (from Redis or from the store).
-        let api_b = on(cluster.at(1), &api);
-        let body = api_b
-            .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = on(cluster.at(1), &api).events(&run_id).await;
         let events = parse_sse(&body);
         let streamed: String = events
             .iter()

@@ -627,13 +627,7 @@ async fn a_full_disk_refuses_writes_clearly_and_half_writes_nothing() {
         }
         let run = body["run"]["id"].as_str().unwrap();
         // Let each answer end (and fail to save, once the disk is full) before the next.
-        let _ = api
-            .request(reqwest::Method::GET, &format!("/api/runs/{run}/events"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await;
+        api.events(run).await;
     }
     let (index, status, body) = refused.expect("the full disk never refused a message");
     assert_eq!(status, 503, "{body}");
@@ -693,13 +687,7 @@ async fn an_answer_whose_save_failed_is_saved_as_told_once_the_disk_has_room() {
     let server = TestServer::start_with(config).await;
     let api = server.user().await;
     let conversation = api.new_conversation().await;
-    let (status, sent) = api
-        .post(
-            &format!("/api/conversations/{conversation}/messages"),
-            json!({"content": "a long answer, please"}),
-        )
-        .await;
-    assert_eq!(status, 201, "{sent}");
+    let sent = api.send(&conversation, "a long answer, please").await;
     let run = sent["run"]["id"].as_str().unwrap().to_owned();
     let request = upstream.next_request().await;
     // More than any free page of the database or its log can take.
@@ -710,14 +698,7 @@ async fn an_answer_whose_save_failed_is_saved_as_told_once_the_disk_has_room() {
     let filler = fill_disk(disk.dir.path());
     request.send(Step::Finish);
     // Its followers are told it completed, with all of it: that is what must be saved.
-    let events = api
-        .request(Method::GET, &format!("/api/runs/{run}/events"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let events = api.events(&run).await;
     let complete = events
         .rsplit("event: complete\ndata: ")
         .next()

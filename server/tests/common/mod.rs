@@ -314,9 +314,8 @@ impl Api<'_> {
         .0
     }
 
-    /// Sends a message over REST and waits (through the run's SSE stream) until its run has
-    /// ended and been saved. Returns the send's answer.
-    pub async fn send_and_finish(&self, conversation: &str, content: &str) -> Value {
+    /// Sends a message over REST; the answer (`201`: the message and its run).
+    pub async fn send(&self, conversation: &str, content: &str) -> Value {
         let (status, sent) = self
             .post(
                 &format!("/api/conversations/{conversation}/messages"),
@@ -324,8 +323,12 @@ impl Api<'_> {
             )
             .await;
         assert_eq!(status, 201, "{sent}");
-        let run = sent["run"]["id"].as_str().unwrap();
-        let events = tokio::time::timeout(
+        sent
+    }
+
+    /// A run's SSE stream (`/api/runs/{run}/events`), read to its end.
+    pub async fn events(&self, run: &str) -> String {
+        tokio::time::timeout(
             TIMEOUT,
             self.request(reqwest::Method::GET, &format!("/api/runs/{run}/events"))
                 .send()
@@ -335,7 +338,14 @@ impl Api<'_> {
         )
         .await
         .expect("run did not finish in time")
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Sends a message over REST and waits (through the run's SSE stream) until its run has
+    /// ended and been saved. Returns the send's answer.
+    pub async fn send_and_finish(&self, conversation: &str, content: &str) -> Value {
+        let sent = self.send(conversation, content).await;
+        let events = self.events(sent["run"]["id"].as_str().unwrap()).await;
         assert!(events.contains("event: complete"), "{events}");
         sent
     }
