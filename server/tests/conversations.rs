@@ -88,6 +88,20 @@ async fn crud_round_trip(engine: Engine) {
         api.delete_conversation(odd_id).await,
         StatusCode::NO_CONTENT
     );
+    // Every field is optional: no body at all is a conversation with none.
+    let bare = api
+        .request(Method::POST, "/api/conversations")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), StatusCode::CREATED);
+    let bare: Value = bare.json().await.unwrap();
+    assert_eq!(bare["title"], "New conversation");
+    let bare_id = bare["id"].as_str().unwrap();
+    assert_eq!(
+        api.delete_conversation(bare_id).await,
+        StatusCode::NO_CONTENT
+    );
 
     let (status, sent) = api
         .post(
@@ -381,7 +395,7 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
     let (s, b) = json_of(raw(Method::POST, &messages, "{not json").await.unwrap()).await;
     expect(s, &b, 400, "invalid_json", "malformed JSON");
     let (s, b) = json_of(raw(Method::POST, &messages, "").await.unwrap()).await;
-    expect(s, &b, 400, "invalid_json", "empty body");
+    expect(s, &b, 400, "invalid_message", "empty body: no content");
     for body in [r#"["hello from an array"]"#, r#""hi""#, "7", "null"] {
         let (s, b) = json_of(raw(Method::POST, &messages, body).await.unwrap()).await;
         expect(s, &b, 400, "invalid_message", body);

@@ -14,7 +14,8 @@ use wadi_protocol::ErrorCode;
 use crate::error::AppError;
 
 /// A JSON body: `invalid_json` for bad syntax, `invalid_message` for a missing or mistyped
-/// field, `too_large` (413) past the body limit. Unknown fields are ignored.
+/// field or a body that is not an object, `too_large` (413) past the body limit. Unknown
+/// fields are ignored; an empty body is `{}`.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
@@ -30,6 +31,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     AppError::invalid(ErrorCode::InvalidJson, rejection.body_text())
                 }
             })?;
+        // An empty body is an object without fields (creating a conversation needs none).
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
         // Every body is an object: serde would also take an array of the fields in order.
         let starts_an_object = matches!(
             bytes.iter().find(|byte| !byte.is_ascii_whitespace()),
