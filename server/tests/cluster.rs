@@ -334,13 +334,24 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
     let request = upstream.next_request().await;
     request.token("first words ");
     read_text(&mut on_a, "first words ").await;
+    // Followers on the instance that deletes it, which does not drive it: its chat socket and
+    // a run socket.
+    let (mut on_b, _) = WsClient::authed(b, &format!("/ws/chat/{conversation}"), &token).await;
+    on_b.send(json!({"type": "resume", "runId": run_id, "afterSeq": 0}))
+        .await;
+    read_text(&mut on_b, "first words ").await;
+    let (mut run_on_b, _) = WsClient::authed(b, &format!("/ws/runs/{run_id}/stream"), &token).await;
+    read_text(&mut run_on_b, "first words ").await;
 
     let status = on(b, &api).delete_conversation(&conversation).await;
     assert_eq!(status, 204);
     request.cancelled().await;
-    let complete = on_a.until("complete").await.pop().unwrap();
-    assert_eq!(complete["runId"], run_id.as_str());
-    assert_eq!(complete["status"], "stopped");
+    // Every follower is told it stopped, on either instance (those away from its driver hung).
+    for ws in [&mut on_a, &mut on_b, &mut run_on_b] {
+        let complete = ws.until("complete").await.pop().unwrap();
+        assert_eq!(complete["runId"], run_id.as_str());
+        assert_eq!(complete["status"], "stopped");
+    }
     cluster.stop().await;
 }
 

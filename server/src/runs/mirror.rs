@@ -141,12 +141,10 @@ async fn catch_up(runs: &Runs, handle: &RunHandle, record: Option<RunRecord>) ->
         },
     };
     let Some(record) = record else {
-        if log.is_none() {
-            // Deleted (its conversation went): nothing more will come.
-            handle.finish(Ending::new(RunStatus::Interrupted, None, None));
-            return CatchUp::Finished;
-        }
-        return CatchUp::Running;
+        // Deleted (its conversation went, which stops an answer still streaming): nothing more
+        // will come, whatever the log still holds. A mirror is only made of a stored run.
+        handle.finish(Ending::new(RunStatus::Stopped, None, None));
+        return CatchUp::Finished;
     };
     if let Some(ends) = ChunkEnds::parse(&record.chunk_ends)
         && let Some(chunks) = ends.chunks_after(&record.output, handle.last_seq())
