@@ -638,6 +638,42 @@ async fn a_killed_owners_run_is_reaped_and_its_watchers_told() {
     not(wadi_postgres),
     ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
 )]
+async fn a_rest_stop_of_a_run_whose_owner_is_frozen_is_accepted_and_ends_it_stopped() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(2, &upstream).await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let (mut on_a, _) = WsClient::authed(a, &format!("/ws/chat/{conversation}"), &token).await;
+    on_a.send(json!({"type": "message", "content": "freeze while answering"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    let request = upstream.next_request().await;
+    let (mut on_b, _) = WsClient::authed(b, &format!("/ws/runs/{run_id}/stream"), &token).await;
+    request.token("before ");
+    read_text(&mut on_b, "before ").await;
+
+    cluster.instances[0].pause().await;
+    // Nobody can confirm it: accepted (not a 503 that says nothing was saved), the run as it
+    // stands.
+    let (status, run) = on(b, &api)
+        .post(&format!("/api/runs/{run_id}/stop"), json!({}))
+        .await;
+    assert_eq!(status, 202, "{run}");
+    assert_eq!(run["status"], "running");
+    // The stop holds: the frozen owner is reaped, and the run ends stopped.
+    let frames = on_b.until("complete").await;
+    assert_eq!(frames.last().unwrap()["status"], "stopped");
+    cluster.instances[0].resume().await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
 async fn a_paused_owner_that_wakes_up_never_writes_the_run_it_lost() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let cluster = cluster(2, &upstream).await;

@@ -6,7 +6,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     Json, Router,
     extract::State,
-    http::HeaderMap,
+    http::{HeaderMap, StatusCode},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -130,15 +130,20 @@ async fn stop(
     State(runs): State<Arc<Runs>>,
     user: AuthUser,
     IdPath(id): IdPath<RunId>,
-) -> Result<Json<api::Run>, AppError> {
+) -> Result<(StatusCode, Json<api::Run>), AppError> {
     let handle = owned_handle(&runs, &user, id).await?;
     runs.stop(&handle, user.id).await?;
-    if tokio::time::timeout(STOP_WAIT, handle.finished())
-        .await
-        .is_err()
-    {
-        return Err(AppError::Unavailable("the run did not stop in time".into()));
-    }
+    // A live owner that missed the stop message finds the stop in the store at its next beat.
+    let wait = (runs.settings.instance_heartbeat * 2 + Duration::from_secs(1)).min(STOP_WAIT);
+    let _ = tokio::time::timeout(wait, handle.finished()).await;
+    // The store says how it ended (a mirror here may learn of it later). Not ended in time (its
+    // instance does not answer): the stop is recorded, and the run ends `stopped` when that
+    // instance answers or is reaped.
     let run = owned_run(&runs, &user, id).await?;
-    Ok(Json(dto::run(&run)))
+    let status = if run.status.is_final() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(dto::run(&run))))
 }
