@@ -638,6 +638,52 @@ async fn a_killed_owners_run_is_reaped_and_its_watchers_told() {
     not(wadi_postgres),
     ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
 )]
+async fn wrong_passwords_are_counted_across_instances() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = Cluster::start(
+        Engine::postgres().admin_url(),
+        Options {
+            count: 2,
+            redis: true,
+            proxy_first_to_redis: false,
+            model_url: &upstream.base_url,
+            env: &[
+                ("WADI_LOGIN_RATE_BURST", "3"),
+                ("WADI_LOGIN_RATE_PER_MINUTE", "0.01"),
+            ],
+        },
+    )
+    .await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let email = format!("guessed-{}@example.com", uuid::Uuid::new_v4());
+    a.sign_up_as(&email, "the right password").await;
+    let login = |server: &TestServer, password: &str| {
+        server
+            .http
+            .post(server.url("/auth/v1/token?grant_type=password"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+    };
+    for _ in 0..3 {
+        let response = login(a, "a guess").await.unwrap();
+        assert_eq!(response.status(), 400);
+    }
+    // The account's three wrong passwords were given to A: B refuses a fourth guess, and the
+    // right password too until the window has passed (each instance counted only its own).
+    for password in ["another guess", "the right password"] {
+        let response = login(b, password).await.unwrap();
+        assert_eq!(response.status(), 429, "{password}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error_code"], "over_request_rate_limit", "{body}");
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
 async fn a_rest_stop_of_a_run_whose_owner_is_frozen_is_accepted_and_ends_it_stopped() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let cluster = cluster(2, &upstream).await;

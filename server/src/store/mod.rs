@@ -140,6 +140,19 @@ pub trait Store: Send + Sync + 'static {
     async fn user_by_id(&self, id: UserId) -> StoreResult<Option<UserRecord>>;
     async fn record_sign_in(&self, user_id: UserId, at: i64) -> StoreResult<()>;
 
+    /// Wrong passwords given for `email` since `since` (Unix ms), on any instance.
+    async fn login_failures_since(&self, email: &str, since: i64) -> StoreResult<i64>;
+    /// Records a wrong password for `email` at `at`, and forgets every one before
+    /// `forget_before`.
+    async fn record_login_failure(
+        &self,
+        email: &str,
+        at: i64,
+        forget_before: i64,
+    ) -> StoreResult<()>;
+    /// Forgets the wrong passwords of `email` (its owner signed in).
+    async fn clear_login_failures(&self, email: &str) -> StoreResult<()>;
+
     /// Creates a session together with its first refresh token, atomically.
     async fn create_session(
         &self,

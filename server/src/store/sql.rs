@@ -191,6 +191,49 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn login_failures_since(
+                &self,
+                email: &str,
+                since: i64,
+            ) -> $crate::store::StoreResult<i64> {
+                let (count,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM login_failures WHERE email = $1 AND at >= $2",
+                )
+                .bind(email)
+                .bind(since)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(count)
+            }
+
+            async fn record_login_failure(
+                &self,
+                email: &str,
+                at: i64,
+                forget_before: i64,
+            ) -> $crate::store::StoreResult<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                sqlx::query("DELETE FROM login_failures WHERE at < $1")
+                    .bind(forget_before)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO login_failures (email, at) VALUES ($1, $2)")
+                    .bind(email)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn clear_login_failures(&self, email: &str) -> $crate::store::StoreResult<()> {
+                sqlx::query("DELETE FROM login_failures WHERE email = $1")
+                    .bind(email)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
             async fn create_session(
                 &self,
                 session: &$crate::store::SessionRecord,

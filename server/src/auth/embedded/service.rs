@@ -36,6 +36,10 @@ pub struct EmbeddedAuth {
     /// How long a rotated token is kept (at least `reuse_interval`).
     retention: Duration,
     password_min_length: usize,
+    /// Wrong passwords an account takes within `failure_window`, counted in the store across
+    /// instances (each instance's own limiter counts only what reaches it).
+    max_failures: i64,
+    failure_window: Duration,
     clock: crate::util::Clock,
     /// Verified against when an email is unknown, so that a wrong email costs the same time as
     /// a wrong password.
@@ -52,6 +56,17 @@ pub struct IssuedSession {
 /// token lifetime (plus leeway), and an instance may sign with it until it re-reads the keys.
 pub fn keep_retired_keys(settings: &AuthSettings) -> Duration {
     settings.access_token_ttl + settings.jwt_leeway + super::keys::RELOAD_EVERY
+}
+
+/// The window wrong passwords are counted over: as long as the per-account rate takes to
+/// regain its burst (a minute at the defaults, 10 at 10 a minute), at least a minute.
+fn failure_window(settings: &AuthSettings) -> Duration {
+    let minutes = f64::from(settings.login_rate_burst.max(1)) / settings.login_rate_per_minute;
+    if minutes.is_finite() && minutes > 0.0 {
+        Duration::from_secs_f64((minutes * 60.0).min(24.0 * 3600.0)).max(Duration::from_secs(60))
+    } else {
+        Duration::from_secs(24 * 3600)
+    }
 }
 
 fn store_error(error: StoreError) -> AuthApiError {
@@ -83,6 +98,8 @@ impl EmbeddedAuth {
                 .refresh_token_retention
                 .max(settings.refresh_reuse_interval),
             password_min_length: settings.password_min_length,
+            max_failures: i64::from(settings.login_rate_burst.max(1)),
+            failure_window: failure_window(settings),
             clock,
             dummy_hash,
             hasher,
@@ -146,6 +163,16 @@ impl EmbeddedAuth {
             )));
         }
         let email = email.trim().to_lowercase();
+        let now = self.clock.now_millis();
+        let window = i64::try_from(self.failure_window.as_millis()).unwrap_or(i64::MAX);
+        let failures = self
+            .store
+            .login_failures_since(&email, now.saturating_sub(window))
+            .await
+            .map_err(store_error)?;
+        if failures >= self.max_failures {
+            return Err(AuthApiError::rate_limited());
+        }
         let user = self
             .store
             .user_by_email(&email)
@@ -157,11 +184,18 @@ impl EmbeddedAuth {
         );
         let matches = verify_password(&self.hasher, password.to_owned(), hash).await?;
         let Some(mut user) = user.filter(|_| matches) else {
+            self.store
+                .record_login_failure(&email, now, now.saturating_sub(window))
+                .await
+                .map_err(store_error)?;
             return Err(AuthApiError::invalid_credentials());
         };
-        let now = self.clock.now_millis();
         self.store
             .record_sign_in(user.id, now)
+            .await
+            .map_err(store_error)?;
+        self.store
+            .clear_login_failures(&email)
             .await
             .map_err(store_error)?;
         user.last_sign_in_at = Some(now);
