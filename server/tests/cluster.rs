@@ -16,7 +16,8 @@ use common::{
 };
 use serde_json::{Value, json};
 
-async fn cluster(count: usize, upstream: &FakeUpstream) -> Cluster {
+/// `count` instances on Postgres and Redis, with `env` on top of the test defaults.
+async fn cluster(count: usize, upstream: &FakeUpstream, env: &[(&str, &str)]) -> Cluster {
     Cluster::start(
         Engine::postgres().admin_url(),
         Options {
@@ -24,7 +25,7 @@ async fn cluster(count: usize, upstream: &FakeUpstream) -> Cluster {
             redis: true,
             proxy_first_to_redis: false,
             model_url: &upstream.base_url,
-            env: &[],
+            env,
         },
     )
     .await
@@ -151,7 +152,7 @@ fn parse_sse(body: &str) -> Vec<(String, Option<u64>, Value)> {
 )]
 async fn a_run_driven_by_one_instance_is_followed_resumed_and_streamed_on_the_others() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = cluster(3, &upstream).await;
+    let cluster = cluster(3, &upstream, &[]).await;
     let (a, b, c) = (cluster.at(0), cluster.at(1), cluster.at(2));
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -258,7 +259,7 @@ async fn a_run_driven_by_one_instance_is_followed_resumed_and_streamed_on_the_ot
 )]
 async fn stop_on_another_instance_cancels_the_upstream_request() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = cluster(2, &upstream).await;
+    let cluster = cluster(2, &upstream, &[]).await;
     let (a, b) = (cluster.at(0), cluster.at(1));
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -308,19 +309,14 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
     let upstream = FakeUpstream::start(Script::Manual).await;
     // The owner's own checks (checkpoints, heartbeats) would find the run gone too, but only
     // after these intervals: the stop must come from the delete.
-    let cluster = Cluster::start(
-        Engine::postgres().admin_url(),
-        Options {
-            count: 2,
-            redis: true,
-            proxy_first_to_redis: false,
-            model_url: &upstream.base_url,
-            env: &[
-                ("WADI_FLUSH_INTERVAL", "1h"),
-                ("WADI_INSTANCE_HEARTBEAT", "30s"),
-                ("WADI_INSTANCE_TIMEOUT", "120s"),
-            ],
-        },
+    let cluster = cluster(
+        2,
+        &upstream,
+        &[
+            ("WADI_FLUSH_INTERVAL", "1h"),
+            ("WADI_INSTANCE_HEARTBEAT", "30s"),
+            ("WADI_INSTANCE_TIMEOUT", "120s"),
+        ],
     )
     .await;
     let (a, b) = (cluster.at(0), cluster.at(1));
@@ -577,7 +573,7 @@ async fn restarting_or_crashing_one_instance_never_touches_another_ones_runs() {
 )]
 async fn a_killed_owners_run_is_reaped_and_its_watchers_told() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let mut cluster = cluster(3, &upstream).await;
+    let mut cluster = cluster(3, &upstream, &[]).await;
     let a = TestServer::external(cluster.at(0).addr);
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -640,18 +636,13 @@ async fn a_killed_owners_run_is_reaped_and_its_watchers_told() {
 )]
 async fn wrong_passwords_are_counted_across_instances() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = Cluster::start(
-        Engine::postgres().admin_url(),
-        Options {
-            count: 2,
-            redis: true,
-            proxy_first_to_redis: false,
-            model_url: &upstream.base_url,
-            env: &[
-                ("WADI_LOGIN_RATE_BURST", "3"),
-                ("WADI_LOGIN_RATE_PER_MINUTE", "0.01"),
-            ],
-        },
+    let cluster = cluster(
+        2,
+        &upstream,
+        &[
+            ("WADI_LOGIN_RATE_BURST", "3"),
+            ("WADI_LOGIN_RATE_PER_MINUTE", "0.01"),
+        ],
     )
     .await;
     let (a, b) = (cluster.at(0), cluster.at(1));
@@ -686,7 +677,7 @@ async fn wrong_passwords_are_counted_across_instances() {
 )]
 async fn a_rest_stop_of_a_run_whose_owner_is_frozen_is_accepted_and_ends_it_stopped() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = cluster(2, &upstream).await;
+    let cluster = cluster(2, &upstream, &[]).await;
     let (a, b) = (cluster.at(0), cluster.at(1));
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -722,7 +713,7 @@ async fn a_rest_stop_of_a_run_whose_owner_is_frozen_is_accepted_and_ends_it_stop
 )]
 async fn a_paused_owner_that_wakes_up_never_writes_the_run_it_lost() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = cluster(2, &upstream).await;
+    let cluster = cluster(2, &upstream, &[]).await;
     let api = cluster.at(0).user().await;
     let token = api.token.clone().unwrap();
     let conversation = api.new_conversation().await;
@@ -780,7 +771,7 @@ async fn a_paused_owner_that_wakes_up_never_writes_the_run_it_lost() {
 )]
 async fn a_redis_restart_mid_run_loses_and_repeats_nothing() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let mut cluster = cluster(2, &upstream).await;
+    let mut cluster = cluster(2, &upstream, &[]).await;
     let a = TestServer::external(cluster.at(0).addr);
     let api = a.user().await;
     let token = api.token.clone().unwrap();
@@ -861,7 +852,7 @@ async fn an_owner_cut_off_from_redis_for_a_while_loses_and_repeats_nothing() {
 )]
 async fn one_active_run_per_conversation_holds_across_instances() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = cluster(2, &upstream).await;
+    let cluster = cluster(2, &upstream, &[]).await;
     let api = cluster.at(0).user().await;
     let api_b = on(cluster.at(1), &api);
     let conversation = api.new_conversation().await;
@@ -904,7 +895,7 @@ async fn one_active_run_per_conversation_holds_across_instances() {
 )]
 async fn readyz_names_the_instance_and_reports_redis() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let mut cluster = cluster(2, &upstream).await;
+    let mut cluster = cluster(2, &upstream, &[]).await;
     let (a, b) = (
         cluster.instances[0].ready().await,
         cluster.instances[1].ready().await,
@@ -966,7 +957,7 @@ async fn cluster_mode_refuses_sqlite_with_a_clear_message() {
 )]
 async fn a_users_sidebar_on_one_instance_hears_of_changes_made_through_another() {
     let upstream = FakeUpstream::start(Script::Manual).await;
-    let cluster = cluster(2, &upstream).await;
+    let cluster = cluster(2, &upstream, &[]).await;
     let (a, b) = (cluster.at(0), cluster.at(1));
     let api = a.user().await;
     let token = api.token.clone().unwrap();
