@@ -31,23 +31,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     AppError::invalid(ErrorCode::InvalidJson, rejection.body_text())
                 }
             })?;
-        // An empty body is an object without fields (creating a conversation needs none).
-        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Bytes::from_static(b"{}")
-        } else {
-            bytes
+        let bytes = match bytes.iter().find(|byte| !byte.is_ascii_whitespace()) {
+            // An empty body is an object without fields (creating a conversation needs none).
+            None => Bytes::from_static(b"{}"),
+            Some(b'{') => bytes,
+            // Every body is an object: serde would also take an array of the fields in order.
+            Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() => {
+                return Err(AppError::invalid(
+                    ErrorCode::InvalidMessage,
+                    "invalid request body: expected a JSON object",
+                ));
+            }
+            Some(_) => bytes,
         };
-        // Every body is an object: serde would also take an array of the fields in order.
-        let starts_an_object = matches!(
-            bytes.iter().find(|byte| !byte.is_ascii_whitespace()),
-            Some(b'{') | None
-        );
-        if !starts_an_object && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
-            return Err(AppError::invalid(
-                ErrorCode::InvalidMessage,
-                "invalid request body: expected a JSON object",
-            ));
-        }
         serde_json::from_slice(&bytes).map(Self).map_err(|error| {
             use serde_json::error::Category;
             let code = match error.classify() {
