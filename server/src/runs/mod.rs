@@ -645,8 +645,8 @@ impl Runs {
             // Kept here for replay after it ended (or streaming): its conversation, and with it
             // the run, may have been deleted since, through any instance. Only if the store
             // cannot say is the handle trusted as it is, so a replay survives a database blip.
-            return match self.store.run(run_id, user).await {
-                Ok(stored) => Ok(stored.map(|_| handle)),
+            return match self.store.run_exists(run_id, user).await {
+                Ok(stored) => Ok(stored.then_some(handle)),
                 Err(error) => {
                     tracing::warn!(%error, %run_id, "cannot check that a run still exists; replaying it from memory");
                     Ok(Some(handle))

@@ -279,6 +279,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// The run if it exists and belongs to `owner`.
     async fn run(&self, id: RunId, owner: UserId) -> StoreResult<Option<RunRecord>>;
+    /// True if the run is stored and `owner`'s (without reading its output).
+    async fn run_exists(&self, id: RunId, owner: UserId) -> StoreResult<bool>;
     /// The run, whoever it belongs to (for the server's own bookkeeping, never for a caller).
     async fn run_by_id(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
     /// The conversation's `running` run, if any.

@@ -678,6 +678,20 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn run_exists(
+                &self,
+                id: $crate::ids::RunId,
+                owner: $crate::ids::UserId,
+            ) -> $crate::store::StoreResult<bool> {
+                let (count,): (i64,) =
+                    sqlx::query_as("SELECT COUNT(*) FROM runs WHERE id = $1 AND owner_id = $2")
+                        .bind(id)
+                        .bind(owner)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(count > 0)
+            }
+
             async fn run_by_id(
                 &self,
                 id: $crate::ids::RunId,
