@@ -1,15 +1,13 @@
 //! Rate limits: a token bucket for a single connection, and keyed limits (per client address,
-//! account or user).
+//! account or user), counted across instances in a cluster.
 
 use std::{
     collections::HashMap,
+    fmt::Display,
     hash::Hash,
-    num::NonZeroU32,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
-
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// Allows `burst` events at once and `per_second` sustained.
 #[derive(Debug, Clone)]
@@ -83,15 +81,19 @@ struct Buckets<K> {
 }
 
 impl<K: Hash + Eq> RefundableLimiter<K> {
-    pub fn per_minute(burst: u32, per_minute: f64) -> Self {
+    pub fn new(rate: Rate) -> Self {
         Self {
             buckets: Mutex::new(Buckets {
                 by_key: HashMap::new(),
                 sweep_at: MIN_SWEEP,
             }),
-            burst,
-            per_second: per_minute / 60.0,
+            burst: rate.burst,
+            per_second: rate.per_second,
         }
+    }
+
+    pub fn per_minute(burst: u32, per_minute: f64) -> Self {
+        Self::new(Rate::per_minute(burst, per_minute))
     }
 
     fn buckets(&self) -> std::sync::MutexGuard<'_, Buckets<K>> {
@@ -138,65 +140,97 @@ impl<K: Hash + Eq> RefundableLimiter<K> {
 /// Below this many keys a `RefundableLimiter` never sweeps.
 const MIN_SWEEP: usize = 1_024;
 
-/// A rate limit per key (a client address, an account, a user): `governor`'s GCRA, one small
-/// state per key in a sharded map, so a check is O(1) whatever the number of keys. Keys back
-/// at a full allowance are forgotten by a janitor every minute, never during a check.
-pub struct KeyedLimiter<K: Hash + Eq + Clone + Send + Sync + 'static> {
-    limiter: Arc<DefaultKeyedRateLimiter<K>>,
+/// A rate per key, as configured: `burst` events at once and `per_second` sustained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub burst: u32,
+    pub per_second: f64,
 }
 
-/// How often forgotten keys are swept out.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
-
-impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedLimiter<K> {
-    /// `burst` events at once, and `per_second` sustained (0: never more than the burst).
-    pub fn new(burst: u32, per_second: f64) -> Self {
-        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-        let period = if per_second > 0.0 && per_second.is_finite() {
-            Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1))
-        } else {
-            // No refill to speak of: a century per token.
-            Duration::from_secs(100 * 365 * 24 * 3600)
-        };
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(burst);
-        let limiter = Arc::new(RateLimiter::keyed(quota));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let weak = Arc::downgrade(&limiter);
-            runtime.spawn(async move {
-                let mut tick = tokio::time::interval(SWEEP_EVERY);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let Some(limiter) = weak.upgrade() else {
-                        return;
-                    };
-                    limiter.retain_recent();
-                    limiter.shrink_to_fit();
-                }
-            });
-        }
-        Self { limiter }
-    }
-
-    /// Per minute, for configuration that is easier to read that way.
+impl Rate {
     pub fn per_minute(burst: u32, per_minute: f64) -> Self {
-        Self::new(burst, per_minute / 60.0)
+        Self {
+            burst,
+            per_second: per_minute / 60.0,
+        }
+    }
+}
+
+/// Where rates are counted across instances: nowhere for one instance, Redis for a cluster.
+#[async_trait::async_trait]
+pub trait SharedRates: Send + Sync + 'static {
+    /// Takes one event from `key`'s allowance across instances: `Some(true)` taken,
+    /// `Some(false)` refused, `None` not counted (nothing shared, or it could not answer now).
+    async fn take(&self, key: &str, rate: Rate) -> Option<bool>;
+    /// Gives back an event `take` took for something that did not happen.
+    async fn give_back(&self, key: &str, rate: Rate);
+}
+
+/// One instance: nothing is shared, each instance's own count is the whole count.
+pub struct Unshared;
+
+#[async_trait::async_trait]
+impl SharedRates for Unshared {
+    async fn take(&self, _key: &str, _rate: Rate) -> Option<bool> {
+        None
     }
 
-    /// Takes one event from `key`'s allowance if there is one.
-    pub fn check(&self, key: &K) -> bool {
-        self.limiter.check_key(key).is_ok()
+    async fn give_back(&self, _key: &str, _rate: Rate) {}
+}
+
+/// A rate per key (a user, a client address, an account) that holds across instances: this
+/// instance's own bucket first (a flood is refused without a round trip), then the shared
+/// count. If the shared count cannot answer, the instance's own count decides: a Redis outage
+/// loosens a limit to one count per instance, it does not refuse everyone.
+pub struct SharedLimit<K: Hash + Eq> {
+    /// Names the shared keys: `wadi:rate:{name}:{key}`.
+    name: &'static str,
+    rate: Rate,
+    local: RefundableLimiter<K>,
+    shared: Arc<dyn SharedRates>,
+}
+
+impl<K: Hash + Eq + Clone + Display> SharedLimit<K> {
+    pub fn new(name: &'static str, rate: Rate, shared: Arc<dyn SharedRates>) -> Self {
+        Self {
+            name,
+            rate,
+            local: RefundableLimiter::new(rate),
+            shared,
+        }
     }
 
-    /// Keys tracked now.
+    /// Takes one event from `key`'s allowance if there is one, here and across instances.
+    pub async fn take(&self, key: K) -> bool {
+        if !self.local.take(key.clone()) {
+            return false;
+        }
+        if self.shared.take(&self.shared_key(&key), self.rate).await == Some(false) {
+            self.local.give_back(&key);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back the event `take` took for something that did not happen.
+    pub async fn give_back(&self, key: &K) {
+        self.local.give_back(key);
+        self.shared
+            .give_back(&self.shared_key(key), self.rate)
+            .await;
+    }
+
+    fn shared_key(&self, key: &K) -> String {
+        format!("wadi:rate:{}:{key}", self.name)
+    }
+
+    /// Keys this instance tracks now.
     pub fn len(&self) -> usize {
-        self.limiter.len()
+        self.local.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.limiter.is_empty()
+        self.local.is_empty()
     }
 }
 
@@ -262,24 +296,5 @@ mod tests {
         assert!(!limiter.take(7));
         // A sweep that frees nothing is not repeated on the next take.
         assert!(limiter.buckets().sweep_at > 5_000);
-    }
-
-    #[test]
-    fn keyed_limiter_keeps_keys_apart() {
-        let limiter = KeyedLimiter::new(1, 0.0);
-        assert!(limiter.check(&"a"));
-        assert!(!limiter.check(&"a"));
-        assert!(limiter.check(&"b"));
-    }
-
-    #[test]
-    fn a_million_keys_cost_a_check_each_and_no_sweep() {
-        let limiter = KeyedLimiter::new(2, 0.0);
-        for key in 0..1_000_000u32 {
-            assert!(limiter.check(&key));
-        }
-        assert_eq!(limiter.len(), 1_000_000);
-        assert!(limiter.check(&7), "a second event within the burst");
-        assert!(!limiter.check(&7), "a third is over it");
     }
 }

@@ -11,6 +11,7 @@ use crate::{
     config::{Config, SecretUrl},
     http::static_files::WebAssets,
     ids::InstanceId,
+    limits::{Rate, SharedLimit, SharedRates, Unshared},
     metrics::Metrics,
     model::{ChatModel, demo::DemoModel, openai::OpenAiModel},
     runs::{Cluster, Local, Runs, redis::RedisCluster},
@@ -29,8 +30,8 @@ pub struct AppState {
     pub models: Arc<crate::model::catalog::Catalog>,
     pub clients: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// Conversations created per user.
-    pub conversation_limiter: Arc<crate::limits::KeyedLimiter<crate::ids::UserId>>,
+    /// Conversations created per user, on every instance.
+    pub conversation_limiter: Arc<SharedLimit<crate::ids::UserId>>,
     /// CSP reports logged (the route is public; past the budget they are only counted).
     pub csp_log_budget: Arc<std::sync::Mutex<crate::limits::TokenBucket>>,
     /// Cancelled when the server starts shutting down. Open sockets are then told through
@@ -105,27 +106,30 @@ impl AppState {
         let mut metrics = Metrics::new();
         metrics.set_instance(&instance.to_string(), mode);
         let metrics = Arc::new(metrics);
-        let (cluster, events): (Arc<dyn Cluster>, _) = match &config.redis_url {
-            Some(url) => {
-                let (cluster, events) =
-                    RedisCluster::connect(url.expose(), instance, metrics.clone())
-                        .await
-                        .map_err(|error| {
-                            StartError::Unreachable(anyhow::anyhow!(
-                                "cannot use Redis at REDIS_URL: {error}"
-                            ))
-                        })?;
-                tracing::info!("cluster mode: runs are shared through Redis");
-                (cluster, Some(events))
-            }
-            None => (Arc::new(Local), None),
-        };
+        let (cluster, rates, events): (Arc<dyn Cluster>, Arc<dyn SharedRates>, _) =
+            match &config.redis_url {
+                Some(url) => {
+                    let (cluster, events) =
+                        RedisCluster::connect(url.expose(), instance, metrics.clone())
+                            .await
+                            .map_err(|error| {
+                                StartError::Unreachable(anyhow::anyhow!(
+                                    "cannot use Redis at REDIS_URL: {error}"
+                                ))
+                            })?;
+                    tracing::info!("cluster mode: runs and rate limits are shared through Redis");
+                    (cluster.clone(), cluster, Some(events))
+                }
+                None => (Arc::new(Local), Arc::new(Unshared), None),
+            };
         let http = reqwest::Client::builder()
             .user_agent(concat!("wadi/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| StartError::Fatal(error.into()))?;
         let clock = crate::util::Clock::system();
-        let auth = crate::auth::AuthService::new(&config, store.clone(), http, clock).await?;
+        let auth =
+            crate::auth::AuthService::new(&config, store.clone(), http, clock, rates.clone())
+                .await?;
         let model = model_from(&config).map_err(StartError::Fatal)?;
         let models = Arc::new(crate::model::catalog::Catalog::new(
             model.clone(),
@@ -142,13 +146,18 @@ impl AppState {
                 metrics: metrics.clone(),
                 settings,
                 cluster,
+                rates: rates.clone(),
                 sockets: clients.clone(),
             },
             events,
         );
-        let conversation_limiter = Arc::new(crate::limits::KeyedLimiter::per_minute(
-            config.runs.conversation_rate_burst,
-            config.runs.conversation_rate_per_minute,
+        let conversation_limiter = Arc::new(SharedLimit::new(
+            "conversations",
+            Rate::per_minute(
+                config.runs.conversation_rate_burst,
+                config.runs.conversation_rate_per_minute,
+            ),
+            rates,
         ));
         Ok(Self {
             conversation_limiter,

@@ -982,3 +982,182 @@ async fn a_users_sidebar_on_one_instance_hears_of_changes_made_through_another()
     assert_eq!(answered["change"], "answered", "{answered}");
     assert_eq!(answered["conversationId"], conversation.as_str());
 }
+
+/// A user's status and error code from a REST call.
+fn refused(answer: &(reqwest::StatusCode, Value)) -> (u16, &str) {
+    (
+        answer.0.as_u16(),
+        answer.1["code"].as_str().unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn message_and_conversation_rates_hold_across_instances() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(
+        2,
+        &upstream,
+        &[
+            ("WADI_MESSAGE_RATE_BURST", "2"),
+            ("WADI_MESSAGE_RATE_PER_MINUTE", "0.01"),
+            ("WADI_CONVERSATION_RATE_BURST", "4"),
+            ("WADI_CONVERSATION_RATE_PER_MINUTE", "0.01"),
+        ],
+    )
+    .await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let on_a = a.user().await;
+    let on_b = on(b, &on_a);
+
+    // Four conversations, two through each instance: the user's whole allowance, though each
+    // instance counted only two of its four.
+    let first = on_a.new_conversation().await;
+    let second = on_b.new_conversation().await;
+    let third = on_a.new_conversation().await;
+    on_b.new_conversation().await;
+    for api in [&on_a, &on_b] {
+        let answer = api.post("/api/conversations", json!({})).await;
+        assert_eq!(refused(&answer), (429, "rate_limited"), "{}", answer.1);
+    }
+
+    // Two messages in all. A send refused because an answer is being written gives its message
+    // back on every instance, not only on the one that refused it.
+    let path = |conversation: &str| format!("/api/conversations/{conversation}/messages");
+    let sent = on_a.send(&first, "one").await;
+    let request = upstream.next_request().await;
+    let busy = on_b.post(&path(&first), json!({"content": "two"})).await;
+    assert_eq!(refused(&busy), (409, "run_in_progress"), "{}", busy.1);
+    let second_sent = on_b.send(&second, "two, elsewhere").await;
+    let second_request = upstream.next_request().await;
+    for api in [&on_a, &on_b] {
+        let answer = api.post(&path(&third), json!({"content": "three"})).await;
+        assert_eq!(refused(&answer), (429, "rate_limited"), "{}", answer.1);
+    }
+
+    request.send(Step::Finish);
+    second_request.send(Step::Finish);
+    for (api, sent) in [(&on_a, &sent), (&on_b, &second_sent)] {
+        let events = api.events(sent["run"]["id"].as_str().unwrap()).await;
+        assert!(events.contains("event: complete"), "{events}");
+    }
+    let keys = cluster
+        .redis
+        .as_ref()
+        .unwrap()
+        .cli(&["--scan", "--pattern", "wadi:rate:*"])
+        .await;
+    for name in ["messages", "attempts", "conversations"] {
+        assert!(keys.contains(&format!("wadi:rate:{name}:")), "{keys}");
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn signups_and_refreshes_per_address_hold_across_instances() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(
+        2,
+        &upstream,
+        &[
+            ("WADI_AUTH_RATE_BURST", "3"),
+            ("WADI_AUTH_RATE_PER_MINUTE", "0.01"),
+            ("WADI_REFRESH_RATE_BURST", "2"),
+            ("WADI_REFRESH_RATE_PER_MINUTE", "0.01"),
+        ],
+    )
+    .await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let session = a.sign_up().await;
+    b.sign_up().await;
+    a.sign_up().await;
+    let signup = |server: &TestServer| {
+        server
+            .http
+            .post(server.url("/auth/v1/signup"))
+            .json(&json!({
+                "email": format!("one-too-many-{}@example.com", uuid::Uuid::new_v4()),
+                "password": "a fine password",
+            }))
+            .send()
+    };
+    for server in [a, b] {
+        let response = signup(server).await.unwrap();
+        assert_eq!(response.status(), 429);
+    }
+
+    let refresh = |server: &TestServer, token: String| {
+        server
+            .http
+            .post(server.url("/auth/v1/token?grant_type=refresh_token"))
+            .json(&json!({"refresh_token": token}))
+            .send()
+    };
+    let response = refresh(a, session.refresh_token().to_owned())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let rotated: Value = response.json().await.unwrap();
+    let token = rotated["refresh_token"].as_str().unwrap().to_owned();
+    let response = refresh(b, token).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let rotated: Value = response.json().await.unwrap();
+    let token = rotated["refresh_token"].as_str().unwrap().to_owned();
+    for server in [a, b] {
+        let response = refresh(server, token.clone()).await.unwrap();
+        assert_eq!(
+            response.status(),
+            429,
+            "the address's two refreshes are spent"
+        );
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn an_instance_cut_off_from_redis_counts_rates_on_its_own() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = first_behind_a_proxy(
+        &upstream,
+        &[
+            ("WADI_CONVERSATION_RATE_BURST", "3"),
+            ("WADI_CONVERSATION_RATE_PER_MINUTE", "0.01"),
+        ],
+    )
+    .await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let on_a = a.user().await;
+    let on_b = on(b, &on_a);
+    // B spends the whole shared allowance.
+    for _ in 0..3 {
+        on_b.new_conversation().await;
+    }
+    assert_eq!(
+        refused(&on_a.post("/api/conversations", json!({})).await),
+        (429, "rate_limited"),
+        "A asks Redis"
+    );
+    cut_off_first(&cluster).await;
+    // A cannot ask: its own count decides (the refusal above gave its own token back), up to
+    // its own burst.
+    for _ in 0..3 {
+        on_a.new_conversation().await;
+    }
+    assert_eq!(
+        refused(&on_a.post("/api/conversations", json!({})).await),
+        (429, "rate_limited"),
+        "A's own count"
+    );
+    cluster.stop().await;
+}

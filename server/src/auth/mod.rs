@@ -14,7 +14,7 @@ pub use verify::{AuthUser, Verifier, VerifyError};
 use crate::{
     config::{Config, Secret},
     error::AppError,
-    limits::KeyedLimiter,
+    limits::{Rate, SharedLimit, SharedRates},
     state::AppState,
     store::{Store, StoreError},
 };
@@ -122,6 +122,7 @@ impl AuthService {
         store: Arc<dyn Store>,
         http: reqwest::Client,
         clock: crate::util::Clock,
+        rates: Arc<dyn SharedRates>,
     ) -> Result<Self, StoreError> {
         let secret = config.auth.supabase_jwt_secret.as_ref().map(Secret::expose);
         if let Some(url) = &config.auth.supabase_url {
@@ -161,17 +162,29 @@ impl AuthService {
             clock,
         ));
         let limits = embedded::Limits {
-            per_address: KeyedLimiter::per_minute(
-                config.auth.auth_rate_burst,
-                config.auth.auth_rate_per_minute,
+            per_address: SharedLimit::new(
+                "auth-address",
+                Rate::per_minute(
+                    config.auth.auth_rate_burst,
+                    config.auth.auth_rate_per_minute,
+                ),
+                rates.clone(),
             ),
-            per_account: KeyedLimiter::per_minute(
-                config.auth.login_rate_burst,
-                config.auth.login_rate_per_minute,
+            per_account: SharedLimit::new(
+                "auth-account",
+                Rate::per_minute(
+                    config.auth.login_rate_burst,
+                    config.auth.login_rate_per_minute,
+                ),
+                rates.clone(),
             ),
-            refresh: KeyedLimiter::per_minute(
-                config.auth.refresh_rate_burst,
-                config.auth.refresh_rate_per_minute,
+            refresh: SharedLimit::new(
+                "auth-refresh",
+                Rate::per_minute(
+                    config.auth.refresh_rate_burst,
+                    config.auth.refresh_rate_per_minute,
+                ),
+                rates,
             ),
         };
         Ok(Self {

@@ -38,7 +38,7 @@ use crate::{
     dto,
     error::AppError,
     ids::{ConversationId, InstanceId, MessageId, RunId, UserId},
-    limits::{KeyedLimiter, RefundableLimiter},
+    limits::{Rate, SharedLimit, SharedRates},
     metrics::Metrics,
     model::ChatModel,
     store::{Constraint, MessageRecord, MessageRow, RunRecord, Store, StoreError},
@@ -217,6 +217,8 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub settings: RunSettings,
     pub cluster: Arc<dyn Cluster>,
+    /// Where the message rates are counted across instances.
+    pub rates: Arc<dyn SharedRates>,
     pub sockets: Arc<dyn Announce>,
 }
 
@@ -230,11 +232,11 @@ pub struct Runs {
     pub hub: Arc<Hub>,
     pub cluster: Arc<dyn Cluster>,
     sockets: Arc<dyn Announce>,
-    /// Messages per user (REST and WebSocket sends alike).
-    limiter: RefundableLimiter<UserId>,
+    /// Messages per user (REST and WebSocket sends alike, on every instance).
+    limiter: SharedLimit<UserId>,
     /// Attempts per user, refused ones included: a refused send gives its message back, but
     /// each attempt still costs the store some work.
-    attempts: KeyedLimiter<UserId>,
+    attempts: SharedLimit<UserId>,
     /// Copies of runs' logs to the shared log, so shutdown can let them finish.
     replicators: TaskTracker,
     liveness: liveness::Liveness,
@@ -253,17 +255,26 @@ impl Runs {
             metrics,
             settings,
             cluster,
+            rates,
             sockets,
         } = parts;
-        let limiter = RefundableLimiter::per_minute(
-            settings.message_rate_burst,
-            settings.message_rate_per_minute,
+        let limiter = SharedLimit::new(
+            "messages",
+            Rate::per_minute(
+                settings.message_rate_burst,
+                settings.message_rate_per_minute,
+            ),
+            rates.clone(),
         );
-        let attempts = KeyedLimiter::per_minute(
-            settings
-                .message_rate_burst
-                .saturating_mul(ATTEMPTS_PER_MESSAGE),
-            settings.message_rate_per_minute * f64::from(ATTEMPTS_PER_MESSAGE),
+        let attempts = SharedLimit::new(
+            "attempts",
+            Rate::per_minute(
+                settings
+                    .message_rate_burst
+                    .saturating_mul(ATTEMPTS_PER_MESSAGE),
+                settings.message_rate_per_minute * f64::from(ATTEMPTS_PER_MESSAGE),
+            ),
+            rates,
         );
         let checkpoints = checkpoints::Checkpointer::start(store.clone());
         let runs = Arc::new(Self {
@@ -302,7 +313,7 @@ impl Runs {
         client_message_id: Option<String>,
         placement: Placement,
     ) -> Result<Sent, AppError> {
-        self.admit(user)?;
+        self.admit(user).await?;
         // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
         // commit and the start of the run still happen together, never one without the other.
         // It stays in the caller's span (the request or socket), and so does the run.
@@ -318,7 +329,7 @@ impl Runs {
         )
         .await
         .map_err(AppError::internal)?;
-        self.settle(user, &sent);
+        self.settle(user, &sent).await;
         sent
     }
 
@@ -326,7 +337,7 @@ impl Runs {
     /// because an answer is being written, or one the server could not take now (overloaded,
     /// shutting down, storage away) gives its allowance back: a client retrying meanwhile must
     /// not lock itself out. Bad input keeps it spent.
-    fn settle(&self, user: UserId, sent: &Result<Sent, AppError>) {
+    async fn settle(&self, user: UserId, sent: &Result<Sent, AppError>) {
         let nothing_new = match sent {
             Ok(sent) => !sent.created,
             Err(AppError::Conflict { code, .. }) => *code == ErrorCode::RunInProgress,
@@ -336,7 +347,7 @@ impl Runs {
             Err(_) => false,
         };
         if nothing_new {
-            self.limiter.give_back(&user);
+            self.limiter.give_back(&user).await;
         }
     }
 
@@ -349,7 +360,7 @@ impl Runs {
         conversation_id: ConversationId,
         message_id: MessageId,
     ) -> Result<Sent, AppError> {
-        self.admit(user)?;
+        self.admit(user).await?;
         let runs = self.clone();
         let sent = tokio::spawn(
             async move {
@@ -360,21 +371,21 @@ impl Runs {
         )
         .await
         .map_err(AppError::internal)?;
-        self.settle(user, &sent);
+        self.settle(user, &sent).await;
         sent
     }
 
     /// The checks before any work: the user's message rate, and the cap on runs here.
-    fn admit(&self, user: UserId) -> Result<(), AppError> {
-        // Per user, whichever socket or request it comes from: opening more sockets does not buy
-        // more messages.
-        if !self.attempts.check(&user) || !self.limiter.take(user) {
+    async fn admit(&self, user: UserId) -> Result<(), AppError> {
+        // Per user, whichever socket, request or instance it comes from: opening more sockets
+        // does not buy more messages.
+        if !self.attempts.take(user).await || !self.limiter.take(user).await {
             return Err(AppError::RateLimited);
         }
         // Refused at once when full, before any work (the exact check is at the reservation).
         let max = self.settings.max_active_runs;
         if max > 0 && self.hub.live() >= max {
-            self.limiter.give_back(&user);
+            self.limiter.give_back(&user).await;
             self.metrics.overload_refusals.inc();
             return Err(AppError::Overloaded {
                 retry_after: load::RETRY_AFTER,

@@ -43,6 +43,7 @@ use super::{
 };
 use crate::{
     ids::{InstanceId, RunId, UserId},
+    limits::{Rate, SharedRates},
     metrics::Metrics,
     store::RunRecord,
 };
@@ -140,6 +141,36 @@ if redis.call('HGET', KEYS[1], 'status') == 'running' then
 end
 return 0
 ";
+
+/// One event of a rate shared by every instance, as a generic cell rate algorithm (a token
+/// bucket kept as one number): the key holds the time, in µs on Redis's clock, at which the
+/// allowance is whole again. KEYS: the rate's key. ARGV: µs per event, burst, `take` or `back`.
+/// Returns 1 (taken, or given back) or 0 (refused). The key expires when the allowance is whole.
+const RATE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local step = tonumber(ARGV[1])
+local whole = tonumber(redis.call('GET', KEYS[1])) or now
+if whole < now then whole = now end
+if ARGV[3] == 'back' then
+  whole = whole - step
+else
+  whole = whole + step
+  if whole - now > tonumber(ARGV[2]) * step then return 0 end
+end
+if whole <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', whole), 'PX',
+    string.format('%.0f', math.ceil((whole - now) / 1000)))
+end
+return 1
+";
+
+/// A shared rate's answer later than this is not waited for: the instance's own count decides.
+const RATE_TIMEOUT: Duration = Duration::from_millis(250);
+/// The time one event of a rate with no refill holds its place: a day.
+const RATE_STEP_MAX_MICROS: f64 = 86_400e6;
 
 fn log_key(run: RunId) -> String {
     format!("wadi:run:{{{run}}}:log")
@@ -313,6 +344,7 @@ pub struct RedisCluster {
     end: Script,
     fence: Script,
     stop: Script,
+    rate: Script,
 }
 
 impl RedisCluster {
@@ -368,6 +400,7 @@ impl RedisCluster {
             end: Script::new(END),
             fence: Script::new(FENCE),
             stop: Script::new(STOP),
+            rate: Script::new(RATE),
         });
         let control = control_channel(instance);
         cluster
@@ -452,9 +485,56 @@ impl RedisCluster {
             .await
     }
 
+    /// One call of the rate script, or `None` if Redis did not answer within `RATE_TIMEOUT`.
+    async fn count(&self, key: &str, rate: Rate, op: &str) -> Option<bool> {
+        let step = if rate.per_second > 0.0 {
+            (1e6 / rate.per_second).clamp(1.0, RATE_STEP_MAX_MICROS)
+        } else {
+            RATE_STEP_MAX_MICROS
+        };
+        let mut connection = self.commands.clone();
+        let mut invocation = self.rate.key(key);
+        invocation
+            .arg(format!("{step:.0}"))
+            .arg(rate.burst.max(1))
+            .arg(op);
+        let answer = tokio::time::timeout(
+            RATE_TIMEOUT,
+            invocation.invoke_async::<i64>(&mut connection),
+        )
+        .await;
+        match answer {
+            Ok(Ok(taken)) => Some(taken == 1),
+            Ok(Err(error)) => {
+                self.shared.metrics.redis_errors.inc();
+                tracing::warn!(%error, key, "Redis rate count failed: this instance's count decides");
+                None
+            }
+            Err(_) => {
+                self.shared.metrics.redis_errors.inc();
+                tracing::warn!(
+                    key,
+                    "Redis rate count timed out: this instance's count decides"
+                );
+                None
+            }
+        }
+    }
+
     fn failed(&self, what: &str, error: &redis::RedisError, run: RunId) {
         self.shared.metrics.redis_errors.inc();
         tracing::warn!(%run, %error, "Redis {what} failed");
+    }
+}
+
+#[async_trait]
+impl SharedRates for RedisCluster {
+    async fn take(&self, key: &str, rate: Rate) -> Option<bool> {
+        self.count(key, rate, "take").await
+    }
+
+    async fn give_back(&self, key: &str, rate: Rate) {
+        self.count(key, rate, "back").await;
     }
 }
 

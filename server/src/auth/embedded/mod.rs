@@ -34,7 +34,7 @@ use wire::{API_VERSION, API_VERSION_HEADER, AuthApiError, user_json};
 use crate::{
     auth::verify::{AuthUser, Verifier, VerifyError},
     http::ClientAddr,
-    limits::KeyedLimiter,
+    limits::SharedLimit,
     net::limit_key,
 };
 
@@ -48,16 +48,17 @@ pub struct EmbeddedState {
     pub limits: Arc<Limits>,
 }
 
-/// The auth service's rate limits. Addresses are keys as `net::limit_key` makes them (IPv6 by
-/// /64), behind trusted proxies the right-most untrusted hop.
+/// The auth service's rate limits, counted across instances in a cluster. Addresses are keys
+/// as `net::limit_key` makes them (IPv6 by /64), behind trusted proxies the right-most untrusted
+/// hop.
 pub struct Limits {
     /// Signups and password logins per client address.
-    pub per_address: KeyedLimiter<IpAddr>,
+    pub per_address: SharedLimit<IpAddr>,
     /// Password logins per account (lowercased email), from anywhere: guessing one account's
     /// password from many addresses is slow too.
-    pub per_account: KeyedLimiter<String>,
+    pub per_account: SharedLimit<String>,
     /// Refresh-token grants per client address.
-    pub refresh: KeyedLimiter<IpAddr>,
+    pub refresh: SharedLimit<IpAddr>,
 }
 
 pub fn router<S: Clone + Send + Sync + 'static>(state: EmbeddedState) -> Router<S> {
@@ -188,7 +189,7 @@ async fn signup(
             "Phone signups are disabled",
         ));
     }
-    if !state.limits.per_address.check(&limit_key(addr)) {
+    if !state.limits.per_address.take(limit_key(addr)).await {
         return Err(AuthApiError::rate_limited());
     }
     let metadata = match body.data {
@@ -233,8 +234,12 @@ async fn token(
             if email.is_empty() {
                 return Err(AuthApiError::validation("missing email or phone"));
             }
-            if !state.limits.per_address.check(&limit_key(addr))
-                || !state.limits.per_account.check(&email.trim().to_lowercase())
+            if !state.limits.per_address.take(limit_key(addr)).await
+                || !state
+                    .limits
+                    .per_account
+                    .take(email.trim().to_lowercase())
+                    .await
             {
                 return Err(AuthApiError::rate_limited());
             }
@@ -242,7 +247,7 @@ async fn token(
             state.auth.sign_in(&email, &password).await?
         }
         "refresh_token" => {
-            if !state.limits.refresh.check(&limit_key(addr)) {
+            if !state.limits.refresh.take(limit_key(addr)).await {
                 return Err(AuthApiError::rate_limited());
             }
             let token = body.refresh_token.unwrap_or_default();
