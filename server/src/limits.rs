@@ -110,8 +110,7 @@ impl<K: Hash + Eq> RefundableLimiter<K> {
         // Keys back at a full allowance are forgotten whenever the map has doubled since the
         // last sweep: amortised O(1) per take.
         if buckets.by_key.len() >= buckets.sweep_at {
-            buckets.by_key.retain(|_, bucket| !bucket.is_full_at(now));
-            buckets.sweep_at = (buckets.by_key.len() * 2).max(MIN_SWEEP);
+            buckets.sweep(now);
         }
         buckets
             .by_key
@@ -134,6 +133,18 @@ impl<K: Hash + Eq> RefundableLimiter<K> {
 
     pub fn is_empty(&self) -> bool {
         self.buckets().by_key.is_empty()
+    }
+}
+
+impl<K: Hash + Eq> Buckets<K> {
+    /// Forgets the keys back at a full allowance.
+    fn sweep(&mut self, now: Instant) {
+        self.by_key.retain(|_, bucket| !bucket.is_full_at(now));
+        // Memory follows the keys: a spike of keys is not held at its peak.
+        if self.by_key.capacity() > 4 * self.by_key.len().max(MIN_SWEEP) {
+            self.by_key.shrink_to_fit();
+        }
+        self.sweep_at = (self.by_key.len() * 2).max(MIN_SWEEP);
     }
 }
 
@@ -179,15 +190,26 @@ impl SharedRates for Unshared {
 }
 
 /// A rate per key (a user, a client address, an account) that holds across instances: this
-/// instance's own bucket first (a flood is refused without a round trip), then the shared
-/// count. If the shared count cannot answer, the instance's own count decides: a Redis outage
-/// loosens a limit to one count per instance, it does not refuse everyone.
+/// instance's own bucket first, then the shared count. A take the shared count refuses keeps
+/// this instance's token spent, so a client that keeps asking one instance is refused there,
+/// without a round trip, once that instance's own allowance is spent too (each instance sends
+/// Redis at most its own burst and rate per key). If the shared count cannot answer, the
+/// instance's own count decides: a Redis outage loosens a limit to one allowance per instance,
+/// it does not refuse everyone.
 pub struct SharedLimit<K: Hash + Eq> {
     /// Names the shared keys: `wadi:rate:{name}:{key}`.
     name: &'static str,
     rate: Rate,
     local: RefundableLimiter<K>,
     shared: Arc<dyn SharedRates>,
+}
+
+/// An event [`SharedLimit::take`] counted, to give back if it did not happen after all.
+#[must_use = "dropped, the event stays counted; give it back if it did not happen"]
+pub struct Taken<K> {
+    key: K,
+    /// Whether the shared count counted it too (only then is it given back there).
+    shared: bool,
 }
 
 impl<K: Hash + Eq + Clone + Display> SharedLimit<K> {
@@ -201,23 +223,31 @@ impl<K: Hash + Eq + Clone + Display> SharedLimit<K> {
     }
 
     /// Takes one event from `key`'s allowance if there is one, here and across instances.
-    pub async fn take(&self, key: K) -> bool {
+    pub async fn take(&self, key: K) -> Option<Taken<K>> {
         if !self.local.take(key.clone()) {
-            return false;
+            return None;
         }
-        if self.shared.take(&self.shared_key(&key), self.rate).await == Some(false) {
-            self.local.give_back(&key);
-            return false;
-        }
-        true
+        let shared = match self.shared.take(&self.shared_key(&key), self.rate).await {
+            Some(false) => return None,
+            Some(true) => true,
+            None => false,
+        };
+        Some(Taken { key, shared })
     }
 
-    /// Gives back the event `take` took for something that did not happen.
-    pub async fn give_back(&self, key: &K) {
-        self.local.give_back(key);
-        self.shared
-            .give_back(&self.shared_key(key), self.rate)
-            .await;
+    /// Takes one event, for a limit whose events are never given back.
+    pub async fn allows(&self, key: K) -> bool {
+        self.take(key).await.is_some()
+    }
+
+    /// Gives back an event that did not happen, where it was counted.
+    pub async fn give_back(&self, taken: Taken<K>) {
+        self.local.give_back(&taken.key);
+        if taken.shared {
+            self.shared
+                .give_back(&self.shared_key(&taken.key), self.rate)
+                .await;
+        }
     }
 
     fn shared_key(&self, key: &K) -> String {
@@ -296,5 +326,37 @@ mod tests {
         assert!(!limiter.take(7));
         // A sweep that frees nothing is not repeated on the next take.
         assert!(limiter.buckets().sweep_at > 5_000);
+    }
+
+    #[test]
+    fn a_million_keys_cost_a_take_each_and_sweeps_only_at_doublings() {
+        let limiter = RefundableLimiter::per_minute(2, 0.0);
+        for key in 0..1_000_000u32 {
+            assert!(limiter.take(key));
+        }
+        assert_eq!(limiter.len(), 1_000_000);
+        // Nothing could be freed: the next sweep waits until the map has doubled again.
+        assert!(limiter.buckets().sweep_at >= 1_000_000);
+        assert!(limiter.take(7), "a second event within the burst");
+        assert!(!limiter.take(7), "a third is over it");
+    }
+
+    #[test]
+    fn a_spike_of_keys_gives_its_memory_back_once_they_are_forgotten() {
+        let limiter = RefundableLimiter::per_minute(1, 60.0);
+        for key in 0..100_000u32 {
+            assert!(limiter.take(key));
+        }
+        let mut buckets = limiter.buckets();
+        let peak = buckets.by_key.capacity();
+        assert!(peak >= 100_000);
+        // A second later every bucket is whole again (one event a second).
+        buckets.sweep(Instant::now() + Duration::from_secs(2));
+        assert!(buckets.by_key.is_empty());
+        assert!(
+            buckets.by_key.capacity() < peak / 4,
+            "{}",
+            buckets.by_key.capacity()
+        );
     }
 }

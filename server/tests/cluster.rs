@@ -1023,6 +1023,17 @@ async fn message_and_conversation_rates_hold_across_instances() {
         let answer = api.post("/api/conversations", json!({})).await;
         assert_eq!(refused(&answer), (429, "rate_limited"), "{}", answer.1);
     }
+    // Redis holds when the allowance is whole again: four events of 6 000 s each from now, and
+    // forgets the key then.
+    let redis = cluster.redis.as_ref().unwrap();
+    let key = redis
+        .cli(&["--scan", "--pattern", "wadi:rate:conversations:*"])
+        .await;
+    let ttl: u64 = redis.cli(&["PTTL", &key]).await.parse().unwrap();
+    assert!(
+        (4 * 6_000_000 - 60_000..=4 * 6_000_000).contains(&ttl),
+        "{key}: {ttl} ms"
+    );
 
     // Two messages in all. A send refused because an answer is being written gives its message
     // back on every instance, not only on the one that refused it.
@@ -1044,12 +1055,7 @@ async fn message_and_conversation_rates_hold_across_instances() {
         let events = api.events(sent["run"]["id"].as_str().unwrap()).await;
         assert!(events.contains("event: complete"), "{events}");
     }
-    let keys = cluster
-        .redis
-        .as_ref()
-        .unwrap()
-        .cli(&["--scan", "--pattern", "wadi:rate:*"])
-        .await;
+    let keys = redis.cli(&["--scan", "--pattern", "wadi:rate:*"]).await;
     for name in ["messages", "attempts", "conversations"] {
         assert!(keys.contains(&format!("wadi:rate:{name}:")), "{keys}");
     }
@@ -1149,9 +1155,9 @@ async fn an_instance_cut_off_from_redis_counts_rates_on_its_own() {
         "A asks Redis"
     );
     cut_off_first(&cluster).await;
-    // A cannot ask: its own count decides (the refusal above gave its own token back), up to
-    // its own burst.
-    for _ in 0..3 {
+    // A cannot ask: its own count decides, up to its own burst (less the refused request, which
+    // A counted too).
+    for _ in 0..2 {
         on_a.new_conversation().await;
     }
     assert_eq!(

@@ -121,7 +121,7 @@ async fn create(
     let title = body.title.as_deref().map(check_title).transpose()?;
     let model = check_model(&state, body.model.as_deref()).await?;
     let system_prompt = check_system_prompt(&state, body.system_prompt.as_deref())?;
-    if !state.conversation_limiter.take(user.id).await {
+    if !state.conversation_limiter.allows(user.id).await {
         return Err(AppError::RateLimited);
     }
     let now = now_millis();

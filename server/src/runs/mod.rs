@@ -38,7 +38,7 @@ use crate::{
     dto,
     error::AppError,
     ids::{ConversationId, InstanceId, MessageId, RunId, UserId},
-    limits::{Rate, SharedLimit, SharedRates},
+    limits::{Rate, SharedLimit, SharedRates, Taken},
     metrics::Metrics,
     model::ChatModel,
     store::{Constraint, MessageRecord, MessageRow, RunRecord, Store, StoreError},
@@ -313,7 +313,7 @@ impl Runs {
         client_message_id: Option<String>,
         placement: Placement,
     ) -> Result<Sent, AppError> {
-        self.admit(user).await?;
+        let message = self.admit(user).await?;
         // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
         // commit and the start of the run still happen together, never one without the other.
         // It stays in the caller's span (the request or socket), and so does the run.
@@ -329,7 +329,7 @@ impl Runs {
         )
         .await
         .map_err(AppError::internal)?;
-        self.settle(user, &sent).await;
+        self.settle(message, &sent).await;
         sent
     }
 
@@ -337,7 +337,7 @@ impl Runs {
     /// because an answer is being written, or one the server could not take now (overloaded,
     /// shutting down, storage away) gives its allowance back: a client retrying meanwhile must
     /// not lock itself out. Bad input keeps it spent.
-    async fn settle(&self, user: UserId, sent: &Result<Sent, AppError>) {
+    async fn settle(&self, message: Taken<UserId>, sent: &Result<Sent, AppError>) {
         let nothing_new = match sent {
             Ok(sent) => !sent.created,
             Err(AppError::Conflict { code, .. }) => *code == ErrorCode::RunInProgress,
@@ -347,7 +347,7 @@ impl Runs {
             Err(_) => false,
         };
         if nothing_new {
-            self.limiter.give_back(&user).await;
+            self.limiter.give_back(message).await;
         }
     }
 
@@ -360,7 +360,7 @@ impl Runs {
         conversation_id: ConversationId,
         message_id: MessageId,
     ) -> Result<Sent, AppError> {
-        self.admit(user).await?;
+        let message = self.admit(user).await?;
         let runs = self.clone();
         let sent = tokio::spawn(
             async move {
@@ -371,27 +371,28 @@ impl Runs {
         )
         .await
         .map_err(AppError::internal)?;
-        self.settle(user, &sent).await;
+        self.settle(message, &sent).await;
         sent
     }
 
-    /// The checks before any work: the user's message rate, and the cap on runs here.
-    async fn admit(&self, user: UserId) -> Result<(), AppError> {
-        // Per user, whichever socket, request or instance it comes from: opening more sockets
-        // does not buy more messages.
-        if !self.attempts.take(user).await || !self.limiter.take(user).await {
-            return Err(AppError::RateLimited);
-        }
-        // Refused at once when full, before any work (the exact check is at the reservation).
+    /// The checks before any work: the cap on runs here, and the user's message rate. Returns
+    /// the message counted, to give back if none is sent after all.
+    async fn admit(&self, user: UserId) -> Result<Taken<UserId>, AppError> {
+        // Refused at once when full, before any work, even counting (the exact check is at the
+        // reservation).
         let max = self.settings.max_active_runs;
         if max > 0 && self.hub.live() >= max {
-            self.limiter.give_back(&user).await;
             self.metrics.overload_refusals.inc();
             return Err(AppError::Overloaded {
                 retry_after: load::RETRY_AFTER,
             });
         }
-        Ok(())
+        // Per user, whichever socket, request or instance it comes from: opening more sockets
+        // does not buy more messages.
+        if !self.attempts.allows(user).await {
+            return Err(AppError::RateLimited);
+        }
+        self.limiter.take(user).await.ok_or(AppError::RateLimited)
     }
 
     /// Where a new user message goes: its parent.

@@ -168,9 +168,12 @@ return 1
 ";
 
 /// A shared rate's answer later than this is not waited for: the instance's own count decides.
-const RATE_TIMEOUT: Duration = Duration::from_millis(250);
-/// The time one event of a rate with no refill holds its place: a day.
-const RATE_STEP_MAX_MICROS: f64 = 86_400e6;
+const RATE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After a shared rate failed, the instance's own counts decide for this long without asking
+/// Redis (a Redis that does not answer would otherwise cost every request the timeout).
+const RATE_AWAY: Duration = Duration::from_secs(2);
+/// The time one event of a rate with no refill holds its place: a century.
+const RATE_STEP_MAX_MICROS: f64 = 100.0 * 365.0 * 86_400e6;
 
 fn log_key(run: RunId) -> String {
     format!("wadi:run:{{{run}}}:log")
@@ -345,6 +348,8 @@ pub struct RedisCluster {
     fence: Script,
     stop: Script,
     rate: Script,
+    /// Until when the shared rates are not asked (after one failed).
+    rates_away_until: Mutex<Option<Instant>>,
 }
 
 impl RedisCluster {
@@ -401,6 +406,7 @@ impl RedisCluster {
             fence: Script::new(FENCE),
             stop: Script::new(STOP),
             rate: Script::new(RATE),
+            rates_away_until: Mutex::new(None),
         });
         let control = control_channel(instance);
         cluster
@@ -485,8 +491,15 @@ impl RedisCluster {
             .await
     }
 
-    /// One call of the rate script, or `None` if Redis did not answer within `RATE_TIMEOUT`.
+    /// One call of the rate script, or `None` if Redis did not answer within `RATE_TIMEOUT`,
+    /// or failed less than `RATE_AWAY` ago.
     async fn count(&self, key: &str, rate: Rate, op: &str) -> Option<bool> {
+        if self
+            .rates_away()
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return None;
+        }
         let step = if rate.per_second > 0.0 {
             (1e6 / rate.per_second).clamp(1.0, RATE_STEP_MAX_MICROS)
         } else {
@@ -503,21 +516,31 @@ impl RedisCluster {
             invocation.invoke_async::<i64>(&mut connection),
         )
         .await;
-        match answer {
-            Ok(Ok(taken)) => Some(taken == 1),
-            Ok(Err(error)) => {
-                self.shared.metrics.redis_errors.inc();
-                tracing::warn!(%error, key, "Redis rate count failed: this instance's count decides");
-                None
+        let error = match answer {
+            Ok(Ok(taken)) => {
+                *self.rates_away() = None;
+                return Some(taken == 1);
             }
-            Err(_) => {
-                self.shared.metrics.redis_errors.inc();
-                tracing::warn!(
-                    key,
-                    "Redis rate count timed out: this instance's count decides"
-                );
-                None
-            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {RATE_TIMEOUT:?}"),
+        };
+        self.shared.metrics.redis_errors.inc();
+        // Said once per spell (not per request, and without the key: it may name an address).
+        let mut away = self.rates_away();
+        if away.is_none() {
+            tracing::warn!(
+                %error,
+                "Redis cannot count rates: each instance's own counts decide until it can"
+            );
+        }
+        *away = Some(Instant::now() + RATE_AWAY);
+        None
+    }
+
+    fn rates_away(&self) -> MutexGuard<'_, Option<Instant>> {
+        match self.rates_away_until.lock() {
+            Ok(away) => away,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 

@@ -54,11 +54,23 @@ pub struct EmbeddedState {
 pub struct Limits {
     /// Signups and password logins per client address.
     pub per_address: SharedLimit<IpAddr>,
-    /// Password logins per account (lowercased email), from anywhere: guessing one account's
-    /// password from many addresses is slow too.
+    /// Password logins per account (keyed by [`account_key`]), from anywhere: guessing one
+    /// account's password from many addresses is slow too.
     pub per_account: SharedLimit<String>,
     /// Refresh-token grants per client address.
     pub refresh: SharedLimit<IpAddr>,
+}
+
+/// The per-account limit's key for a login's email: a digest of it as the account's email is
+/// stored (trimmed, lowercased), so that an email of any length (the body may hold a megabyte)
+/// costs a fixed-size key here and in Redis, and Redis holds no email.
+fn account_key(email: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(email.trim().to_lowercase().as_bytes());
+    digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 pub fn router<S: Clone + Send + Sync + 'static>(state: EmbeddedState) -> Router<S> {
@@ -189,7 +201,7 @@ async fn signup(
             "Phone signups are disabled",
         ));
     }
-    if !state.limits.per_address.take(limit_key(addr)).await {
+    if !state.limits.per_address.allows(limit_key(addr)).await {
         return Err(AuthApiError::rate_limited());
     }
     let metadata = match body.data {
@@ -234,12 +246,8 @@ async fn token(
             if email.is_empty() {
                 return Err(AuthApiError::validation("missing email or phone"));
             }
-            if !state.limits.per_address.take(limit_key(addr)).await
-                || !state
-                    .limits
-                    .per_account
-                    .take(email.trim().to_lowercase())
-                    .await
+            if !state.limits.per_address.allows(limit_key(addr)).await
+                || !state.limits.per_account.allows(account_key(&email)).await
             {
                 return Err(AuthApiError::rate_limited());
             }
@@ -247,7 +255,7 @@ async fn token(
             state.auth.sign_in(&email, &password).await?
         }
         "refresh_token" => {
-            if !state.limits.refresh.take(limit_key(addr)).await {
+            if !state.limits.refresh.allows(limit_key(addr)).await {
                 return Err(AuthApiError::rate_limited());
             }
             let token = body.refresh_token.unwrap_or_default();
