@@ -71,8 +71,8 @@ pub enum UsersCommand {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// End every session of the account: its refresh tokens stop working at once, its access
-    /// tokens when they expire.
+    /// End every session of the account: its refresh and access tokens stop working at once
+    /// (running servers check a token's session on every request and socket sign-in).
     RevokeSessions { user: String },
 }
 

@@ -213,6 +213,8 @@ async fn users_are_listed_shown_reset_revoked_and_deleted(engine: Engine) {
     ] {
         assert_eq!(refresh(&server, token).await, StatusCode::BAD_REQUEST);
     }
+    // So do their access tokens, well before they expire: on REST and on sockets alike.
+    assert_ended(&server, bob_session.access_token()).await;
 
     // delete: a wrong confirmation deletes nothing; `--yes` deletes the account and its
     // conversations.
@@ -227,7 +229,14 @@ async fn users_are_listed_shown_reset_revoked_and_deleted(engine: Engine) {
     .await
     .unwrap_err();
     assert!(refused.contains("nothing was deleted"), "{refused}");
-    assert_eq!(login(&server, &bob, PASSWORD).await.0, StatusCode::OK);
+    let (status, signed_in) = login(&server, &bob, PASSWORD).await;
+    assert_eq!(status, StatusCode::OK);
+    let bob_token = signed_in["access_token"].as_str().unwrap();
+    let bob_api = common::Api {
+        server: &server,
+        token: Some(bob_token.to_owned()),
+    };
+    bob_api.new_conversation().await;
     let confirmed = admin(
         &config,
         AdminCommand::Users(UsersCommand::Delete {
@@ -243,6 +252,9 @@ async fn users_are_listed_shown_reset_revoked_and_deleted(engine: Engine) {
         login(&server, &bob, PASSWORD).await.0,
         StatusCode::BAD_REQUEST
     );
+    // A deleted account's token creates nothing more (its data would be out of every admin
+    // command's reach).
+    assert_ended(&server, bob_token).await;
     let owner = bob_session.user_id();
     assert_eq!(
         server
@@ -266,6 +278,26 @@ async fn users_are_listed_shown_reset_revoked_and_deleted(engine: Engine) {
     .unwrap_err();
     assert!(gone.contains("no account"), "{gone}");
     server.shutdown().await.unwrap();
+}
+
+/// `token` is refused, though its signature and expiry are fine: its session has ended.
+async fn assert_ended(server: &TestServer, token: &str) {
+    let api = common::Api {
+        server,
+        token: Some(token.to_owned()),
+    };
+    let (status, body) = api.post("/api/conversations", json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "invalid_token", "{body}");
+    let mut socket = common::ws::WsClient::connect(server, "/ws/user").await;
+    socket.send(json!({"type": "auth", "token": token})).await;
+    let (frames, code) = socket.until_closed().await;
+    assert_eq!(code, 1008, "{frames:?}");
+    assert_eq!(
+        frames.last().unwrap()["code"],
+        "invalid_token",
+        "{frames:?}"
+    );
 }
 
 /// The `kid` in an access token's header.

@@ -1200,6 +1200,19 @@ async fn logout_scopes(engine: Engine) {
     assert_eq!(get_user(&server, a.access_token()).await.status(), 200);
     assert_eq!(get_user(&server, b.access_token()).await.status(), 403);
     assert_eq!(get_user(&server, c.access_token()).await.status(), 403);
+    // The API refuses an ended session's access token at once, not only at its `exp`.
+    let me = |token: &str| {
+        server
+            .http
+            .get(server.url("/api/me"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(me(a.access_token()).await.unwrap().status(), 200);
+    assert_eq!(
+        error_code(me(b.access_token()).await.unwrap()).await,
+        (StatusCode::UNAUTHORIZED, "invalid_token".into())
+    );
     // `global` (the default) ends A too.
     let d = login_session(()).await;
     let response = server

@@ -117,6 +117,21 @@ pub struct AuthService {
 }
 
 impl AuthService {
+    /// Verifies an access token and, for one the embedded service issued, that its session
+    /// still exists: a token of a session that ended (signed out, revoked, its account deleted)
+    /// is refused at once, not only once it expires. If the store cannot answer, the signature
+    /// decides: a database blip must not sign everyone out.
+    pub async fn verify(&self, token: &str) -> Result<AuthUser, VerifyError> {
+        let user = self.verifier.verify(token).await?;
+        if let (Some(embedded), Some(session), false) =
+            (&self.embedded, user.session_id, user.shared_secret)
+            && let Ok(false) = embedded.auth.session_exists(session).await
+        {
+            return Err(VerifyError::SessionEnded);
+        }
+        Ok(user)
+    }
+
     pub async fn new(
         config: &Config,
         store: Arc<dyn Store>,
@@ -211,7 +226,7 @@ impl FromRequestParts<AppState> for AuthUser {
                 message: "this endpoint requires an Authorization: Bearer token".into(),
             });
         };
-        let verified = state.auth.verifier.verify(token).await;
+        let verified = state.auth.verify(token).await;
         if let Ok(user) = &verified {
             crate::http::request_log::set_user(user.id);
         }

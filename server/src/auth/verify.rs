@@ -29,6 +29,9 @@ pub struct AuthUser {
     pub session_id: Option<Uuid>,
     /// The token's `exp`, Unix seconds.
     pub expires_at: i64,
+    /// Verified with the shared HS256 secret: minted by another party (a Supabase project, a
+    /// service), not by a key of ours, so its session is not ours to check.
+    pub shared_secret: bool,
 }
 
 /// Why a token was refused. Each variant is logged with its own reason and counted separately.
@@ -56,6 +59,8 @@ pub enum VerifyError {
     InvalidClaims(String),
     #[error("signing keys are unavailable: {0}")]
     KeysUnavailable(String),
+    #[error("the token's session has ended (signed out, revoked, or its account deleted)")]
+    SessionEnded,
 }
 
 impl VerifyError {
@@ -73,6 +78,7 @@ impl VerifyError {
             Self::WrongIssuer => "wrong_issuer",
             Self::InvalidClaims(_) => "invalid_claims",
             Self::KeysUnavailable(_) => "keys_unavailable",
+            Self::SessionEnded => "session_ended",
         }
     }
 }
@@ -248,6 +254,7 @@ impl Verifier {
             role,
             session_id,
             expires_at: claims.exp,
+            shared_secret: algorithm == Algorithm::HS256,
         })
     }
 

@@ -74,21 +74,15 @@ pub(super) async fn frame(socket: &mut Socket, session: &mut Option<Session>, te
 
 /// Verifies a token; a refusal is told with the reason's code.
 async fn verify(socket: &Socket, token: &str) -> Result<AuthUser, (ErrorCode, String)> {
-    socket
-        .state
-        .auth
-        .verifier
-        .verify(token)
-        .await
-        .map_err(|error| {
-            socket.state.metrics.auth_failure(error.reason());
-            tracing::info!(reason = error.reason(), "socket auth refused");
-            let code = match error {
-                VerifyError::Expired => ErrorCode::TokenExpired,
-                _ => ErrorCode::InvalidToken,
-            };
-            (code, format!("token refused: {error}"))
-        })
+    socket.state.auth.verify(token).await.map_err(|error| {
+        socket.state.metrics.auth_failure(error.reason());
+        tracing::info!(reason = error.reason(), "socket auth refused");
+        let code = match error {
+            VerifyError::Expired => ErrorCode::TokenExpired,
+            _ => ErrorCode::InvalidToken,
+        };
+        (code, format!("token refused: {error}"))
+    })
 }
 
 /// The first `auth`: the socket's conversation or run must be the caller's (missing and foreign
