@@ -20,7 +20,7 @@ use crate::{
     auth::embedded::{MAX_PASSWORD_BYTES, hashing, keep_retired_keys, keys},
     config::{Config, SecretUrl},
     ids::UserId,
-    store::{Store, UserRecord, create_private_file},
+    store::{Store, UserRecord, create_private_dir, create_private_file},
     util::now_millis,
 };
 
@@ -36,7 +36,8 @@ pub enum AdminCommand {
     /// Replace the SQLite database with the backup FILE. Stop the server first.
     Restore {
         file: PathBuf,
-        /// Replace a database that holds data (it is kept beside, as `wadi.db.before-restore`).
+        /// Replace a database that holds data (it is kept beside, as `wadi.db.before-restore`,
+        /// or `.before-restore.2`, … when that exists).
         #[arg(long)]
         force: bool,
     },
@@ -92,7 +93,18 @@ pub async fn run(
     }
 }
 
+/// The database the server uses; a SQLite file that does not exist is an error (a mistyped
+/// data directory must not get a new, empty database that an operator then edits).
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(path) = sqlite_path(config)?
+        && !path.exists()
+    {
+        bail!(
+            "there is no database at {} (is --data-dir / WADI_DATA_DIR right? The server creates \
+             it when it first starts)",
+            path.display()
+        );
+    }
     crate::store::connect(
         config.database_url.as_ref().map(SecretUrl::expose),
         &config.data_dir,
@@ -316,8 +328,13 @@ async fn backup(config: &Config, file: &Path, out: &mut dyn Write) -> anyhow::Re
     if !path.exists() {
         bail!("there is no database at {}", path.display());
     }
-    create_private_file(file)
-        .with_context(|| format!("cannot create {} (it must not exist)", file.display()))?;
+    create_private_file(file).map_err(|error| match error.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow!(
+            "cannot create {}: it exists (a backup never overwrites a file; it must not exist)",
+            file.display()
+        ),
+        _ => anyhow!("cannot create {}: {error}", file.display()),
+    })?;
     let result = async {
         let options = SqliteConnectOptions::new()
             .filename(&path)
@@ -450,22 +467,44 @@ async fn restore(
                 path.display()
             );
         }
+        // Never over an earlier restore's copy: `.before-restore`, then `.before-restore.2`, …
+        let aside = (1..)
+            .map(|n| match n {
+                1 => ".before-restore".to_owned(),
+                n => format!(".before-restore.{n}"),
+            })
+            .find(|name| !with_suffix(&path, name).exists())
+            .unwrap_or_default();
         for suffix in ["", "-wal", "-shm"] {
             let current = with_suffix(&path, suffix);
             if current.exists() {
-                let aside = with_suffix(&path, &format!(".before-restore{suffix}"));
-                std::fs::rename(&current, &aside)
+                let to = with_suffix(&path, &format!("{aside}{suffix}"));
+                std::fs::rename(&current, &to)
                     .with_context(|| format!("cannot move {} aside", current.display()))?;
             }
         }
+        writeln!(
+            out,
+            "kept the database it replaces as {}",
+            with_suffix(&path, &aside).display()
+        )?;
     } else if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     create_private_file(&path)?;
     std::fs::copy(file, &path)
         .with_context(|| format!("cannot copy {} to {}", file.display(), path.display()))?;
+    // The backup was taken from a running server: its heartbeat, copied with it, would make
+    // this database look in use (and the runs that server drove look driven).
+    let options = SqliteConnectOptions::new().filename(&path);
+    let mut connection = SqliteConnection::connect_with(&options).await?;
+    sqlx::query("DELETE FROM instances")
+        .execute(&mut connection)
+        .await
+        .with_context(|| format!("cannot clear the copied heartbeats in {}", path.display()))?;
+    connection.close().await?;
     // Opening it applies the migrations a backup from an older version lacks.
     let store = open_store(config).await?;
     let users = store.list_users().await?.len();

@@ -264,7 +264,11 @@ impl Cli {
             }
         }
         let matches = command.clone().try_get_matches_from(&args)?;
+        refuse_redacted(&command, &matches)?;
         let cli = Self::from_arg_matches(&matches).map_err(|error| error.format(&mut command))?;
+        if let Err(message) = cli.config.check() {
+            return Err(command.error(clap::error::ErrorKind::ValueValidation, message));
+        }
         Ok(Loaded {
             cli,
             matches,
@@ -272,6 +276,60 @@ impl Cli {
             from_file,
         })
     }
+}
+
+impl Config {
+    /// What no single setting's parser can see: settings that only make sense together.
+    fn check(&self) -> Result<(), String> {
+        let runs = &self.runs;
+        if runs.instance_heartbeat.is_zero() {
+            return Err("--instance-heartbeat must be more than 0".into());
+        }
+        if runs.instance_timeout < runs.instance_heartbeat * 2 {
+            return Err(format!(
+                "--instance-timeout ({:?}) must be at least twice --instance-heartbeat ({:?}): \
+                 an instance that heartbeats on time would be declared dead",
+                runs.instance_timeout, runs.instance_heartbeat
+            ));
+        }
+        if runs.model_idle_timeout.is_zero() {
+            return Err("--model-idle-timeout must be more than 0".into());
+        }
+        if runs.max_content_bytes == 0 {
+            return Err("--max-content-bytes must be at least 1".into());
+        }
+        if runs.max_answer_bytes == 0 {
+            return Err("--max-answer-bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A value `config print` redacted (`<redacted>`, a URL's `:***@`) is refused: fed back from
+/// a printed file, it would be used as the secret itself (an API key `<redacted>`, a database
+/// password `***`).
+fn refuse_redacted(command: &clap::Command, matches: &ArgMatches) -> Result<(), clap::Error> {
+    for arg in settings(command) {
+        let id = arg.get_id().as_str();
+        let Some(mut values) = matches.get_raw(id) else {
+            continue;
+        };
+        if values.any(|value| crate::util::holds_redaction(&value.to_string_lossy())) {
+            let key = arg.get_long().unwrap_or(id);
+            let env = arg
+                .get_env()
+                .map(|env| format!(" or ${}", env.to_string_lossy()))
+                .unwrap_or_default();
+            return Err(command.clone().error(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "{key} holds what `wadi config print` shows in place of a secret (`<redacted>` \
+                     or `***`), not the secret: give the real value (--{key}{env})"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The settings of a `--config` file as clap default values, by argument id. Unknown keys,
@@ -314,7 +372,14 @@ fn read_file(
             other => scalar(&key, other).map(|one| vec![one]),
         }
         .map_err(|message| fail(format!("{}: {message}", path.display())))?;
-        values.insert(id, strings);
+        if values.insert(id.clone(), strings).is_some() {
+            return Err(fail(format!(
+                "{}: {key:?} is given twice (as {} and {})",
+                path.display(),
+                id,
+                id.replace('_', "-")
+            )));
+        }
     }
     Ok(values)
 }
@@ -493,6 +558,18 @@ pub enum LogFormat {
 }
 
 /// Parses `250ms`, `10s`, `5m`, `1h` or a bare number of seconds.
+/// A sampling temperature: a number from 0 to 2, as OpenAI's API takes.
+pub fn parse_temperature(text: &str) -> Result<f32, String> {
+    let value: f32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if !(0.0..=2.0).contains(&value) {
+        return Err(format!("{text:?} is not a temperature from 0 to 2"));
+    }
+    Ok(value)
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -661,6 +738,41 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(missing.contains("cannot read the config file"), "{missing}");
+
+        let twice = toml_file("max_connections = 5\nmax-connections = 6\n");
+        let error = Cli::load(["wadi", "--config", twice.path().to_str().unwrap()], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("is given twice"), "{error}");
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let refused = |args: &[&str]| {
+            let args = std::iter::once("wadi").chain(args.iter().copied());
+            Cli::load(args, false).err().map(|error| error.to_string())
+        };
+        for temperature in ["9", "-1", "nan", "inf", "1e400", "warm"] {
+            let error = refused(&["--temperature", temperature]).expect(temperature);
+            assert!(error.contains(temperature), "{error}");
+        }
+        assert!(refused(&["--temperature", "2"]).is_none());
+        assert!(refused(&["--temperature", "0"]).is_none());
+        let error = refused(&["--instance-timeout", "1s", "--instance-heartbeat", "5s"]).unwrap();
+        assert!(
+            error.contains("at least twice --instance-heartbeat"),
+            "{error}"
+        );
+        assert!(refused(&["--instance-timeout", "4s", "--instance-heartbeat", "2s"]).is_none());
+        for (flag, value) in [
+            ("--instance-heartbeat", "0s"),
+            ("--model-idle-timeout", "0"),
+            ("--max-content-bytes", "0"),
+        ] {
+            let error = refused(&[flag, value]).expect(flag);
+            assert!(error.contains(flag), "{error}");
+        }
     }
 
     #[test]
@@ -697,15 +809,46 @@ mod tests {
         assert!(line("openai-api-key").contains("<redacted>"), "{printed}");
         assert!(printed.contains("# web-dir is unset"), "{printed}");
 
-        // Printed without secrets, it is a file `--config` reads to the same configuration.
+        // Printed, it is a file `--config` reads to the same configuration once the secrets it
+        // redacted are given again (a flag here; their environment variables do as well).
+        // Without them it is refused: the placeholders are not the secrets.
         let plain = load(&["--config", path, "--flush-interval", "2s"]);
+        assert!(!plain.print().contains("hunter2"));
         let again = toml_file(&plain.print());
-        let reread = load(&["--config", again.path().to_str().unwrap()]);
+        let again = again.path().to_str().unwrap();
+        let refused = Cli::load(["wadi", "--config", again], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            refused.contains("database-url holds what `wadi config print` shows"),
+            "{refused}"
+        );
+        let reread = load(&[
+            "--config",
+            again,
+            "--database-url",
+            "postgres://wadi:hunter2@db/wadi",
+        ]);
         let mut expected = plain.cli.config.clone();
         expected.config = reread.cli.config.config.clone();
         assert_eq!(format!("{:?}", reread.cli.config), format!("{expected:?}"));
-        // …except the redacted URL's password, which the printout never holds.
-        assert!(!plain.print().contains("hunter2"));
+        assert_eq!(
+            reread
+                .cli
+                .config
+                .database_url
+                .as_ref()
+                .map(SecretUrl::expose),
+            Some("postgres://wadi:hunter2@db/wadi")
+        );
+        // An API key printed as `<redacted>` is refused alike.
+        let key = toml_file("openai-api-key = \"<redacted>\"\n");
+        let refused = Cli::load(["wadi", "--config", key.path().to_str().unwrap()], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("openai-api-key holds"), "{refused}");
     }
 
     #[test]

@@ -476,6 +476,20 @@ async fn backup_and_restore_keep_what_was_there_or_point_to_pg_dump(engine: Engi
     .unwrap();
     assert!(restored.contains("restored"), "{restored}");
     assert!(config.data_dir.join("wadi.db.before-restore").exists());
+    // At once again: the heartbeat the backup copied from the running server does not make
+    // the restored file look in use, and the first copy kept aside is not overwritten.
+    let again = admin(
+        &config,
+        AdminCommand::Restore {
+            file: file.clone(),
+            force: true,
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(again.contains("wadi.db.before-restore.2"), "{again}");
+    assert!(config.data_dir.join("wadi.db.before-restore").exists());
 
     // A server on the restored database has what the backup had, and not what came after.
     let db = server.take_db();
@@ -491,6 +505,36 @@ async fn backup_and_restore_keep_what_was_there_or_point_to_pg_dump(engine: Engi
     let mut restarted = restarted;
     restarted.stop().await.unwrap();
     db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_data_directory_without_a_database_is_refused_not_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::for_tests(dir.path().join("mistyped"));
+    for command in [
+        AdminCommand::Users(UsersCommand::List { json: false }),
+        AdminCommand::RotateSigningKey,
+        AdminCommand::Backup {
+            file: dir.path().join("backup.db"),
+        },
+    ] {
+        let refused = admin(&config, command, "").await.unwrap_err();
+        assert!(refused.contains("there is no database at"), "{refused}");
+    }
+    assert!(!config.data_dir.exists(), "nothing was created");
+
+    // A backup into a directory that does not exist says so.
+    let server = TestServer::on(Engine::Sqlite).await;
+    let missing = dir.path().join("no such dir").join("backup.db");
+    let refused = admin(
+        &server.db().config(),
+        AdminCommand::Backup { file: missing },
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("No such file or directory"), "{refused}");
+    server.shutdown().await.unwrap();
 }
 
 #[tokio::test]

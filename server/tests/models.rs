@@ -187,6 +187,37 @@ async fn a_star_lists_the_providers_models_and_asks_rarely() {
 }
 
 #[tokio::test]
+async fn a_huge_or_hostile_model_list_is_trimmed_to_what_a_menu_can_hold() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let mut names: Vec<String> = (0..1_500).map(|i| format!("model-{i:04}")).collect();
+    // Both sort first: only the filter keeps them out.
+    names.push(format!("a{}", "x".repeat(200)));
+    names.push("a\nline".into());
+    names.push("model-0000".into());
+    upstream.set_models(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let server = TestServer::configured(Engine::Sqlite, |config| {
+        upstream.configure(config);
+        config.provider.models = vec!["*".into()];
+    })
+    .await;
+    let api = server.user().await;
+    let (_, models) = api.get("/api/models").await;
+    let models: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    // The default, then the first thousand by name, once each.
+    assert_eq!(models.len(), 1_001);
+    assert_eq!(models[0], "fake-model");
+    assert_eq!(models[1], "model-0000");
+    assert_eq!(models[1_000], "model-0999");
+    assert!(models.iter().all(|m| m.len() <= 200 && !m.contains('\n')));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_provider_that_never_lists_its_models_leaves_the_default_one() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     upstream.hang_model_lists();

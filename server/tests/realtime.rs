@@ -788,6 +788,45 @@ async fn two_tabs_see_the_same_run_and_a_second_message_is_refused(engine: Engin
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn an_answer_past_the_size_limit_ends_failed_with_what_came_before_it() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.runs.max_answer_bytes = 10;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "never stop"}))
+        .await;
+    let start = ws.next().await;
+    let request = upstream.next_request().await;
+    // 8 bytes, then two 2-byte characters of which one fits: the cut is between characters.
+    request.token("abcdefgh");
+    request.token("éé");
+    request.token("and on and on");
+    let frames = ws.until("complete").await;
+    let error = frames.iter().find(|f| f["type"] == "error").unwrap();
+    assert_eq!(error["code"], "model_error");
+    assert_eq!(
+        error["message"],
+        "the answer was longer than this server keeps (10 bytes)"
+    );
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "failed");
+    assert_eq!(complete["fullOutput"], "abcdefghé");
+    assert_eq!(text(&frames), "abcdefghé");
+    // The provider is told to stop.
+    request.cancelled().await;
+    let run_id = start["runId"].as_str().unwrap();
+    let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["output"], "abcdefghé");
+    server.shutdown().await.unwrap();
+}
+
 async fn upstream_failure_mid_stream_fails_the_run_and_keeps_the_output(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |_| {}).await;
@@ -1394,6 +1433,7 @@ async fn stalled_client_is_cut_off(deltas: usize, adjust: impl FnOnce(&mut wadi_
     .await;
     let server = setup(Engine::Sqlite, &upstream, |config| {
         config.sockets.slow_client_timeout = Duration::from_millis(500);
+        config.runs.max_answer_bytes = deltas * 16 * 1024;
         adjust(config);
     })
     .await;

@@ -49,7 +49,7 @@ pub struct ProviderSettings {
     pub models: Vec<String>,
 
     /// Sampling temperature (0–2); the provider's default when unset.
-    #[arg(long, env = "WADI_TEMPERATURE")]
+    #[arg(long, env = "WADI_TEMPERATURE", value_parser = crate::config::parse_temperature)]
     pub temperature: Option<f32>,
 
     /// Time allowed to connect to the model provider.
@@ -102,6 +102,9 @@ pub enum ModelError {
     /// Nothing arrived for longer than the idle timeout.
     #[error("the model provider stopped responding")]
     Timeout,
+    /// The answer grew past `--max-answer-bytes`; what came before is kept.
+    #[error("the answer was longer than this server keeps ({limit} bytes)")]
+    TooLong { limit: usize },
 }
 
 impl ModelError {
@@ -113,6 +116,7 @@ impl ModelError {
             | Self::Unavailable { detail }
             | Self::Broken { detail } => detail,
             Self::Timeout => "no data within the idle timeout",
+            Self::TooLong { .. } => "the answer passed --max-answer-bytes",
         }
     }
 }

@@ -29,6 +29,13 @@ use super::{
 };
 use crate::config::{Secret, SecretUrl};
 
+/// A provider's model list larger than this is refused (it goes to every client).
+const MAX_LIST_BYTES: usize = 4 << 20;
+/// Model names longer than this are left out of the list.
+const MAX_MODEL_NAME: usize = 200;
+/// At most this many of the provider's models are offered (the first, sorted by name).
+const MAX_LISTED_MODELS: usize = 1_000;
+
 /// Times a request is sent again after a 429, a 5xx or a failed connection.
 pub const RETRIES: u32 = 3;
 /// The wait before the first retry; it doubles with each one.
@@ -174,14 +181,33 @@ impl ChatModel for OpenAiModel {
                     .timeout(self.list_timeout)
             })
             .await?;
-        let body = response.bytes().await.map_err(|e| ModelError::Broken {
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| ModelError::Broken {
             detail: error_chain(&e),
-        })?;
+        })? {
+            if body.len() + chunk.len() > MAX_LIST_BYTES {
+                return Err(ModelError::Broken {
+                    detail: format!("a model list over {MAX_LIST_BYTES} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
         let listed: ModelList = serde_json::from_slice(&body).map_err(|e| ModelError::Broken {
             detail: format!("a model list that is not one: {e}"),
         })?;
-        let mut names: Vec<String> = listed.data.into_iter().map(|model| model.id).collect();
+        // Every client gets this list: names no one could pick from a menu are left out.
+        let mut names: Vec<String> = listed
+            .data
+            .into_iter()
+            .map(|model| model.id)
+            .filter(|id| {
+                !id.is_empty() && id.len() <= MAX_MODEL_NAME && !id.chars().any(char::is_control)
+            })
+            .collect();
         names.sort();
+        names.dedup();
+        names.truncate(MAX_LISTED_MODELS);
         Ok(names)
     }
 

@@ -114,6 +114,11 @@ pub struct RunSettings {
     #[arg(long, env = "WADI_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
     pub max_content_bytes: usize,
 
+    /// Longest answer kept from the model, in bytes: past it the run ends `failed` with the
+    /// answer up to there (a provider that never stops must not fill the disk).
+    #[arg(long, env = "WADI_MAX_ANSWER_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_answer_bytes: usize,
+
     /// Conversations a user may create in a burst…
     #[arg(long, env = "WADI_CONVERSATION_RATE_BURST", default_value_t = 30)]
     pub conversation_rate_burst: u32,

@@ -133,6 +133,7 @@ async fn stream_answer(
 
     let mut usage = None;
     let mut first_chunk = true;
+    let mut produced = 0usize;
     let mut flush = tokio::time::interval_at(
         Instant::now() + settings.flush_interval,
         settings.flush_interval,
@@ -193,6 +194,16 @@ async fn stream_answer(
                 }
             }
         }
+        let room = settings.max_answer_bytes.saturating_sub(produced);
+        let too_long = text.len() > room;
+        if too_long {
+            let cut = (0..=room)
+                .rev()
+                .find(|&at| text.is_char_boundary(at))
+                .unwrap_or(0);
+            text.truncate(cut);
+        }
+        produced += text.len();
         if !text.is_empty() {
             handle.push(&text);
             if first_chunk {
@@ -201,6 +212,10 @@ async fn stream_answer(
                     .time_to_first_token
                     .observe(started.elapsed().as_secs_f64());
             }
+        }
+        if too_long {
+            let limit = settings.max_answer_bytes;
+            return failed(&ModelError::TooLong { limit }, usage);
         }
         match after {
             None => {}

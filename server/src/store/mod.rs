@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use records::*;
-pub(crate) use sqlite::create_private_file;
+pub(crate) use sqlite::{create_private_dir, create_private_file};
 
 use crate::ids::{ConversationId, InstanceId, MessageId, RunId, UserId};
 
@@ -33,7 +33,7 @@ pub enum StoreError {
     Database(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported DATABASE_URL scheme {0:?} (use sqlite:// or postgres://)")]
+    #[error("unsupported DATABASE_URL ({0}): use sqlite:// or postgres://")]
     UnsupportedUrl(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -390,8 +390,20 @@ pub async fn connect(database_url: Option<&str>, data_dir: &Path) -> StoreResult
             Ok(Arc::new(postgres::PgStore::open(url).await?))
         }
         Some(url) => {
-            let scheme = url.split(':').next().unwrap_or_default();
-            Err(StoreError::UnsupportedUrl(scheme.to_owned()))
+            // Only the scheme is told: the rest may hold a password.
+            let scheme = url
+                .split_once("://")
+                .map(|(scheme, _)| scheme)
+                .filter(|scheme| {
+                    !scheme.is_empty()
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+                });
+            Err(StoreError::UnsupportedUrl(match scheme {
+                Some(scheme) => format!("scheme {scheme:?}"),
+                None => "not a URL".to_owned(),
+            }))
         }
     }
 }
