@@ -190,14 +190,27 @@ fn too_long(what: &str) -> ModelError {
 /// What one chunk's JSON says: the first choice's text (when not empty), then the usage.
 pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<(), ModelError> {
     // UTF-8 checked once for the whole chunk: `from_slice` would check each string on its own,
-    // skipped ones included, at a few times the cost.
-    let chunk: Chunk<'_> = std::str::from_utf8(json)
-        .map_err(|error| error.to_string())
-        .and_then(|json| serde_json::from_str(json).map_err(|error| error.to_string()))
-        .map_err(|error| {
-            let shown = String::from_utf8_lossy(&json[..json.len().min(200)]).into_owned();
-            broken(format!("a chunk that is not JSON ({error}): {shown}"))
-        })?;
+    // skipped ones included, at a few times the cost. Bytes that are not UTF-8 become U+FFFD
+    // rather than end the answer.
+    let text = String::from_utf8_lossy(json);
+    let not_json = |error: serde_json::Error| {
+        let shown = String::from_utf8_lossy(&json[..json.len().min(200)]).into_owned();
+        broken(format!("a chunk that is not JSON ({error}): {shown}"))
+    };
+    let repaired: String;
+    let chunk: Chunk<'_> = match serde_json::from_str(&text) {
+        Ok(chunk) => chunk,
+        Err(error) => {
+            // A provider that cut its text between the two halves of a UTF-16 surrogate pair
+            // (as a JavaScript server slicing strings may): each half becomes U+FFFD, and the
+            // answer goes on.
+            repaired = without_lone_surrogates(&text);
+            if repaired == text {
+                return Err(not_json(error));
+            }
+            serde_json::from_str(&repaired).map_err(not_json)?
+        }
+    };
     if let Some(error) = chunk.error {
         return Err(broken(format!(
             "the provider sent an error mid-stream: {}",
@@ -228,6 +241,49 @@ pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<()
         })]);
     }
     Ok(())
+}
+
+/// JSON text with every `\u` escape of an unpaired UTF-16 surrogate replaced by `\uFFFD`.
+fn without_lone_surrogates(json: &str) -> String {
+    /// The code unit of a `\uXXXX` escape starting at `at`, if there is one.
+    fn escape_at(json: &str, at: usize) -> Option<u16> {
+        let hex = json.get(at..at + 6)?.strip_prefix("\\u")?;
+        u16::from_str_radix(hex, 16).ok()
+    }
+    let high = 0xD800..=0xDBFF;
+    let low = 0xDC00..=0xDFFF;
+    let mut out = String::with_capacity(json.len());
+    let mut at = 0;
+    while let Some(found) = json[at..].find('\\') {
+        let start = at + found;
+        out.push_str(&json[at..start]);
+        match escape_at(json, start) {
+            Some(unit) if high.contains(&unit) => {
+                if escape_at(json, start + 6).is_some_and(|next| low.contains(&next)) {
+                    out.push_str(&json[start..start + 12]);
+                    at = start + 12;
+                } else {
+                    out.push_str("\\uFFFD");
+                    at = start + 6;
+                }
+            }
+            Some(unit) if low.contains(&unit) => {
+                out.push_str("\\uFFFD");
+                at = start + 6;
+            }
+            _ => {
+                // Any other escape (an escaped backslash too) is copied whole.
+                let end = json[start + 1..]
+                    .chars()
+                    .next()
+                    .map_or(json.len(), |c| start + 1 + c.len_utf8());
+                out.push_str(&json[start..end]);
+                at = end;
+            }
+        }
+    }
+    out.push_str(&json[at..]);
+    out
 }
 
 #[derive(Deserialize)]
@@ -410,6 +466,30 @@ mod tests {
             chunk_events(nothing.as_bytes(), &mut out).unwrap();
             assert!(out.is_empty(), "{nothing}: {out:?}");
         }
+    }
+
+    #[test]
+    fn a_surrogate_pair_cut_between_chunks_and_bytes_that_are_not_utf8_do_not_end_the_answer() {
+        let data = |content: &str| {
+            format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n"
+            )
+        };
+        let mut body = data("emoji \\ud83d").into_bytes();
+        body.extend(data("\\ude00 end \\ud83d\\ude00 \\\\ud83d").into_bytes());
+        body.extend(b"data: {\"choices\":[{\"delta\":{\"content\":\"caf\xe9\"}}]}\n\n");
+        body.extend(b"data: [DONE]\n\n");
+        let (events, fed) = decode_all([body.as_slice()]);
+        assert_eq!(fed, Fed::Done);
+        assert_eq!(
+            events,
+            [
+                ModelEvent::Delta("emoji \u{FFFD}".into()),
+                // A whole pair stays whole; an escaped backslash before `u` is no escape.
+                ModelEvent::Delta("\u{FFFD} end 😀 \\ud83d".into()),
+                ModelEvent::Delta("caf\u{FFFD}".into()),
+            ]
+        );
     }
 
     #[test]
