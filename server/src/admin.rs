@@ -186,7 +186,8 @@ async fn users(
                 out.flush()?;
                 let mut answer = String::new();
                 input.read_line(&mut answer)?;
-                if answer.trim() != user.email {
+                // Emails are stored lowercased and found in any case: confirmed in any case.
+                if answer.trim().to_lowercase() != user.email.to_lowercase() {
                     bail!("not confirmed; nothing was deleted");
                 }
             }
@@ -577,7 +578,12 @@ pub fn healthcheck(addr: SocketAddr) -> anyhow::Result<()> {
         "GET /healthz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = Vec::new();
-    stream.take(4096).read_to_end(&mut response)?;
+    stream
+        .take(4096)
+        .read_to_end(&mut response)
+        .with_context(|| {
+            format!("{target} took the connection but did not answer within {timeout:?}")
+        })?;
     let response = String::from_utf8_lossy(&response);
     let status = response.lines().next().unwrap_or_default();
     if status.split_whitespace().nth(1) == Some("200") {

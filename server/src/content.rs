@@ -57,17 +57,39 @@ pub fn check_message(
 /// True if nothing in `text` would show: whitespace, and the invisible format characters
 /// (zero-width spaces and joiners, the word joiner, byte order marks) that `trim` keeps.
 pub fn is_blank(text: &str) -> bool {
-    text.chars().all(|c| {
-        c.is_whitespace() || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
-    })
+    text.chars()
+        .all(|c| c.is_whitespace() || is_invisible_format(c))
+}
+
+/// Zero-width characters and bidirectional controls: they show nothing themselves.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{061C}'
+            | '\u{FEFF}'
+    )
+}
+
+/// Bidirectional controls (embeddings, overrides, isolates and marks): a title holding one can
+/// show its text reversed or spill its direction into what follows it.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{061C}'
+    )
 }
 
 /// A title on one line: control characters (line breaks, tabs, terminal escapes) become
 /// spaces, so that a title cannot break the lines it is shown on (the export's heading, a
-/// terminal, a log).
+/// terminal, a log), and bidirectional controls are left out, so that it reads as typed.
 pub fn one_line(title: &str) -> String {
     title
         .chars()
+        .filter(|&c| !is_bidi_control(c))
         .map(|c| {
             if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
                 ' '
@@ -169,6 +191,10 @@ mod tests {
         assert!(is_blank(""));
         assert!(!is_blank("\u{200B}a"));
         assert!(!is_blank("👨\u{200D}👩"));
+        assert!(
+            is_blank("\u{202E}\u{200F}\u{2066}"),
+            "bidirectional controls alone"
+        );
     }
 
     #[test]
@@ -179,5 +205,15 @@ mod tests {
         );
         assert_eq!(one_line("plain ✓ title"), "plain ✓ title");
         assert_eq!(one_line("\n\t"), "");
+        // Read as typed: no override reverses it, no isolate spills out of it.
+        assert_eq!(
+            one_line("\u{202E}evil\u{202C} title \u{2067}x\u{2069}\u{200F}"),
+            "evil title x"
+        );
+        assert_eq!(
+            one_line("עברית title"),
+            "עברית title",
+            "right-to-left text stays"
+        );
     }
 }

@@ -69,6 +69,9 @@ impl From<crate::store::StoreError> for StartError {
     fn from(error: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
         match error {
+            // A DATABASE_URL that does not parse is not a database that does not answer: no
+            // retry will mend it.
+            StoreError::Database(sqlx::Error::Configuration(_)) => Self::Fatal(error.into()),
             StoreError::Database(_) | StoreError::Full => Self::Unreachable(error.into()),
             other => Self::Fatal(other.into()),
         }
@@ -193,4 +196,22 @@ fn model_from(config: &Config) -> anyhow::Result<Arc<dyn ChatModel>> {
         "using an OpenAI-compatible model"
     );
     Ok(Arc::new(OpenAiModel::new(provider)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_database_url_that_does_not_parse_is_fatal_not_retried() {
+        // An unencoded `?` in the password makes the rest a query and the port invalid.
+        let error = crate::store::connect(
+            Some("postgres://u:p?x@127.0.0.1:1/db"),
+            std::path::Path::new("."),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(StartError::from(error), StartError::Fatal(_)));
+    }
 }
