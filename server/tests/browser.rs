@@ -516,6 +516,45 @@ async fn without_websockets_messages_go_over_rest_and_answers_over_sse() {
 }
 
 #[tokio::test]
+async fn a_message_too_large_for_a_socket_frame_goes_over_rest_and_streams_as_usual() {
+    Scenario::run(|scenario| async move {
+        let upstream = FakeUpstream::start(Script::Manual).await;
+        // 6 000 quotes are 6 KB of content (the limit is 32 KiB) but 12 KB as a frame.
+        let app = App::start(&upstream.base_url, &[("WADI_MAX_FRAME_BYTES", "8192")]).await;
+        let browser = scenario.browser("big-frame", DESKTOP.0, DESKTOP.1).await;
+        sign_up(&browser, &app.url(), &unique_email()).await;
+        new_conversation(&browser).await;
+        online(&browser).await;
+        let quotes = "\"".repeat(6_000);
+        browser
+            .js(&format!(
+                "const t = document.querySelector('textarea[aria-label=Message]'); \
+                 t.value = {quotes:?}; t.dispatchEvent(new Event('input', {{bubbles: true}})); \
+                 return true"
+            ))
+            .await;
+        browser
+            .find("textarea[aria-label=Message]")
+            .await
+            .send_keys(ENTER)
+            .await
+            .unwrap();
+        // The socket would have closed (1009) on that frame: the message went over REST, and
+        // the answer streams on the socket, which stayed.
+        let request = upstream.next_request().await;
+        let (_, sent) = request.messages().last().unwrap().clone();
+        assert_eq!(sent, quotes);
+        request.token("Received ");
+        streaming_contains(&browser, "Received").await;
+        request.token("in full.");
+        request.send(Step::Finish);
+        answer_is(&browser, "Received in full.").await;
+        online(&browser).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_twenty_thousand_token_answer_streams_without_falling_behind() {
     Scenario::run(|scenario| async move {
         let tokens: Vec<String> = (0..20_000).map(|i| format!("w{i} ")).collect();

@@ -279,6 +279,10 @@ pub struct ClientConfig {
     pub demo_model: bool,
     /// Largest message content accepted, in bytes.
     pub max_content_bytes: usize,
+    /// Largest WebSocket frame accepted, in bytes: a message whose frame would be larger (its
+    /// content heavily escaped) goes over REST. 0 when the server did not say.
+    #[serde(default)]
+    pub max_frame_bytes: usize,
     pub protocol_version: u32,
 }
 

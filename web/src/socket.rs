@@ -404,6 +404,38 @@ impl Driver {
         }
     }
 
+    /// A message whose frame the server would refuse as too large, though its content is
+    /// within the content limit (mostly characters JSON escapes: quotes, backslashes, control
+    /// characters). REST takes it: its body limit allows for the escaping.
+    fn too_large_for_a_frame(&self, frame: &ClientMessage) -> bool {
+        let limit = self.api.auth.config.max_frame_bytes;
+        matches!(frame, ClientMessage::Message { .. }) && limit > 0 && frame.encode().len() > limit
+    }
+
+    /// Sends one message over REST while the socket stays: the socket hears its run start
+    /// (`start` carries its `clientMessageId`) and streams the answer as for any other.
+    async fn send_one_over_rest(&mut self, frame: ClientMessage) {
+        let ClientMessage::Message {
+            content,
+            client_message_id,
+            parent_id,
+            edit_of,
+        } = frame
+        else {
+            return;
+        };
+        let message = SendMessage {
+            content,
+            client_message_id,
+            parent_id,
+            edit_of,
+        };
+        if let Err(error) = self.api.send_message(self.conversation_id, message).await {
+            self.state.error = Some(error.describe());
+            self.sync();
+        }
+    }
+
     /// Fallback: `regenerate` over REST, its answer followed over SSE.
     async fn regenerate_over_rest(&mut self, message_id: Uuid) {
         self.state.regenerate(message_id);
@@ -676,6 +708,9 @@ impl Driver {
     {
         for command in commands {
             match command {
+                Command::Send(frame) if self.too_large_for_a_frame(&frame) => {
+                    self.send_one_over_rest(frame).await;
+                }
                 Command::Send(frame) => send(sink, &frame).await?,
                 Command::RefreshHistory => {
                     self.load_history().await;

@@ -224,6 +224,7 @@ async fn client_config(State(state): State<AppState>) -> Json<ClientConfig> {
         model: state.runs.model.name().to_owned(),
         demo_model: state.runs.model.is_demo(),
         max_content_bytes: config.runs.max_content_bytes,
+        max_frame_bytes: config.sockets.max_frame_bytes,
         protocol_version: wadi_protocol::PROTOCOL_VERSION,
     })
 }
