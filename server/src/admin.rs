@@ -72,8 +72,9 @@ pub enum UsersCommand {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// End every session of the account: its refresh and access tokens stop working at once
-    /// (running servers check a token's session on every request and socket sign-in).
+    /// End every session of the account: its refresh tokens stop working at once, its access
+    /// tokens at their next request or socket sign-in (sockets already open keep theirs until
+    /// it expires).
     RevokeSessions { user: String },
 }
 
@@ -463,7 +464,8 @@ async fn restore(
         {
             bail!(
                 "{} holds accounts or conversations; restoring replaces them (the current file \
-                 is kept as {}.before-restore). Run again with --force to do it",
+                 is kept beside it, as {}.before-restore or the next free .before-restore.N). \
+                 Run again with --force to do it",
                 path.display(),
                 path.display()
             );
@@ -498,13 +500,21 @@ async fn restore(
     std::fs::copy(file, &path)
         .with_context(|| format!("cannot copy {} to {}", file.display(), path.display()))?;
     // The backup was taken from a running server: its heartbeat, copied with it, would make
-    // this database look in use (and the runs that server drove look driven).
+    // this database look in use (and the runs that server drove look driven). A backup older
+    // than the table has none.
     let options = SqliteConnectOptions::new().filename(&path);
     let mut connection = SqliteConnection::connect_with(&options).await?;
-    sqlx::query("DELETE FROM instances")
-        .execute(&mut connection)
-        .await
-        .with_context(|| format!("cannot clear the copied heartbeats in {}", path.display()))?;
+    let (heartbeats,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'instances'",
+    )
+    .fetch_one(&mut connection)
+    .await?;
+    if heartbeats > 0 {
+        sqlx::query("DELETE FROM instances")
+            .execute(&mut connection)
+            .await
+            .with_context(|| format!("cannot clear the copied heartbeats in {}", path.display()))?;
+    }
     connection.close().await?;
     // Opening it applies the migrations a backup from an older version lacks.
     let store = open_store(config).await?;

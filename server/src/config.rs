@@ -285,7 +285,7 @@ impl Config {
         if runs.instance_heartbeat.is_zero() {
             return Err("--instance-heartbeat must be more than 0".into());
         }
-        if runs.instance_timeout < runs.instance_heartbeat * 2 {
+        if Some(runs.instance_timeout) < runs.instance_heartbeat.checked_mul(2) {
             return Err(format!(
                 "--instance-timeout ({:?}) must be at least twice --instance-heartbeat ({:?}): \
                  an instance that heartbeats on time would be declared dead",
@@ -305,6 +305,13 @@ impl Config {
     }
 }
 
+/// Whether `config print` shows `value` of setting `id` through [`redact_url`]: URLs, and the
+/// database's connection string in any form (free text such as a system prompt is shown as it
+/// is).
+fn shown_redacted(id: &str, value: &str) -> bool {
+    value.contains("://") || id == "database_url"
+}
+
 /// A value `config print` redacted (`<redacted>`, a URL's `:***@`) is refused: fed back from
 /// a printed file, it would be used as the secret itself (an API key `<redacted>`, a database
 /// password `***`).
@@ -314,7 +321,12 @@ fn refuse_redacted(command: &clap::Command, matches: &ArgMatches) -> Result<(), 
         let Some(mut values) = matches.get_raw(id) else {
             continue;
         };
-        if values.any(|value| crate::util::holds_redaction(&value.to_string_lossy())) {
+        let secret = arg.is_hide_env_values_set();
+        if values.any(|value| {
+            let value = value.to_string_lossy();
+            (secret && value.contains("<redacted>"))
+                || (shown_redacted(id, &value) && crate::util::holds_redaction(&value))
+        }) {
             let key = arg.get_long().unwrap_or(id);
             let env = arg
                 .get_env()
@@ -449,6 +461,9 @@ impl Loaded {
                     && value.parse::<f64>().is_ok();
                 if flag || number {
                     return value.to_owned();
+                }
+                if !shown_redacted(id, value) {
+                    return toml::Value::String(value.to_owned()).to_string();
                 }
                 toml::Value::String(redact_url(value)).to_string()
             };
@@ -758,6 +773,11 @@ mod tests {
             assert!(error.contains(temperature), "{error}");
         }
         assert!(refused(&["--temperature", "2"]).is_none());
+        // Free text may hold what redaction writes: only secrets and URLs are checked.
+        let prompt = "Replace personal data with <redacted>; write password=*** as it is.";
+        assert!(refused(&["--system-prompt", prompt]).is_none());
+        let printed = load(&["--system-prompt", prompt]).print();
+        assert!(printed.contains(prompt), "{printed}");
         assert!(refused(&["--temperature", "0"]).is_none());
         let error = refused(&["--instance-timeout", "1s", "--instance-heartbeat", "5s"]).unwrap();
         assert!(

@@ -74,13 +74,11 @@ fn is_invisible_format(c: char) -> bool {
     )
 }
 
-/// Bidirectional controls (embeddings, overrides, isolates and marks): a title holding one can
-/// show its text reversed or spill its direction into what follows it.
-fn is_bidi_control(c: char) -> bool {
-    matches!(
-        c,
-        '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{061C}'
-    )
+/// Bidirectional embeddings, overrides and isolates: a title holding one can show its text
+/// reversed or spill its direction into what follows it. (The marks, LRM, RLM and ALM, have no
+/// scope: right-to-left writers use them to place punctuation and numbers, and they stay.)
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A title on one line: control characters (line breaks, tabs, terminal escapes) become
@@ -207,8 +205,13 @@ mod tests {
         assert_eq!(one_line("\n\t"), "");
         // Read as typed: no override reverses it, no isolate spills out of it.
         assert_eq!(
-            one_line("\u{202E}evil\u{202C} title \u{2067}x\u{2069}\u{200F}"),
+            one_line("\u{202E}evil\u{202C} title \u{2067}x\u{2069}"),
             "evil title x"
+        );
+        assert_eq!(
+            one_line("שלום (C++)\u{200F}"),
+            "שלום (C++)\u{200F}",
+            "marks stay"
         );
         assert_eq!(
             one_line("עברית title"),

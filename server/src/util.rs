@@ -45,23 +45,50 @@ pub fn datetime(millis: i64) -> OffsetDateTime {
 }
 
 /// A URL fit for logs: the password in its userinfo and every query value hidden
-/// (`postgres://user:***@host/db?sslpassword=***`). Anything that is not a URL is returned
-/// unchanged.
+/// (`postgres://user:***@host/db?sslpassword=***`); a libpq connection string
+/// (`host=db password=secret`) with its password hidden. Anything else is returned unchanged.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
         return redact_conninfo(url);
     };
-    // The credentials end at the last `@`: a password may hold `?`, `/`, `#` or `@` unencoded.
-    let (mut out, rest) = match url[scheme_end..].rfind('@').map(|at| scheme_end + at) {
+    let after_scheme = &url[scheme_end..];
+    // The userinfo ends at the last `@` of the authority, which ends at the first `/`, `?` or
+    // `#`. A password holding one of those unencoded (an invalid URL, shown all the same) moves
+    // the userinfo's end to a later `@`: one followed by a plausible host, with no query (`=`)
+    // before it.
+    let authority_end = after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len());
+    let userinfo_end = after_scheme[..authority_end].rfind('@').or_else(|| {
+        after_scheme
+            .rmatch_indices('@')
+            .map(|(at, _)| at)
+            .find(|&at| {
+                let before = &after_scheme[..at];
+                let host = &after_scheme[at + 1..];
+                let host = &host[..host.find(['/', '?', '#']).unwrap_or(host.len())];
+                before.contains(':')
+                    && !before.contains('=')
+                    && !host.is_empty()
+                    && host.chars().all(|c| {
+                        c.is_ascii_alphanumeric()
+                            || matches!(c, '.' | '-' | '_' | ':' | '%' | '[' | ']')
+                    })
+            })
+    });
+    let mut out = url[..scheme_end].to_owned();
+    let rest = match userinfo_end {
         Some(at) => {
-            let credentials = &url[scheme_end..at];
-            let shown = match credentials.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => credentials.to_owned(),
-            };
-            (format!("{}{shown}@", &url[..scheme_end]), &url[at + 1..])
+            match after_scheme[..at].split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***@");
+                }
+                None => out.push_str(&after_scheme[..=at]),
+            }
+            &after_scheme[at + 1..]
         }
-        None => (url[..scheme_end].to_owned(), &url[scheme_end..]),
+        None => after_scheme,
     };
     match rest.split_once('?') {
         Some((path, query)) => {
@@ -81,21 +108,34 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
-/// A libpq connection string (`host=db password=secret`): the values of its password keys
-/// hidden (a value may be quoted: `password='a b'`).
+/// A libpq connection string (`host=db password=secret`, spaces allowed around `=`): the
+/// values of its password keys hidden (a value may be quoted, with `\'` and `\\` inside:
+/// `password='a \' b'`).
 fn redact_conninfo(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('=') {
         let key = rest[..at]
+            .trim_end()
             .rsplit(char::is_whitespace)
             .next()
             .unwrap_or_default()
             .to_ascii_lowercase();
         out.push_str(&rest[..=at]);
         rest = &rest[at + 1..];
+        let spaces = rest.len() - rest.trim_start().len();
+        out.push_str(&rest[..spaces]);
+        rest = &rest[spaces..];
         let value_len = if let Some(quoted) = rest.strip_prefix('\'') {
-            quoted.find('\'').map_or(rest.len(), |end| end + 2)
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let closes = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    closes
+                })
+                .map_or(rest.len(), |(end, _)| end + 2)
         } else {
             rest.find(char::is_whitespace).unwrap_or(rest.len())
         };
@@ -110,10 +150,10 @@ fn redact_conninfo(text: &str) -> String {
     out
 }
 
-/// True when `value` holds what [`redact_url`] or `config print` put in place of a secret: such
-/// a value is never the real one.
+/// True when a URL or connection string holds what [`redact_url`] put in place of a secret:
+/// such a value is never the real one.
 pub fn holds_redaction(value: &str) -> bool {
-    value.contains("<redacted>") || value.contains(":***@") || value.contains("=***")
+    value.contains(":***@") || value.contains("=***")
 }
 
 #[cfg(test)]
@@ -159,13 +199,35 @@ mod tests {
             redact_url("info,wadi_server=debug"),
             "info,wadi_server=debug"
         );
+        assert_eq!(
+            redact_url("host=db password = s3cret user=w"),
+            "host=db password = *** user=w"
+        );
+        assert_eq!(
+            redact_url(r"password='a \' b' host=db"),
+            "password=*** host=db"
+        );
+        // An `@` in the query is no userinfo.
+        assert_eq!(
+            redact_url("postgres://u:pw@db/wadi?options=a@b&sslpassword=SECRET"),
+            "postgres://u:***@db/wadi?options=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("https://h/v1?user=a@b&key=SECRET"),
+            "https://h/v1?user=***&key=***"
+        );
+        assert_eq!(
+            redact_url("https://h/v1?key=SECRET&user=a@b"),
+            "https://h/v1?key=***&user=***"
+        );
+        assert_eq!(redact_url("https://h/v1/@cf"), "https://h/v1/@cf");
         for redacted in [
             redact_url("postgres://u:p@h/db"),
             redact_url("host=db password=x"),
-            "<redacted>".to_owned(),
         ] {
             assert!(holds_redaction(&redacted), "{redacted}");
         }
         assert!(!holds_redaction("postgres://u:p@h/db"));
+        assert!(!holds_redaction("replace personal data with <redacted>"));
     }
 }

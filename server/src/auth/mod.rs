@@ -19,6 +19,10 @@ use crate::{
     store::{Store, StoreError},
 };
 
+/// A session lookup slower than this is not waited for (the database is away): the token's
+/// signature decides, and requests that need no database still get through quickly.
+const SESSION_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How users are authenticated: a Supabase project, or the embedded service and its limits.
 /// Part of [`crate::Config`].
 #[derive(Clone, Debug, clap::Args)]
@@ -125,9 +129,15 @@ impl AuthService {
         let user = self.verifier.verify(token).await?;
         if let (Some(embedded), Some(session), false) =
             (&self.embedded, user.session_id, user.shared_secret)
-            && let Ok(false) = embedded.auth.session_exists(session).await
         {
-            return Err(VerifyError::SessionEnded);
+            let lookup = embedded.auth.session_exists(session);
+            match tokio::time::timeout(SESSION_CHECK_TIMEOUT, lookup).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Err(VerifyError::SessionEnded),
+                Ok(Err(_)) | Err(_) => {
+                    tracing::debug!("the session could not be checked: the signature decides");
+                }
+            }
         }
         Ok(user)
     }

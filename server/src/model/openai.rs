@@ -31,7 +31,7 @@ use crate::config::{Secret, SecretUrl};
 
 /// A provider's model list larger than this is refused (it goes to every client).
 const MAX_LIST_BYTES: usize = 4 << 20;
-/// Model names longer than this are left out of the list.
+/// Model names longer than this many characters are left out of the list.
 const MAX_MODEL_NAME: usize = 200;
 /// At most this many of the provider's models are offered (the first, sorted by name).
 const MAX_LISTED_MODELS: usize = 1_000;
@@ -202,7 +202,11 @@ impl ChatModel for OpenAiModel {
             .into_iter()
             .map(|model| model.id)
             .filter(|id| {
-                !id.is_empty() && id.len() <= MAX_MODEL_NAME && !id.chars().any(char::is_control)
+                !id.is_empty()
+                    && id.chars().count() <= MAX_MODEL_NAME
+                    && !id
+                        .chars()
+                        .any(|c| c.is_control() || crate::content::is_bidi_control(c))
             })
             .collect();
         names.sort();

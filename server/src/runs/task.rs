@@ -214,6 +214,9 @@ async fn stream_answer(
             }
         }
         if too_long {
+            if let Some(Tail::Usage(reported)) = after {
+                usage = Some(reported);
+            }
             let limit = settings.max_answer_bytes;
             return failed(&ModelError::TooLong { limit }, usage);
         }
