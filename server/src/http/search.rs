@@ -70,7 +70,7 @@ async fn search(
             .into_iter()
             .map(|row| ConversationHit {
                 conversation_id: row.conversation_id.into(),
-                title: highlights(&row.snippet),
+                title: highlights(&row.snippet, &words),
                 updated_at: datetime(row.updated_at),
             })
             .collect()
@@ -92,7 +92,7 @@ async fn search(
             conversation_title: row.title.unwrap_or_else(|| UNTITLED.to_owned()),
             message_id: row.message_id.into(),
             role: row.role,
-            snippet: highlights(&row.snippet),
+            snippet: highlights(&row.snippet, &words),
             created_at: datetime(row.created_at),
         })
         .collect();
@@ -112,19 +112,26 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// A snippet marked with [`HIT_START`] and [`HIT_END`], as pieces.
-pub fn highlights(snippet: &str) -> Vec<Highlight> {
-    let mut pieces = Vec::new();
+/// A snippet marked with [`HIT_START`] and [`HIT_END`], as pieces. A piece is a hit only if it
+/// starts like one of the query's `words` (its first three characters, or the whole word if
+/// shorter: stemming may match `running` for `runs`): the markers are characters a message
+/// may hold itself, and such a message must not make any text of its own look found.
+pub fn highlights(snippet: &str, words: &[String]) -> Vec<Highlight> {
+    let mut pieces: Vec<Highlight> = Vec::new();
+    let mut push = |text: String, hit: bool| {
+        let hit = hit && looks_found(&text, words);
+        match pieces.last_mut() {
+            Some(last) if last.hit == hit && !hit => last.text.push_str(&text),
+            _ => pieces.push(Highlight { text, hit }),
+        }
+    };
     let mut text = String::new();
     let mut hit = false;
     for c in snippet.chars() {
         let boundary = (c == HIT_START && !hit) || (c == HIT_END && hit);
         if boundary {
             if !text.is_empty() {
-                pieces.push(Highlight {
-                    text: std::mem::take(&mut text),
-                    hit,
-                });
+                push(std::mem::take(&mut text), hit);
             }
             hit = !hit;
         } else if c != HIT_START && c != HIT_END {
@@ -132,9 +139,18 @@ pub fn highlights(snippet: &str) -> Vec<Highlight> {
         }
     }
     if !text.is_empty() {
-        pieces.push(Highlight { text, hit });
+        push(text, hit);
     }
     pieces
+}
+
+/// Whether `text` begins like one of `words` (lowercase).
+fn looks_found(text: &str, words: &[String]) -> bool {
+    let text = text.trim().to_lowercase();
+    words.iter().any(|word| {
+        let start: String = word.chars().take(3).collect();
+        !start.is_empty() && text.starts_with(&start)
+    })
 }
 
 #[cfg(test)]
@@ -155,7 +171,11 @@ mod tests {
 
     #[test]
     fn snippets_split_into_marked_pieces() {
-        let pieces = highlights("…the \u{E000}quick\u{E001} brown \u{E000}fox\u{E001}");
+        let words = |list: &[&str]| list.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        let pieces = highlights(
+            "…the \u{E000}quick\u{E001} brown \u{E000}fox\u{E001}",
+            &words(&["quick", "fox"]),
+        );
         let shown: Vec<(&str, bool)> = pieces.iter().map(|p| (p.text.as_str(), p.hit)).collect();
         assert_eq!(
             shown,
@@ -167,6 +187,21 @@ mod tests {
             ]
         );
         // Stray markers never reach the text.
-        assert_eq!(highlights("a\u{E001}b")[0].text, "ab");
+        assert_eq!(highlights("a\u{E001}b", &words(&["a"]))[0].text, "ab");
+        // Markers a message holds itself make nothing look found that was not searched for;
+        // a stemmed match still is.
+        let pieces = highlights(
+            "\u{E000}before\u{E000}pink\u{E001}after and \u{E000}tail\u{E001} \u{E000}Running\u{E001}",
+            &words(&["before", "runs"]),
+        );
+        let shown: Vec<(&str, bool)> = pieces.iter().map(|p| (p.text.as_str(), p.hit)).collect();
+        assert_eq!(
+            shown,
+            [
+                ("beforepink", true),
+                ("after and tail ", false),
+                ("Running", true)
+            ]
+        );
     }
 }
