@@ -348,6 +348,15 @@ async fn deleting_a_conversation_on_another_instance_stops_its_answer_at_once() 
         assert_eq!(complete["runId"], run_id.as_str());
         assert_eq!(complete["status"], "stopped");
     }
+    // Then both chat sockets are closed, on the instance that deleted it and on the other.
+    for ws in [&mut on_a, &mut on_b] {
+        let (frames, code) = ws.until_closed().await;
+        assert_eq!(
+            code,
+            wadi_protocol::close::CONVERSATION_DELETED,
+            "{frames:?}"
+        );
+    }
     cluster.stop().await;
 }
 

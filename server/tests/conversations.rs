@@ -279,10 +279,21 @@ async fn deleting_a_conversation_deletes_its_messages(engine: Engine) {
     assert_eq!(server.db().count(count, uuid).await, 6);
     let runs = "SELECT COUNT(*) FROM runs WHERE conversation_id = $1";
     assert_eq!(server.db().count(runs, uuid).await, 3);
+    let token = api.token.clone().unwrap();
+    let (mut chat, _) =
+        common::ws::WsClient::authed(&server, &format!("/ws/chat/{id}"), &token).await;
     let status = api.delete_conversation(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(server.db().count(count, uuid).await, 0);
     assert_eq!(server.db().count(runs, uuid).await, 0);
+    // Its chat socket is told and closed, not left open on nothing.
+    let (frames, code) = chat.until_closed().await;
+    assert_eq!(
+        code,
+        wadi_protocol::close::CONVERSATION_DELETED,
+        "{frames:?}"
+    );
+    assert_eq!(frames.last().unwrap()["code"], "not_found", "{frames:?}");
     server.shutdown().await.unwrap();
 }
 

@@ -359,15 +359,21 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
     assert_eq!(code, 1008, "{frames:?}");
     assert_eq!(frames.len(), 1, "nothing but the refusal: {frames:?}");
     assert_eq!(frames[0]["code"], "not_found");
-    ws.send(json!({"type": "resume", "runId": run_id, "afterSeq": 0}))
-        .await;
-    let refused = ws.next().await;
-    assert_eq!(refused["code"], "not_found", "{refused}");
+    // The chat socket, once told the answer stopped, is told the conversation is gone and
+    // closed: it has nothing left to show or take.
+    let (frames, code) = ws.until_closed().await;
+    assert_eq!(
+        code,
+        wadi_protocol::close::CONVERSATION_DELETED,
+        "{frames:?}"
+    );
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0]["code"], "not_found", "{frames:?}");
     let (status, _) = api
         .get(&format!("/api/conversations/{conversation}/messages"))
         .await;
     assert_eq!(status, 404);
-    // The deleted conversation takes nothing more, over REST or its still open socket.
+    // The deleted conversation takes nothing more over REST.
     let (status, _) = api
         .post(
             &format!("/api/conversations/{conversation}/messages"),
@@ -383,11 +389,6 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
         )
         .await;
     assert_eq!(status, 404);
-    ws.send(json!({"type": "message", "content": "after the delete"}))
-        .await;
-    let refused = ws.next().await;
-    assert_eq!(refused["type"], "error", "{refused}");
-    assert_eq!(refused["code"], "not_found", "{refused}");
     let id = uuid::Uuid::parse_str(&conversation).unwrap();
     assert_eq!(
         server

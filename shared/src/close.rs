@@ -20,9 +20,12 @@ pub const TRY_AGAIN_LATER: u16 = 1013;
 pub const TOKEN_EXPIRED: u16 = 4001;
 /// The client stopped answering pings.
 pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+/// The chat socket's conversation was deleted (on any device, through any instance). Do not
+/// reconnect.
+pub const CONVERSATION_DELETED: u16 = 4004;
 
 /// Every code above with its name, for documentation checks.
-pub const ALL: [(u16, &str); 9] = [
+pub const ALL: [(u16, &str); 10] = [
     (NORMAL, "NORMAL"),
     (GOING_AWAY, "GOING_AWAY"),
     (INVALID_PAYLOAD, "INVALID_PAYLOAD"),
@@ -32,4 +35,5 @@ pub const ALL: [(u16, &str); 9] = [
     (TRY_AGAIN_LATER, "TRY_AGAIN_LATER"),
     (TOKEN_EXPIRED, "TOKEN_EXPIRED"),
     (HEARTBEAT_TIMEOUT, "HEARTBEAT_TIMEOUT"),
+    (CONVERSATION_DELETED, "CONVERSATION_DELETED"),
 ];

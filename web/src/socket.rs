@@ -287,6 +287,15 @@ impl Driver {
             match self.connection().await {
                 Ended::Stopped | Ended::SignedOut => return,
                 Ended::Closed {
+                    code: wadi_protocol::close::CONVERSATION_DELETED,
+                    ..
+                } => {
+                    // Deleted on another device: nothing to reconnect to.
+                    self.state.error = Some("This conversation was deleted.".into());
+                    self.sync();
+                    return;
+                }
+                Ended::Closed {
                     authenticated,
                     code,
                 } => {

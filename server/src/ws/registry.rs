@@ -12,7 +12,7 @@ use std::{
 use futures_util::task::AtomicWaker;
 use uuid::Uuid;
 
-use wadi_protocol::ServerMessage;
+use wadi_protocol::{ConversationChange, ServerMessage};
 
 use crate::{
     ids::{ConversationId, RunId, UserId},
@@ -43,6 +43,8 @@ pub enum Control {
     Send(Arc<ServerMessage>),
     /// The server is shutting down (its runs were stopped and saved).
     Shutdown,
+    /// The chat socket's conversation was deleted.
+    ConversationDeleted,
 }
 
 /// Notes for one socket's task, oldest first. Most sockets are idle and never get one, so this
@@ -394,6 +396,18 @@ impl Announce for Registry {
             {
                 entry.inbox.post(Control::Send(frame.clone()));
                 told += 1;
+            }
+        }
+        // A chat socket on a deleted conversation has nothing left to show: it is closed.
+        if changed.change == ConversationChange::Deleted
+            && let Some(chats) = index.by_conversation.get(&changed.conversation)
+        {
+            for client in chats {
+                if let Some(entry) = index.clients.get(client)
+                    && entry.user == Some(changed.user)
+                {
+                    entry.inbox.post(Control::ConversationDeleted);
+                }
             }
         }
         drop(index);

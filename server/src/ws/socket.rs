@@ -153,12 +153,12 @@ impl Connection {
         if matches!(
             exit,
             Exit::Close {
-                code: close::GOING_AWAY,
+                code: close::GOING_AWAY | close::CONVERSATION_DELETED,
                 ..
             }
         ) {
-            // Shutdown: runs were stopped and saved first; let watchers hand over their
-            // `complete` frames before the close frame, writing them meanwhile.
+            // Shutdown, or the conversation deleted: runs were stopped first; let watchers
+            // hand over their `complete` frames before the close frame, writing them meanwhile.
             let drain = futures_util::future::join_all(watchers.values_mut());
             let _ = tokio::time::timeout(CLOSE_GRACE, async {
                 tokio::select! {
@@ -307,6 +307,10 @@ impl Connection {
                 self.socket.send(&frame)
             }
             Control::Shutdown => ControlFlow::Break(going_away()),
+            Control::ConversationDeleted => ControlFlow::Break(Exit::close(
+                close::CONVERSATION_DELETED,
+                Some((ErrorCode::NotFound, "this conversation was deleted")),
+            )),
         }
     }
 
