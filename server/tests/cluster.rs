@@ -932,6 +932,10 @@ async fn readyz_names_the_instance_and_reports_redis() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["redis"], "down");
     cluster.redis.as_mut().unwrap().start_again().await;
+    // B was not asked while Redis was away: its connection is the one the restart broke. It is
+    // replaced at the first ask, not reported down.
+    let b = cluster.instances[1].ready().await;
+    assert_eq!(b["redis"], "up", "{b}");
     tokio::time::timeout(TIMEOUT, async {
         while cluster.instances[0].ready().await["redis"] != "up" {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1174,5 +1178,44 @@ async fn an_instance_cut_off_from_redis_counts_rates_on_its_own() {
         (429, "rate_limited"),
         "A's own count"
     );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn rates_are_shared_again_at_the_first_request_after_redis_restarts() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let mut cluster = cluster(
+        2,
+        &upstream,
+        &[
+            ("WADI_CONVERSATION_RATE_BURST", "2"),
+            ("WADI_CONVERSATION_RATE_PER_MINUTE", "0.01"),
+        ],
+    )
+    .await;
+    let token = {
+        let api = cluster.at(0).user().await;
+        api.new_conversation().await;
+        api.token.clone()
+    };
+    let redis = cluster.redis.as_mut().unwrap();
+    redis.kill().await;
+    redis.start_again().await;
+    // Redis is empty again: the count starts over, and each instance's first request after the
+    // restart is counted there (its connection, broken by the restart, is replaced), not by the
+    // instance alone.
+    let as_user = |server| Api {
+        server,
+        token: token.clone(),
+    };
+    as_user(cluster.at(0)).new_conversation().await;
+    let on_b = as_user(cluster.at(1));
+    on_b.new_conversation().await;
+    let answer = on_b.post("/api/conversations", json!({})).await;
+    assert_eq!(refused(&answer), (429, "rate_limited"), "{}", answer.1);
     cluster.stop().await;
 }

@@ -175,6 +175,17 @@ const RATE_AWAY: Duration = Duration::from_secs(2);
 /// The time one event of a rate with no refill holds its place: a century.
 const RATE_STEP_MAX_MICROS: f64 = 100.0 * 365.0 * 86_400e6;
 
+/// An error that says the connection is gone (Redis restarted, or the connection was cut):
+/// the connection manager reconnects, and a command asked again may well succeed.
+fn gone(error: &redis::RedisError) -> bool {
+    error.is_connection_dropped() || error.is_io_error()
+}
+
+/// Warnings about failed appends and ends, at most this many in a burst and per minute after
+/// it: while Redis is away every streaming run fails once a second or so.
+const FAILURE_LOG_BURST: u32 = 10;
+const FAILURE_LOG_PER_MINUTE: f64 = 6.0;
+
 fn log_key(run: RunId) -> String {
     format!("wadi:run:{{{run}}}:log")
 }
@@ -350,6 +361,8 @@ pub struct RedisCluster {
     rate: Script,
     /// Until when the shared rates are not asked (after one failed).
     rates_away_until: Mutex<Option<Instant>>,
+    /// Warnings about failed appends left to log (`wadi_redis_errors_total` counts them all).
+    failure_log: Mutex<crate::limits::TokenBucket>,
 }
 
 impl RedisCluster {
@@ -407,6 +420,10 @@ impl RedisCluster {
             stop: Script::new(STOP),
             rate: Script::new(RATE),
             rates_away_until: Mutex::new(None),
+            failure_log: Mutex::new(crate::limits::TokenBucket::new(
+                FAILURE_LOG_BURST,
+                FAILURE_LOG_PER_MINUTE / 60.0,
+            )),
         });
         let control = control_channel(instance);
         cluster
@@ -511,10 +528,14 @@ impl RedisCluster {
             .arg(format!("{step:.0}"))
             .arg(rate.burst.max(1))
             .arg(op);
-        let answer = tokio::time::timeout(
-            RATE_TIMEOUT,
-            invocation.invoke_async::<i64>(&mut connection),
-        )
+        let answer = tokio::time::timeout(RATE_TIMEOUT, async {
+            match invocation.invoke_async::<i64>(&mut connection).await {
+                // The first command after Redis restarted meets the old, broken connection
+                // (and makes the manager reconnect): asked again, on the new one.
+                Err(error) if gone(&error) => invocation.invoke_async::<i64>(&mut connection).await,
+                answer => answer,
+            }
+        })
         .await;
         let error = match answer {
             Ok(Ok(taken)) => {
@@ -546,7 +567,13 @@ impl RedisCluster {
 
     fn failed(&self, what: &str, error: &redis::RedisError, run: RunId) {
         self.shared.metrics.redis_errors.inc();
-        tracing::warn!(%run, %error, "Redis {what} failed");
+        let mut budget = match self.failure_log.lock() {
+            Ok(budget) => budget,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if budget.try_take() {
+            tracing::warn!(%run, %error, "Redis {what} failed");
+        }
     }
 }
 
@@ -813,12 +840,15 @@ impl Cluster for RedisCluster {
     async fn health(&self) -> BusHealth {
         let mut connection = self.commands.clone();
         let ping = redis::cmd("PING");
-        match tokio::time::timeout(
-            RESPONSE_TIMEOUT,
-            ping.query_async::<String>(&mut connection),
-        )
-        .await
-        {
+        let answer = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+            match ping.query_async::<String>(&mut connection).await {
+                // As for the rates: a connection broken by a restart is replaced, not reported.
+                Err(error) if gone(&error) => ping.query_async::<String>(&mut connection).await,
+                answer => answer,
+            }
+        })
+        .await;
+        match answer {
             Ok(Ok(_)) => BusHealth::Up,
             _ => BusHealth::Down,
         }
