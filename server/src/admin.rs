@@ -248,7 +248,8 @@ async fn users(
             writeln!(
                 out,
                 "ended {ended} session(s) of {}: their refresh tokens no longer work, and their \
-                 access tokens stop at expiry (--access-token-ttl)",
+                 access tokens are refused from their next request or socket sign-in (sockets \
+                 already open keep theirs until it expires)",
                 user.email
             )?;
         }

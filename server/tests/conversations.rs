@@ -762,3 +762,55 @@ async fn an_answer_whose_save_failed_is_saved_as_told_once_the_disk_has_room() {
     server.shutdown().await.unwrap();
     drop(disk);
 }
+
+#[tokio::test]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_database_refusing_connections_is_unavailable_not_a_server_failure() {
+    let server = TestServer::on(Engine::postgres()).await;
+    let email = format!("refused-{}@example.com", Uuid::new_v4());
+    let session = server.sign_up_as(&email, "a fine password").await;
+    let api = common::Api {
+        server: &server,
+        token: Some(session.access_token().to_owned()),
+    };
+    let id = api.new_conversation().await;
+    server.db().refuse_connections(true).await;
+    // What a Postgres restart or a restore looks like to clients: try again later, not a bug.
+    let (status, body) = api
+        .post(
+            &format!("/api/conversations/{id}/messages"),
+            json!({"content": "while it restarts"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
+    let (status, body) = api.post("/api/conversations", json!({})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let login = server
+        .http
+        .post(server.url("/auth/v1/token?grant_type=password"))
+        .json(&json!({"email": email, "password": "a fine password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let token = session.access_token().to_owned();
+    let mut chat = common::ws::WsClient::connect(&server, &format!("/ws/chat/{id}")).await;
+    chat.send(json!({"type": "auth", "token": token})).await;
+    let (frames, code) = chat.until_closed().await;
+    assert_eq!(code, wadi_protocol::close::TRY_AGAIN_LATER, "{frames:?}");
+    assert_eq!(frames.last().unwrap()["code"], "unavailable", "{frames:?}");
+
+    server.db().refuse_connections(false).await;
+    let (status, body) = api
+        .post(
+            &format!("/api/conversations/{id}/messages"),
+            json!({"content": "once it is back"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    server.shutdown().await.unwrap();
+}

@@ -47,17 +47,27 @@ impl StoreError {
     /// broke, a new one met something that is not the database: a partition), or its disk is
     /// full: trying again later may work. Anything else would fail the same way again.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::Database(
                 sqlx::Error::PoolTimedOut
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::WorkerCrashed,
-            ) | Self::Full
-        )
+                | sqlx::Error::Io(_)
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            )
+            | Self::Full => true,
+            // Postgres going away or refusing connections for now: a connection exception
+            // (class 08), an administrator's or a crash's shutdown, starting up, too many
+            // connections, or the database not accepting connections (`ALLOW_CONNECTIONS
+            // false`, during a restore).
+            Self::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+                    || (code == "55000" && db.message().contains("accepting connections"))
+            }),
+            _ => false,
+        }
     }
 }
 

@@ -121,6 +121,16 @@ async fn authenticate(socket: &mut Socket, token: &str) -> ControlFlow<Exit, Ses
                 Some((ErrorCode::NotFound, "no such conversation or run")),
             ));
         }
+        Err(error) if error.is_unavailable() => {
+            tracing::warn!(%error, "cannot check socket access: the store is unavailable");
+            return ControlFlow::Break(Exit::close(
+                close::TRY_AGAIN_LATER,
+                Some((
+                    ErrorCode::Unavailable,
+                    "the server cannot reach its storage right now; reconnect in a moment",
+                )),
+            ));
+        }
         Err(error) => {
             tracing::error!(%error, "cannot check socket access");
             return ControlFlow::Break(Exit::close(

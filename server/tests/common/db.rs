@@ -189,6 +189,29 @@ impl TestDb {
             .unwrap()
     }
 
+    /// Postgres only: makes the database refuse new connections (or take them again) and ends
+    /// the ones open, as a restart or a restore does.
+    pub async fn refuse_connections(&self, refuse: bool) {
+        let Some((admin_url, name)) = &self.postgres else {
+            panic!("refuse_connections is for Postgres");
+        };
+        let mut admin = PgConnection::connect(admin_url).await.unwrap();
+        admin
+            .execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {}", !refuse).as_str())
+            .await
+            .unwrap();
+        if refuse {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        }
+    }
+
     pub async fn drop_database(self) {
         if let Some((admin_url, name)) = self.postgres {
             let mut admin = PgConnection::connect(&admin_url).await.unwrap();

@@ -70,6 +70,14 @@ fn failure_window(settings: &AuthSettings) -> Duration {
 }
 
 fn store_error(error: StoreError) -> AuthApiError {
+    if error.is_unavailable() {
+        tracing::warn!(%error, "the auth service cannot reach its storage");
+        return AuthApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "unexpected_failure",
+            "The service cannot reach its storage right now; try again in a moment",
+        );
+    }
     AuthApiError::unexpected(error)
 }
 
