@@ -78,6 +78,16 @@ pub enum UsersCommand {
     RevokeSessions { user: String },
 }
 
+impl AdminCommand {
+    /// Whether the command only reads (a listing): cut short, it has changed nothing.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Self::Users(UsersCommand::List { .. } | UsersCommand::Show { .. })
+        )
+    }
+}
+
 /// Runs `command` against the database `config` names. Reads confirmations and passwords from
 /// `input`; writes what it did to `out`.
 pub async fn run(

@@ -37,7 +37,23 @@ fn main() -> anyhow::Result<()> {
                 let stdin = std::io::stdin();
                 let mut input = stdin.lock();
                 let mut out = std::io::stdout();
-                wadi_server::admin::run(command, &config, &mut input, &mut out).await
+                let read_only = command.is_read_only();
+                let done = wadi_server::admin::run(command, &config, &mut input, &mut out).await;
+                // A listing piped into a reader that stopped (`| head`): the reader has what it
+                // wanted.
+                match done {
+                    Err(error)
+                        if read_only
+                            && error.chain().any(|cause| {
+                                cause
+                                    .downcast_ref::<std::io::Error>()
+                                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                            }) =>
+                    {
+                        Ok(())
+                    }
+                    done => done,
+                }
             })
         }
         Some(Command::Healthcheck) => wadi_server::admin::healthcheck(config.addr),

@@ -539,6 +539,30 @@ async fn a_data_directory_without_a_database_is_refused_not_filled() {
 }
 
 #[tokio::test]
+async fn a_listing_cut_short_by_its_reader_is_no_failure() {
+    let server = TestServer::on(Engine::Sqlite).await;
+    server.sign_up().await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wadi"))
+        .args(["admin", "users", "list"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("WADI_DATA_DIR", server.db().config().data_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -0`: the reader is gone before the first line.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn healthcheck_passes_against_a_serving_server_and_fails_otherwise() {
     let server = TestServer::start().await;
     let addr = server.addr;
