@@ -281,6 +281,15 @@ async fn users_are_listed_shown_reset_revoked_and_deleted(engine: Engine) {
     server.shutdown().await.unwrap();
 }
 
+/// `wadi admin restore <file> [--force]`: what it printed, or its error.
+async fn restore(config: &Config, file: &std::path::Path, force: bool) -> Result<String, String> {
+    let command = AdminCommand::Restore {
+        file: file.to_path_buf(),
+        force,
+    };
+    admin(config, command, "").await
+}
+
 /// `token` is refused, though its signature and expiry are fine: its session has ended.
 async fn assert_ended(server: &TestServer, token: &str) {
     let api = common::Api {
@@ -392,16 +401,7 @@ async fn backup_and_restore_keep_what_was_there_or_point_to_pg_dump(engine: Engi
             .unwrap_err();
         assert!(pointer.contains("pg_dump --format=custom"), "{pointer}");
         assert!(!file.exists());
-        let pointer = admin(
-            &config,
-            AdminCommand::Restore {
-                file: file.clone(),
-                force: true,
-            },
-            "",
-        )
-        .await
-        .unwrap_err();
+        let pointer = restore(&config, &file, true).await.unwrap_err();
         assert!(pointer.contains("pg_restore"), "{pointer}");
         server.shutdown().await.unwrap();
         return;
@@ -426,69 +426,24 @@ async fn backup_and_restore_keep_what_was_there_or_point_to_pg_dump(engine: Engi
     let token = user.token.clone();
 
     // Not while a server runs on the database.
-    let running = admin(
-        &config,
-        AdminCommand::Restore {
-            file: file.clone(),
-            force: true,
-        },
-        "",
-    )
-    .await
-    .unwrap_err();
+    let running = restore(&config, &file, true).await.unwrap_err();
     assert!(running.contains("stop it first"), "{running}");
     server.stop().await.unwrap();
 
     // Not over data without --force; not from a file that is no WADI database.
-    let held = admin(
-        &config,
-        AdminCommand::Restore {
-            file: file.clone(),
-            force: false,
-        },
-        "",
-    )
-    .await
-    .unwrap_err();
+    let held = restore(&config, &file, false).await.unwrap_err();
     assert!(held.contains("--force"), "{held}");
     let junk = dir.path().join("junk.db");
     std::fs::write(&junk, b"not a database at all").unwrap();
-    let refused = admin(
-        &config,
-        AdminCommand::Restore {
-            file: junk,
-            force: true,
-        },
-        "",
-    )
-    .await
-    .unwrap_err();
+    let refused = restore(&config, &junk, true).await.unwrap_err();
     assert!(refused.contains("cannot be restored"), "{refused}");
 
-    let restored = admin(
-        &config,
-        AdminCommand::Restore {
-            file: file.clone(),
-            force: true,
-        },
-        "",
-    )
-    .await
-    .unwrap();
+    let restored = restore(&config, &file, true).await.unwrap();
     assert!(restored.contains("restored"), "{restored}");
     assert!(config.data_dir.join("wadi.db.before-restore").exists());
     // At once again: the heartbeat the backup copied from the running server does not make
     // the restored file look in use, and the first copy kept aside is not overwritten.
-    let again = admin(
-        &config,
-        AdminCommand::Restore {
-            file: file.clone(),
-            force: true,
-        },
-        "",
-    )
-    .await
-    .unwrap();
+    let again = restore(&config, &file, true).await.unwrap();
     assert!(again.contains("wadi.db.before-restore.2"), "{again}");
     assert!(config.data_dir.join("wadi.db.before-restore").exists());
 

@@ -165,15 +165,20 @@ async fn models_and_system_prompts_are_chosen_per_conversation(engine: Engine) {
     server.shutdown().await.unwrap();
 }
 
+/// A server offering whatever `upstream` lists (`--models '*'`).
+async fn offering_the_providers_models(upstream: &FakeUpstream) -> TestServer {
+    TestServer::configured(Engine::Sqlite, |config| {
+        upstream.configure(config);
+        config.provider.models = vec!["*".into()];
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_star_lists_the_providers_models_and_asks_rarely() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     upstream.set_models(&["beta", "alpha", "fake-model"]);
-    let server = TestServer::configured(Engine::Sqlite, |config| {
-        upstream.configure(config);
-        config.provider.models = vec!["*".into()];
-    })
-    .await;
+    let server = offering_the_providers_models(&upstream).await;
     let api = server.user().await;
     let (_, models) = api.get("/api/models").await;
     assert_eq!(models["models"], json!(["fake-model", "alpha", "beta"]));
@@ -195,11 +200,7 @@ async fn a_huge_or_hostile_model_list_is_trimmed_to_what_a_menu_can_hold() {
     names.push("a\nline".into());
     names.push("model-0000".into());
     upstream.set_models(&names.iter().map(String::as_str).collect::<Vec<_>>());
-    let server = TestServer::configured(Engine::Sqlite, |config| {
-        upstream.configure(config);
-        config.provider.models = vec!["*".into()];
-    })
-    .await;
+    let server = offering_the_providers_models(&upstream).await;
     let api = server.user().await;
     let (_, models) = api.get("/api/models").await;
     let models: Vec<&str> = models["models"]
