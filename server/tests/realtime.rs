@@ -2353,6 +2353,49 @@ async fn messages_are_rate_limited_per_user_across_sockets_and_rest() {
 }
 
 #[tokio::test]
+async fn a_resend_of_a_committed_message_is_answered_once_the_messages_are_spent() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.runs.message_rate_burst = 1;
+        config.runs.message_rate_per_minute = 0.01;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let messages = format!("/api/conversations/{conversation}/messages");
+    let first = json!({"content": "one", "clientMessageId": "c-1"});
+    let (status, sent) = api.post(&messages, first.clone()).await;
+    assert_eq!(status, 201, "{sent}");
+    let request = upstream.next_request().await;
+    request.send(Step::Finish);
+    api.events(sent["run"]["id"].as_str().unwrap()).await;
+    let (status, body) = api.post(&messages, json!({"content": "two"})).await;
+    assert_eq!(status, 429, "{body}");
+    // Every message is spent, but a resend of the one committed (its first answer was lost)
+    // gets it back: over REST, and on a socket as the run's start.
+    let (status, body) = api.post(&messages, first.clone()).await;
+    assert!(status.is_success(), "{status} {body}");
+    assert_eq!(body["message"]["id"], sent["message"]["id"]);
+    assert_eq!(body["run"]["id"], sent["run"]["id"]);
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "one", "clientMessageId": "c-1"}))
+        .await;
+    let again = ws.next().await;
+    assert_eq!(again["type"], "start", "{again}");
+    assert_eq!(again["runId"], sent["run"]["id"]);
+    // A new message with a client id of its own is still refused.
+    let (status, body) = api
+        .post(
+            &messages,
+            json!({"content": "five", "clientMessageId": "c-5"}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn sends_refused_while_an_answer_streams_and_resends_do_not_use_up_the_message_rate() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {

@@ -318,7 +318,8 @@ impl Runs {
         client_message_id: Option<String>,
         placement: Placement,
     ) -> Result<Sent, AppError> {
-        let message = self.admit(user).await?;
+        let resend = client_message_id.as_deref().map(|id| (conversation_id, id));
+        let message = self.admit(user, resend).await?;
         // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
         // commit and the start of the run still happen together, never one without the other.
         // It stays in the caller's span (the request or socket), and so does the run.
@@ -334,7 +335,9 @@ impl Runs {
         )
         .await
         .map_err(AppError::internal)?;
-        self.settle(message, &sent).await;
+        if let Some(message) = message {
+            self.settle(message, &sent).await;
+        }
         sent
     }
 
@@ -365,7 +368,7 @@ impl Runs {
         conversation_id: ConversationId,
         message_id: MessageId,
     ) -> Result<Sent, AppError> {
-        let message = self.admit(user).await?;
+        let message = self.admit(user, None).await?;
         let runs = self.clone();
         let sent = tokio::spawn(
             async move {
@@ -376,13 +379,21 @@ impl Runs {
         )
         .await
         .map_err(AppError::internal)?;
-        self.settle(message, &sent).await;
+        if let Some(message) = message {
+            self.settle(message, &sent).await;
+        }
         sent
     }
 
     /// The checks before any work: the cap on runs here, and the user's message rate. Returns
-    /// the message counted, to give back if none is sent after all.
-    async fn admit(&self, user: UserId) -> Result<Taken<UserId>, AppError> {
+    /// the message counted, to give back if none is sent after all; none for a `resend` (the
+    /// conversation and `clientMessageId`) of a message already committed once the messages
+    /// are spent: its first answer was lost, and it sends nothing new.
+    async fn admit(
+        &self,
+        user: UserId,
+        resend: Option<(ConversationId, &str)>,
+    ) -> Result<Option<Taken<UserId>>, AppError> {
         // Refused at once when full, before any work, even counting (the exact check is at the
         // reservation).
         let max = self.settings.max_active_runs;
@@ -394,10 +405,19 @@ impl Runs {
         }
         // Per user, whichever socket, request or instance it comes from: opening more sockets
         // does not buy more messages.
+        // Resends count as attempts: they cost the store work.
         if !self.attempts.allows(user).await {
             return Err(AppError::RateLimited);
         }
-        self.limiter.take(user).await.ok_or(AppError::RateLimited)
+        if let Some(message) = self.limiter.take(user).await {
+            return Ok(Some(message));
+        }
+        if let Some((conversation, id)) = resend
+            && self.store.has_client_message(conversation, id).await?
+        {
+            return Ok(None);
+        }
+        Err(AppError::RateLimited)
     }
 
     /// Where a new user message goes: its parent.

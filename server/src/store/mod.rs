@@ -248,6 +248,12 @@ pub trait Store: Send + Sync + 'static {
         conversation_id: ConversationId,
         id: MessageId,
     ) -> StoreResult<Option<MessageRecord>>;
+    /// Whether the conversation holds a message sent with `client_message_id`.
+    async fn has_client_message(
+        &self,
+        conversation_id: ConversationId,
+        client_message_id: &str,
+    ) -> StoreResult<bool>;
     /// Where the path through `through` ends: the newest message at or under it (under the
     /// whole conversation when `None`). `None` for an empty conversation or a message not in it.
     async fn newest_leaf(

@@ -543,6 +543,22 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn has_client_message(
+                &self,
+                conversation_id: $crate::ids::ConversationId,
+                client_message_id: &str,
+            ) -> $crate::store::StoreResult<bool> {
+                let count: i64 = sqlx::query_scalar::<$db, i64>(
+                    "SELECT COUNT(*) FROM messages \
+                     WHERE conversation_id = $1 AND client_message_id = $2",
+                )
+                .bind(conversation_id)
+                .bind(client_message_id)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(count > 0)
+            }
+
             async fn newest_leaf(
                 &self,
                 conversation_id: $crate::ids::ConversationId,
