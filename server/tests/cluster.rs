@@ -943,6 +943,19 @@ async fn readyz_names_the_instance_and_reports_redis() {
     })
     .await
     .expect("readyz never saw Redis again");
+    // A Redis that answers but refuses writes (out of memory, noeviction) is no better.
+    let redis = cluster.redis.as_ref().unwrap();
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    let response = cluster
+        .at(0)
+        .http
+        .get(cluster.at(0).url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).await;
+    assert_eq!(cluster.instances[0].ready().await["redis"], "up");
     cluster.stop().await;
 }
 

@@ -839,7 +839,14 @@ impl Cluster for RedisCluster {
 
     async fn health(&self) -> BusHealth {
         let mut connection = self.commands.clone();
-        let ping = redis::cmd("PING");
+        // A write, not a `PING`: a Redis that answers but refuses writes (out of memory with
+        // `noeviction`, or made a read-only replica) cannot hold logs or count rates.
+        let ping = redis::cmd("SET")
+            .arg(format!("wadi:health:{}", self.shared.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .clone();
         let answer = tokio::time::timeout(RESPONSE_TIMEOUT, async {
             match ping.query_async::<String>(&mut connection).await {
                 // As for the rates: a connection broken by a restart is replaced, not reported.
