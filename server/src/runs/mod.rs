@@ -318,17 +318,34 @@ impl Runs {
         client_message_id: Option<String>,
         placement: Placement,
     ) -> Result<Sent, AppError> {
-        let resend = client_message_id.as_deref().map(|id| (conversation_id, id));
-        let message = self.admit(user, resend).await?;
-        // In a task of its own: if the caller goes away (an HTTP client disconnecting), the
-        // commit and the start of the run still happen together, never one without the other.
-        // It stays in the caller's span (the request or socket), and so does the run.
-        let runs = self.clone();
         let request = Request::Send {
             content,
             client_message_id,
             placement,
         };
+        self.admit_and_commit(user, conversation_id, request).await
+    }
+
+    /// Admits `request` (the cap on runs, the message rate), commits it and starts its run, and
+    /// settles the message rate by what happened. The commit runs in a task of its own: if the
+    /// caller goes away (an HTTP client disconnecting), the commit and the start of the run
+    /// still happen together, never one without the other. It stays in the caller's span (the
+    /// request or socket), and so does the run.
+    async fn admit_and_commit(
+        self: &Arc<Self>,
+        user: UserId,
+        conversation_id: ConversationId,
+        request: Request,
+    ) -> Result<Sent, AppError> {
+        let resend = match &request {
+            Request::Send {
+                client_message_id: Some(id),
+                ..
+            } => Some((conversation_id, id.as_str())),
+            _ => None,
+        };
+        let message = self.admit(user, resend).await?;
+        let runs = self.clone();
         let sent = tokio::spawn(
             async move { runs.commit_and_start(user, conversation_id, request).await }
                 .instrument(tracing::Span::current()),
@@ -368,21 +385,8 @@ impl Runs {
         conversation_id: ConversationId,
         message_id: MessageId,
     ) -> Result<Sent, AppError> {
-        let message = self.admit(user, None).await?;
-        let runs = self.clone();
-        let sent = tokio::spawn(
-            async move {
-                runs.commit_and_start(user, conversation_id, Request::Regenerate(message_id))
-                    .await
-            }
-            .instrument(tracing::Span::current()),
-        )
-        .await
-        .map_err(AppError::internal)?;
-        if let Some(message) = message {
-            self.settle(message, &sent).await;
-        }
-        sent
+        self.admit_and_commit(user, conversation_id, Request::Regenerate(message_id))
+            .await
     }
 
     /// The checks before any work: the cap on runs here, and the user's message rate. Returns
