@@ -29,6 +29,8 @@ use tracing::{
 };
 use tracing_subscriber::{Layer, layer::Context, registry::LookupSpan};
 
+use crate::util::hex;
+
 /// Spans waiting to be sent; past this, new ones are dropped.
 const QUEUE: usize = 8192;
 /// Spans per request to the collector.
@@ -206,10 +208,6 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn kind_of(text: &str) -> u8 {

@@ -44,6 +44,11 @@ pub fn datetime(millis: i64) -> OffsetDateTime {
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
+/// Bytes as lowercase hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// A URL fit for logs: the password in its userinfo and every query value hidden
 /// (`postgres://user:***@host/db?sslpassword=***`); a libpq connection string
 /// (`host=db password=secret`) with its password hidden. Anything else is returned unchanged.

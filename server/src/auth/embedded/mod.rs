@@ -66,11 +66,7 @@ pub struct Limits {
 /// costs a fixed-size key here and in Redis, and Redis holds no email.
 fn account_key(email: &str) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(email.trim().to_lowercase().as_bytes());
-    digest[..16]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    crate::util::hex(&Sha256::digest(email.trim().to_lowercase().as_bytes())[..16])
 }
 
 pub fn router<S: Clone + Send + Sync + 'static>(state: EmbeddedState) -> Router<S> {

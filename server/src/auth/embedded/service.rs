@@ -569,8 +569,7 @@ fn new_refresh_token(
 }
 
 fn hash_token(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+    crate::util::hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// argon2id with the crate's default (OWASP) parameters, on a hashing thread.
