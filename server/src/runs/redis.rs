@@ -17,6 +17,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -175,10 +176,16 @@ const RATE_AWAY: Duration = Duration::from_secs(2);
 /// The time one event of a rate with no refill holds its place: a century.
 const RATE_STEP_MAX_MICROS: f64 = 100.0 * 365.0 * 86_400e6;
 
-/// An error that says the connection is gone (Redis restarted, or the connection was cut):
-/// the connection manager reconnects, and a command asked again may well succeed.
-fn gone(error: &redis::RedisError) -> bool {
-    error.is_connection_dropped() || error.is_io_error()
+/// Runs a command, and once more if it failed because the connection was gone: the first
+/// command after Redis restarted (or the connection was cut) meets the old, broken connection
+/// and makes the manager reconnect; asked again, it goes out on the new one.
+async fn again_if_gone<T, F: Future<Output = redis::RedisResult<T>>>(
+    mut command: impl FnMut() -> F,
+) -> redis::RedisResult<T> {
+    match command().await {
+        Err(error) if error.is_connection_dropped() || error.is_io_error() => command().await,
+        answer => answer,
+    }
 }
 
 /// Warnings about failed appends and ends, at most this many in a burst and per minute after
@@ -522,20 +529,19 @@ impl RedisCluster {
         } else {
             RATE_STEP_MAX_MICROS
         };
-        let mut connection = self.commands.clone();
         let mut invocation = self.rate.key(key);
         invocation
             .arg(format!("{step:.0}"))
             .arg(rate.burst.max(1))
             .arg(op);
-        let answer = tokio::time::timeout(RATE_TIMEOUT, async {
-            match invocation.invoke_async::<i64>(&mut connection).await {
-                // The first command after Redis restarted meets the old, broken connection
-                // (and makes the manager reconnect): asked again, on the new one.
-                Err(error) if gone(&error) => invocation.invoke_async::<i64>(&mut connection).await,
-                answer => answer,
-            }
-        })
+        let invocation = &invocation;
+        let answer = tokio::time::timeout(
+            RATE_TIMEOUT,
+            again_if_gone(|| {
+                let mut connection = self.commands.clone();
+                async move { invocation.invoke_async::<i64>(&mut connection).await }
+            }),
+        )
         .await;
         let error = match answer {
             Ok(Ok(taken)) => {
@@ -838,22 +844,22 @@ impl Cluster for RedisCluster {
     }
 
     async fn health(&self) -> BusHealth {
-        let mut connection = self.commands.clone();
         // A write, not a `PING`: a Redis that answers but refuses writes (out of memory with
         // `noeviction`, or made a read-only replica) cannot hold logs or count rates.
-        let ping = redis::cmd("SET")
+        let probe = redis::cmd("SET")
             .arg(format!("wadi:health:{}", self.shared.instance))
             .arg(1)
             .arg("PX")
             .arg(10_000)
             .clone();
-        let answer = tokio::time::timeout(RESPONSE_TIMEOUT, async {
-            match ping.query_async::<String>(&mut connection).await {
-                // As for the rates: a connection broken by a restart is replaced, not reported.
-                Err(error) if gone(&error) => ping.query_async::<String>(&mut connection).await,
-                answer => answer,
-            }
-        })
+        let probe = &probe;
+        let answer = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            again_if_gone(|| {
+                let mut connection = self.commands.clone();
+                async move { probe.query_async::<String>(&mut connection).await }
+            }),
+        )
         .await;
         match answer {
             Ok(Ok(_)) => BusHealth::Up,
