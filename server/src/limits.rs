@@ -253,15 +253,6 @@ impl<K: Hash + Eq + Clone + Display> SharedLimit<K> {
     fn shared_key(&self, key: &K) -> String {
         format!("wadi:rate:{}:{key}", self.name)
     }
-
-    /// Keys this instance tracks now.
-    pub fn len(&self) -> usize {
-        self.local.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.local.is_empty()
-    }
 }
 
 #[cfg(test)]
