@@ -620,6 +620,18 @@ mod tests {
         Cli::load(args, false).unwrap()
     }
 
+    /// Why `args` are refused, or `None` if they load.
+    fn refused(args: &[&str]) -> Option<String> {
+        let args = std::iter::once("wadi").chain(args.iter().copied());
+        Cli::load(args, false).err().map(|error| error.to_string())
+    }
+
+    /// Why the file `text` is refused as `--config`.
+    fn refused_file(text: &str) -> String {
+        let file = toml_file(text);
+        refused(&["--config", file.path().to_str().unwrap()]).expect(text)
+    }
+
     fn toml_file(text: &str) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
@@ -728,57 +740,37 @@ mod tests {
 
     #[test]
     fn a_config_file_with_an_unknown_key_or_bad_value_is_refused() {
-        let typo = toml_file("max-conections = 5\n");
-        let error = Cli::load(["wadi", "--config", typo.path().to_str().unwrap()], false)
-            .err()
-            .unwrap()
-            .to_string();
+        let error = refused_file("max-conections = 5\n");
         assert!(
             error.contains("unknown setting \"max-conections\""),
             "{error}"
         );
 
-        let bad = toml_file("max-connections = \"many\"\n");
-        let error = Cli::load(["wadi", "--config", bad.path().to_str().unwrap()], false)
-            .err()
-            .unwrap()
-            .to_string();
+        let error = refused_file("max-connections = \"many\"\n");
         assert!(error.contains("many"), "{error}");
 
-        let table = toml_file("[auth]\nx = 1\n");
-        assert!(Cli::load(["wadi", "--config", table.path().to_str().unwrap()], false).is_err());
+        refused_file("[auth]\nx = 1\n");
 
-        let missing = Cli::load(["wadi", "--config", "/nonexistent/wadi.toml"], false)
-            .err()
-            .unwrap()
-            .to_string();
+        let missing = refused(&["--config", "/nonexistent/wadi.toml"]).unwrap();
         assert!(missing.contains("cannot read the config file"), "{missing}");
 
-        let twice = toml_file("max_connections = 5\nmax-connections = 6\n");
-        let error = Cli::load(["wadi", "--config", twice.path().to_str().unwrap()], false)
-            .err()
-            .unwrap()
-            .to_string();
+        let error = refused_file("max_connections = 5\nmax-connections = 6\n");
         assert!(error.contains("is given twice"), "{error}");
     }
 
     #[test]
     fn settings_that_cannot_work_are_refused() {
-        let refused = |args: &[&str]| {
-            let args = std::iter::once("wadi").chain(args.iter().copied());
-            Cli::load(args, false).err().map(|error| error.to_string())
-        };
         for temperature in ["9", "-1", "nan", "inf", "1e400", "warm"] {
             let error = refused(&["--temperature", temperature]).expect(temperature);
             assert!(error.contains(temperature), "{error}");
         }
         assert!(refused(&["--temperature", "2"]).is_none());
+        assert!(refused(&["--temperature", "0"]).is_none());
         // Free text may hold what redaction writes: only secrets and URLs are checked.
         let prompt = "Replace personal data with <redacted>; write password=*** as it is.";
         assert!(refused(&["--system-prompt", prompt]).is_none());
         let printed = load(&["--system-prompt", prompt]).print();
         assert!(printed.contains(prompt), "{printed}");
-        assert!(refused(&["--temperature", "0"]).is_none());
         let error = refused(&["--instance-timeout", "1s", "--instance-heartbeat", "5s"]).unwrap();
         assert!(
             error.contains("at least twice --instance-heartbeat"),
@@ -836,13 +828,10 @@ mod tests {
         assert!(!plain.print().contains("hunter2"));
         let again = toml_file(&plain.print());
         let again = again.path().to_str().unwrap();
-        let refused = Cli::load(["wadi", "--config", again], false)
-            .err()
-            .unwrap()
-            .to_string();
+        let error = refused(&["--config", again]).unwrap();
         assert!(
-            refused.contains("database-url holds what `wadi config print` shows"),
-            "{refused}"
+            error.contains("database-url holds what `wadi config print` shows"),
+            "{error}"
         );
         let reread = load(&[
             "--config",
@@ -863,12 +852,8 @@ mod tests {
             Some("postgres://wadi:hunter2@db/wadi")
         );
         // An API key printed as `<redacted>` is refused alike.
-        let key = toml_file("openai-api-key = \"<redacted>\"\n");
-        let refused = Cli::load(["wadi", "--config", key.path().to_str().unwrap()], false)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(refused.contains("openai-api-key holds"), "{refused}");
+        let error = refused_file("openai-api-key = \"<redacted>\"\n");
+        assert!(error.contains("openai-api-key holds"), "{error}");
     }
 
     #[test]

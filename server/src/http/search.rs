@@ -169,39 +169,38 @@ mod tests {
         );
     }
 
+    /// Checks the pieces of `snippet` for a search of `words`, as (text, hit).
+    fn assert_marked(snippet: &str, words: &[&str], expected: &[(&str, bool)]) {
+        let words: Vec<String> = words.iter().map(|w| (*w).to_owned()).collect();
+        let pieces = highlights(snippet, &words);
+        let shown: Vec<(&str, bool)> = pieces.iter().map(|p| (p.text.as_str(), p.hit)).collect();
+        assert_eq!(shown, expected, "{snippet:?}");
+    }
+
     #[test]
     fn snippets_split_into_marked_pieces() {
-        let words = |list: &[&str]| list.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
-        let pieces = highlights(
+        assert_marked(
             "…the \u{E000}quick\u{E001} brown \u{E000}fox\u{E001}",
-            &words(&["quick", "fox"]),
-        );
-        let shown: Vec<(&str, bool)> = pieces.iter().map(|p| (p.text.as_str(), p.hit)).collect();
-        assert_eq!(
-            shown,
-            [
+            &["quick", "fox"],
+            &[
                 ("…the ", false),
                 ("quick", true),
                 (" brown ", false),
-                ("fox", true)
-            ]
+                ("fox", true),
+            ],
         );
         // Stray markers never reach the text.
-        assert_eq!(highlights("a\u{E001}b", &words(&["a"]))[0].text, "ab");
+        assert_marked("a\u{E001}b", &["a"], &[("ab", false)]);
         // Markers a message holds itself make nothing look found that was not searched for;
         // a stemmed match still is.
-        let pieces = highlights(
+        assert_marked(
             "\u{E000}before\u{E000}pink\u{E001}after and \u{E000}tail\u{E001} \u{E000}Running\u{E001}",
-            &words(&["before", "runs"]),
-        );
-        let shown: Vec<(&str, bool)> = pieces.iter().map(|p| (p.text.as_str(), p.hit)).collect();
-        assert_eq!(
-            shown,
-            [
+            &["before", "runs"],
+            &[
                 ("beforepink", true),
                 ("after and tail ", false),
-                ("Running", true)
-            ]
+                ("Running", true),
+            ],
         );
     }
 }
