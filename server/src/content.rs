@@ -61,17 +61,13 @@ pub fn is_blank(text: &str) -> bool {
         .all(|c| c.is_whitespace() || is_invisible_format(c))
 }
 
-/// Zero-width characters and bidirectional controls: they show nothing themselves.
+/// Zero-width characters, bidirectional marks and controls: they show nothing themselves.
 fn is_invisible_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{061C}'
-            | '\u{FEFF}'
-    )
+    is_bidi_control(c)
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}' | '\u{2060}' | '\u{061C}' | '\u{FEFF}'
+        )
 }
 
 /// Bidirectional embeddings, overrides and isolates: a title holding one can show its text
