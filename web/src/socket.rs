@@ -387,20 +387,11 @@ impl Driver {
     /// Fallback: sends the unacknowledged messages over REST and follows their runs over SSE.
     async fn send_over_rest(&mut self) {
         for command in self.state.unacknowledged() {
-            let Command::Send(ClientMessage::Message {
-                content,
-                client_message_id,
-                parent_id,
-                edit_of,
-            }) = command
-            else {
+            let Command::Send(frame) = command else {
                 continue;
             };
-            let message = SendMessage {
-                content,
-                client_message_id,
-                parent_id,
-                edit_of,
+            let Some(message) = over_rest(frame) else {
+                continue;
             };
             match self.api.send_message(self.conversation_id, message).await {
                 Ok(sent) => self.follow_sent(sent).await,
@@ -413,32 +404,9 @@ impl Driver {
         }
     }
 
-    /// A message whose frame the server would refuse as too large, though its content is
-    /// within the content limit (mostly characters JSON escapes: quotes, backslashes, control
-    /// characters). REST takes it: its body limit allows for the escaping.
-    fn too_large_for_a_frame(&self, frame: &ClientMessage) -> bool {
-        let limit = self.api.auth.config.max_frame_bytes;
-        matches!(frame, ClientMessage::Message { .. }) && limit > 0 && frame.encode().len() > limit
-    }
-
     /// Sends one message over REST while the socket stays: the socket hears its run start
     /// (`start` carries its `clientMessageId`) and streams the answer as for any other.
-    async fn send_one_over_rest(&mut self, frame: ClientMessage) {
-        let ClientMessage::Message {
-            content,
-            client_message_id,
-            parent_id,
-            edit_of,
-        } = frame
-        else {
-            return;
-        };
-        let message = SendMessage {
-            content,
-            client_message_id,
-            parent_id,
-            edit_of,
-        };
+    async fn send_one_over_rest(&mut self, message: SendMessage) {
         if let Err(error) = self.api.send_message(self.conversation_id, message).await {
             self.state.error = Some(error.describe());
             self.sync();
@@ -717,10 +685,20 @@ impl Driver {
     {
         for command in commands {
             match command {
-                Command::Send(frame) if self.too_large_for_a_frame(&frame) => {
-                    self.send_one_over_rest(frame).await;
+                Command::Send(frame) => {
+                    let text = frame.encode();
+                    // A message whose frame the server would refuse as too large, though its
+                    // content is within the content limit (mostly characters JSON escapes:
+                    // quotes, backslashes, control characters), goes over REST, whose body
+                    // limit allows for the escaping.
+                    let limit = self.api.auth.config.max_frame_bytes;
+                    match over_rest(frame) {
+                        Some(message) if limit > 0 && text.len() > limit => {
+                            self.send_one_over_rest(message).await;
+                        }
+                        _ => sink.send(Message::Text(text)).await.map_err(|_| ())?,
+                    }
                 }
-                Command::Send(frame) => send(sink, &frame).await?,
                 Command::RefreshHistory => {
                     self.load_history().await;
                     self.signals.list_changed.update(|v| *v += 1);
@@ -743,6 +721,25 @@ fn refresh_timer(api: &Api, at_least: Duration) -> Fuse<gloo_timers::future::Tim
     });
     let wait = wait.max(at_least).max(Duration::from_millis(500));
     gloo_timers::future::sleep(wait).fuse()
+}
+
+/// A `message` frame as the REST send it is (other frames have none).
+fn over_rest(frame: ClientMessage) -> Option<SendMessage> {
+    let ClientMessage::Message {
+        content,
+        client_message_id,
+        parent_id,
+        edit_of,
+    } = frame
+    else {
+        return None;
+    };
+    Some(SendMessage {
+        content,
+        client_message_id,
+        parent_id,
+        edit_of,
+    })
 }
 
 async fn send<S>(sink: &mut S, frame: &ClientMessage) -> Result<(), ()>
