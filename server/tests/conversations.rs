@@ -629,17 +629,7 @@ async fn a_full_disk_refuses_writes_clearly_and_half_writes_nothing() {
     let conversation = api.new_conversation().await;
     api.send_and_finish(&conversation, "before").await;
 
-    // Fill the disk to the last byte.
-    let filler = disk.dir.path().join("filler");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while file.write_all(&block).is_ok() {}
-        let small = [0u8; 512];
-        while file.write_all(&small).is_ok() {}
-        let _ = file.sync_all();
-    }
+    let filler = fill_disk(disk.dir.path());
     // Messages until one is refused (the database may still have room in pages it holds).
     let path = format!("/api/conversations/{conversation}/messages");
     let mut refused = None;
