@@ -97,10 +97,7 @@ impl<K: Hash + Eq> RefundableLimiter<K> {
     }
 
     fn buckets(&self) -> std::sync::MutexGuard<'_, Buckets<K>> {
-        match self.buckets.lock() {
-            Ok(buckets) => buckets,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.buckets)
     }
 
     /// Takes one event from `key`'s allowance if there is one.

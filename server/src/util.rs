@@ -1,6 +1,25 @@
 //! Small helpers shared across the server.
 
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
 use time::OffsetDateTime;
+
+/// Locks `mutex`, poisoned or not. The server's locks are held for short steps that do not
+/// panic; should one panic anyway, later holders go on with the state it left rather than every
+/// one of them panicking in turn (a socket, a run or the whole registry taken down by one bug).
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads `lock`, poisoned or not (see `lock`).
+pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes `lock`, poisoned or not (see `lock`).
+pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The time tokens are checked and timed against: the system's time when the clock was made,
 /// advanced by tokio's clock since. In production the two move together; under a paused tokio

@@ -384,10 +384,7 @@ impl JwksCache {
 
 impl Jwks {
     fn cached(&self) -> std::sync::RwLockReadGuard<'_, Cached> {
-        match self.keys.read() {
-            Ok(keys) => keys,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::read(&self.keys)
     }
 
     /// Fetches the set unless the last attempt was within the refetch interval; keeps the old
@@ -401,10 +398,7 @@ impl Jwks {
             return;
         }
         {
-            let mut cached = match self.keys.write() {
-                Ok(cached) => cached,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut cached = crate::util::write(&self.keys);
             cached.last_attempt = Some(Instant::now());
         }
         match self.fetch().await {
@@ -414,10 +408,7 @@ impl Jwks {
                     keys = keys.len(),
                     "fetched JWKS"
                 );
-                let mut cached = match self.keys.write() {
-                    Ok(cached) => cached,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
+                let mut cached = crate::util::write(&self.keys);
                 cached.keys = keys;
                 cached.fetched_at = Some(Instant::now());
             }

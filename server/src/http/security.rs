@@ -114,10 +114,7 @@ pub async fn report(
         AppError::invalid(ErrorCode::InvalidJson, format!("not a report: {error}"))
     })?;
     state.metrics.csp_violations.inc();
-    let logged = match state.csp_log_budget.lock() {
-        Ok(mut budget) => budget.try_take(),
-        Err(poisoned) => poisoned.into_inner().try_take(),
-    };
+    let logged = crate::util::lock(&state.csp_log_budget).try_take();
     if logged {
         let text = String::from_utf8_lossy(&body);
         let text: String = text.chars().take(2048).collect();

@@ -89,10 +89,7 @@ impl Catalog {
 
     async fn listed(&self) -> Vec<String> {
         let cached = |this: &Self| {
-            let listed = this
-                .listed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let listed = crate::util::lock(&this.listed);
             let fresh = listed
                 .fresh_until
                 .is_some_and(|until| Instant::now() < until);
@@ -109,10 +106,7 @@ impl Catalog {
             return names;
         }
         let answer = self.model.list().await;
-        let mut listed = self
-            .listed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut listed = crate::util::lock(&self.listed);
         match answer {
             Ok(names) => {
                 listed.names = names;

@@ -188,10 +188,7 @@ impl RunHandle {
     fn log(&self) -> MutexGuard<'_, Log> {
         // A panic while holding this lock cannot leave the log half-written (every update is
         // a push), so a poisoned lock is still safe to use.
-        match self.log.lock() {
-            Ok(log) => log,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.log)
     }
 
     pub fn is_mirror(&self) -> bool {
@@ -306,10 +303,7 @@ impl RunHandle {
     /// `interrupted` at shutdown). The first request wins.
     pub fn stop(&self, status: RunStatus) {
         {
-            let mut stop = match self.stop_status.lock() {
-                Ok(stop) => stop,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut stop = crate::util::lock(&self.stop_status);
             stop.get_or_insert(status);
         }
         self.cancel.cancel();
@@ -321,10 +315,7 @@ impl RunHandle {
 
     /// Why the run was stopped, if it was.
     pub fn stop_status(&self) -> Option<RunStatus> {
-        match self.stop_status.lock() {
-            Ok(stop) => *stop,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        *crate::util::lock(&self.stop_status)
     }
 
     /// Resolves once the run has ended.

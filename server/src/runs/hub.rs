@@ -45,10 +45,7 @@ pub enum Mirror {
 
 impl Hub {
     fn index(&self) -> MutexGuard<'_, Index> {
-        match self.index.lock() {
-            Ok(index) => index,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.index)
     }
 
     /// Registers a run about to be committed: from here on this process counts it as its own

@@ -60,17 +60,11 @@ pub(super) struct Liveness {
 
 impl Liveness {
     fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, (RunOutcome, Instant)>> {
-        match self.unsaved.lock() {
-            Ok(unsaved) => unsaved,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.unsaved)
     }
 
     fn beat(&self, ok: bool) {
-        let mut since = match self.healthy_since.lock() {
-            Ok(since) => since,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut since = crate::util::lock(&self.healthy_since);
         match (ok, *since) {
             (true, None) => *since = Some(Instant::now()),
             (false, _) => *since = None,
@@ -79,10 +73,7 @@ impl Liveness {
     }
 
     fn healthy_for(&self) -> Duration {
-        let since = match self.healthy_since.lock() {
-            Ok(since) => *since,
-            Err(poisoned) => *poisoned.into_inner(),
-        };
+        let since = *crate::util::lock(&self.healthy_since);
         since.map_or(Duration::ZERO, |since| since.elapsed())
     }
 }

@@ -88,10 +88,7 @@ impl Outbox {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(state) => state,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.state)
     }
 
     /// Queues one of the socket's own frames (pong, error, ping) if there is room, counting a

@@ -63,10 +63,7 @@ impl Inbox {
     }
 
     fn notes(&self) -> MutexGuard<'_, VecDeque<Control>> {
-        match self.notes.lock() {
-            Ok(notes) => notes,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.notes)
     }
 
     /// The next note; while there is none, the caller is woken when one is posted.
@@ -185,10 +182,7 @@ pub struct OverUserLimit;
 
 impl Registry {
     fn index(&self) -> MutexGuard<'_, Index> {
-        match self.index.lock() {
-            Ok(index) => index,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.index)
     }
 
     /// Tells every open socket that the server is shutting down. Called after the shutdown

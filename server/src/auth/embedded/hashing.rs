@@ -123,10 +123,7 @@ impl Hasher {
                 .name(format!("wadi-hash-{index}"))
                 .spawn(move || {
                     loop {
-                        let job = match receiver.lock() {
-                            Ok(receiver) => receiver.recv(),
-                            Err(poisoned) => poisoned.into_inner().recv(),
-                        };
+                        let job = crate::util::lock(&receiver).recv();
                         match job {
                             Ok(job) => job(),
                             // The `Hasher` was dropped.

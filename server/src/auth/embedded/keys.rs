@@ -94,10 +94,7 @@ impl KeyRing {
 
     /// The keys as last read.
     pub fn current(&self) -> Arc<SigningKeys> {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::util::read(&self.current).clone()
     }
 
     /// Re-reads the keys from the store.
@@ -108,10 +105,7 @@ impl KeyRing {
         if keys.kid != self.current().kid {
             tracing::info!(kid = %keys.kid, "signing with a new auth key");
         }
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        *crate::util::write(&self.current) = Arc::new(keys);
         Ok(())
     }
 
