@@ -514,6 +514,82 @@ async fn a_stop_whose_message_is_lost_still_stops_the_run_through_the_store() {
     cluster.stop().await;
 }
 
+/// A stop reaches a follower on another instance this fast even while Redis stalls (its
+/// mirror's watchdog alone would take 5 s).
+const STOP_LANDS: Duration = Duration::from_secs(3);
+/// Sockets that sign in while Redis stalls wait at most one subscription's timeout (2 s), not
+/// one each.
+const SIGN_IN_WHILE_STALLED: Duration = Duration::from_secs(4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(wadi_postgres),
+    ignore = "needs Postgres: set WADI_TEST_POSTGRES_URL (cargo xtask test does)"
+)]
+async fn a_stalled_redis_holds_up_neither_a_stop_nor_sign_ins_and_its_return_is_heard() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let cluster = cluster(2, &upstream, &[]).await;
+    let (a, b) = (cluster.at(0), cluster.at(1));
+    let api = a.user().await;
+    let token = api.token.clone().unwrap();
+    let conversation = api.new_conversation().await;
+    let chat = format!("/ws/chat/{conversation}");
+    let (mut on_b, _) = WsClient::authed(b, &chat, &token).await;
+    let (mut on_a, _) = WsClient::authed(a, &chat, &token).await;
+    on_a.send(json!({"type": "message", "content": "stall"}))
+        .await;
+    let run_id = on_a.next().await["runId"].as_str().unwrap().to_owned();
+    assert_eq!(on_b.next().await["type"], "start");
+    let request = upstream.next_request().await;
+    request.token("partial ");
+    read_text(&mut on_b, "partial ").await;
+    // Another user, whose channel B has not subscribed yet.
+    let other = b.user().await;
+    let other_token = other.token.clone().unwrap();
+
+    // Redis keeps its connections and answers nothing.
+    let redis = cluster.redis.as_ref().unwrap();
+    redis.pause().await;
+    on_b.send(json!({"type": "stop", "runId": run_id})).await;
+    let frames = tokio::time::timeout(STOP_LANDS, on_b.until("complete"))
+        .await
+        .expect("the stop did not land on the follower in time");
+    let complete = frames.last().unwrap();
+    assert_eq!(complete["status"], "stopped", "{complete}");
+    assert_eq!(complete["fullOutput"], "partial ");
+    request.cancelled().await;
+    assert_eq!(
+        on_a.until("complete").await.last().unwrap()["status"],
+        "stopped"
+    );
+
+    // Five sockets of the other user sign in on B at once while Redis still stalls.
+    let signed_in = tokio::time::timeout(
+        SIGN_IN_WHILE_STALLED,
+        futures_util::future::join_all(
+            (0..5).map(|_| WsClient::authed(b, "/ws/user", &other_token)),
+        ),
+    )
+    .await
+    .expect("sockets waited on Redis one after another to sign in");
+    let mut sidebars: Vec<WsClient> = signed_in.into_iter().map(|(socket, _)| socket).collect();
+
+    // Once Redis answers again, they are told to reload what they may have missed, and they
+    // hear of changes made through A from then on.
+    redis.resume().await;
+    for sidebar in &mut sidebars {
+        let frames = sidebar.until("resync").await;
+        assert_eq!(frames.len(), 1, "{frames:?}");
+    }
+    let created = on(a, &other).new_conversation().await;
+    for sidebar in &mut sidebars {
+        let frame = sidebar.next().await;
+        assert_eq!(frame["change"], "created", "{frame}");
+        assert_eq!(frame["conversationId"], created.as_str());
+    }
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(wadi_postgres),

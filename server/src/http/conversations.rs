@@ -255,9 +255,8 @@ async fn remove(
     let streaming = state.store.active_run(id).await?;
     if state.store.delete_conversation(id, user.id).await? {
         if let Some(run) = streaming.filter(|run| run.owner_id == user.id) {
-            // In the background: a slow Redis must not hold up the answer.
-            let runs = state.runs.clone();
-            tokio::spawn(async move { runs.cancel_deleted(&run).await });
+            // Told in the background: a slow Redis must not hold up the answer.
+            state.runs.cancel_deleted(&run);
         }
         state
             .runs

@@ -7,6 +7,10 @@
 //! (live delivery is at most once). When the run ends it takes the outcome from the store, which
 //! is authoritative. Without live events (a single instance, or the log unreachable) it reads the
 //! store every flush interval. It stops once nobody follows the mirror.
+//!
+//! Once a stop is asked of the run on this instance, the feeder reads the store soon and often
+//! until the run ends there: the end's event may never come (Redis away), and the stop's asker
+//! should not wait for the watchdog to learn what its stop did.
 
 use std::{
     sync::{Arc, Weak},
@@ -32,12 +36,18 @@ const WATCHDOG: Duration = Duration::from_secs(5);
 /// times, before the watchdog takes over.
 const END_RETRY: Duration = Duration::from_millis(100);
 const END_RETRIES: u32 = 20;
+/// After a stop was asked here, the store is read this long after it, then twice as long after
+/// each read, up to `STOP_POLL_MAX`, until the run has ended.
+const STOP_POLL_FIRST: Duration = Duration::from_millis(100);
+const STOP_POLL_MAX: Duration = Duration::from_millis(500);
 
 pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Option<RunRecord>) {
     let Some(handle) = mirror.upgrade() else {
         return;
     };
     let id = handle.id;
+    // Cancelled by `RunHandle::stop` when a stop of the run is asked here.
+    let stop_asked = handle.cancelled().clone();
     let finished_already = record
         .as_ref()
         .is_some_and(|record| record.status.is_final());
@@ -51,6 +61,7 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
     runs.metrics.remote_watchers.inc();
     let mut record = record;
     let mut end_retries = 0;
+    let mut stop_poll = STOP_POLL_FIRST;
     'catch_up: loop {
         let Some(handle) = mirror.upgrade() else {
             break;
@@ -67,16 +78,29 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
         }
         drop(handle);
         loop {
-            let next = match watch.as_mut() {
-                Some(live) => match tokio::time::timeout(WATCHDOG, live.events.recv()).await {
-                    Ok(Some(event)) => Next::Event(event),
-                    Ok(None) => Next::Closed,
-                    Err(_) => Next::Idle,
-                },
-                None => {
-                    tokio::time::sleep(runs.settings.flush_interval).await;
-                    Next::Idle
-                }
+            let stopping = stop_asked.is_cancelled();
+            let quiet = if stopping {
+                let wait = stop_poll;
+                stop_poll = (stop_poll * 2).min(STOP_POLL_MAX);
+                wait
+            } else {
+                WATCHDOG
+            };
+            let next = tokio::select! {
+                next = async {
+                    match watch.as_mut() {
+                        Some(live) => match tokio::time::timeout(quiet, live.events.recv()).await {
+                            Ok(Some(event)) => Next::Event(event),
+                            Ok(None) => Next::Closed,
+                            Err(_) => Next::Idle,
+                        },
+                        None => {
+                            tokio::time::sleep(runs.settings.flush_interval.min(quiet)).await;
+                            Next::Idle
+                        }
+                    }
+                } => next,
+                () = stop_asked.cancelled(), if !stopping => Next::Idle,
             };
             let Some(handle) = mirror.upgrade() else {
                 break 'catch_up;

@@ -793,33 +793,38 @@ impl Runs {
             return Err(no_active_run());
         };
         tracing::info!(run_id = %handle.id, owner = ?owner, "stop requested for a run driven elsewhere");
+        // The mirror reads the store soon and often from now on, until it sees the run end:
+        // its end may not come through Redis.
+        handle.stop(RunStatus::Stopped);
+        self.tell_owner_to_stop(owner, handle.id);
+        Ok(())
+    }
+
+    /// Tells `owner` to stop `run` now: at once if it is this instance, else through the
+    /// cluster, in the background (the stop is in the store already, which the owner reads at
+    /// its next heartbeat: a Redis that does not answer must not hold up whoever asked).
+    fn tell_owner_to_stop(&self, owner: Option<InstanceId>, run: RunId) {
         match owner {
             Some(owner) if owner == self.instance => {
-                if let Some(owned) = self.hub.owned(handle.id) {
+                if let Some(owned) = self.hub.owned(run) {
                     owned.stop(RunStatus::Stopped);
                 }
             }
-            Some(owner) => self.cluster.send_stop(owner, handle.id).await,
+            Some(owner) => {
+                let cluster = self.cluster.clone();
+                tokio::spawn(async move { cluster.send_stop(owner, run).await });
+            }
             None => {}
         }
-        Ok(())
     }
 
     /// The run's conversation was deleted while it streamed: it is stopped at once wherever it
     /// is driven, so the provider is not asked for more of an answer nobody can keep (nothing of
     /// it is saved: its rows went with the conversation). Without this, its owner would notice
     /// only at its next checkpoint or heartbeat.
-    pub async fn cancel_deleted(&self, run: &RunRecord) {
+    pub fn cancel_deleted(&self, run: &RunRecord) {
         tracing::info!(run_id = %run.id, owner = ?run.owner_instance, "conversation deleted while its answer streamed; stopping it");
-        match run.owner_instance {
-            Some(owner) if owner == self.instance => {
-                if let Some(owned) = self.hub.owned(run.id) {
-                    owned.stop(RunStatus::Stopped);
-                }
-            }
-            Some(owner) => self.cluster.send_stop(owner, run.id).await,
-            None => {}
-        }
+        self.tell_owner_to_stop(run.owner_instance, run.id);
     }
 
     /// This instance's sockets of `user` want to learn of runs started elsewhere; resolves once

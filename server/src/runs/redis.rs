@@ -16,7 +16,7 @@
 //! after it reconnects, every followed run reads its log again (pub/sub is at most once).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -170,11 +170,36 @@ return 1
 
 /// A shared rate's answer later than this is not waited for: the instance's own count decides.
 const RATE_TIMEOUT: Duration = Duration::from_secs(1);
-/// After a shared rate failed, the instance's own counts decide for this long without asking
-/// Redis (a Redis that does not answer would otherwise cost every request the timeout).
-const RATE_AWAY: Duration = Duration::from_secs(2);
+/// After a command that can be done without failed (a shared rate, a log read), it is not asked
+/// of Redis for this long (a Redis that does not answer would otherwise cost every request, or
+/// every read of a stopped run's end, the timeout).
+const AWAY: Duration = Duration::from_secs(2);
 /// The time one event of a rate with no refill holds its place: a century.
 const RATE_STEP_MAX_MICROS: f64 = 100.0 * 365.0 * 86_400e6;
+
+/// A spell of Redis failing a kind of command: it lasts `AWAY` past the last failure.
+#[derive(Default)]
+struct Spell(Mutex<Option<Instant>>);
+
+impl Spell {
+    fn until(&self) -> MutexGuard<'_, Option<Instant>> {
+        crate::util::lock(&self.0)
+    }
+
+    fn lasts(&self) -> bool {
+        self.until().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// A failure: the spell lasts `AWAY` from now. True if it began with this failure.
+    fn begin(&self) -> bool {
+        self.until().replace(Instant::now() + AWAY).is_none()
+    }
+
+    /// A success: the spell is over.
+    fn end(&self) {
+        *self.until() = None;
+    }
+}
 
 /// Runs a command, and once more if it failed because the connection was gone: the first
 /// command after Redis restarted (or the connection was cut) meets the old, broken connection
@@ -250,12 +275,21 @@ enum Route {
 }
 
 enum SubscriptionOp {
+    /// One more acquirer of `channel`; `events` routes the channel to the runs service (a
+    /// user's channel, this instance's control channel) while it is acquired. `done` says
+    /// whether Redis confirmed the subscription.
     Acquire {
         channel: String,
+        events: bool,
         done: oneshot::Sender<bool>,
     },
     Release {
         channel: String,
+    },
+    /// Redis answers again: subscribe what was acquired meanwhile, unsubscribe what was
+    /// released meanwhile; `done` once that is through.
+    Restore {
+        done: oneshot::Sender<()>,
     },
 }
 
@@ -267,14 +301,14 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// The subscription connection was lost since the last successful probe.
     gap: AtomicBool,
+    /// The subscription connection failed a ping or a subscription: acquires are counted and
+    /// answered at once (unconfirmed) until the probe finds it answering again and restores.
+    subscriber_down: AtomicBool,
 }
 
 impl Shared {
     fn routes(&self) -> MutexGuard<'_, HashMap<String, Route>> {
-        match self.routes.lock() {
-            Ok(routes) => routes,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::util::lock(&self.routes)
     }
 
     /// Tells every followed run that live events may have been lost.
@@ -367,7 +401,10 @@ pub struct RedisCluster {
     stop: Script,
     rate: Script,
     /// Until when the shared rates are not asked (after one failed).
-    rates_away_until: Mutex<Option<Instant>>,
+    /// Shared rates failed lately: each instance's own counts decide meanwhile.
+    rates_away: Spell,
+    /// A log read failed lately: mirrors read the store alone meanwhile.
+    reads_away: Spell,
     /// Warnings about failed appends left to log (`wadi_redis_errors_total` counts them all).
     failure_log: Mutex<crate::limits::TokenBucket>,
 }
@@ -412,11 +449,20 @@ impl RedisCluster {
             events: events_tx,
             metrics,
             gap: AtomicBool::new(false),
+            subscriber_down: AtomicBool::new(false),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), pushes));
-        tokio::spawn(probe(Arc::downgrade(&shared), subscriber.clone()));
         let (subscriptions, ops) = mpsc::unbounded_channel();
-        tokio::spawn(manage_subscriptions(ops, subscriber));
+        tokio::spawn(probe(
+            Arc::downgrade(&shared),
+            subscriber.clone(),
+            subscriptions.clone(),
+        ));
+        tokio::spawn(manage_subscriptions(
+            Arc::downgrade(&shared),
+            ops,
+            subscriber,
+        ));
         let cluster = Arc::new(Self {
             shared,
             commands,
@@ -426,29 +472,31 @@ impl RedisCluster {
             fence: Script::new(FENCE),
             stop: Script::new(STOP),
             rate: Script::new(RATE),
-            rates_away_until: Mutex::new(None),
+            rates_away: Spell::default(),
+            reads_away: Spell::default(),
             failure_log: Mutex::new(crate::limits::TokenBucket::new(
                 FAILURE_LOG_BURST,
                 FAILURE_LOG_PER_MINUTE / 60.0,
             )),
         });
-        let control = control_channel(instance);
-        cluster
-            .shared
-            .routes()
-            .insert(control.clone(), Route::Events);
-        if !cluster.acquire(control).await {
+        if !cluster.acquire(control_channel(instance), true).await {
             anyhow::bail!("cannot subscribe to this instance's control channel on Redis");
         }
         Ok((cluster, events))
     }
 
-    /// Subscribes (counted: the first acquirer subscribes); resolves once Redis confirmed.
-    async fn acquire(&self, channel: String) -> bool {
+    /// Subscribes (counted: the first acquirer subscribes); resolves once Redis confirmed, or
+    /// false if it did not (the acquire still counts: release it, and while it is held the
+    /// channel is subscribed as soon as Redis answers again).
+    async fn acquire(&self, channel: String, events: bool) -> bool {
         let (done, confirmed) = oneshot::channel();
         if self
             .subscriptions
-            .send(SubscriptionOp::Acquire { channel, done })
+            .send(SubscriptionOp::Acquire {
+                channel,
+                events,
+                done,
+            })
             .is_err()
         {
             return false;
@@ -516,12 +564,9 @@ impl RedisCluster {
     }
 
     /// One call of the rate script, or `None` if Redis did not answer within `RATE_TIMEOUT`,
-    /// or failed less than `RATE_AWAY` ago.
+    /// or failed less than `AWAY` ago.
     async fn count(&self, key: &str, rate: Rate, op: &str) -> Option<bool> {
-        if self
-            .rates_away()
-            .is_some_and(|until| Instant::now() < until)
-        {
+        if self.rates_away.lasts() {
             return None;
         }
         let step = if rate.per_second > 0.0 {
@@ -545,7 +590,7 @@ impl RedisCluster {
         .await;
         let error = match answer {
             Ok(Ok(taken)) => {
-                *self.rates_away() = None;
+                self.rates_away.end();
                 return Some(taken == 1);
             }
             Ok(Err(error)) => error.to_string(),
@@ -553,30 +598,18 @@ impl RedisCluster {
         };
         self.shared.metrics.redis_errors.inc();
         // Said once per spell (not per request, and without the key: it may name an address).
-        let mut away = self.rates_away();
-        if away.is_none() {
+        if self.rates_away.begin() {
             tracing::warn!(
                 %error,
                 "Redis cannot count rates: each instance's own counts decide until it can"
             );
         }
-        *away = Some(Instant::now() + RATE_AWAY);
         None
-    }
-
-    fn rates_away(&self) -> MutexGuard<'_, Option<Instant>> {
-        match self.rates_away_until.lock() {
-            Ok(away) => away,
-            Err(poisoned) => poisoned.into_inner(),
-        }
     }
 
     fn failed(&self, what: &str, error: &redis::RedisError, run: RunId) {
         self.shared.metrics.redis_errors.inc();
-        let mut budget = match self.failure_log.lock() {
-            Ok(budget) => budget,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut budget = crate::util::lock(&self.failure_log);
         if budget.try_take() {
             tracing::warn!(%run, %error, "Redis {what} failed");
         }
@@ -755,15 +788,18 @@ impl Cluster for RedisCluster {
             }
             drop(release);
         });
-        if !self.acquire(channel).await {
-            // Dropping the lease releases the count the failed acquire took back already;
-            // releasing twice would be wrong, so forget the subscription part.
+        if !self.acquire(channel, false).await {
+            // Not subscribed now: the follower reads the store instead (dropping the lease
+            // releases the acquire).
             return None;
         }
         Some(Watch { events, lease })
     }
 
     async fn read_log(&self, run: RunId, after_seq: u64) -> Option<LogRead> {
+        if self.reads_away.lasts() {
+            return None;
+        }
         let mut read = LogRead::default();
         // From `after-1`: the end entry of a run whose last chunk is `after` is `after-1`.
         let mut from = format!("{after_seq}-1");
@@ -781,9 +817,11 @@ impl Cluster for RedisCluster {
                 Ok(entries) => entries,
                 Err(error) => {
                     self.failed("read", &error, run);
+                    self.reads_away.begin();
                     return None;
                 }
             };
+            self.reads_away.end();
             let count = parse_entries(entries, &mut read);
             if count < READ_BATCH || read.ended {
                 return Some(read);
@@ -797,15 +835,10 @@ impl Cluster for RedisCluster {
 
     async fn watch_user(&self, user: UserId) -> Lease {
         let channel = user_channel(user);
-        self.shared
-            .routes()
-            .entry(channel.clone())
-            .or_insert(Route::Events);
-        if self.acquire(channel.clone()).await {
-            self.release_lease(channel)
-        } else {
-            Lease::none()
-        }
+        // Held even if Redis did not confirm it: the channel is subscribed when Redis answers
+        // again, and the sockets are then told to reload what they missed.
+        self.acquire(channel.clone(), true).await;
+        self.release_lease(channel)
     }
 
     async fn fence(&self, run: &RunRecord) -> Vec<String> {
@@ -914,8 +947,13 @@ async fn dispatch(shared: std::sync::Weak<Shared>, mut pushes: mpsc::UnboundedRe
 }
 
 /// Pings the subscription connection: a broken one is re-established by the ping (and its
-/// channels resubscribed); then every followed run catches up, since events may have been lost.
-async fn probe(shared: std::sync::Weak<Shared>, mut subscriber: ConnectionManager) {
+/// channels resubscribed); then what was acquired or released while it was down is brought in
+/// line, and every followed run and socket catches up, since events may have been lost.
+async fn probe(
+    shared: std::sync::Weak<Shared>,
+    mut subscriber: ConnectionManager,
+    subscriptions: mpsc::UnboundedSender<SubscriptionOp>,
+) {
     let mut healthy = true;
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
@@ -928,58 +966,160 @@ async fn probe(shared: std::sync::Weak<Shared>, mut subscriber: ConnectionManage
                 .await,
             Ok(Ok(_))
         );
-        // Back after a failed probe, or reconnected by this probe after a lost connection:
-        // the channels are subscribed again, so what was missed meanwhile can be read now.
+        // Back after a failed probe or subscription, or reconnected by this probe after a
+        // lost connection: the channels are subscribed again, so what was missed meanwhile can
+        // be read now.
         let reconnected = ok && shared.gap.swap(false, Ordering::SeqCst);
-        if ok && (!healthy || reconnected) {
+        if ok && (!healthy || reconnected || shared.subscriber_down.load(Ordering::SeqCst)) {
+            let (done, restored) = oneshot::channel();
+            if subscriptions
+                .send(SubscriptionOp::Restore { done })
+                .is_err()
+            {
+                return;
+            }
+            let _ = restored.await;
             tracing::info!("Redis subscriptions are back; followers and announcements catch up");
             shared.resync();
             let _ = shared.events.send(ClusterEvent::Resync);
         }
-        if !ok && healthy {
-            shared.metrics.redis_errors.inc();
-            tracing::warn!("Redis subscription connection is down");
+        if !ok {
+            shared.subscriber_down.store(true, Ordering::SeqCst);
+            if healthy {
+                shared.metrics.redis_errors.inc();
+                tracing::warn!("Redis subscription connection is down");
+            }
         }
         healthy = ok;
     }
 }
 
 /// Subscribes and unsubscribes in order, counting acquirers per channel, so that a release and
-/// an acquire of one channel can never overtake each other on the connection.
+/// an acquire of one channel can never overtake each other on the connection. While the
+/// connection is down (`Shared::subscriber_down`) nothing is sent, so nobody waits on a Redis
+/// that does not answer: acquires and releases are only counted, and `Restore` makes Redis's
+/// subscriptions match the counts once it answers again.
 async fn manage_subscriptions(
+    shared: std::sync::Weak<Shared>,
     mut ops: mpsc::UnboundedReceiver<SubscriptionOp>,
-    mut subscriber: ConnectionManager,
+    subscriber: ConnectionManager,
 ) {
-    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut subscriptions = Subscriptions {
+        subscriber,
+        acquired: HashMap::new(),
+        subscribed: HashSet::new(),
+    };
     while let Some(op) = ops.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         match op {
-            SubscriptionOp::Acquire { channel, done } => {
-                let count = counts.entry(channel.clone()).or_default();
-                *count += 1;
-                if *count > 1 {
-                    let _ = done.send(true);
-                    continue;
+            SubscriptionOp::Acquire {
+                channel,
+                events,
+                done,
+            } => {
+                if events {
+                    shared
+                        .routes()
+                        .entry(channel.clone())
+                        .or_insert(Route::Events);
                 }
-                let subscribed =
-                    tokio::time::timeout(RESPONSE_TIMEOUT, subscriber.subscribe(&channel)).await;
-                let ok = matches!(subscribed, Ok(Ok(())));
-                if !ok {
-                    tracing::warn!(%channel, "cannot subscribe on Redis");
-                    counts.remove(&channel);
-                }
-                let _ = done.send(ok);
+                *subscriptions.acquired.entry(channel.clone()).or_default() += 1;
+                let confirmed = subscriptions.subscribed.contains(&channel)
+                    || (!shared.subscriber_down.load(Ordering::SeqCst)
+                        && subscriptions.subscribe(&shared, &channel).await);
+                let _ = done.send(confirmed);
             }
             SubscriptionOp::Release { channel } => {
-                let Some(count) = counts.get_mut(&channel) else {
+                let Some(count) = subscriptions.acquired.get_mut(&channel) else {
                     continue;
                 };
                 *count -= 1;
-                if *count == 0 {
-                    counts.remove(&channel);
-                    let _ =
-                        tokio::time::timeout(RESPONSE_TIMEOUT, subscriber.unsubscribe(&channel))
-                            .await;
+                if *count > 0 {
+                    continue;
                 }
+                subscriptions.acquired.remove(&channel);
+                {
+                    let mut routes = shared.routes();
+                    if let Some(Route::Events) = routes.get(&channel) {
+                        routes.remove(&channel);
+                    }
+                }
+                if !shared.subscriber_down.load(Ordering::SeqCst) {
+                    subscriptions.unsubscribe(&shared, &channel).await;
+                }
+            }
+            SubscriptionOp::Restore { done } => {
+                shared.subscriber_down.store(false, Ordering::SeqCst);
+                subscriptions.restore(&shared).await;
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// What `manage_subscriptions` keeps.
+struct Subscriptions {
+    subscriber: ConnectionManager,
+    /// Acquirers per channel.
+    acquired: HashMap<String, usize>,
+    /// The channels Redis confirmed and that were not unsubscribed since.
+    subscribed: HashSet<String>,
+}
+
+impl Subscriptions {
+    /// False if Redis did not confirm in time: the connection is then taken for down.
+    async fn subscribe(&mut self, shared: &Shared, channel: &str) -> bool {
+        let answer =
+            tokio::time::timeout(RESPONSE_TIMEOUT, self.subscriber.subscribe(channel)).await;
+        if matches!(answer, Ok(Ok(()))) {
+            self.subscribed.insert(channel.to_owned());
+            return true;
+        }
+        tracing::warn!(%channel, "cannot subscribe on Redis; its events are read from the store until it can");
+        shared.metrics.redis_errors.inc();
+        shared.subscriber_down.store(true, Ordering::SeqCst);
+        false
+    }
+
+    async fn unsubscribe(&mut self, shared: &Shared, channel: &str) -> bool {
+        if !self.subscribed.contains(channel) {
+            return true;
+        }
+        let answer =
+            tokio::time::timeout(RESPONSE_TIMEOUT, self.subscriber.unsubscribe(channel)).await;
+        if matches!(answer, Ok(Ok(()))) {
+            self.subscribed.remove(channel);
+            return true;
+        }
+        shared.subscriber_down.store(true, Ordering::SeqCst);
+        false
+    }
+
+    /// Subscribes what is acquired but not subscribed, unsubscribes what is subscribed but no
+    /// longer acquired; stops at the first failure (the probe restores again later).
+    async fn restore(&mut self, shared: &Shared) {
+        let missing: Vec<String> = self
+            .acquired
+            .keys()
+            .filter(|channel| !self.subscribed.contains(*channel))
+            .cloned()
+            .collect();
+        for channel in missing {
+            if !self.subscribe(shared, &channel).await {
+                return;
+            }
+        }
+        let released: Vec<String> = self
+            .subscribed
+            .iter()
+            .filter(|channel| !self.acquired.contains_key(*channel))
+            .cloned()
+            .collect();
+        for channel in released {
+            if !self.unsubscribe(shared, &channel).await {
+                return;
             }
         }
     }

@@ -45,6 +45,32 @@ impl RedisServer {
         self.child = Some(spawn(self.port, self.dir.path()).await);
     }
 
+    /// `SIGSTOP`: the server keeps its connections but answers nothing, as a stalled or
+    /// overloaded Redis does.
+    pub async fn pause(&self) {
+        self.signal("-STOP").await;
+    }
+
+    /// `SIGCONT`: it answers again, everything it was sent meanwhile included.
+    pub async fn resume(&self) {
+        self.signal("-CONT").await;
+    }
+
+    async fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("not running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// A command through `redis-cli`, for inspecting what the servers wrote.
     pub async fn cli(&self, args: &[&str]) -> String {
         let output = Command::new("redis-cli")
