@@ -2396,6 +2396,44 @@ async fn a_resend_of_a_committed_message_is_answered_once_the_messages_are_spent
 }
 
 #[tokio::test]
+async fn once_the_messages_are_spent_a_send_into_a_busy_conversation_is_told_it_is_busy() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.runs.message_rate_burst = 1;
+        config.runs.message_rate_per_minute = 0.01;
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let messages = format!("/api/conversations/{conversation}/messages");
+    let (status, sent) = api.post(&messages, json!({"content": "one"})).await;
+    assert_eq!(status, 201, "{sent}");
+    let request = upstream.next_request().await;
+    // The only message is spent and the answer streams: busy, not rate limited (waiting for
+    // the answer is what helps), over REST and on a socket.
+    let (status, body) = api.post(&messages, json!({"content": "two"})).await;
+    assert_eq!(
+        (status.as_u16(), &body["code"]),
+        (409, &json!("run_in_progress"))
+    );
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    ws.send(json!({"type": "message", "content": "two"})).await;
+    let refused = ws.next().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "run_in_progress");
+    // Once it has ended, the rate is what refuses.
+    request.send(Step::Finish);
+    api.events(sent["run"]["id"].as_str().unwrap()).await;
+    let (status, body) = api.post(&messages, json!({"content": "three"})).await;
+    assert_eq!(
+        (status.as_u16(), &body["code"]),
+        (429, &json!("rate_limited"))
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn sends_refused_while_an_answer_streams_and_resends_do_not_use_up_the_message_rate() {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(Engine::Sqlite, &upstream, |config| {

@@ -341,10 +341,10 @@ impl Runs {
             Request::Send {
                 client_message_id: Some(id),
                 ..
-            } => Some((conversation_id, id.as_str())),
+            } => Some(id.as_str()),
             _ => None,
         };
-        let message = self.admit(user, resend).await?;
+        let message = self.admit(user, conversation_id, resend).await?;
         let runs = self.clone();
         let sent = tokio::spawn(
             async move { runs.commit_and_start(user, conversation_id, request).await }
@@ -390,13 +390,16 @@ impl Runs {
     }
 
     /// The checks before any work: the cap on runs here, and the user's message rate. Returns
-    /// the message counted, to give back if none is sent after all; none for a `resend` (the
-    /// conversation and `clientMessageId`) of a message already committed once the messages
-    /// are spent: its first answer was lost, and it sends nothing new.
+    /// the message counted, to give back if none is sent after all; none for a `resend` (its
+    /// `clientMessageId`) of a message already committed once the messages are spent: its
+    /// first answer was lost, and it sends nothing new. Once the messages are spent, a send
+    /// into a conversation whose answer is streaming is refused with `run_in_progress`, as it
+    /// would be with messages left: waiting for the answer is what helps.
     async fn admit(
         &self,
         user: UserId,
-        resend: Option<(ConversationId, &str)>,
+        conversation_id: ConversationId,
+        resend: Option<&str>,
     ) -> Result<Option<Taken<UserId>>, AppError> {
         // Refused at once when full, before any work, even counting (the exact check is at the
         // reservation).
@@ -416,10 +419,13 @@ impl Runs {
         if let Some(message) = self.limiter.take(user).await {
             return Ok(Some(message));
         }
-        if let Some((conversation, id)) = resend
-            && self.store.has_client_message(conversation, id).await?
+        if let Some(id) = resend
+            && self.store.has_client_message(conversation_id, id).await?
         {
             return Ok(None);
+        }
+        if self.store.active_run(conversation_id).await?.is_some() {
+            return Err(run_in_progress());
         }
         Err(AppError::RateLimited)
     }
