@@ -114,6 +114,69 @@ pub fn derive_title(content: &str) -> String {
     }
 }
 
+/// How the export's Markdown is read: as the app reads it, and as viewers that follow GitHub's
+/// flavour do.
+fn export_options() -> pulldown_cmark::Options {
+    use pulldown_cmark::Options;
+    Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TASKLISTS
+}
+
+/// Follows a turn in `sealed`'s check: still a paragraph of its own after the turn, or the turn
+/// would swallow the next one.
+const TURN_END: &str = "wadi-turn-end";
+
+/// A message's content as it goes into the Markdown export: shown as the app shows it, and
+/// sealed so that nothing in it reaches into the turns after it. Raw HTML is escaped (the app
+/// shows it as text; a viewer would render it, and an unclosed `<!--` or `<script>` would hide
+/// every later turn), and a fenced code block left open (an answer stopped mid-block) is
+/// closed.
+fn sealed(content: &str) -> String {
+    use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag};
+    let content = content.trim_end();
+    let mut out = String::with_capacity(content.len() + 16);
+    let mut copied = 0;
+    let mut last_fence = None;
+    for (event, range) in Parser::new_ext(content, export_options()).into_offset_iter() {
+        match event {
+            Event::Html(_) | Event::InlineHtml(_) if range.start >= copied => {
+                out.push_str(&content[copied..range.start]);
+                out.push_str(&content[range.clone()].replace('<', "&lt;"));
+                copied = range.end;
+            }
+            Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(_))) => last_fence = Some(range),
+            _ => {}
+        }
+    }
+    out.push_str(&content[copied..]);
+    if let Some(fence) = last_fence
+        && swallows_what_follows(&out)
+    {
+        let opening = content[fence].trim_start();
+        let marker = opening.chars().next().unwrap_or('`');
+        let length = opening.chars().take_while(|&c| c == marker).count();
+        out.push('\n');
+        out.extend(std::iter::repeat_n(marker, length.max(3)));
+    }
+    out
+}
+
+/// True if a paragraph after `text` (past a blank line) would be read as part of a code block
+/// of `text`'s.
+fn swallows_what_follows(text: &str) -> bool {
+    use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+    let probe = format!("{text}\n\n{TURN_END}");
+    let mut in_code = false;
+    for event in Parser::new_ext(&probe, export_options()) {
+        match event {
+            Event::Start(Tag::CodeBlock(_)) => in_code = true,
+            Event::End(TagEnd::CodeBlock) => in_code = false,
+            Event::Text(text) if in_code && text.contains(TURN_END) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// A conversation's branch as Markdown, for people: the title, then each message under who
 /// wrote it (and, for answers, the model), in order.
 pub fn markdown_export(
@@ -141,7 +204,7 @@ pub fn markdown_export(
             (Role::System, _) => "System".to_owned(),
         };
         let _ = writeln!(out, "**{who}** · {}\n", when(message.created_at));
-        let _ = writeln!(out, "{}\n", message.content.trim_end());
+        let _ = writeln!(out, "{}\n", sealed(&message.content));
         if let Some(status) = message
             .run_status
             .filter(|status| !matches!(status, wadi_protocol::RunStatus::Completed))
@@ -155,6 +218,88 @@ pub fn markdown_export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_turn_of_an_export_reaches_into_the_next() {
+        use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+        use wadi_protocol::api::{Conversation, Message, Role};
+        let epoch = time::OffsetDateTime::UNIX_EPOCH;
+        let contents = [
+            "Show me\n```rust\nfn main() {",
+            "<!-- the rest is a comment",
+            "<script>alert(1)",
+            "~~~~\nclosed too short\n~~~",
+            "<textarea>\n\nstill in it",
+            "> ```\n> quoted fence",
+            "- ```\n  listed fence",
+            "the end <b>bold?</b>",
+        ];
+        let messages: Vec<Message> = contents
+            .iter()
+            .enumerate()
+            .map(|(index, content)| Message {
+                id: uuid::Uuid::nil(),
+                conversation_id: uuid::Uuid::nil(),
+                role: if index % 2 == 0 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                },
+                content: (*content).to_owned(),
+                run_id: None,
+                run_status: None,
+                client_message_id: None,
+                created_at: epoch,
+                parent_id: None,
+                siblings: Vec::new(),
+                model: None,
+                usage: None,
+            })
+            .collect();
+        let conversation = Conversation {
+            id: uuid::Uuid::nil(),
+            title: "t".into(),
+            created_at: epoch,
+            updated_at: epoch,
+            model: None,
+            system_prompt: None,
+        };
+        let export = markdown_export(&conversation, &messages);
+        // Every turn's "who" is read as bold text outside any code block, and nothing is HTML.
+        let mut in_code = false;
+        let mut in_strong = false;
+        let mut who = Vec::new();
+        let mut text = String::new();
+        for event in Parser::new_ext(&export, export_options()) {
+            match event {
+                Event::Start(Tag::CodeBlock(_)) => in_code = true,
+                Event::End(TagEnd::CodeBlock) => in_code = false,
+                Event::Start(Tag::Strong) => in_strong = true,
+                Event::End(TagEnd::Strong) => in_strong = false,
+                Event::Text(piece) if in_strong && !in_code => who.push(piece.to_string()),
+                Event::Html(html) | Event::InlineHtml(html) => panic!("HTML {html:?} in {export}"),
+                Event::Text(piece) => text.push_str(&piece),
+                _ => {}
+            }
+        }
+        let expected: Vec<&str> = (0..contents.len())
+            .map(|index| if index % 2 == 0 { "You" } else { "Assistant" })
+            .collect();
+        assert_eq!(who, expected, "{export}");
+        // What the app shows as text is there as text.
+        for shown in [
+            "<!-- the rest is a comment",
+            "<script>alert(1)",
+            "<b>bold?</b>",
+            "fn main() {",
+        ] {
+            assert!(text.contains(shown), "{shown:?} in {export}");
+        }
+        // A fence is closed only where it was left open.
+        assert_eq!(sealed("```\ncode\n```"), "```\ncode\n```");
+        assert_eq!(sealed("````md\n```\n"), "````md\n```\n````");
+        assert_eq!(sealed("  ~~~\nx"), "  ~~~\nx\n~~~");
+    }
 
     #[test]
     fn titles_come_from_the_first_line() {
