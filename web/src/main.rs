@@ -3,6 +3,7 @@
 mod api;
 mod app;
 mod auth;
+mod clipboard;
 mod components;
 mod highlight;
 mod markdown;

@@ -316,8 +316,7 @@ pub fn ChatPane(
             .and_then(|block| block.query_selector("pre").ok().flatten())
             .and_then(|pre| pre.text_content())
             .unwrap_or_default();
-        let clipboard = window().navigator().clipboard();
-        let _ = clipboard.write_text(&code);
+        crate::clipboard::copy(&code);
         button.set_text_content(Some("Copied"));
     };
 

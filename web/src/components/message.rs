@@ -243,7 +243,7 @@ fn controls(
             aria-label="Copy message"
             title="Copy"
             on:click=move |event: leptos::ev::MouseEvent| {
-                let _ = window().navigator().clipboard().write_text(&content);
+                crate::clipboard::copy(&content);
                 event_target::<web_sys::HtmlElement>(&event).set_text_content(Some("Copied"));
             }
         >
