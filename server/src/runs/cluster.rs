@@ -108,6 +108,9 @@ impl Drop for Lease {
 pub struct Watch {
     pub events: mpsc::UnboundedReceiver<LiveEvent>,
     pub lease: Lease,
+    /// Redis confirmed the subscription. If not, events come only once Redis answers again
+    /// (announced by a `Resync`).
+    pub confirmed: bool,
 }
 
 /// The health of the shared bus, for `/readyz`.

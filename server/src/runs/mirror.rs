@@ -66,7 +66,10 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
         let Some(handle) = mirror.upgrade() else {
             break;
         };
-        match catch_up(&runs, &handle, record.take()).await {
+        // While stopping, the store alone: it says when the run has ended, with all of it, and
+        // a stalled Redis would cost each read its response timeout.
+        let from_log = !stop_asked.is_cancelled();
+        match catch_up(&runs, &handle, record.take(), from_log).await {
             CatchUp::Finished => break,
             CatchUp::EndNotSaved if end_retries < END_RETRIES => {
                 end_retries += 1;
@@ -83,8 +86,11 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
                 let wait = stop_poll;
                 stop_poll = (stop_poll * 2).min(STOP_POLL_MAX);
                 wait
-            } else {
+            } else if watch.as_ref().is_some_and(|live| live.confirmed) {
                 WATCHDOG
+            } else {
+                // Not subscribed yet (Redis away): the store is read as often as without Redis.
+                runs.settings.flush_interval
             };
             let next = tokio::select! {
                 next = async {
@@ -105,6 +111,10 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
             let Some(handle) = mirror.upgrade() else {
                 break 'catch_up;
             };
+            if let (Next::Event(_), Some(live)) = (&next, watch.as_mut()) {
+                // Events come: the subscription is in place.
+                live.confirmed = true;
+            }
             match next {
                 Next::Event(LiveEvent::Chunks { first, texts }) => {
                     for (seq, text) in (first..).zip(&texts) {
@@ -144,10 +154,19 @@ enum CatchUp {
     EndNotSaved,
 }
 
-/// Brings the mirror up to what the shared log and the store hold, and finishes it if the run
-/// has ended.
-async fn catch_up(runs: &Runs, handle: &RunHandle, record: Option<RunRecord>) -> CatchUp {
-    let log = runs.cluster.read_log(handle.id, handle.last_seq()).await;
+/// Brings the mirror up to what the shared log (if `from_log`) and the store hold, and
+/// finishes it if the run has ended.
+async fn catch_up(
+    runs: &Runs,
+    handle: &RunHandle,
+    record: Option<RunRecord>,
+    from_log: bool,
+) -> CatchUp {
+    let log = if from_log {
+        runs.cluster.read_log(handle.id, handle.last_seq()).await
+    } else {
+        None
+    };
     if let Some(log) = &log {
         apply(handle, &log.chunks);
     }

@@ -287,9 +287,9 @@ enum SubscriptionOp {
         channel: String,
     },
     /// Redis answers again: subscribe what was acquired meanwhile, unsubscribe what was
-    /// released meanwhile; `done` once that is through.
+    /// released meanwhile; `done` says whether all of it went through.
     Restore {
-        done: oneshot::Sender<()>,
+        done: oneshot::Sender<bool>,
     },
 }
 
@@ -400,7 +400,6 @@ pub struct RedisCluster {
     fence: Script,
     stop: Script,
     rate: Script,
-    /// Until when the shared rates are not asked (after one failed).
     /// Shared rates failed lately: each instance's own counts decide meanwhile.
     rates_away: Spell,
     /// A log read failed lately: mirrors read the store alone meanwhile.
@@ -788,12 +787,14 @@ impl Cluster for RedisCluster {
             }
             drop(release);
         });
-        if !self.acquire(channel, false).await {
-            // Not subscribed now: the follower reads the store instead (dropping the lease
-            // releases the acquire).
-            return None;
-        }
-        Some(Watch { events, lease })
+        // Not confirmed now, it is subscribed once Redis answers again (then a `Resync`
+        // comes); meanwhile the follower reads the store more often.
+        let confirmed = self.acquire(channel, false).await;
+        Some(Watch {
+            events,
+            lease,
+            confirmed,
+        })
     }
 
     async fn read_log(&self, run: RunId, after_seq: u64) -> Option<LogRead> {
@@ -978,10 +979,14 @@ async fn probe(
             {
                 return;
             }
-            let _ = restored.await;
-            tracing::info!("Redis subscriptions are back; followers and announcements catch up");
-            shared.resync();
-            let _ = shared.events.send(ClusterEvent::Resync);
+            // Not all restored: asked again at the next probe, and only then caught up.
+            if restored.await.unwrap_or(false) {
+                tracing::info!(
+                    "Redis subscriptions are back; followers and announcements catch up"
+                );
+                shared.resync();
+                let _ = shared.events.send(ClusterEvent::Resync);
+            }
         }
         if !ok {
             shared.subscriber_down.store(true, Ordering::SeqCst);
@@ -1008,6 +1013,7 @@ async fn manage_subscriptions(
         subscriber,
         acquired: HashMap::new(),
         subscribed: HashSet::new(),
+        uncertain: HashSet::new(),
     };
     while let Some(op) = ops.recv().await {
         let Some(shared) = shared.upgrade() else {
@@ -1026,7 +1032,7 @@ async fn manage_subscriptions(
                         .or_insert(Route::Events);
                 }
                 *subscriptions.acquired.entry(channel.clone()).or_default() += 1;
-                let confirmed = subscriptions.subscribed.contains(&channel)
+                let confirmed = subscriptions.holds(&channel)
                     || (!shared.subscriber_down.load(Ordering::SeqCst)
                         && subscriptions.subscribe(&shared, &channel).await);
                 let _ = done.send(confirmed);
@@ -1052,8 +1058,8 @@ async fn manage_subscriptions(
             }
             SubscriptionOp::Restore { done } => {
                 shared.subscriber_down.store(false, Ordering::SeqCst);
-                subscriptions.restore(&shared).await;
-                let _ = done.send(());
+                let restored = subscriptions.restore(&shared).await;
+                let _ = done.send(restored);
             }
         }
     }
@@ -1066,62 +1072,82 @@ struct Subscriptions {
     acquired: HashMap<String, usize>,
     /// The channels Redis confirmed and that were not unsubscribed since.
     subscribed: HashSet<String>,
+    /// Channels whose last subscribe or unsubscribe was not answered in time: it may still be
+    /// carried out when Redis answers again (a response timeout does not drop the connection,
+    /// so the command stays queued on it), and their state on Redis is unknown until the next
+    /// command for them is answered.
+    uncertain: HashSet<String>,
 }
 
 impl Subscriptions {
+    /// Subscribed for sure.
+    fn holds(&self, channel: &str) -> bool {
+        self.subscribed.contains(channel) && !self.uncertain.contains(channel)
+    }
+
     /// False if Redis did not confirm in time: the connection is then taken for down.
     async fn subscribe(&mut self, shared: &Shared, channel: &str) -> bool {
         let answer =
             tokio::time::timeout(RESPONSE_TIMEOUT, self.subscriber.subscribe(channel)).await;
         if matches!(answer, Ok(Ok(()))) {
+            self.uncertain.remove(channel);
             self.subscribed.insert(channel.to_owned());
             return true;
         }
         tracing::warn!(%channel, "cannot subscribe on Redis; its events are read from the store until it can");
+        self.uncertain.insert(channel.to_owned());
         shared.metrics.redis_errors.inc();
         shared.subscriber_down.store(true, Ordering::SeqCst);
         false
     }
 
     async fn unsubscribe(&mut self, shared: &Shared, channel: &str) -> bool {
-        if !self.subscribed.contains(channel) {
+        if !self.subscribed.contains(channel) && !self.uncertain.contains(channel) {
             return true;
         }
         let answer =
             tokio::time::timeout(RESPONSE_TIMEOUT, self.subscriber.unsubscribe(channel)).await;
         if matches!(answer, Ok(Ok(()))) {
+            self.uncertain.remove(channel);
             self.subscribed.remove(channel);
             return true;
         }
+        tracing::warn!(%channel, "cannot unsubscribe on Redis; asked again when it answers");
+        self.uncertain.insert(channel.to_owned());
+        shared.metrics.redis_errors.inc();
         shared.subscriber_down.store(true, Ordering::SeqCst);
         false
     }
 
-    /// Subscribes what is acquired but not subscribed, unsubscribes what is subscribed but no
-    /// longer acquired; stops at the first failure (the probe restores again later).
-    async fn restore(&mut self, shared: &Shared) {
+    /// Makes Redis's subscriptions match the counts: subscribes what is acquired and not
+    /// surely subscribed, unsubscribes what is subscribed (or may be) and no longer acquired.
+    /// Asked after a ping was answered, so every command sent before it has been carried out.
+    /// False at the first failure (the probe restores again later).
+    async fn restore(&mut self, shared: &Shared) -> bool {
         let missing: Vec<String> = self
             .acquired
             .keys()
-            .filter(|channel| !self.subscribed.contains(*channel))
+            .filter(|channel| !self.holds(channel))
             .cloned()
             .collect();
         for channel in missing {
             if !self.subscribe(shared, &channel).await {
-                return;
+                return false;
             }
         }
         let released: Vec<String> = self
             .subscribed
             .iter()
+            .chain(&self.uncertain)
             .filter(|channel| !self.acquired.contains_key(*channel))
             .cloned()
             .collect();
         for channel in released {
             if !self.unsubscribe(shared, &channel).await {
-                return;
+                return false;
             }
         }
+        true
     }
 }
 
