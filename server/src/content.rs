@@ -126,32 +126,46 @@ fn export_options() -> pulldown_cmark::Options {
 const TURN_END: &str = "wadi-turn-end";
 
 /// A message's content as it goes into the Markdown export: shown as the app shows it, and
-/// sealed so that nothing in it reaches into the turns after it. Raw HTML is escaped (the app
-/// shows it as text; a viewer would render it, and an unclosed `<!--` or `<script>` would hide
-/// every later turn), and a fenced code block left open (an answer stopped mid-block) is
-/// closed.
+/// sealed so that nothing in it reaches into the turns after it. Raw HTML is backslash-escaped
+/// (the app shows it as text; a viewer would render it, and an unclosed `<!--` or `<script>`
+/// would hide every later turn), and a fenced code block left open (an answer stopped
+/// mid-block) is closed.
 fn sealed(content: &str) -> String {
     use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag};
     let content = content.trim_end();
     let mut out = String::with_capacity(content.len() + 16);
     let mut copied = 0;
-    let mut last_fence = None;
     for (event, range) in Parser::new_ext(content, export_options()).into_offset_iter() {
-        match event {
-            Event::Html(_) | Event::InlineHtml(_) if range.start >= copied => {
-                out.push_str(&content[copied..range.start]);
-                out.push_str(&content[range.clone()].replace('<', "&lt;"));
-                copied = range.end;
+        if let Event::Html(_) | Event::InlineHtml(_) = event
+            && range.start >= copied
+        {
+            out.push_str(&content[copied..range.start]);
+            for c in content[range.clone()].chars() {
+                if c.is_ascii_punctuation() {
+                    out.push('\\');
+                }
+                out.push(c);
             }
-            Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(_))) => last_fence = Some(range),
-            _ => {}
+            copied = range.end;
         }
     }
     out.push_str(&content[copied..]);
-    if let Some(fence) = last_fence
-        && swallows_what_follows(&out)
-    {
-        let opening = content[fence].trim_start();
+    if !swallows_what_follows(&out) {
+        return out;
+    }
+    // Escaped, the HTML is Markdown again: the fence left open is found in what is written.
+    let last_fence = Parser::new_ext(&out, export_options())
+        .into_offset_iter()
+        .filter_map(|(event, range)| {
+            matches!(
+                event,
+                Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(_)))
+            )
+            .then_some(range)
+        })
+        .last();
+    if let Some(fence) = last_fence {
+        let opening = out[fence].trim_start();
         let marker = opening.chars().next().unwrap_or('`');
         let length = opening.chars().take_while(|&c| c == marker).count();
         out.push('\n');
@@ -232,6 +246,9 @@ mod tests {
             "<textarea>\n\nstill in it",
             "> ```\n> quoted fence",
             "- ```\n  listed fence",
+            "<pre>\n```\nfenced after HTML",
+            "```\na\n```\n<div>\n~~~~\nb",
+            "<div>\n`<b>`\n# not a heading",
             "the end <b>bold?</b>",
         ];
         let messages: Vec<Message> = contents
@@ -292,6 +309,8 @@ mod tests {
             "<script>alert(1)",
             "<b>bold?</b>",
             "fn main() {",
+            "`<b>`",
+            "# not a heading",
         ] {
             assert!(text.contains(shown), "{shown:?} in {export}");
         }
