@@ -854,6 +854,23 @@ mod tests {
         // An API key printed as `<redacted>` is refused alike.
         let error = refused_file("openai-api-key = \"<redacted>\"\n");
         assert!(error.contains("openai-api-key holds"), "{error}");
+
+        // A URL without a secret (trust or certificate auth) reads back as it is: its query's
+        // modes and paths are shown, not hidden.
+        let url = "postgres://wadi@db/wadi?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+        let printed = load(&["--database-url", url]).print();
+        assert!(printed.contains(url), "{printed}");
+        let again = toml_file(&printed);
+        let reread = load(&["--config", again.path().to_str().unwrap()]);
+        assert_eq!(
+            reread
+                .cli
+                .config
+                .database_url
+                .as_ref()
+                .map(SecretUrl::expose),
+            Some(url)
+        );
     }
 
     #[test]

@@ -68,9 +68,10 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// A URL fit for logs: the password in its userinfo and every query value hidden
-/// (`postgres://user:***@host/db?sslpassword=***`); a libpq connection string
-/// (`host=db password=secret`) with its password hidden. Anything else is returned unchanged.
+/// A URL fit for logs: the password in its userinfo and the query's values hidden, except
+/// those of parameters known to hold no secret (`postgres://user:***@host/db?sslmode=require&
+/// sslpassword=***`); a libpq connection string (`host=db password=secret`) with its password
+/// hidden. Anything else is returned unchanged.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
         return redact_conninfo(url);
@@ -119,8 +120,10 @@ pub fn redact_url(url: &str) -> String {
             let hidden: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) => format!("{name}=***"),
-                    None => pair.to_owned(),
+                    Some((name, _)) if !SHOWN_QUERY_PARAMETERS.contains(&name) => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_owned(),
                 })
                 .collect();
             out.push_str(path);
@@ -131,6 +134,42 @@ pub fn redact_url(url: &str) -> String {
     }
     out
 }
+
+/// Query parameters of database and Redis URLs (libpq's, sqlx's, SQLite's, redis-rs's) whose
+/// values are modes, names, numbers or file paths, never a secret: `redact_url` shows them, so
+/// that a printed configuration says how it connects (and can be fed back as it is). Any other
+/// parameter's value is hidden.
+const SHOWN_QUERY_PARAMETERS: &[&str] = &[
+    "application_name",
+    "cache",
+    "channel_binding",
+    "connect_timeout",
+    "db",
+    "dbname",
+    "gssencmode",
+    "host",
+    "hostaddr",
+    "immutable",
+    "keepalives",
+    "keepalives_count",
+    "keepalives_idle",
+    "keepalives_interval",
+    "load_balance_hosts",
+    "mode",
+    "port",
+    "protocol",
+    "sslcert",
+    "sslcompression",
+    "sslcrl",
+    "sslkey",
+    "sslmode",
+    "sslnegotiation",
+    "sslrootcert",
+    "statement_cache_capacity",
+    "target_session_attrs",
+    "tcp_user_timeout",
+    "user",
+];
 
 /// A libpq connection string (`host=db password=secret`, spaces allowed around `=`): the
 /// values of its password keys hidden (a value may be quoted, with `\'` and `\\` inside:
@@ -196,7 +235,7 @@ mod tests {
         );
         assert_eq!(
             redact_url("postgres://db/wadi?user=wadi&password=hunter2"),
-            "postgres://db/wadi?user=***&password=***"
+            "postgres://db/wadi?user=wadi&password=***"
         );
         assert_eq!(
             redact_url("https://llm.example.com/v1"),
@@ -207,7 +246,7 @@ mod tests {
         assert_eq!(redact_url("postgres://u:p?x@h/db"), "postgres://u:***@h/db");
         assert_eq!(
             redact_url("postgres://u:a/b#c@d@h:5432/db?sslmode=require"),
-            "postgres://u:***@h:5432/db?sslmode=***"
+            "postgres://u:***@h:5432/db?sslmode=require"
         );
         assert_eq!(redact_url("redis://:p@ss@cache"), "redis://:***@cache");
         // libpq's key=value form.
@@ -238,13 +277,22 @@ mod tests {
         );
         assert_eq!(
             redact_url("https://h/v1?user=a@b&key=SECRET"),
-            "https://h/v1?user=***&key=***"
+            "https://h/v1?user=a@b&key=***"
         );
         assert_eq!(
             redact_url("https://h/v1?key=SECRET&user=a@b"),
-            "https://h/v1?key=***&user=***"
+            "https://h/v1?key=***&user=a@b"
         );
         assert_eq!(redact_url("https://h/v1/@cf"), "https://h/v1/@cf");
+        // Modes, names and paths are shown; anything not known to be harmless is not.
+        assert_eq!(
+            redact_url("postgres://db/w?sslmode=verify-full&sslrootcert=/ca.pem&token=T&Mode=x"),
+            "postgres://db/w?sslmode=verify-full&sslrootcert=/ca.pem&token=***&Mode=***"
+        );
+        assert_eq!(
+            redact_url("sqlite://w.db?mode=rwc"),
+            "sqlite://w.db?mode=rwc"
+        );
         for redacted in [
             redact_url("postgres://u:p@h/db"),
             redact_url("host=db password=x"),
