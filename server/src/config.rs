@@ -632,6 +632,15 @@ mod tests {
         refused(&["--config", file.path().to_str().unwrap()]).expect(text)
     }
 
+    fn database_url(loaded: &Loaded) -> Option<&str> {
+        loaded
+            .cli
+            .config
+            .database_url
+            .as_ref()
+            .map(SecretUrl::expose)
+    }
+
     fn toml_file(text: &str) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
@@ -843,12 +852,7 @@ mod tests {
         expected.config = reread.cli.config.config.clone();
         assert_eq!(format!("{:?}", reread.cli.config), format!("{expected:?}"));
         assert_eq!(
-            reread
-                .cli
-                .config
-                .database_url
-                .as_ref()
-                .map(SecretUrl::expose),
+            database_url(&reread),
             Some("postgres://wadi:hunter2@db/wadi")
         );
         // An API key printed as `<redacted>` is refused alike.
@@ -862,15 +866,7 @@ mod tests {
         assert!(printed.contains(url), "{printed}");
         let again = toml_file(&printed);
         let reread = load(&["--config", again.path().to_str().unwrap()]);
-        assert_eq!(
-            reread
-                .cli
-                .config
-                .database_url
-                .as_ref()
-                .map(SecretUrl::expose),
-            Some(url)
-        );
+        assert_eq!(database_url(&reread), Some(url));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::{
     Engine, TIMEOUT, TestDb, TestServer,
     net::{Balancer, Proxy},
     services::RedisServer,
+    signal,
 };
 
 /// Heartbeat and timeout of test instances: a dead instance's runs are reaped within about
@@ -116,16 +117,6 @@ impl Instance {
     pub async fn ready(&self) -> serde_json::Value {
         self.server.get_json("/readyz").await
     }
-}
-
-async fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
 }
 
 /// Instances on one fresh Postgres database and one Redis of their own, behind a balancer.

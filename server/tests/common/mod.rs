@@ -407,3 +407,15 @@ pub async fn declared_oversized_post(
         serde_json::from_str(body.trim()).unwrap_or(Value::Null),
     )
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`, `-TERM`) to process `pid`: a process that stalls, wakes up
+/// or is asked to stop.
+pub async fn signal(pid: u32, signal: &str) {
+    let status = tokio::process::Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}

@@ -62,13 +62,7 @@ impl RedisServer {
             .as_ref()
             .and_then(Child::id)
             .expect("not running");
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(pid.to_string())
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
+        super::signal(pid, signal).await;
     }
 
     /// A command through `redis-cli`, for inspecting what the servers wrote.
