@@ -17,6 +17,8 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use wadi_protocol::RunStatus;
 
 use super::{
@@ -37,9 +39,44 @@ const WATCHDOG: Duration = Duration::from_secs(5);
 const END_RETRY: Duration = Duration::from_millis(100);
 const END_RETRIES: u32 = 20;
 /// After a stop was asked here, the store is read this long after it, then twice as long after
-/// each read, up to `STOP_POLL_MAX`, until the run has ended.
+/// each read, up to `STOP_POLL_MAX`, until the run has ended (see `StopPolls`).
 const STOP_POLL_FIRST: Duration = Duration::from_millis(100);
 const STOP_POLL_MAX: Duration = Duration::from_millis(500);
+
+/// The store reads after a stop was asked here: soon and often, for as long as a live owner
+/// takes to see the stop in the store (two heartbeats and a second, as long as a REST stop
+/// waits). Past that the owner does not answer; its run ends when it is reaped, which the end's
+/// event or the watchdog brings.
+struct StopPolls {
+    next: Duration,
+    until: Option<Instant>,
+}
+
+impl StopPolls {
+    fn new() -> Self {
+        Self {
+            next: STOP_POLL_FIRST,
+            until: None,
+        }
+    }
+
+    /// True while the store is read soon and often: a stop was `asked`, not longer than
+    /// `patience` ago.
+    fn active(&mut self, asked: bool, patience: Duration) -> bool {
+        if !asked {
+            return false;
+        }
+        let until = *self.until.get_or_insert_with(|| Instant::now() + patience);
+        Instant::now() < until
+    }
+
+    /// How long until the next read.
+    fn wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(STOP_POLL_MAX);
+        wait
+    }
+}
 
 pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Option<RunRecord>) {
     let Some(handle) = mirror.upgrade() else {
@@ -61,14 +98,15 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
     runs.metrics.remote_watchers.inc();
     let mut record = record;
     let mut end_retries = 0;
-    let mut stop_poll = STOP_POLL_FIRST;
+    let mut stop_polls = StopPolls::new();
+    let patience = runs.settings.instance_heartbeat * 2 + Duration::from_secs(1);
     'catch_up: loop {
         let Some(handle) = mirror.upgrade() else {
             break;
         };
         // While stopping, the store alone: it says when the run has ended, with all of it, and
         // a stalled Redis would cost each read its response timeout.
-        let from_log = !stop_asked.is_cancelled();
+        let from_log = !stop_polls.active(stop_asked.is_cancelled(), patience);
         match catch_up(&runs, &handle, record.take(), from_log).await {
             CatchUp::Finished => break,
             CatchUp::EndNotSaved if end_retries < END_RETRIES => {
@@ -82,10 +120,8 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
         drop(handle);
         loop {
             let stopping = stop_asked.is_cancelled();
-            let quiet = if stopping {
-                let wait = stop_poll;
-                stop_poll = (stop_poll * 2).min(STOP_POLL_MAX);
-                wait
+            let quiet = if stop_polls.active(stopping, patience) {
+                stop_polls.wait()
             } else if watch.as_ref().is_some_and(|live| live.confirmed) {
                 WATCHDOG
             } else {
@@ -222,4 +258,24 @@ fn apply(handle: &RunHandle, chunks: &[(u64, String)]) -> bool {
     chunks
         .iter()
         .all(|(seq, text)| handle.push_at(*seq, text).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_makes_the_store_read_soon_and_often_for_a_while_only() {
+        let patience = Duration::from_secs(5);
+        let mut polls = StopPolls::new();
+        assert!(!polls.active(false, patience), "no stop asked");
+        assert!(polls.active(true, patience));
+        let waits: Vec<u128> = (0..5).map(|_| polls.wait().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 500, 500]);
+        tokio::time::advance(Duration::from_millis(4_900)).await;
+        assert!(polls.active(true, patience));
+        // Past it (an owner that does not answer): back to the watchdog.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(!polls.active(true, patience));
+    }
 }
