@@ -174,6 +174,83 @@ fn sealed(content: &str) -> String {
     out
 }
 
+/// `content` with its link reference labels made its own: a definition (`[x]: https://…`)
+/// applies to the whole document it is in, but the app renders each message on its own, so in
+/// the export each turn's labels get a prefix of their own, in its references (`[text]`,
+/// `[text][]` and `[text][x]` all become `[text][wadi-turn-N-…]`) and its definitions.
+fn own_labels(content: &str, turn: usize) -> String {
+    use pulldown_cmark::{Event, LinkType, Parser, Tag};
+    let prefix = format!("wadi-turn-{turn}-");
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    let mut parser = Parser::new_ext(content, export_options()).into_offset_iter();
+    for (event, range) in parser.by_ref() {
+        let (Event::Start(Tag::Link { link_type, .. })
+        | Event::Start(Tag::Image { link_type, .. })) = event
+        else {
+            continue;
+        };
+        let source = &content[range.clone()];
+        let text_start = if source.starts_with('!') { 2 } else { 1 };
+        match link_type {
+            LinkType::Shortcut if source.ends_with(']') && source.len() > text_start => {
+                let label = &source[text_start..source.len() - 1];
+                edits.push((range.end..range.end, format!("[{prefix}{label}]")));
+            }
+            LinkType::Collapsed if source.ends_with("][]") => {
+                let label = &source[text_start..source.len() - 3];
+                edits.push((range.end - 2..range.end, format!("[{prefix}{label}]")));
+            }
+            LinkType::Reference if source.ends_with(']') => {
+                if let Some(at) = source.rfind("][") {
+                    let label = &source[at + 2..source.len() - 1];
+                    let start = range.start + at + 1;
+                    edits.push((start..range.end, format!("[{prefix}{label}]")));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (_, definition) in parser.reference_definitions().iter() {
+        let at = definition.span.start + 1;
+        edits.push((at..at, prefix.clone()));
+    }
+    let mut out = apply_edits(content, edits);
+    // A label defined twice: the second definition is not in the map until the first is
+    // renamed. Each round renames the definitions still without the prefix.
+    for _ in 0..content.matches("]:").count() {
+        let parser = Parser::new_ext(&out, export_options()).into_offset_iter();
+        let unrenamed: Vec<_> = parser
+            .reference_definitions()
+            .iter()
+            .map(|(_, definition)| definition.span.start + 1)
+            .filter(|&at| !out[at..].starts_with(&prefix))
+            .map(|at| (at..at, prefix.clone()))
+            .collect();
+        if unrenamed.is_empty() {
+            break;
+        }
+        out = apply_edits(&out, unrenamed);
+    }
+    out
+}
+
+/// `text` with each range replaced; ranges that overlap an earlier one are left out.
+fn apply_edits(text: &str, mut edits: Vec<(std::ops::Range<usize>, String)>) -> String {
+    edits.sort_by_key(|(range, _)| (range.start, range.end));
+    let mut out = String::with_capacity(text.len() + edits.len() * 16);
+    let mut copied = 0;
+    for (range, replacement) in edits {
+        if range.start < copied {
+            continue;
+        }
+        out.push_str(&text[copied..range.start]);
+        out.push_str(&replacement);
+        copied = range.end;
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
 /// True if a paragraph after `text` (past a blank line) would be read as part of a code block
 /// of `text`'s.
 fn swallows_what_follows(text: &str) -> bool {
@@ -210,7 +287,7 @@ pub fn markdown_export(
         when(conversation.created_at),
         when(conversation.updated_at)
     );
-    for message in messages {
+    for (turn, message) in messages.iter().enumerate() {
         let who = match (message.role, &message.model) {
             (Role::User, _) => "You".to_owned(),
             (Role::Assistant, Some(model)) => format!("Assistant ({model})"),
@@ -218,7 +295,7 @@ pub fn markdown_export(
             (Role::System, _) => "System".to_owned(),
         };
         let _ = writeln!(out, "**{who}** · {}\n", when(message.created_at));
-        let _ = writeln!(out, "{}\n", sealed(&message.content));
+        let _ = writeln!(out, "{}\n", sealed(&own_labels(&message.content, turn)));
         if let Some(status) = message
             .run_status
             .filter(|status| !matches!(status, wadi_protocol::RunStatus::Completed))
@@ -249,6 +326,9 @@ mod tests {
             "<pre>\n```\nfenced after HTML",
             "```\na\n```\n<div>\n~~~~\nb",
             "<div>\n`<b>`\n# not a heading",
+            "see [the docs], [this][d] and ![a][pic]\n\n[the docs]: https://a.example\n\
+             [D]: https://b.example\n[d]: https://evil.example\n[pic]: https://c.example/p.png",
+            "[d], [the docs][] and [pic] are text here",
             "the end <b>bold?</b>",
         ];
         let messages: Vec<Message> = contents
@@ -287,6 +367,7 @@ mod tests {
         let mut in_strong = false;
         let mut who = Vec::new();
         let mut text = String::new();
+        let mut links = Vec::new();
         for event in Parser::new_ext(&export, export_options()) {
             match event {
                 Event::Start(Tag::CodeBlock(_)) => in_code = true,
@@ -295,6 +376,9 @@ mod tests {
                 Event::End(TagEnd::Strong) => in_strong = false,
                 Event::Text(piece) if in_strong && !in_code => who.push(piece.to_string()),
                 Event::Html(html) | Event::InlineHtml(html) => panic!("HTML {html:?} in {export}"),
+                Event::Start(Tag::Link { dest_url, .. } | Tag::Image { dest_url, .. }) => {
+                    links.push((who.len() - 1, dest_url.to_string()));
+                }
                 Event::Text(piece) => text.push_str(&piece),
                 _ => {}
             }
@@ -303,6 +387,18 @@ mod tests {
             .map(|index| if index % 2 == 0 { "You" } else { "Assistant" })
             .collect();
         assert_eq!(who, expected, "{export}");
+        // A turn's link reference definitions serve that turn only, as in the app, which
+        // renders each message on its own; the second definition of a label serves nobody.
+        let defining = contents.len() - 3;
+        assert_eq!(
+            links,
+            [
+                (defining, "https://a.example".to_owned()),
+                (defining, "https://b.example".to_owned()),
+                (defining, "https://c.example/p.png".to_owned()),
+            ],
+            "{export}"
+        );
         // What the app shows as text is there as text.
         for shown in [
             "<!-- the rest is a comment",
