@@ -700,6 +700,20 @@ async fn signup_errors_match_supabase(engine: Engine) {
             (StatusCode::BAD_REQUEST, "bad_json".into()),
             "{path}"
         );
+        // Not UTF-8, in a field nothing reads: no account is made, no password tried.
+        let not_utf8 = server
+            .http
+            .post(server.url(path))
+            .header("content-type", "application/json")
+            .body(&b"{\"email\": \"u8@example.com\", \"password\": \"hunter22!\", \"x\": \"\xff\"}"[..])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(not_utf8).await,
+            (StatusCode::BAD_REQUEST, "bad_json".into()),
+            "{path}"
+        );
         let (status, body) = common::declared_oversized_post(&server, None, path).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
         assert_eq!(body["code"], "request_entity_too_large", "{path}");

@@ -405,6 +405,30 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing(engine: Engine) {
 
     let (s, b) = json_of(raw(Method::POST, &messages, "{not json").await.unwrap()).await;
     expect(s, &b, 400, "invalid_json", "malformed JSON");
+    // Bytes that are not UTF-8, even in a field nothing reads: refused, and nothing written.
+    for (path, body) in [
+        (
+            &messages,
+            &b"{\"content\": \"ok\", \"junk\": \"\xff\xfe\"}"[..],
+        ),
+        (&messages, b"{\"content\": \"a\xffb\"}"),
+        (
+            &"/api/conversations".to_owned(),
+            b"{\"title\": \"t\", \"x\": \"\xc0\"}",
+        ),
+    ] {
+        let response = api
+            .request(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let (s, b) = json_of(response).await;
+        expect(s, &b, 400, "invalid_utf8", "a body that is not UTF-8");
+    }
+    let (_, written) = api.get(&messages).await;
+    assert_eq!(written["items"], json!([]), "{written}");
     let (s, b) = json_of(raw(Method::POST, &messages, "").await.unwrap()).await;
     expect(s, &b, 400, "invalid_message", "empty body: no content");
     for body in [r#"["hello from an array"]"#, r#""hi""#, "7", "null"] {

@@ -31,6 +31,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     AppError::invalid(ErrorCode::InvalidJson, rejection.body_text())
                 }
             })?;
+        // Checked as a whole: serde checks only the strings it keeps, and a field it skips
+        // may hold anything.
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(AppError::invalid(
+                ErrorCode::InvalidUtf8,
+                "the request body is not UTF-8",
+            ));
+        }
         let bytes = match bytes.iter().find(|byte| !byte.is_ascii_whitespace()) {
             // An empty body is an object without fields (creating a conversation needs none).
             None => Bytes::from_static(b"{}"),

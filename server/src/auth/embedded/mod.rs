@@ -147,6 +147,14 @@ pub fn json_body<T: DeserializeOwned>(
     if bytes.is_empty() {
         return serde_json::from_str("{}").map_err(|e| AuthApiError::validation(e.to_string()));
     }
+    // Checked as a whole: serde checks only the strings it keeps.
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(AuthApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "Could not parse request body as JSON: it is not UTF-8",
+        ));
+    }
     serde_json::from_slice(&bytes).map_err(|e| {
         AuthApiError::new(
             StatusCode::BAD_REQUEST,
