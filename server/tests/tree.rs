@@ -245,6 +245,20 @@ async fn branches_are_paged_and_bad_placements_are_refused(engine: Engine) {
         }
     }
     assert_eq!(pages, ["q3,a3", "q2,a2", "q1,a1"]);
+    // A cursor goes on along its own page's branch: with `through` too, which of the two was
+    // meant is not known.
+    let (_, first) = api
+        .get(&format!("/api/conversations/{conversation}/path?limit=2"))
+        .await;
+    let older = first["olderCursor"].as_str().unwrap();
+    let through = first["items"][0]["id"].as_str().unwrap();
+    let (status, error) = api
+        .get(&format!(
+            "/api/conversations/{conversation}/path?limit=2&cursor={older}&through={through}"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["code"], "invalid_request");
 
     let q1 = sent_rows[0]["message"]["id"].as_str().unwrap();
     let shown = path(&api, &conversation, None).await;

@@ -319,7 +319,7 @@ struct PathQuery {
 
 /// `GET /api/conversations/{id}/path?through=&cursor=&limit=`: the newest page of the path
 /// through `through` (to its newest descendant; the conversation's newest message without it),
-/// or with `cursor`, the page before the one that gave it.
+/// or with `cursor` (and no `through`), the page before the one that gave it.
 async fn path(
     State(state): State<AppState>,
     user: AuthUser,
@@ -335,6 +335,18 @@ async fn path(
         })
     };
     let start = match page.cursor.as_deref() {
+        Some(_)
+            if query
+                .through
+                .as_deref()
+                .is_some_and(|through| !through.is_empty()) =>
+        {
+            return Err(AppError::invalid(
+                ErrorCode::InvalidRequest,
+                "give through or cursor, not both: a cursor goes on along the branch of the page \
+                 that gave it",
+            ));
+        }
         Some(cursor) => {
             let oldest = parse_message_cursor("p", cursor)?;
             let message =
