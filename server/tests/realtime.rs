@@ -337,6 +337,7 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
     assert_eq!(status, 404);
     request.token("more ");
     read_text(&mut ws, "more ").await;
+    let (mut sidebar, _) = WsClient::authed(&server, "/ws/user", &token(&api)).await;
 
     let status = api.delete_conversation(&conversation).await;
     assert_eq!(status, 204);
@@ -345,6 +346,14 @@ async fn deleting_a_conversation_stops_its_streaming_answer_at_once(engine: Engi
     let complete = ws.until("complete").await.pop().unwrap();
     assert_eq!(complete["runId"], run_id.as_str());
     assert_eq!(complete["status"], "stopped");
+    // The sidebar hears it was deleted, and nothing of it after that (an `answered` would
+    // come before `complete` is sent: a conversation made now is the next thing it hears).
+    let next = api.new_conversation().await;
+    let heard = sidebar.until("conversation").await;
+    assert_eq!(heard.last().unwrap()["change"], "deleted", "{heard:?}");
+    let heard = sidebar.next().await;
+    assert_eq!(heard["change"], "created", "{heard}");
+    assert_eq!(heard["conversationId"], next.as_str());
     // Nothing of it came back: not its row, nor its replay, which this server keeps in memory
     // for a while after a run ends.
     let (status, _) = api.get(&format!("/api/runs/{run_id}")).await;

@@ -52,7 +52,7 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
             Ok(request) => stream_answer(&ctx, &handle, started, request).await,
             Err(error) => (RunStatus::Failed, None, Some(error.clone())),
         };
-        let ending = save_outcome(
+        let (ending, kept) = save_outcome(
             &ctx,
             &handle,
             Ending::new(status, usage, error),
@@ -80,12 +80,16 @@ pub fn drive(ctx: Arc<Runs>, handle: Arc<RunHandle>) -> impl Future<Output = ()>
         // Watchers send `complete` only now, so `complete` means "saved", or kept to be saved
         // when the store is back (see `save_outcome`).
         handle.finish(ending);
-        ctx.conversation_changed(
-            handle.owner_id,
-            handle.conversation_id,
-            wadi_protocol::ConversationChange::Answered,
-            None,
-        );
+        // A conversation deleted while its answer streamed was announced `deleted` already: no
+        // `answered` for it after that.
+        if kept {
+            ctx.conversation_changed(
+                handle.owner_id,
+                handle.conversation_id,
+                wadi_protocol::ConversationChange::Answered,
+                None,
+            );
+        }
         ctx.hub.retire(&handle, ctx.settings.run_retention);
     }
     .instrument(span)
@@ -373,7 +377,7 @@ async fn save_outcome(
     handle: &RunHandle,
     mut ending: Ending,
     request: Option<Request>,
-) -> Ending {
+) -> (Ending, bool) {
     let (output, last_seq) = handle.snapshot();
     if ending.usage.is_none()
         && let Some(request) = request
@@ -400,7 +404,7 @@ async fn save_outcome(
             .finish_run(handle.id, Some(ctx.instance), &outcome)
             .await
         {
-            Ok(true) => return ending,
+            Ok(true) => return (ending, true),
             Ok(false) => return lost_ending(ctx, handle, ending).await,
             Err(error) if started.elapsed() + delay < ctx.settings.save_patience => {
                 tracing::warn!(%error, attempt, "cannot save the run's outcome; retrying");
@@ -420,7 +424,7 @@ async fn save_outcome(
             }
         }
     }
-    ending
+    (ending, true)
 }
 
 /// The usage of a run the provider did not report on, counted with the model's tokenizer on a
@@ -436,27 +440,33 @@ pub(super) async fn estimate_usage(request: Request, output: String) -> Option<U
 
 /// The store did not take our outcome: the run was reaped (or its conversation deleted). What
 /// was saved is what everyone gets.
-async fn lost_ending(ctx: &Runs, handle: &RunHandle, ending: Ending) -> Ending {
+async fn lost_ending(ctx: &Runs, handle: &RunHandle, ending: Ending) -> (Ending, bool) {
     match ctx.store.run_by_id(handle.id).await {
         Ok(Some(saved)) if saved.status.is_final() => {
             tracing::warn!(
                 status = saved.status.as_str(),
                 "the run was ended elsewhere; keeping what was saved"
             );
-            Ending {
+            let saved = Ending {
                 status: saved.status,
                 usage: dto::run_usage(&saved),
                 error: saved.error,
                 saved_output: Some(saved.output),
-            }
+            };
+            (saved, true)
         }
-        Ok(_) => {
+        Ok(Some(_)) => {
+            tracing::info!("the run is no longer this instance's; outcome not saved");
+            (ending, true)
+        }
+        Ok(None) => {
+            // Its conversation was deleted while it streamed.
             tracing::info!("run was no longer in the store; outcome not saved");
-            ending
+            (ending, false)
         }
         Err(error) => {
             tracing::warn!(%error, "cannot read the run back");
-            ending
+            (ending, true)
         }
     }
 }
