@@ -704,6 +704,16 @@ async fn resume_over_sse_with_last_event_id(engine: Engine) {
         );
         assert_eq!(bad["message"], "Last-Event-ID must be a seq");
     }
+    // An empty one is none (nothing seen yet): the whole run again.
+    let response = api
+        .request(reqwest::Method::GET, &format!("/api/runs/{run_id}/events"))
+        .header("Last-Event-ID", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("id: 1\n"), "{body}");
     server.shutdown().await.unwrap();
 }
 

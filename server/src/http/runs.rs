@@ -83,7 +83,9 @@ async fn events(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Response, AppError> {
     let last_event_id = match headers.get("last-event-id") {
+        // Empty: no event seen yet (as EventSource does by not sending it).
         None => None,
+        Some(value) if value.as_bytes().trim_ascii().is_empty() => None,
         Some(value) => Some(
             value
                 .to_str()
