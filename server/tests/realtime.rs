@@ -847,6 +847,52 @@ async fn an_answer_past_the_size_limit_ends_failed_with_what_came_before_it() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn an_answer_the_provider_cuts_at_its_limit_ends_failed_saying_why() {
+    let upstream = FakeUpstream::start(Script::Manual).await;
+    let server = setup(Engine::Sqlite, &upstream, |config| {
+        config.provider.max_output_tokens = Some(3);
+    })
+    .await;
+    let api = server.user().await;
+    let conversation = api.new_conversation().await;
+    let (mut ws, _) =
+        WsClient::authed(&server, &format!("/ws/chat/{conversation}"), &token(&api)).await;
+    for (reason, says) in [
+        ("length", "the answer reached its length limit"),
+        (
+            "content_filter",
+            "the model provider's content filter stopped the answer",
+        ),
+    ] {
+        ws.send(json!({"type": "message", "content": reason})).await;
+        let start = ws.next().await;
+        let request = upstream.next_request().await;
+        // The limit is asked of the provider.
+        assert_eq!(request.body["max_tokens"], 3, "{}", request.body);
+        request.token("one two three");
+        request.send(Step::Raw(format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"{reason}\"}}]}}\n\n"
+        )));
+        // The usage still comes after it, and is kept.
+        request.send(Step::Finish);
+        let frames = ws.until("complete").await;
+        let error = frames.iter().find(|f| f["type"] == "error").unwrap();
+        assert_eq!(error["code"], "model_error");
+        assert_eq!(error["message"], says);
+        let complete = frames.last().unwrap();
+        assert_eq!(complete["status"], "failed");
+        assert_eq!(complete["fullOutput"], "one two three");
+        assert_eq!(complete["usage"]["estimated"], json!(null), "{complete}");
+        let run_id = start["runId"].as_str().unwrap();
+        let (_, run) = api.get(&format!("/api/runs/{run_id}")).await;
+        assert_eq!(run["status"], "failed");
+        assert_eq!(run["error"], says);
+        assert_eq!(run["output"], "one two three");
+    }
+    server.shutdown().await.unwrap();
+}
+
 async fn upstream_failure_mid_stream_fails_the_run_and_keeps_the_output(engine: Engine) {
     let upstream = FakeUpstream::start(Script::Manual).await;
     let server = setup(engine, &upstream, |_| {}).await;

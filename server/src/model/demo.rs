@@ -97,6 +97,7 @@ mod tests {
             match event.unwrap() {
                 ModelEvent::Delta(delta) => text.push_str(&delta),
                 ModelEvent::Usage(u) => usage = Some(u),
+                ModelEvent::Cut(_) => {}
             }
         }
         assert!(text.contains("demo model"));

@@ -52,6 +52,11 @@ pub struct ProviderSettings {
     #[arg(long, env = "WADI_TEMPERATURE", value_parser = crate::config::parse_temperature)]
     pub temperature: Option<f32>,
 
+    /// The most tokens an answer may take, sent to the provider as `max_tokens` (an answer it
+    /// cuts there ends `failed`, with what came before); the provider's own limit when unset.
+    #[arg(long, env = "WADI_MAX_OUTPUT_TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_output_tokens: Option<u32>,
+
     /// Time allowed to connect to the model provider.
     #[arg(long, env = "WADI_MODEL_CONNECT_TIMEOUT", value_parser = crate::config::parse_duration, default_value = "10s")]
     pub model_connect_timeout: Duration,
@@ -80,6 +85,18 @@ pub enum ModelEvent {
     Delta(String),
     /// Token usage, reported once near the end.
     Usage(Usage),
+    /// The provider ended the answer before it was complete (its `finish_reason`); the stream
+    /// may still carry the usage after it.
+    Cut(Cut),
+}
+
+/// Why a provider ended an answer before it was complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// `length`: the answer reached the token limit (`--max-output-tokens`, or the model's).
+    Length,
+    /// `content_filter`: the provider's content filter stopped it.
+    ContentFilter,
 }
 
 /// Why a model failed: a kind users may see (the `Display` text, sent in `error` frames and
@@ -105,6 +122,12 @@ pub enum ModelError {
     /// The answer grew past `--max-answer-bytes`; what came before is kept.
     #[error("the answer was longer than this server keeps ({limit} bytes)")]
     TooLong { limit: usize },
+    /// The provider cut the answer at its token limit; what came before is kept.
+    #[error("the answer reached its length limit")]
+    LengthLimit,
+    /// The provider's content filter stopped the answer; what came before is kept.
+    #[error("the model provider's content filter stopped the answer")]
+    Filtered,
 }
 
 impl ModelError {
@@ -117,6 +140,8 @@ impl ModelError {
             | Self::Broken { detail } => detail,
             Self::Timeout => "no data within the idle timeout",
             Self::TooLong { .. } => "the answer passed --max-answer-bytes",
+            Self::LengthLimit => "the provider's finish_reason was length",
+            Self::Filtered => "the provider's finish_reason was content_filter",
         }
     }
 }

@@ -51,6 +51,7 @@ pub struct OpenAiModel {
     api_key: Option<Secret>,
     model: String,
     temperature: Option<f32>,
+    max_tokens: Option<u32>,
     list_timeout: Duration,
 }
 
@@ -86,6 +87,7 @@ impl OpenAiModel {
             api_key: settings.openai_api_key.clone(),
             model: settings.model.clone(),
             temperature: settings.temperature,
+            max_tokens: settings.max_output_tokens,
             list_timeout: settings.model_list_timeout,
         })
     }
@@ -134,6 +136,8 @@ struct CompletionRequest<'a> {
     messages: Vec<RequestMessage<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
     stream: bool,
     stream_options: StreamOptions,
 }
@@ -224,6 +228,7 @@ impl ChatModel for OpenAiModel {
             model,
             messages: history.iter().map(request_message).collect(),
             temperature: self.temperature,
+            max_tokens: self.max_tokens,
             stream: true,
             stream_options: StreamOptions {
                 include_usage: true,
@@ -504,6 +509,7 @@ mod tests {
             model: "m",
             messages: history.iter().map(request_message).collect(),
             temperature: None,
+            max_tokens: None,
             stream: true,
             stream_options: StreamOptions {
                 include_usage: true,
@@ -519,5 +525,13 @@ mod tests {
                 "stream_options": {"include_usage": true},
             })
         );
+        let limited = CompletionRequest {
+            max_tokens: Some(500),
+            temperature: Some(0.5),
+            ..request
+        };
+        let limited = serde_json::to_value(&limited).unwrap();
+        assert_eq!(limited["max_tokens"], 500);
+        assert_eq!(limited["temperature"], 0.5);
     }
 }

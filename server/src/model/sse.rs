@@ -13,7 +13,7 @@ use serde::{
 };
 use wadi_protocol::Usage;
 
-use super::{ModelError, ModelEvent};
+use super::{Cut, ModelError, ModelEvent};
 
 /// Longest event WADI accepts. A chunk carries one token, a few hundred bytes; anything near this
 /// is not a chat completion.
@@ -217,7 +217,7 @@ pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<()
             error.message.as_deref().unwrap_or("(no message)")
         )));
     }
-    let Some(FirstChoice(text)) = chunk.choices else {
+    let Some(FirstChoice(text, finish)) = chunk.choices else {
         return Err(broken("a chunk without choices".to_owned()));
     };
     // U+0000 is dropped: Postgres cannot store it and no answer means one, so what is
@@ -231,6 +231,11 @@ pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<()
     });
     if let Some(text) = text.filter(|text| !text.is_empty()) {
         out.extend([ModelEvent::Delta(text.into_owned())]);
+    }
+    match finish.as_deref() {
+        Some("length") => out.extend([ModelEvent::Cut(Cut::Length)]),
+        Some("content_filter") => out.extend([ModelEvent::Cut(Cut::ContentFilter)]),
+        _ => {}
     }
     if let Some(usage) = chunk.usage {
         out.extend([ModelEvent::Usage(Usage {
@@ -315,6 +320,8 @@ struct Choice<'a> {
     index: u32,
     #[serde(borrow, default)]
     delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -323,9 +330,9 @@ struct Delta<'a> {
     content: Option<Cow<'a, str>>,
 }
 
-/// The text of the choice with index 0 in a `choices` array; the others are skipped (WADI asks
-/// for one choice, a provider may still send more).
-struct FirstChoice<'a>(Option<Cow<'a, str>>);
+/// The text and `finish_reason` of the choice with index 0 in a `choices` array; the others are
+/// skipped (WADI asks for one choice, a provider may still send more).
+struct FirstChoice<'a>(Option<Cow<'a, str>>, Option<Cow<'a, str>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -341,10 +348,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
                 let mut first = None;
                 while let Some(choice) = seq.next_element::<Choice<'a>>()? {
                     if choice.index == 0 && first.is_none() {
-                        first = Some(choice.delta.and_then(|delta| delta.content));
+                        first = Some(FirstChoice(
+                            choice.delta.and_then(|delta| delta.content),
+                            choice.finish_reason,
+                        ));
                     }
                 }
-                Ok(FirstChoice(first.flatten()))
+                Ok(first.unwrap_or(FirstChoice(None, None)))
             }
         }
         deserializer.deserialize_seq(Choices(PhantomData))
@@ -465,6 +475,24 @@ mod tests {
             let mut out = Vec::new();
             chunk_events(nothing.as_bytes(), &mut out).unwrap();
             assert!(out.is_empty(), "{nothing}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn an_answer_the_provider_cut_says_why() {
+        for (reason, cut) in [
+            ("length", Cut::Length),
+            ("content_filter", Cut::ContentFilter),
+        ] {
+            let json = format!(
+                r#"{{"choices":[{{"index":1,"delta":{{}},"finish_reason":"stop"}},{{"index":0,"delta":{{"content":"last"}},"finish_reason":"{reason}"}}]}}"#
+            );
+            let mut out = Vec::new();
+            chunk_events(json.as_bytes(), &mut out).unwrap();
+            assert_eq!(
+                out,
+                vec![ModelEvent::Delta("last".into()), ModelEvent::Cut(cut)]
+            );
         }
     }
 

@@ -16,7 +16,7 @@ use crate::{
     dto,
     ids::{ConversationId, MessageId, RunId, UserId},
     metrics::StatusLabel,
-    model::{ChatMessage, ModelError, ModelEvent, ModelStream, tokens},
+    model::{ChatMessage, Cut, ModelError, ModelEvent, ModelStream, tokens},
     store::{Checkpoint, CheckpointResult, ChunkEnds, RunOutcome},
     util::now_millis,
 };
@@ -105,6 +105,16 @@ fn stopped(handle: &RunHandle, usage: Option<Usage>) -> Outcome {
     )
 }
 
+/// The provider's stream ended: `completed`, unless it said it cut the answer short (at its
+/// token limit, or by its content filter), which fails the run with what came before kept.
+fn ended(cut: Option<Cut>, usage: Option<Usage>) -> Outcome {
+    match cut {
+        None => (RunStatus::Completed, usage, None),
+        Some(Cut::Length) => failed(&ModelError::LengthLimit, usage),
+        Some(Cut::ContentFilter) => failed(&ModelError::Filtered, usage),
+    }
+}
+
 /// A model failure: users get its kind (saved with the run, sent in `error`), the log gets the
 /// provider's own words.
 fn failed(error: &ModelError, usage: Option<Usage>) -> Outcome {
@@ -136,6 +146,8 @@ async fn stream_answer(
     };
 
     let mut usage = None;
+    // The provider said the answer is cut (the usage may still follow, then the end).
+    let mut cut = None;
     let mut first_chunk = true;
     let mut produced = 0usize;
     let mut flush = tokio::time::interval_at(
@@ -162,10 +174,14 @@ async fn stream_answer(
         };
         silent_until = Instant::now() + settings.model_idle_timeout;
         let mut text = match event {
-            None => return (RunStatus::Completed, usage, None),
+            None => return ended(cut, usage),
             Some(Err(error)) => return failed(&error, usage),
             Some(Ok(ModelEvent::Usage(reported))) => {
                 usage = Some(reported);
+                continue;
+            }
+            Some(Ok(ModelEvent::Cut(why))) => {
+                cut = Some(why);
                 continue;
             }
             Some(Ok(ModelEvent::Delta(text))) => text,
@@ -226,9 +242,10 @@ async fn stream_answer(
         }
         match after {
             None => {}
-            Some(Tail::End) => return (RunStatus::Completed, usage, None),
+            Some(Tail::End) => return ended(cut, usage),
             Some(Tail::Failed(error)) => return failed(&error, usage),
             Some(Tail::Usage(reported)) => usage = Some(reported),
+            Some(Tail::Cut(why)) => cut = Some(why),
         }
     }
 }
@@ -238,6 +255,7 @@ enum Tail {
     End,
     Failed(ModelError),
     Usage(Usage),
+    Cut(Cut),
 }
 
 impl Tail {
@@ -246,6 +264,7 @@ impl Tail {
         match event {
             Some(Ok(ModelEvent::Delta(text))) => Ok(text),
             Some(Ok(ModelEvent::Usage(usage))) => Err(Tail::Usage(usage)),
+            Some(Ok(ModelEvent::Cut(cut))) => Err(Tail::Cut(cut)),
             Some(Err(error)) => Err(Tail::Failed(error)),
             None => Err(Tail::End),
         }
