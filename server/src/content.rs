@@ -174,13 +174,18 @@ fn sealed(content: &str) -> String {
     out
 }
 
+/// Rounds of `own_labels` for labels defined more than once: each round renames one more
+/// definition of each. Past it (only content made to defeat it), a later duplicate may still
+/// serve another turn's text, which is all it costs: a bound on the work, not on correctness.
+const LABEL_ROUNDS: usize = 8;
+
 /// `content` with its link reference labels made its own: a definition (`[x]: https://…`)
 /// applies to the whole document it is in, but the app renders each message on its own, so in
-/// the export each turn's labels get a prefix of their own, in its references (`[text]`,
-/// `[text][]` and `[text][x]` all become `[text][wadi-turn-N-…]`) and its definitions.
-fn own_labels(content: &str, turn: usize) -> String {
+/// the export each turn's labels get `prefix` (its own, and not to be guessed from the content
+/// of one turn), in its references (`[text]`, `[text][]` and `[text][x]` all become
+/// `[text][<prefix>…]`) and its definitions.
+fn own_labels(content: &str, prefix: &str) -> String {
     use pulldown_cmark::{Event, LinkType, Parser, Tag};
-    let prefix = format!("wadi-turn-{turn}-");
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     let mut parser = Parser::new_ext(content, export_options()).into_offset_iter();
     for (event, range) in parser.by_ref() {
@@ -200,6 +205,15 @@ fn own_labels(content: &str, turn: usize) -> String {
                 let label = &source[text_start..source.len() - 3];
                 edits.push((range.end - 2..range.end, format!("[{prefix}{label}]")));
             }
+            // pulldown-cmark 0.13 ends a collapsed link's range before its `[]`.
+            LinkType::Collapsed
+                if source.ends_with(']')
+                    && source.len() > text_start
+                    && content[range.end..].starts_with("[]") =>
+            {
+                let label = &source[text_start..source.len() - 1];
+                edits.push((range.end..range.end + 2, format!("[{prefix}{label}]")));
+            }
             LinkType::Reference if source.ends_with(']') => {
                 if let Some(at) = source.rfind("][") {
                     let label = &source[at + 2..source.len() - 1];
@@ -212,19 +226,19 @@ fn own_labels(content: &str, turn: usize) -> String {
     }
     for (_, definition) in parser.reference_definitions().iter() {
         let at = definition.span.start + 1;
-        edits.push((at..at, prefix.clone()));
+        edits.push((at..at, prefix.to_owned()));
     }
     let mut out = apply_edits(content, edits);
     // A label defined twice: the second definition is not in the map until the first is
     // renamed. Each round renames the definitions still without the prefix.
-    for _ in 0..content.matches("]:").count() {
+    for _ in 0..LABEL_ROUNDS {
         let parser = Parser::new_ext(&out, export_options()).into_offset_iter();
         let unrenamed: Vec<_> = parser
             .reference_definitions()
             .iter()
             .map(|(_, definition)| definition.span.start + 1)
-            .filter(|&at| !out[at..].starts_with(&prefix))
-            .map(|at| (at..at, prefix.clone()))
+            .filter(|&at| !out[at..].starts_with(prefix))
+            .map(|at| (at..at, prefix.to_owned()))
             .collect();
         if unrenamed.is_empty() {
             break;
@@ -287,6 +301,16 @@ pub fn markdown_export(
         when(conversation.created_at),
         when(conversation.updated_at)
     );
+    // Labels are prefixed with a digest of the whole branch: no turn can name another's.
+    let digest = {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for message in messages {
+            hasher.update(message.content.as_bytes());
+            hasher.update([0]);
+        }
+        crate::util::hex(&hasher.finalize()[..6])
+    };
     for (turn, message) in messages.iter().enumerate() {
         let who = match (message.role, &message.model) {
             (Role::User, _) => "You".to_owned(),
@@ -295,7 +319,14 @@ pub fn markdown_export(
             (Role::System, _) => "System".to_owned(),
         };
         let _ = writeln!(out, "**{who}** · {}\n", when(message.created_at));
-        let _ = writeln!(out, "{}\n", sealed(&own_labels(&message.content, turn)));
+        let _ = writeln!(
+            out,
+            "{}\n",
+            sealed(&own_labels(
+                &message.content,
+                &format!("wadi-{digest}-{turn}-")
+            ))
+        );
         if let Some(status) = message
             .run_status
             .filter(|status| !matches!(status, wadi_protocol::RunStatus::Completed))
@@ -326,9 +357,9 @@ mod tests {
             "<pre>\n```\nfenced after HTML",
             "```\na\n```\n<div>\n~~~~\nb",
             "<div>\n`<b>`\n# not a heading",
-            "see [the docs], [this][d] and ![a][pic]\n\n[the docs]: https://a.example\n\
+            "see [the docs], [this][d], [pic][] and ![a][pic]\n\n[the docs]: https://a.example\n\
              [D]: https://b.example\n[d]: https://evil.example\n[pic]: https://c.example/p.png",
-            "[d], [the docs][] and [pic] are text here",
+            "[d], [the docs][], [pic] and [x][wadi-turn-8-d] are text here",
             "the end <b>bold?</b>",
         ];
         let messages: Vec<Message> = contents
@@ -396,6 +427,7 @@ mod tests {
                 (defining, "https://a.example".to_owned()),
                 (defining, "https://b.example".to_owned()),
                 (defining, "https://c.example/p.png".to_owned()),
+                (defining, "https://c.example/p.png".to_owned()),
             ],
             "{export}"
         );
@@ -410,6 +442,11 @@ mod tests {
         ] {
             assert!(text.contains(shown), "{shown:?} in {export}");
         }
+        // Every definition of a label defined more than once is renamed (up to the rounds).
+        assert_eq!(
+            own_labels("[a]\n\n[a]: /x\n[A]: /y\n[a]: /z", "p-"),
+            "[a][p-a]\n\n[p-a]: /x\n[p-A]: /y\n[p-a]: /z"
+        );
         // A fence is closed only where it was left open.
         assert_eq!(sealed("```\ncode\n```"), "```\ncode\n```");
         assert_eq!(sealed("````md\n```\n"), "````md\n```\n````");

@@ -54,6 +54,7 @@ pub struct ProviderSettings {
 
     /// The most tokens an answer may take, sent to the provider as `max_tokens` (an answer it
     /// cuts there ends `failed`, with what came before); the provider's own limit when unset.
+    /// OpenAI's reasoning models refuse `max_tokens`: leave it unset for them.
     #[arg(long, env = "WADI_MAX_OUTPUT_TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_output_tokens: Option<u32>,
 

@@ -187,7 +187,8 @@ fn too_long(what: &str) -> ModelError {
     broken(format!("{what} longer than {MAX_EVENT_BYTES} bytes"))
 }
 
-/// What one chunk's JSON says: the first choice's text (when not empty), then the usage.
+/// What one chunk's JSON says: the first choice's text (when not empty), whether the provider
+/// cut the answer there (its `finish_reason`), then the usage.
 pub fn chunk_events(json: &[u8], out: &mut impl Extend<ModelEvent>) -> Result<(), ModelError> {
     // UTF-8 checked once for the whole chunk: `from_slice` would check each string on its own,
     // skipped ones included, at a few times the cost. Bytes that are not UTF-8 become U+FFFD
@@ -320,8 +321,16 @@ struct Choice<'a> {
     index: u32,
     #[serde(borrow, default)]
     delta: Option<Delta<'a>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
+    /// Anything but a string is none: a provider's oddity here must not end the answer.
+    #[serde(default, deserialize_with = "reason")]
+    finish_reason: Option<String>,
+}
+
+fn reason<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(reason) => Some(reason),
+        _ => None,
+    })
 }
 
 #[derive(Deserialize)]
@@ -332,7 +341,7 @@ struct Delta<'a> {
 
 /// The text and `finish_reason` of the choice with index 0 in a `choices` array; the others are
 /// skipped (WADI asks for one choice, a provider may still send more).
-struct FirstChoice<'a>(Option<Cow<'a, str>>, Option<Cow<'a, str>>);
+struct FirstChoice<'a>(Option<Cow<'a, str>>, Option<String>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -470,6 +479,7 @@ mod tests {
             r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#,
             r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop"}]}"#,
             r#"{"choices":[{"index":0}]}"#,
+            r#"{"choices":[{"index":0,"finish_reason":{"odd":1}},{"index":1,"finish_reason":7}]}"#,
             r#"{"choices":[]}"#,
         ] {
             let mut out = Vec::new();
