@@ -133,23 +133,21 @@ const TURN_END: &str = "wadi-turn-end";
 fn sealed(content: &str) -> String {
     use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag};
     let content = content.trim_end();
-    let mut out = String::with_capacity(content.len() + 16);
-    let mut copied = 0;
-    for (event, range) in Parser::new_ext(content, export_options()).into_offset_iter() {
-        if let Event::Html(_) | Event::InlineHtml(_) = event
-            && range.start >= copied
-        {
-            out.push_str(&content[copied..range.start]);
+    let escaped = Parser::new_ext(content, export_options())
+        .into_offset_iter()
+        .filter(|(event, _)| matches!(event, Event::Html(_) | Event::InlineHtml(_)))
+        .map(|(_, range)| {
+            let mut html = String::with_capacity(range.len() * 2);
             for c in content[range.clone()].chars() {
                 if c.is_ascii_punctuation() {
-                    out.push('\\');
+                    html.push('\\');
                 }
-                out.push(c);
+                html.push(c);
             }
-            copied = range.end;
-        }
-    }
-    out.push_str(&content[copied..]);
+            (range, html)
+        })
+        .collect();
+    let mut out = apply_edits(content, escaped);
     if !swallows_what_follows(&out) {
         return out;
     }

@@ -136,7 +136,7 @@ async fn stop(
     let handle = owned_handle(&runs, &user, id).await?;
     runs.stop(&handle, user.id).await?;
     // A live owner that missed the stop message finds the stop in the store at its next beat.
-    let wait = (runs.settings.instance_heartbeat * 2 + Duration::from_secs(1)).min(STOP_WAIT);
+    let wait = runs.settings.stop_landing().min(STOP_WAIT);
     let _ = tokio::time::timeout(wait, handle.finished()).await;
     // The store says how it ended (a mirror here may learn of it later). Not ended in time (its
     // instance does not answer): the stop is recorded, and the run ends `stopped` when that

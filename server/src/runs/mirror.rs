@@ -44,7 +44,7 @@ const STOP_POLL_FIRST: Duration = Duration::from_millis(100);
 const STOP_POLL_MAX: Duration = Duration::from_millis(500);
 
 /// The store reads after a stop was asked here: soon and often, for as long as a live owner
-/// takes to see the stop in the store (two heartbeats and a second, as long as a REST stop
+/// takes to see the stop in the store (`RunSettings::stop_landing`, as long as a REST stop
 /// waits). Past that the owner does not answer; its run ends when it is reaped, which the end's
 /// event or the watchdog brings.
 struct StopPolls {
@@ -99,7 +99,7 @@ pub(super) async fn feed(runs: Arc<Runs>, mirror: Weak<RunHandle>, record: Optio
     let mut record = record;
     let mut end_retries = 0;
     let mut stop_polls = StopPolls::new();
-    let patience = runs.settings.instance_heartbeat * 2 + Duration::from_secs(1);
+    let patience = runs.settings.stop_landing();
     'catch_up: loop {
         let Some(handle) = mirror.upgrade() else {
             break;

@@ -132,6 +132,15 @@ pub struct RunSettings {
     pub conversation_rate_per_minute: f64,
 }
 
+impl RunSettings {
+    /// How long a live owner takes, at most, to act on a stop recorded in the store: the stop
+    /// message may be lost, and the owner reads the store at its next heartbeat (two, with a
+    /// second to save).
+    pub fn stop_landing(&self) -> Duration {
+        self.instance_heartbeat * 2 + Duration::from_secs(1)
+    }
+}
+
 /// The local sockets, as runs see them.
 pub trait Announce: Send + Sync + 'static {
     /// A run started: the chat sockets here showing its conversation follow it.
